@@ -1,0 +1,80 @@
+"""Tiny Hugging Face model folders built from a config, for tests that need no network.
+
+Each folder is what `AutoModel.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(folder)`
+load: config.json, model.safetensors, and a WordPiece tokenizer whose vocabulary covers any
+lower-case ASCII text (letters fall back to single-character pieces).
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+_COMMON_WORDS = (
+    "the a an and or of to in on for with is was are be this that it as by at from game match team "
+    "win won play player season goal market shares bank profit company economy growth price film "
+    "music star award show actor band album government minister election party vote labour law "
+    "phone software computer internet technology users mobile digital network data good bad great "
+    "terrible love hate movie book happy sad excellent awful"
+).split()
+
+
+def _write_vocab(folder: Path) -> None:
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    pieces = ["##" + c for c in string.ascii_lowercase + string.digits]
+    vocab = specials + chars + pieces + sorted(set(_COMMON_WORDS))
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+
+
+def _save_tokenizer(folder: Path) -> None:
+    from transformers import BertTokenizerFast
+
+    _write_vocab(folder)
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+
+
+def _vocab_size(folder: Path) -> int:
+    return len((folder / "vocab.txt").read_text(encoding="utf-8").splitlines())
+
+
+def make_tiny_bert(folder: Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0,
+                   num_labels: int | None = None) -> Path:
+    """A randomly initialised 2-layer BERT encoder (optionally with a classification head)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_tokenizer(folder)
+    config = BertConfig(
+        vocab_size=_vocab_size(folder), hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=2, intermediate_size=2 * hidden_size, max_position_embeddings=256,
+    )
+    torch.manual_seed(seed)
+    if num_labels is None:
+        model = BertModel(config)
+    else:
+        config.num_labels = num_labels
+        model = BertForSequenceClassification(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_tiny_llama(folder: Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Path:
+    """A randomly initialised 2-layer Llama decoder: the decoder path (causal, last-token-free pooling)."""
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_tokenizer(folder)
+    config = LlamaConfig(
+        vocab_size=_vocab_size(folder), hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=2, num_key_value_heads=2, intermediate_size=2 * hidden_size,
+        max_position_embeddings=256, pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    LlamaModel(config).save_pretrained(folder, safe_serialization=True)
+    return folder
