@@ -28,10 +28,15 @@ def _write_vocab(folder: Path) -> None:
 
 
 def _save_tokenizer(folder: Path) -> None:
-    from transformers import BertTokenizerFast
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import PreTrainedTokenizerFast
 
     _write_vocab(folder)
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    wordpiece = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=True)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=wordpiece._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", model_max_length=256,
+    )
     tokenizer.save_pretrained(folder)
 
 
