@@ -1,0 +1,384 @@
+"""The HTTP API (FastAPI). Never imports torch or transformers: it stays small, fast to start and CPU-only."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import logging
+import shutil
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from sqlalchemy import func, select
+from sqlalchemy.orm import sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import datasets as dataset_files
+from service import jobs as job_states
+from service.db import ApiKey, Checkpoint, Dataset, HubModel, Job, RankingEntry, new_id
+from service.schemas import METRICS, JobCreate, ModelCreate, metric_applies
+from service.settings import Settings
+
+log = logging.getLogger("hubtune.api")
+
+LOCAL_OWNER = "local"
+
+
+class Problem(Exception):
+    """An RFC 9457 problem: rendered as application/problem+json with the field or row at fault."""
+
+    def __init__(self, status: int, title: str, detail: str = "", field: str | None = None, row: int | None = None,
+                 **extra: Any) -> None:
+        super().__init__(detail or title)
+        self.status, self.title, self.detail, self.field, self.row, self.extra = status, title, detail, field, row, extra
+
+
+def problem_response(status: int, title: str, detail: str, instance: str, **members: Any) -> JSONResponse:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, "instance": instance}
+    body.update({k: v for k, v in members.items() if v is not None})
+    return JSONResponse(body, status_code=status, media_type="application/problem+json")
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """What the catalog records about a local HF folder, read from config.json alone (no transformers here)."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise Problem(422, "not a model folder", f"{folder} has no config.json", field="path")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise Problem(422, "unreadable config.json", str(exc), field="path") from exc
+    text_config = config.get("text_config") or {}
+    hidden = next((c.get(k) for c in (config, text_config) for k in ("hidden_size", "d_model", "n_embd", "dim")
+                   if isinstance(c.get(k), int)), None)
+    architectures = config.get("architectures") or []
+    has_head = any(a.endswith("ForSequenceClassification") for a in architectures) and bool(config.get("id2label"))
+    return {"model_type": config.get("model_type"), "architecture": architectures[0] if architectures else None,
+            "hidden_size": hidden, "has_source_head": has_head}
+
+
+def local_revision(folder: Path) -> str:
+    """A content revision for a local folder: config bytes plus the names and sizes of its files."""
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder)}:{path.stat().st_size}".encode())
+    return "local-" + digest.hexdigest()[:16]
+
+
+def paginate(session: Any, query: Any, limit: int, offset: int, render: Any) -> dict[str, Any]:
+    total = session.execute(select(func.count()).select_from(query.subquery())).scalar_one()
+    rows = session.execute(query.limit(limit).offset(offset)).scalars().all()
+    return {"items": [render(r) for r in rows], "total": total, "limit": limit, "offset": offset,
+            "next_offset": offset + limit if offset + limit < total else None}
+
+
+def dataset_json(d: Dataset) -> dict[str, Any]:
+    return {"id": d.id, "filename": d.filename, "format": d.format, "task": d.task, "rows": d.rows,
+            "text_column": d.text_column, "label_column": d.label_column, "label_names": d.label_names,
+            "class_counts": d.class_counts, "sha256": d.sha256, "size_bytes": d.size_bytes,
+            "created_at": d.created_at.isoformat()}
+
+
+def model_json(m: HubModel) -> dict[str, Any]:
+    return {"id": m.id, "name": m.name, "source": m.source,
+            "repo_id": m.locator if m.source == "hf" else None, "path": m.locator if m.source == "local" else None,
+            "revision": m.revision, "modality": m.modality, "model_type": m.model_type,
+            "architecture": m.architecture, "hidden_size": m.hidden_size, "has_source_head": m.has_source_head,
+            "created_at": m.created_at.isoformat()}
+
+
+def create_app(settings: Settings, send: job_states.SendTask | None = None, run_reconciler: bool = True) -> FastAPI:
+    """The app for these settings. `send` puts a job id on the broker (default: the Celery app's send_task)."""
+    from service.db import session_factory
+    from service.migrate import upgrade
+
+    settings.ensure_dirs()
+    upgrade(settings.sqlalchemy_url)
+    sessions: sessionmaker = session_factory(settings.sqlalchemy_url)
+    if send is None:
+        from workers.celery_app import make_celery
+
+        send = job_states.celery_sender(make_celery(settings))
+    keyless = settings.auth == "auto" and is_loopback(settings.bind_host)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):  # type: ignore[no-untyped-def]
+        reconciler = None
+        if run_reconciler:
+            reconciler = job_states.Reconciler(sessions, send, settings.reconcile_seconds, settings.max_attempts,
+                                               settings.requeue_queued_after_seconds)
+            reconciler.start()
+        if keyless:
+            log.warning("HubTune API on %s without required API keys (loopback only); requests without a key "
+                        "act as the local user", settings.bind_host)
+        yield
+        if reconciler:
+            reconciler.stop()
+
+    app = FastAPI(title="HubTune", version="0.1.0", lifespan=lifespan,
+                  description="Rank hub models for your labelled dataset, then tune the best.")
+    app.state.settings, app.state.sessions, app.state.send = settings, sessions, send
+
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return problem_response(exc.status, exc.title, exc.detail, str(request.url.path), field=exc.field,
+                                row=exc.row, **exc.extra)
+
+    @app.exception_handler(dataset_files.DatasetProblem)
+    async def _dataset_problem(request: Request, exc: dataset_files.DatasetProblem) -> JSONResponse:
+        return problem_response(exc.status, exc.title, exc.detail, str(request.url.path), field=exc.field,
+                                row=exc.row)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"field": ".".join(str(p) for p in e["loc"] if p not in ("body", "query", "path", "form")),
+                   "message": e["msg"]} for e in exc.errors()]
+        first = errors[0] if errors else {"field": None, "message": "invalid request"}
+        return problem_response(422, "invalid request", f"{first['field']}: {first['message']}",
+                                str(request.url.path), field=first["field"], errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return problem_response(exc.status_code, str(exc.detail), str(exc.detail), str(request.url.path))
+
+    def owner(request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        key = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
+        if not key:
+            if keyless:
+                return LOCAL_OWNER
+            raise Problem(401, "API key required", "send Authorization: Bearer <key> (create one with "
+                          "`hubtune keys create`)")
+        with sessions() as session:
+            found = session.execute(select(ApiKey).where(ApiKey.key_hash == hash_key(key),
+                                                         ApiKey.revoked_at.is_(None))).scalar_one_or_none()
+        if found is None:
+            raise Problem(401, "invalid API key", "this key is unknown or revoked")
+        return found.id
+
+    def owned_dataset(session: Any, dataset_id: str, who: str) -> Dataset:
+        dataset = session.get(Dataset, dataset_id)
+        if dataset is None or dataset.owner != who:
+            raise Problem(404, "dataset not found", f"no dataset {dataset_id}")
+        return dataset
+
+    def owned_job(session: Any, job_id: str, who: str) -> Job:
+        job = session.get(Job, job_id)
+        if job is None or job.owner != who:
+            raise Problem(404, "job not found", f"no job {job_id}")
+        return job
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        with sessions() as session:
+            session.execute(select(1))
+        return {"status": "ok"}
+
+    # ---- datasets -------------------------------------------------------------------------------------------
+    @app.post("/v1/datasets", status_code=201)
+    async def upload_dataset(request: Request, file: UploadFile = File(...), task: str = Form(...),
+                             text_column: str = Form("text"), label_column: str = Form("label"),
+                             who: str = Depends(owner)) -> dict[str, Any]:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes + 1024 * 1024:
+            raise Problem(413, "file too large", f"the upload is {declared} bytes; the limit is "
+                          f"{settings.max_upload_bytes} (HUBTUNE_MAX_UPLOAD_BYTES)", field="file")
+        dataset_id = new_id()
+        scratch = settings.datasets_dir / f".upload-{uuid.uuid4().hex}"
+        final_dir = settings.datasets_dir / dataset_id
+        committed = False
+        try:
+            size, sha256 = await dataset_files.stream_upload_to_disk(file, scratch, settings.max_upload_bytes)
+            with scratch.open("rb") as fh:
+                head = fh.read(8)
+            fmt = dataset_files.detect_format(file.filename or "", file.content_type, head)
+            parsed = await run_in_threadpool(dataset_files.parse_dataset, scratch, fmt, task, text_column,
+                                             label_column)
+            final_dir.mkdir(parents=True)
+            data_path = final_dir / "data.parquet"
+            await run_in_threadpool(dataset_files.write_normalized, parsed, task, data_path)
+            with sessions.begin() as session:
+                dataset = Dataset(id=dataset_id, owner=who, filename=file.filename or "upload", format=fmt,
+                                  task=task, text_column=text_column, label_column=label_column, rows=parsed.rows,
+                                  label_names=parsed.label_names, class_counts=parsed.class_counts, sha256=sha256,
+                                  size_bytes=size, storage_path=str(data_path))
+                session.add(dataset)
+            committed = True
+            return dataset_json(dataset)
+        finally:
+            scratch.unlink(missing_ok=True)
+            if not committed:
+                shutil.rmtree(final_dir, ignore_errors=True)
+
+    @app.get("/v1/datasets")
+    def list_datasets(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+                      who: str = Depends(owner)) -> dict[str, Any]:
+        with sessions() as session:
+            query = select(Dataset).where(Dataset.owner == who).order_by(Dataset.created_at.desc(), Dataset.id)
+            return paginate(session, query, limit, offset, dataset_json)
+
+    @app.get("/v1/datasets/{dataset_id}")
+    def get_dataset(dataset_id: str, who: str = Depends(owner)) -> dict[str, Any]:
+        with sessions() as session:
+            return dataset_json(owned_dataset(session, dataset_id, who))
+
+    # ---- models ---------------------------------------------------------------------------------------------
+    @app.get("/v1/models")
+    def list_models(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+                    _who: str = Depends(owner)) -> dict[str, Any]:
+        with sessions() as session:
+            return paginate(session, select(HubModel).order_by(HubModel.created_at, HubModel.id), limit, offset,
+                            model_json)
+
+    @app.post("/v1/models", status_code=201)
+    def register_model(body: ModelCreate, _who: str = Depends(owner)) -> JSONResponse:
+        if body.source == "local":
+            folder = Path(body.path or "").expanduser()
+            if not folder.is_absolute() or not folder.is_dir():
+                raise Problem(422, "model folder not found", f"{body.path} is not an absolute path to a folder "
+                              "the server can read", field="path")
+            folder = folder.resolve()
+            described = read_model_config(folder)
+            locator, revision, name = str(folder), local_revision(folder), body.name or folder.name
+        else:
+            described = {}
+            locator, revision, name = body.repo_id or "", body.revision or "main", body.name or body.repo_id or ""
+        with sessions.begin() as session:
+            existing = session.execute(select(HubModel).where(
+                HubModel.source == body.source, HubModel.locator == locator, HubModel.revision == revision,
+            )).scalar_one_or_none()
+            if existing is not None:
+                return JSONResponse(model_json(existing), status_code=200)
+            model = HubModel(name=name, source=body.source, locator=locator, revision=revision, **described)
+            session.add(model)
+        return JSONResponse(model_json(model), status_code=201)
+
+    # ---- jobs -----------------------------------------------------------------------------------------------
+    def job_json(session: Any, job: Job) -> dict[str, Any]:
+        entries = session.execute(select(RankingEntry, HubModel).join(HubModel, HubModel.id == RankingEntry.model_id)
+                                  .where(RankingEntry.job_id == job.id).order_by(RankingEntry.rank)).all()
+        ranking = [{"model": model.name, "model_id": model.id, "rank": entry.rank, "scores": entry.scores,
+                    "feature_seconds": entry.feature_seconds, **entry.details} for entry, model in entries]
+        return {"id": job.id, "status": job.status, "stage": job.stage, "progress": job.progress,
+                "dataset_id": job.dataset_id, "candidates": job.candidates, "metrics": job.metrics,
+                "options": job.options, "tune": job.tune, "ranking": ranking, "tuning": job.tuning,
+                "error": job.error, "attempts": job.attempts, "created_at": job.created_at.isoformat(),
+                "started_at": job.started_at.isoformat() if job.started_at else None,
+                "finished_at": job.finished_at.isoformat() if job.finished_at else None}
+
+    @app.post("/v1/jobs", status_code=202)
+    def create_job(body: JobCreate, who: str = Depends(owner)) -> JSONResponse:
+        with sessions() as session:
+            dataset = owned_dataset(session, body.dataset_id, who)
+            for i, metric in enumerate(body.metrics):
+                if metric not in METRICS:
+                    raise Problem(422, "unknown metric", f"{metric!r}; known: {', '.join(METRICS)}",
+                                  field=f"metrics[{i}]")
+                if not metric_applies(metric, dataset.task):
+                    raise Problem(422, "metric not defined for this task",
+                                  f"{metric} is defined for classification only; this dataset is {dataset.task}",
+                                  field=f"metrics[{i}]")
+            if body.candidates is None:
+                candidates = list(session.execute(select(HubModel.id).where(HubModel.modality == "text")
+                                                  .order_by(HubModel.created_at)).scalars())
+                if not candidates:
+                    raise Problem(422, "no candidate models", "register models with POST /v1/models first",
+                                  field="candidates")
+            else:
+                if not body.candidates:
+                    raise Problem(422, "no candidate models", "candidates is empty", field="candidates")
+                for i, model_id in enumerate(body.candidates):
+                    if session.get(HubModel, model_id) is None:
+                        raise Problem(422, "unknown model", f"no model {model_id}", field=f"candidates[{i}]")
+                candidates = list(dict.fromkeys(body.candidates))
+            if body.tune is not None:
+                if body.tune.target is not None and body.tune.target not in candidates:
+                    raise Problem(422, "tune target is not a candidate", body.tune.target, field="tune.target")
+                if body.tune.strategy == "btuning" and "logme" not in body.metrics:
+                    raise Problem(422, "btuning needs LogME", "add 'logme' to metrics", field="tune.strategy")
+                if dataset.task != "classification" and body.tune.strategy == "btuning":
+                    raise Problem(422, "btuning supports classification only", dataset.task, field="tune.strategy")
+                if body.sample_size is not None:
+                    raise Problem(422, "sample_size cannot be combined with tune",
+                                  "tuning uses the whole dataset; rank on a sample in a separate job",
+                                  field="sample_size")
+        job = Job(owner=who, dataset_id=dataset.id, candidates=candidates, metrics=list(dict.fromkeys(body.metrics)),
+                  options={"sample_size": body.sample_size, "seed": body.seed},
+                  tune=body.tune.model_dump() if body.tune else None)
+        with sessions.begin() as session:
+            session.add(job)
+        # Enqueued only after the row is committed; if this send fails the reconciler re-sends it.
+        try:
+            job_states.enqueue(sessions, send, job.id, "rank")
+        except Exception:
+            log.exception("could not enqueue job %s now; the reconciler will", job.id)
+        with sessions() as session:
+            body_json = job_json(session, session.get(Job, job.id))
+        return JSONResponse(body_json, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+    @app.get("/v1/jobs")
+    def list_jobs(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+                  who: str = Depends(owner)) -> dict[str, Any]:
+        with sessions() as session:
+            query = select(Job).where(Job.owner == who).order_by(Job.created_at.desc(), Job.id)
+            return paginate(session, query, limit, offset, lambda j: job_json(session, j))
+
+    @app.get("/v1/jobs/{job_id}")
+    def get_job(job_id: str, who: str = Depends(owner)) -> dict[str, Any]:
+        with sessions() as session:
+            return job_json(session, owned_job(session, job_id, who))
+
+    @app.post("/v1/jobs/{job_id}/cancel", status_code=202)
+    def cancel_job(job_id: str, who: str = Depends(owner)) -> dict[str, Any]:
+        with sessions() as session:
+            job = owned_job(session, job_id, who)
+            if job.status in ("succeeded", "failed", "cancelled"):
+                raise Problem(409, "job already finished", f"job {job_id} is {job.status}")
+        job_states.request_cancel(sessions, job_id)
+        with sessions() as session:
+            return job_json(session, session.get(Job, job_id))
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    @app.get("/v1/jobs/{job_id}/checkpoints")
+    def list_checkpoints(job_id: str, who: str = Depends(owner)) -> list[dict[str, Any]]:
+        with sessions() as session:
+            owned_job(session, job_id, who)
+            rows = session.execute(select(Checkpoint, HubModel).join(HubModel, HubModel.id == Checkpoint.model_id)
+                                   .where(Checkpoint.job_id == job_id).order_by(Checkpoint.id)).all()
+            return [{"name": c.name, "model": m.name, "model_id": m.id, "files": c.files} for c, m in rows]
+
+    @app.get("/v1/jobs/{job_id}/checkpoints/{name}/files/{file_path:path}")
+    def download_checkpoint_file(job_id: str, name: str, file_path: str, who: str = Depends(owner)) -> FileResponse:
+        with sessions() as session:
+            owned_job(session, job_id, who)
+            checkpoint = session.execute(select(Checkpoint).where(Checkpoint.job_id == job_id,
+                                                                  Checkpoint.name == name)).scalar_one_or_none()
+        if checkpoint is None:
+            raise Problem(404, "checkpoint not found", f"no checkpoint {name} in job {job_id}")
+        listed = {f["path"]: f for f in checkpoint.files}
+        if file_path not in listed:  # only files recorded in the checkpoint are served: no path traversal
+            raise Problem(404, "file not found", f"{file_path} is not part of checkpoint {name}")
+        return FileResponse(Path(checkpoint.path) / file_path, filename=Path(file_path).name,
+                            headers={"X-Checksum-Sha256": listed[file_path]["sha256"]})
+
+    return app

@@ -1,0 +1,270 @@
+"""The `hubtune` command: server side (serve, worker, migrate, keys) and client side (datasets, models, rank, jobs)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from service.settings import Settings, get_settings
+
+
+def worker_command(queues: str = "rank,tune", concurrency: int = 1, loglevel: str = "info") -> list[str]:
+    """One prefork child per worker (-c 1): one process per GPU; the hard time limits need prefork."""
+    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", queues, "-c", str(concurrency),
+            "--prefetch-multiplier", "1", "--without-mingle", "--without-gossip", "--without-heartbeat",
+            "-l", loglevel, "-n", f"hubtune-{os.getpid()}@%h"]
+
+
+def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
+    from service.migrate import upgrade
+
+    settings.ensure_dirs()
+    upgrade(settings.sqlalchemy_url)
+    print(f"database at head: {settings.sqlalchemy_url.split('@')[-1]}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    settings.ensure_dirs()
+    os.execv(sys.executable, worker_command(args.queues, args.concurrency, args.loglevel))
+    return 0  # not reached
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from service.api import create_app, is_loopback
+
+    os.environ["HUBTUNE_BIND_HOST"] = args.host
+    settings = Settings()  # re-read with the bind host
+    if settings.auth == "auto" and is_loopback(args.host):
+        print(f"HubTune: keyless mode on {args.host} (loopback only): requests without an API key act as the local "
+              "user. Bind another host, or set HUBTUNE_AUTH=required, to require keys.", file=sys.stderr)
+    app = create_app(settings)  # migrates first, so the worker starts on a current schema
+    worker = None
+    if not args.no_worker:
+        worker = subprocess.Popen(worker_command(), env=dict(os.environ), start_new_session=True)
+        print(f"HubTune: worker child process pid {worker.pid}", file=sys.stderr)
+    print(f"HubTune: home {settings.home_dir}; database {settings.sqlalchemy_url.split('@')[-1]}; "
+          f"broker {settings.celery_broker_url.split('@')[-1]}; http://{args.host}:{args.port}", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        if worker is not None and worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
+    from service.api import hash_key
+    from service.db import ApiKey, session_factory
+    from service.migrate import upgrade
+
+    settings.ensure_dirs()
+    upgrade(settings.sqlalchemy_url)
+    key = "ht_" + secrets.token_urlsafe(32)
+    with session_factory(settings.sqlalchemy_url).begin() as session:
+        session.add(ApiKey(name=args.name, prefix=key[:8], key_hash=hash_key(key)))
+    print(key)
+    print("Store this key now: only its hash is kept.", file=sys.stderr)
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from service.client import Client
+
+    return Client(args.url, args.key)
+
+
+def cmd_datasets(args: argparse.Namespace, _settings: Settings) -> int:
+    from service.client import format_table, print_json
+
+    client = _client(args)
+    if args.action == "upload":
+        print_json(client.upload(Path(args.file), args.task, args.text_column, args.label_column))
+    elif args.action == "list":
+        items = client.get("/v1/datasets", limit=args.limit)["items"]
+        print(format_table([[d["id"], d["filename"], d["task"], d["rows"], ",".join(d["label_names"] or [])]
+                            for d in items], ["id", "file", "task", "rows", "labels"]))
+    else:
+        print_json(client.get(f"/v1/datasets/{args.id}"))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace, _settings: Settings) -> int:
+    from service.client import format_table, print_json
+
+    client = _client(args)
+    if args.action == "add":
+        if not args.path and not args.repo_id:
+            raise SystemExit("give --path FOLDER or --repo-id ORG/NAME [--revision REV]")
+        print_json(client.add_model(args.path, args.repo_id, args.revision, args.name))
+    else:
+        items = client.get("/v1/models", limit=1000)["items"]
+        print(format_table([[m["id"], m["name"], m["source"], m["revision"][:16], m["model_type"], m["hidden_size"]]
+                            for m in items], ["id", "name", "source", "revision", "type", "dim"]))
+    return 0
+
+
+def _job_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {"dataset_id": args.dataset_id, "metrics": args.metric or ["logme"]}
+    if args.model:
+        body["candidates"] = args.model
+    if args.sample_size:
+        body["sample_size"] = args.sample_size
+    if getattr(args, "tune", None):
+        body["tune"] = __import__("json").loads(args.tune)
+    return body
+
+
+def _show_job(job: dict[str, Any]) -> None:
+    from service.client import ranking_table
+
+    print(f"job {job['id']}: {job['status']} ({job['stage']})")
+    if job.get("error"):
+        print(f"error: {job['error']}")
+    if job["ranking"]:
+        print(ranking_table(job))
+    if job.get("tuning"):
+        from service.client import print_json
+
+        print_json(job["tuning"])
+
+
+def cmd_rank(args: argparse.Namespace, _settings: Settings) -> int:
+    client = _client(args)
+    job = client.post("/v1/jobs", _job_body(args))
+    print(f"submitted job {job['id']}", file=sys.stderr)
+    if args.no_watch:
+        print(job["id"])
+        return 0
+    job = client.watch(job["id"])
+    _show_job(job)
+    return 0 if job["status"] == "succeeded" else 1
+
+
+def cmd_jobs(args: argparse.Namespace, _settings: Settings) -> int:
+    from service.client import format_table, print_json
+
+    client = _client(args)
+    if args.action == "list":
+        items = client.get("/v1/jobs", limit=args.limit)["items"]
+        print(format_table([[j["id"], j["status"], j["stage"], f"{j['progress']:.0%}", j["created_at"][:19]]
+                            for j in items], ["id", "status", "stage", "progress", "created"]))
+    elif args.action == "show":
+        job = client.get(f"/v1/jobs/{args.id}")
+        print_json(job) if args.json else _show_job(job)
+    elif args.action == "watch":
+        _show_job(client.watch(args.id))
+    elif args.action == "cancel":
+        print_json(client.post(f"/v1/jobs/{args.id}/cancel"))
+    elif args.action == "download":
+        for path in client.download_checkpoints(args.id, Path(args.out)):
+            print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hubtune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the API (and, unless --no-worker, one worker child process)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--no-worker", action="store_true")
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="start a Celery worker alone")
+    worker.add_argument("--queues", default="rank,tune")
+    worker.add_argument("--concurrency", type=int, default=1)
+    worker.add_argument("--loglevel", default="info")
+    worker.set_defaults(func=cmd_worker)
+
+    sub.add_parser("migrate", help="upgrade the database to the latest schema").set_defaults(func=cmd_migrate)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
+    create = keys.add_parser("create", help="create a key and print it once")
+    create.add_argument("--name", default="")
+    create.set_defaults(func=cmd_keys_create)
+
+    def with_client(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--url", default=os.environ.get("HUBTUNE_URL", "http://127.0.0.1:8000"))
+        p.add_argument("--key", default=os.environ.get("HUBTUNE_API_KEY"))
+        return p
+
+    datasets = sub.add_parser("datasets", help="upload and list datasets").add_subparsers(dest="action", required=True)
+    up = with_client(datasets.add_parser("upload"))
+    up.add_argument("file")
+    up.add_argument("--task", default="classification", choices=["classification", "multilabel", "regression"])
+    up.add_argument("--text-column", default="text")
+    up.add_argument("--label-column", default="label")
+    ls = with_client(datasets.add_parser("list"))
+    ls.add_argument("--limit", type=int, default=50)
+    show = with_client(datasets.add_parser("show"))
+    show.add_argument("id")
+    for p in (up, ls, show):
+        p.set_defaults(func=cmd_datasets)
+
+    models = sub.add_parser("models", help="the hub catalog").add_subparsers(dest="action", required=True)
+    add = with_client(models.add_parser("add"))
+    add.add_argument("--path")
+    add.add_argument("--repo-id")
+    add.add_argument("--revision")
+    add.add_argument("--name")
+    for p in (add, with_client(models.add_parser("list"))):
+        p.set_defaults(func=cmd_models)
+
+    def job_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("dataset_id")
+        p.add_argument("--model", action="append", help="candidate model id (repeat); default all")
+        p.add_argument("--metric", action="append", help="metric name (repeat); default logme")
+        p.add_argument("--sample-size", type=int)
+        p.add_argument("--no-watch", action="store_true")
+
+    rank = with_client(sub.add_parser("rank", help="submit a rank job and watch it"))
+    job_args(rank)
+    rank.set_defaults(func=cmd_rank)
+    tune = with_client(sub.add_parser("tune", help="submit a rank+tune job and watch it"))
+    job_args(tune)
+    tune.add_argument("--tune", default='{"strategy": "finetune"}', help="the tune object as JSON")
+    tune.set_defaults(func=cmd_rank)
+
+    jobs = sub.add_parser("jobs", help="list, show, watch, cancel, download").add_subparsers(dest="action",
+                                                                                              required=True)
+    jl = with_client(jobs.add_parser("list"))
+    jl.add_argument("--limit", type=int, default=50)
+    jl.set_defaults(func=cmd_jobs)
+    for action in ("show", "watch", "cancel", "download"):
+        p = with_client(jobs.add_parser(action))
+        p.add_argument("id")
+        if action == "show":
+            p.add_argument("--json", action="store_true")
+        if action == "download":
+            p.add_argument("--out", default="checkpoints")
+        p.set_defaults(func=cmd_jobs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from service.client import ApiError
+
+    try:
+        return args.func(args, get_settings())
+    except ApiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

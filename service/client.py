@@ -1,0 +1,134 @@
+"""HTTP client behind the `hubtune` CLI's user commands: upload, submit, watch with a progress bar, show tables."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+class ApiError(Exception):
+    def __init__(self, response: httpx.Response) -> None:
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"title": response.text}
+        where = " ".join(f"{k}={body[k]}" for k in ("field", "row") if body.get(k) is not None)
+        super().__init__(f"HTTP {response.status_code}: {body.get('title')}: {body.get('detail', '')}"
+                         + (f" ({where})" if where else ""))
+        self.status, self.body = response.status_code, body
+
+
+class Client:
+    def __init__(self, url: str, key: str | None = None, timeout: float = 60.0) -> None:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def _check(self, response: httpx.Response) -> Any:
+        if response.status_code >= 400:
+            raise ApiError(response)
+        return response.json()
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self._check(self.http.get(path, params=params))
+
+    def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        return self._check(self.http.post(path, json=body or {}))
+
+    def upload(self, file: Path, task: str, text_column: str, label_column: str) -> dict[str, Any]:
+        with file.open("rb") as fh:
+            response = self.http.post("/v1/datasets", files={"file": (file.name, fh)},
+                                      data={"task": task, "text_column": text_column, "label_column": label_column},
+                                      timeout=None)
+        return self._check(response)
+
+    def add_model(self, path: str | None = None, repo_id: str | None = None, revision: str | None = None,
+                  name: str | None = None) -> dict[str, Any]:
+        if path:
+            body = {"source": "local", "path": str(Path(path).expanduser().resolve()), "name": name}
+        else:
+            body = {"source": "hf", "repo_id": repo_id, "revision": revision, "name": name}
+        return self.post("/v1/models", {k: v for k, v in body.items() if v is not None})
+
+    def watch(self, job_id: str, interval: float = 1.0, out: Any = sys.stderr) -> dict[str, Any]:
+        """Poll until the job finishes, drawing a progress bar with its stage."""
+        from tqdm import tqdm
+
+        with tqdm(total=100, file=out, bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}] {desc}") as bar:
+            while True:
+                job = self.get(f"/v1/jobs/{job_id}")
+                bar.n = round(100 * job["progress"], 1)
+                bar.set_description_str(f"{job['status']}: {job['stage']}"[:60])
+                bar.refresh()
+                if job["status"] in ("succeeded", "failed", "cancelled"):
+                    return job
+                time.sleep(interval)
+
+    def download_checkpoints(self, job_id: str, out_dir: Path) -> list[Path]:
+        """Fetch every checkpoint file and verify its size and sha256 against the listing."""
+        written: list[Path] = []
+        for checkpoint in self.get(f"/v1/jobs/{job_id}/checkpoints"):
+            for entry in checkpoint["files"]:
+                target = out_dir / checkpoint["name"] / entry["path"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                digest = hashlib.sha256()
+                partial = target.with_name(target.name + ".part")
+                url = f"/v1/jobs/{job_id}/checkpoints/{checkpoint['name']}/files/{entry['path']}"
+                with self.http.stream("GET", url, timeout=None) as response, partial.open("wb") as fh:
+                    if response.status_code >= 400:
+                        response.read()
+                        raise ApiError(response)
+                    for chunk in response.iter_bytes(1 << 20):
+                        digest.update(chunk)
+                        fh.write(chunk)
+                if digest.hexdigest() != entry["sha256"] or partial.stat().st_size != entry["size"]:
+                    partial.unlink()
+                    raise RuntimeError(f"{entry['path']}: checksum mismatch; download again")
+                partial.replace(target)
+                written.append(target)
+        return written
+
+
+def format_table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def ranking_table(job: dict[str, Any]) -> str:
+    metrics = job["metrics"]
+    rows = []
+    for entry in job["ranking"]:
+        row: list[Any] = [entry["rank"], entry["model"]]
+        for metric in metrics:
+            value = entry["scores"].get(metric)
+            interval = (entry.get("intervals") or {}).get(metric)
+            text = "n/a" if value is None else f"{value:.4f}"
+            if interval:
+                text += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+            row.append(text)
+        p_next = (entry.get("p_better_than_next") or {}).get(metrics[0])
+        row.append("" if p_next is None else f"{p_next:.2f}")
+        if "logme_prior_only" in entry:
+            row.append("yes" if entry.get("beats_prior") else "NO")
+        row.append(f"{entry['feature_seconds']:.1f}")
+        rows.append(row)
+    header = ["rank", "model", *[f"{m} [95% CI]" for m in metrics], "P(>next)"]
+    if job["ranking"] and "logme_prior_only" in job["ranking"][0]:
+        header.append("beats prior")
+    header.append("features s")
+    table = format_table(rows, header)
+    if job["ranking"] and "logme_prior_only" in job["ranking"][0]:
+        table += f"\nLogME of the label-prior-only baseline: {job['ranking'][0]['logme_prior_only']:.4f}"
+    return table
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))

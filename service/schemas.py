@@ -1,0 +1,69 @@
+"""Request bodies and the names the API accepts. Torch-free: the worker-side registries are checked against
+these names by tests (tests/unit/test_names.py), so the two cannot drift apart."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TASKS = ("classification", "multilabel", "regression")
+METRICS = ("logme", "logme_projected", "hscore", "hscore_shrinkage", "nleep", "gbc", "transrate", "sfda", "leep", "nce")
+# Which tasks each metric is defined for; the rest are classification-only estimators.
+METRIC_TASKS: dict[str, tuple[str, ...]] = {"logme": TASKS, "logme_projected": TASKS}
+REGULARIZERS = ("none", "l2sp", "mixout", "smart", "r3f", "vat", "sift", "lnsr", "hype", "nfm", "self_labeling")
+
+
+def metric_applies(metric: str, task: str) -> bool:
+    return task in METRIC_TASKS.get(metric, ("classification",))
+
+
+class ModelCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: Literal["hf", "local"]
+    repo_id: str | None = Field(default=None, description="hf: the hub repository id, e.g. org/name")
+    revision: str | None = Field(default=None, description="hf: a commit hash, tag or branch (default main)")
+    path: str | None = Field(default=None, description="local: a folder the server can read")
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _locator(self) -> "ModelCreate":
+        if self.source == "hf" and not self.repo_id:
+            raise ValueError("repo_id is required when source is 'hf'")
+        if self.source == "local" and not self.path:
+            raise ValueError("path is required when source is 'local'")
+        return self
+
+
+class RegularizerSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Literal[REGULARIZERS] = "none"  # type: ignore[valid-type]
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TuneSpec(BaseModel):
+    """Tuning options; every default is documented in README.md (Tuning)."""
+
+    model_config = ConfigDict(extra="forbid")
+    strategy: Literal["finetune", "btuning"] = "finetune"
+    top_k: int = Field(default=1, ge=1, le=20, description="finetune: tune the top-k; btuning: number of teachers")
+    target: str | None = Field(default=None, description="model id to tune; default the top-ranked")
+    regularizer: RegularizerSpec = Field(default_factory=RegularizerSpec)
+    tradeoff: float = Field(default=1.0, ge=0, description="btuning: weight of the distillation term")
+    temperature: float = Field(default=0.1, gt=0, description="btuning: teacher weights softmax(LogME/T)")
+    epochs: int = Field(default=3, ge=1, le=100)
+    lr: float = Field(default=2e-5, gt=0, le=1.0)
+    batch_size: int = Field(default=16, ge=1, le=1024)
+    max_length: int = Field(default=128, ge=8, le=8192)
+    seed: int = 0
+    validation_fraction: float = Field(default=0.2, gt=0, lt=0.9)
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dataset_id: str
+    candidates: list[str] | None = Field(default=None, description="model ids; default all compatible models")
+    metrics: list[str] = Field(default_factory=lambda: ["logme"], min_length=1)
+    sample_size: int | None = Field(default=None, ge=10, description="rank on a stratified sample of this many rows")
+    seed: int = 0
+    tune: TuneSpec | None = None

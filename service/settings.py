@@ -1,0 +1,80 @@
+"""Settings from the environment (prefix HUBTUNE_). Two services with different HUBTUNE_HOME share nothing."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HUBTUNE_", extra="ignore")
+
+    home: Path = Field(default=Path("~/.hubtune"), description="All local state: SQLite, broker folder, artifacts.")
+    database_url: str | None = Field(default=None, description="Default: SQLite file in HOME.")
+    broker_url: str | None = Field(default=None, description="Default: Celery filesystem:// broker in HOME.")
+    max_upload_bytes: int = 512 * 1024 * 1024
+    # A worker renews its lease every heartbeat; a job whose lease expired is re-queued by the reconciler.
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 5.0
+    reconcile_seconds: float = 5.0
+    # A queued job whose message may have been lost (API died after commit) is re-sent after this long.
+    requeue_queued_after_seconds: float = 300.0
+    max_attempts: int = 3
+    # Keys: "auto" = keyless allowed only when the API is bound to a loopback host; "required" = always.
+    auth: str = "auto"
+    bind_host: str = "127.0.0.1"
+    feature_max_length: int = 128
+    feature_batch_size: int = 32
+    rank_time_limit_seconds: int = 6 * 3600
+    tune_time_limit_seconds: int = 12 * 3600
+    bootstrap_samples: int = 200
+    device: str | None = Field(default=None, description="torch device for workers; default cuda if present else cpu")
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.home_dir / "artifacts"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.artifacts_dir / "datasets"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.artifacts_dir / "features"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.artifacts_dir / "jobs"
+
+    @property
+    def hf_cache_dir(self) -> Path:
+        return self.home_dir / "hf-cache"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.home_dir / "broker"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_dir / 'hubtune.db'}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    def ensure_dirs(self) -> None:
+        for folder in (self.home_dir, self.datasets_dir, self.features_dir, self.jobs_dir, self.broker_dir / "queue",
+                       self.broker_dir / "processed"):
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

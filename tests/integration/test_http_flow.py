@@ -1,0 +1,196 @@
+"""Through HTTP against a real API process and a real Celery worker, on both defaults."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.conftest import Stack
+
+TOPICS = {
+    "business": "market shares bank profit company economy growth price",
+    "sport": "game match team win won play player season goal",
+    "tech": "phone software computer internet technology users mobile digital network data",
+}
+
+
+def topic_csv(rows: int, seed: int = 0, words: int = 12) -> bytes:
+    rng = random.Random(seed)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["text", "label"])
+    for i in range(rows):
+        label = list(TOPICS)[i % len(TOPICS)]
+        vocab = TOPICS[label].split() + "the a of and to in".split()
+        writer.writerow([" ".join(rng.choice(vocab) for _ in range(words)), label])
+    return out.getvalue().encode()
+
+
+def upload(client: httpx.Client, content: bytes, name: str = "data.csv", **form: str) -> httpx.Response:
+    data = {"task": "classification", "text_column": "text", "label_column": "label", **form}
+    return client.post("/v1/datasets", files={"file": (name, content)}, data=data)
+
+
+def register_hub(client: httpx.Client, tiny_hub: dict[str, Path]) -> list[str]:
+    ids = []
+    for name, path in tiny_hub.items():
+        response = client.post("/v1/models", json={"source": "local", "path": str(path), "name": name})
+        assert response.status_code in (200, 201), response.text
+        ids.append(response.json()["id"])
+    return ids
+
+
+def wait_for(client: httpx.Client, job_id: str, stack: Stack, timeout: float = 240,
+             until: tuple[str, ...] = ("succeeded", "failed", "cancelled")) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in until:
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} stuck at {job['status']}/{job['stage']}\n{stack.log_text()}")
+
+
+def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path]) -> None:
+    key = stack.create_key("alice")
+    other = stack.create_key("bob")
+    stack.start_worker()
+    alice = httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    bob = httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {other}"}, timeout=30)
+
+    assert httpx.get(f"{stack.url}/v1/datasets").status_code == 401  # keys required on this stack
+
+    created = upload(alice, topic_csv(90))
+    assert created.status_code == 201, created.text
+    dataset = created.json()
+    assert dataset["rows"] == 90 and dataset["label_names"] == ["business", "sport", "tech"]
+    assert dataset["class_counts"] == {"business": 30, "sport": 30, "tech": 30}
+    assert len(dataset["sha256"]) == 64
+
+    model_ids = register_hub(alice, tiny_hub)
+    assert {m["name"] for m in alice.get("/v1/models").json()["items"]} >= set(tiny_hub)
+
+    submitted = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "metrics": ["logme", "hscore"]})
+    assert submitted.status_code == 202, submitted.text
+    assert submitted.headers["location"] == f"/v1/jobs/{submitted.json()['id']}"
+    job = wait_for(alice, submitted.json()["id"], stack)
+    assert job["status"] == "succeeded", (job, stack.log_text())
+    ranking = job["ranking"]
+    assert sorted(r["rank"] for r in ranking) == [1, 2, 3]
+    assert {r["model_id"] for r in ranking} == set(model_ids)
+    logmes = [r["scores"]["logme"] for r in ranking]
+    assert logmes == sorted(logmes, reverse=True)
+    for entry in ranking:
+        low, high = entry["intervals"]["logme"]
+        assert low <= high
+        assert isinstance(entry["beats_prior"], bool)
+    assert 0.0 <= ranking[0]["p_better_than_next"]["logme"] <= 1.0
+
+    # Another key sees none of it.
+    assert bob.get(f"/v1/jobs/{job['id']}").status_code == 404
+    assert bob.get(f"/v1/datasets/{dataset['id']}").status_code == 404
+    assert bob.get("/v1/jobs").json()["total"] == 0
+    assert bob.post("/v1/jobs", json={"dataset_id": dataset["id"]}).status_code == 404
+
+    # A second job on the same data and models reuses the cached features: no forward pass.
+    again = wait_for(alice, alice.post("/v1/jobs", json={"dataset_id": dataset["id"]}).json()["id"], stack)
+    assert again["status"] == "succeeded"
+    assert all(r["features_cached"] and r["feature_seconds"] == 0.0 for r in again["ranking"])
+    assert alice.get("/v1/jobs", params={"limit": 1}).json()["total"] == 2
+
+    # Bad input: problem+json naming the field or row; nothing half-written.
+    before = sorted(p.name for p in (stack.home / "artifacts" / "datasets").iterdir())
+    cases = [
+        (upload(alice, topic_csv(10), label_column="category"), 422, "label_column"),
+        (upload(alice, b"text,label\nhello,a\nworld,a\n"), 422, None),
+        (upload(alice, b""), 422, "file"),
+        (upload(alice, b"text,label\nok,a\ncaf\xe9,b\n"), 422, None),
+        (upload(alice, b"\x00\x01binary", name="data.bin"), 415, "file"),
+        (upload(alice, topic_csv(10), task="ranking"), 422, "task"),
+    ]
+    for response, status, field in cases:
+        assert response.status_code == status, response.text
+        assert response.headers["content-type"].startswith("application/problem+json")
+        body = response.json()
+        assert body["status"] == status and body["title"]
+        if field:
+            assert body["field"] == field
+    assert cases[3][0].json()["row"] == 2  # the row with the latin-1 byte
+    bad_regression = upload(alice, b"text,label\na,1.5\nb,abc\n", task="regression")
+    assert bad_regression.status_code == 422 and bad_regression.json()["row"] == 2
+    assert sorted(p.name for p in (stack.home / "artifacts" / "datasets").iterdir()) == before
+    assert alice.get("/v1/datasets").json()["total"] == 1
+
+    bad_job = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "metrics": ["logme", "accuracy"]})
+    assert bad_job.status_code == 422 and bad_job.json()["field"] == "metrics[1]"
+    bad_tune = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "tune": {"epochs": 0}})
+    assert bad_tune.status_code == 422 and bad_tune.json()["field"] == "tune.epochs"
+
+
+def test_too_large_upload_is_413(tmp_path: Path) -> None:
+    from tests.integration.conftest import _make_stack
+
+    for stack in _make_stack("sqlite", tmp_path, HUBTUNE_MAX_UPLOAD_BYTES="2000", HUBTUNE_AUTH="auto"):
+        response = upload(httpx.Client(base_url=stack.url), topic_csv(400))
+        assert response.status_code == 413, response.text
+        assert response.json()["field"] == "file"
+        leftovers = list((stack.home / "artifacts" / "datasets").iterdir())
+        assert leftovers == []
+
+
+def test_killed_worker_loses_no_job(stack: Stack, tiny_hub: dict[str, Path], tmp_path: Path) -> None:
+    """SIGKILL the worker mid rank job; a new worker finishes it with exactly one ranking."""
+    from tests.tiny_models import make_tiny_bert
+
+    key = stack.create_key("k")
+    client = httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    # A wider model and longer texts so the feature pass lasts long enough to be interrupted.
+    slow_model = make_tiny_bert(tmp_path / "bert-256", hidden_size=256, num_layers=4, seed=5)
+    dataset = upload(client, topic_csv(1500, words=120)).json()
+    ids = register_hub(client, {"bert-256": slow_model, **tiny_hub})
+    worker = stack.start_worker()
+    job_id = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "candidates": ids}).json()["id"]
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] == "running" and job["stage"].startswith("features") and job["progress"] > 0.02:
+            break
+        assert job["status"] in ("queued", "running"), job
+        time.sleep(0.1)
+    assert job["status"] == "running" and job["progress"] < 0.85, job
+    stack.kill_worker(worker)
+
+    stack.start_worker()
+    job = wait_for(client, job_id, stack, timeout=300)
+    assert job["status"] == "succeeded", (job, stack.log_text())
+    assert job["attempts"] == 2
+    assert sorted(r["rank"] for r in job["ranking"]) == [1, 2, 3, 4]
+    assert len({r["model_id"] for r in job["ranking"]}) == 4
+
+
+def test_cli_upload_rank_and_table(stack: Stack, tiny_hub: dict[str, Path], tmp_path: Path) -> None:
+    key = stack.create_key("cli")
+    stack.start_worker()
+    data = tmp_path / "topics.jsonl"
+    rows = list(csv.DictReader(io.StringIO(topic_csv(60).decode())))
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    uploaded = stack.cli("datasets", "upload", str(data), key=key)
+    assert uploaded.returncode == 0, uploaded.stderr
+    dataset_id = json.loads(uploaded.stdout)["id"]
+    for name, path in tiny_hub.items():
+        added = stack.cli("models", "add", "--path", str(path), "--name", name, key=key)
+        assert added.returncode == 0, added.stderr
+    ranked = stack.cli("rank", dataset_id, key=key, timeout=240)
+    assert ranked.returncode == 0, ranked.stdout + ranked.stderr + stack.log_text()
+    assert "succeeded" in ranked.stdout
+    for name in tiny_hub:
+        assert name in ranked.stdout
+    assert "logme [95% CI]" in ranked.stdout

@@ -1,0 +1,46 @@
+"""The Celery app. Imported by the API to send job ids, so it must not import torch (tasks import it lazily)."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from service.settings import Settings, get_settings
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("hubtune", broker=settings.celery_broker_url, include=["workers.tasks"])
+    longest_task = max(settings.rank_time_limit_seconds, settings.tune_time_limit_seconds)
+    if settings.celery_broker_url.startswith("filesystem"):
+        settings.ensure_dirs()
+        # One folder for in and out makes the queue visible to every process sharing HUBTUNE_HOME.
+        transport_options = {
+            "data_folder_in": str(settings.broker_dir / "queue"),
+            "data_folder_out": str(settings.broker_dir / "queue"),
+            "processed_folder": str(settings.broker_dir / "processed"),
+            "store_processed": False,
+        }
+        remote_control = False  # the filesystem transport has no fanout exchange
+    else:
+        # An unacknowledged message comes back only after the visibility timeout: keep it above the longest task.
+        transport_options = {"visibility_timeout": longest_task + 3600}
+        remote_control = True
+    app.conf.update(
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_enable_remote_control=remote_control,
+        task_default_queue="rank",
+        task_ignore_result=True,
+        task_routes={"hubtune.rank": {"queue": "rank"}, "hubtune.tune": {"queue": "tune"}},
+        task_annotations={
+            "hubtune.rank": {"time_limit": settings.rank_time_limit_seconds},
+            "hubtune.tune": {"time_limit": settings.tune_time_limit_seconds},
+        },
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+app = make_celery(get_settings())

@@ -1,0 +1,197 @@
+"""The rank pipeline: dataset + candidate models -> features (cached) -> transferability scores with uncertainty.
+
+Plain data in, plain data out: no database and no Celery here (workers/runner.py does that), so notebooks and
+benchmarks call the same code the service runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("hubtune.pipeline")
+
+Progress = Callable[[str, float], None]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    name: str
+    source: str  # "hf" | "local"
+    locator: str  # repo id or folder
+    revision: str
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    path: Path
+    sha256: str
+    task: str
+    label_names: list[str] | None
+
+
+@dataclass
+class RankedModel:
+    model_id: str
+    name: str
+    rank: int
+    scores: dict[str, float | None]
+    feature_seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def load_dataset(spec: DatasetSpec) -> tuple[list[str], np.ndarray]:
+    """Texts and a label array in the form the estimators take (ints, N×C multi-hot, or floats)."""
+    from service.datasets import read_normalized
+
+    texts, labels = read_normalized(spec.path)
+    if spec.task == "classification":
+        return texts, np.asarray(labels, dtype=np.int64)
+    if spec.task == "multilabel":
+        num_classes = len(spec.label_names or [])
+        multi_hot = np.zeros((len(labels), num_classes), dtype=np.float64)
+        for row, indices in enumerate(labels):
+            multi_hot[row, list(indices)] = 1.0
+        return texts, multi_hot
+    return texts, np.asarray(labels, dtype=np.float64)
+
+
+def sample_rows(labels: np.ndarray, task: str, size: int | None, seed: int) -> np.ndarray:
+    """Row indices of a sample of `size` rows, stratified by class for classification; all rows if size is None."""
+    n = len(labels)
+    if size is None or size >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    if task != "classification":
+        return np.sort(rng.choice(n, size=size, replace=False))
+    chosen: list[np.ndarray] = []
+    classes, counts = np.unique(labels, return_counts=True)
+    quotas = np.maximum(1, np.floor(counts / n * size).astype(int))
+    for cls, quota in zip(classes, quotas):
+        members = np.flatnonzero(labels == cls)
+        chosen.append(rng.choice(members, size=min(quota, len(members)), replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def model_features(model: ModelSpec, texts: list[str], cache_tag: str, *, cache_root: Path, hf_cache_dir: Path,
+                   max_length: int, batch_size: int, device: str | None,
+                   on_batch: Callable[[int, int], None] | None = None) -> tuple[Any, bool]:
+    """Features for one model, from the artifact cache when this (data, model, revision, pooling, length) was seen."""
+    from workers.features import FeatureCache, extract_features
+    from workers.hub import resolve_model
+
+    resolved = resolve_model(model.source, repo_id=model.locator if model.source == "hf" else None,
+                             revision=model.revision if model.source == "hf" else None,
+                             path=model.locator if model.source == "local" else None, cache_dir=hf_cache_dir)
+    revision = resolved.revision if model.source == "hf" else model.revision
+    cache = FeatureCache(cache_root)
+    key = cache.key(cache_tag, model.id, revision, "mean", max_length)
+    cached = cache.load(key)
+    if cached is not None:
+        return cached, True
+    result = extract_features(resolved.path, texts, max_length=max_length, batch_size=batch_size, device=device,
+                              on_batch=on_batch)
+    cache.save(key, result)
+    return result, False
+
+
+def score_model(metrics: list[str], features: np.ndarray, labels: np.ndarray, task: str,
+                source_probs: np.ndarray | None) -> tuple[dict[str, float | None], dict[str, Any]]:
+    from workers.ranking import score_metric
+
+    scores: dict[str, float | None] = {}
+    notes: dict[str, str] = {}
+    for metric in metrics:
+        value = score_metric(metric, features, labels, task, source_probs=source_probs)
+        scores[metric] = None if value is None else float(value)
+        if value is None:
+            notes[metric] = "not applicable: needs the model's own classification head"
+    return scores, notes
+
+
+def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, cache_root: Path,
+         hf_cache_dir: Path, sample_size: int | None = None, seed: int = 0, max_length: int = 128,
+         batch_size: int = 32, device: str | None = None, bootstrap_samples: int = 200,
+         progress: Progress | None = None) -> list[RankedModel]:
+    """Rank `models` for `dataset` by the first metric; every score comes with an interval and, against the next
+    model down, the probability that the higher-ranked one is really better (paired bootstrap over rows)."""
+    from workers.ranking import bootstrap_scores, prior_only_evidence, score_metric
+
+    report = progress or (lambda stage, fraction: None)
+    texts, labels = load_dataset(dataset)
+    rows = sample_rows(labels, dataset.task, sample_size, seed)
+    texts, labels = [texts[i] for i in rows], labels[rows]
+    cache_tag = dataset.sha256 if sample_size is None else f"{dataset.sha256}-sample{sample_size}-seed{seed}"
+
+    features_by_model: dict[str, np.ndarray] = {}
+    per_model: dict[str, dict[str, Any]] = {}
+    for index, model in enumerate(models):
+        start = index / len(models) * 0.85
+        span = 0.85 / len(models)
+        stage = f"features {index + 1}/{len(models)}: {model.name}"
+        report(stage, start)
+        began = time.perf_counter()
+
+        def on_batch(done: int, total: int, stage: str = stage, start: float = start, span: float = span) -> None:
+            report(stage, start + span * done / max(total, 1))
+
+        result, from_cache = model_features(model, texts, cache_tag, cache_root=cache_root,
+                                            hf_cache_dir=hf_cache_dir, max_length=max_length,
+                                            batch_size=batch_size, device=device, on_batch=on_batch)
+        features = np.asarray(result.features, dtype=np.float64)
+        features_by_model[model.id] = features
+        scores, notes = score_model(metrics, features, labels, dataset.task, result.source_probs)
+        per_model[model.id] = {
+            "scores": scores, "notes": notes, "source_probs": result.source_probs,
+            "feature_seconds": 0.0 if from_cache else float(result.total_seconds),
+            "details": {"feature_dim": int(features.shape[1]), "rows": len(texts), "features_cached": from_cache,
+                        "forward_seconds": 0.0 if from_cache else float(result.forward_seconds),
+                        "wall_seconds": time.perf_counter() - began},
+        }
+
+    report("scoring", 0.9)
+    primary = metrics[0]
+    order = sorted(models, key=lambda m: -np.inf if per_model[m.id]["scores"][primary] is None
+                   else -per_model[m.id]["scores"][primary])
+    intervals: dict[str, dict[str, list[float]]] = {m.id: {} for m in models}
+    p_better: dict[str, dict[str, float | None]] = {m.id: {} for m in models}
+    for metric in metrics:
+        # LEEP/NCE read the model's own head; the others read its features.
+        source = "source_probs" if metric in ("leep", "nce") else None
+        scored = {m.id: per_model[m.id][source] if source else features_by_model[m.id] for m in order
+                  if per_model[m.id]["scores"][metric] is not None}
+        if not scored or bootstrap_samples <= 0:
+            continue
+
+        def metric_fn(values: np.ndarray, target: np.ndarray, metric: str = metric) -> float | None:
+            if metric in ("leep", "nce"):
+                return score_metric(metric, None, target, dataset.task, source_probs=values)
+            return score_metric(metric, values, target, dataset.task)
+
+        boot = bootstrap_scores(metric_fn, scored, labels, n_boot=bootstrap_samples, seed=seed)
+        for model_id, interval in boot["intervals"].items():
+            intervals[model_id][metric] = [float(interval[0]), float(interval[1])]
+        for model_id, probability in boot["p_better_than_next"].items():
+            p_better[model_id][metric] = None if probability is None else float(probability)
+
+    prior = prior_only_evidence(labels, dataset.task) if "logme" in metrics else None
+    ranked: list[RankedModel] = []
+    for position, model in enumerate(order, start=1):
+        info = per_model[model.id]
+        details = dict(info["details"], intervals=intervals[model.id], p_better_than_next=p_better[model.id])
+        if info["notes"]:
+            details["notes"] = info["notes"]
+        if prior is not None:
+            logme_score = info["scores"].get("logme")
+            details["logme_prior_only"] = float(prior)
+            details["beats_prior"] = bool(logme_score is not None and logme_score > prior)
+        ranked.append(RankedModel(model.id, model.name, position, info["scores"], info["feature_seconds"], details))
+    report("ranked", 1.0)
+    return ranked

@@ -1,0 +1,323 @@
+"""LogME: exact maximum log-evidence of a Bayesian linear model on frozen features.
+
+Model per target column y (N values) with features F (N x D):
+    y = F w + eps,  w ~ N(0, 1/alpha I_D),  eps ~ N(0, 1/beta I_N)
+    log p(y | F, alpha, beta) = D/2 log alpha + N/2 log beta - 1/2 sum_{i=1..D} log(alpha + beta s_i)
+                                - beta/2 ||F m - y||^2 - alpha/2 ||m||^2 - N/2 log(2 pi)
+with s_i ALL D eigenvalues of F^T F (zeros included) and m = beta (alpha I + beta F^T F)^-1 F^T y.
+The score is max_{alpha,beta} log p / N, averaged over targets (You et al., ICML 2021 / JMLR 2022).
+
+How it is computed (why it is fast and exact):
+- One symmetric eigendecomposition serves every target: of F^T F (D x D) when N >= D, else of F F^T
+  (N x N); in the second case the D - N extra eigenvalues of F^T F are exactly zero and are counted
+  through (D - rank) log alpha, which the thuml reference's default solver drops (it inflates the
+  score when D > N).
+- With lam = alpha / beta and b = V^T F^T y, everything the fixed point needs is an O(D) sum per target:
+  ||m||^2 = sum b^2/(lam+s)^2 and E(lam) = ||y - F m||^2 + lam ||m||^2 = ||y||^2 - sum b^2/(lam+s),
+  so no N x D product is ever redone inside the loop.
+- beta has a closed form given lam (beta = N / E(lam)); what remains is a 1-D maximisation over
+  t = log lam, solved for all targets at once by safeguarded Newton steps. Its stationary point is
+  exactly the MacKay fixed point (gamma = sum beta s/(alpha+beta s), alpha = gamma/||m||^2,
+  beta = (N-gamma)/||F m - y||^2); `solver="mackay"` runs the plain MacKay iteration instead
+  (linear convergence, kept for cross-checking).
+
+Targets: classification -> one one-hot column per class; multilabel -> one 0/1 column per label;
+regression -> one column per output, used as given (NOT standardised: the evidence is a density of y,
+so rescaling a target by c shifts its per-sample score by -log|c|; standardise before calling if you
+want scale-free scores across datasets; ranking models on one dataset is unaffected).
+No bias column is added (as in the reference); append a column of ones to F if you want one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+Task = Literal["classification", "multilabel", "regression"]
+
+_LOG_2PI = float(np.log(2.0 * np.pi))
+
+
+@dataclass
+class LogMEResult:
+    score: float  # mean over targets of max log-evidence / N
+    weights: np.ndarray  # (T, D) posterior means m, one row per target (B-Tuning uses them)
+    evidence_per_target: np.ndarray  # (T,) max log-evidence / N
+    alpha: np.ndarray  # (T,) prior precision at the optimum
+    beta: np.ndarray  # (T,) noise precision at the optimum
+    iterations: int  # solver iterations until every target converged
+    converged: bool = True
+
+
+def make_targets(labels: Any, task: str = "classification", num_classes: int | None = None) -> np.ndarray:
+    """Turn labels into the (N, T) float64 target matrix LogME fits, one column per target."""
+    y = np.asarray(labels)
+    if task == "classification":
+        if y.ndim != 1:
+            raise ValueError(f"classification labels must be shape (N,), got {y.shape}")
+        if not np.issubdtype(y.dtype, np.integer):
+            if not np.all(np.mod(y, 1) == 0):
+                raise ValueError("classification labels must be integers 0..C-1")
+            y = y.astype(np.int64)
+        if y.size and y.min() < 0:
+            raise ValueError("classification labels must be >= 0")
+        c = int(y.max()) + 1 if num_classes is None else int(num_classes)
+        if y.size and y.max() >= c:
+            raise ValueError(f"label {int(y.max())} >= num_classes {c}")
+        out = np.zeros((y.shape[0], c), dtype=np.float64)
+        out[np.arange(y.shape[0]), y] = 1.0
+        return out
+    if task == "multilabel":
+        if y.ndim != 2:
+            raise ValueError(f"multilabel labels must be shape (N, C), got {y.shape}")
+        out = np.asarray(y, dtype=np.float64)
+        if not np.all((out == 0) | (out == 1)):
+            raise ValueError("multilabel labels must be 0/1")
+        return np.ascontiguousarray(out)
+    if task == "regression":
+        out = np.asarray(y, dtype=np.float64)
+        if out.ndim == 1:
+            out = out[:, None]
+        if out.ndim != 2:
+            raise ValueError(f"regression targets must be (N,) or (N, T), got {y.shape}")
+        if not np.all(np.isfinite(out)):
+            raise ValueError("regression targets contain NaN or inf")
+        return np.ascontiguousarray(out)
+    raise ValueError(f"unknown task {task!r}")
+
+
+class _Spectrum:
+    """Eigen-data shared by all targets: s (k,), per-target squared projections p2 (T, k), mode."""
+
+    def __init__(self, s, proj, yy, mode, n, d):
+        self.s = s
+        self.proj = proj  # (k, T): V^T F^T Y (gram_d) or U^T Y (gram_n)
+        self.p2 = np.ascontiguousarray((proj * proj).T)  # (T, k)
+        self.yy = yy  # (T,) ||y||^2
+        self.mode = mode
+        self.n = n
+        self.d = d
+
+
+def _stats(s: np.ndarray, p2: np.ndarray, yy: np.ndarray, mode: str, lam: np.ndarray):
+    """Per-target sums over the k eigen-directions (rows of p2 are targets):
+    gamma = sum s/(lam+s), sum s/(lam+s)^2, E(lam), ||m||^2, sum q/(lam+s)^3 (for the Hessian)."""
+    inv = 1.0 / (lam[:, None] + s[None, :])  # (T, k)
+    inv2 = inv * inv
+    gamma = inv @ s
+    s_inv2 = inv2 @ s
+    if mode == "gram_d":
+        # p2 = (V^T F^T y)^2: ||m||^2 = sum p2/(lam+s)^2, E = ||y||^2 - sum p2/(lam+s)
+        q = p2 * inv2
+        e = yy - (p2 * inv).sum(axis=1)
+    else:
+        # p2 = (U^T y)^2: ||m||^2 = sum s p2/(lam+s)^2, E = sum p2 lam/(lam+s) (no cancellation)
+        q = (p2 * s[None, :]) * inv2
+        e = lam * (p2 * inv).sum(axis=1)
+    m2 = q.sum(axis=1)
+    m3 = (q * inv).sum(axis=1)
+    e = np.maximum(e, 1e-300)
+    return gamma, s_inv2, e, m2, m3
+
+
+def _solve(sp: _Spectrum, solver: str, tol: float, max_iter: int, grad_tol: float = 1e-12):
+    """Maximise the evidence over lam = alpha/beta (beta = N/E(lam) in closed form) for all targets."""
+    n = sp.n
+    t_count = sp.p2.shape[0]
+    s_pos = sp.s[sp.s > 0]
+    # start at a scale-aware lam: the mean non-zero eigenvalue (the fixed point is scale-covariant)
+    lam0 = float(s_pos.mean()) if s_pos.size else 1.0
+    t = np.full(t_count, np.log(lam0))
+    t_lo = np.log(lam0) - 80.0
+    t_hi = np.log(lam0) + 80.0  # beyond this w = 0 for all practical purposes; the evidence is flat
+    it = 0
+    converged = False
+    active = np.ones(t_count, dtype=bool)
+    lo = np.full(t_count, -np.inf)
+    hi = np.full(t_count, np.inf)
+    prev1 = np.full(t_count, np.inf)  # |last step| and |step before| per target
+    prev2 = np.full(t_count, np.inf)
+    for it in range(1, max_iter + 1):
+        idx = np.flatnonzero(active)
+        lam = np.exp(t[idx])
+        full = idx.size == t_count  # avoid copying p2 while every target is still moving
+        p2 = sp.p2 if full else sp.p2[idx]
+        yy = sp.yy if full else sp.yy[idx]
+        gamma, s_inv2, e, m2, m3 = _stats(sp.s, p2, yy, sp.mode, lam)
+        h = lam * m2 / e
+        grad = 0.5 * gamma - 0.5 * n * h  # dL/dt
+        if solver == "mackay":
+            # alpha = gamma/||m||^2, beta = (N - gamma)/||Fm - y||^2, with ||Fm-y||^2 = E - lam ||m||^2
+            r = np.maximum(e - lam * m2, 1e-300)
+            alpha = gamma / np.maximum(m2, 1e-300)
+            beta = (n - gamma) / r
+            step = np.log(np.maximum(alpha / beta, 1e-300)) - t[idx]
+        else:
+            # Safeguarded Newton on the 1-D profile: keep a bracket [lo, hi] with grad(lo) > 0 and
+            # grad(hi) < 0 (so a maximum lies inside) and bisect whenever a step would leave it.
+            ti = t[idx]
+            lo[idx] = np.where(grad > 0, np.maximum(lo[idx], ti), lo[idx])
+            hi[idx] = np.where(grad < 0, np.minimum(hi[idx], ti), hi[idx])
+            blo, bhi = lo[idx], hi[idx]
+            hess = -0.5 * lam * s_inv2 - 0.5 * n * (h - 2.0 * lam * lam * m3 / e - h * h)
+            concave = hess < 0
+            step = np.where(concave, -grad / np.where(concave, hess, -1.0), np.sign(grad))
+            # Features without signal for a target put its maximum at lam -> inf (w = 0); there the
+            # gradient decays like exp(-t) and Newton steps are ~1: stride ahead instead of crawling.
+            # (symmetrically, lam -> 0 when D >= N and the features interpolate y: beta -> inf)
+            tail = ((grad > 0) & np.isinf(bhi) & (step > 0.5)) | ((grad < 0) & np.isinf(blo) & (step < -0.5))
+            step = np.where(tail, 4.0 * step, step)
+            step = np.clip(step, -16.0, 16.0)
+            prop = ti + step
+            both = np.isfinite(blo) & np.isfinite(bhi)
+            # rtsafe rule: bisect when Newton leaves the bracket or does not at least halve the
+            # step before last (guarantees the bracket shrinks; no two-point cycles)
+            outside = (prop <= blo) | (prop >= bhi) | (both & (np.abs(step) > 0.5 * prev2[idx]))
+            outside &= step != 0
+            fallback = np.where(both, 0.5 * (blo + bhi), np.where(np.isinf(bhi), ti + 2.0, ti - 2.0))
+            step = np.where(outside, fallback - ti, step)
+            prev2[idx] = prev1[idx]
+            prev1[idx] = np.abs(step)
+        t_new = np.clip(t[idx] + step, t_lo, t_hi)
+        # In the lam -> inf tail the evidence still to gain is about grad itself, so a gradient
+        # below grad_tol (per sample) means the evidence is converged even if t is not.
+        flat = np.abs(grad) <= grad_tol * n
+        t_new = np.where(flat, t[idx], t_new)  # already at a stationary point: do not step off it
+        done = flat | (np.abs(t_new - t[idx]) <= tol) | (hi[idx] - lo[idx] <= tol)
+        done |= (t_new >= t_hi) & (grad >= 0)
+        t[idx] = t_new
+        active[idx[done]] = False
+        if not active.any():
+            converged = True
+            break
+    return np.exp(t), it, converged
+
+
+def _evidence(sp: _Spectrum, lam: np.ndarray):
+    """Exact log-evidence (not divided by N) at beta = N/E(lam), alpha = lam beta, plus alpha, beta."""
+    n, d = sp.n, sp.d
+    _, _, e, m2, _ = _stats(sp.s, sp.p2, sp.yy, sp.mode, lam)
+    beta = n / e
+    alpha = lam * beta
+    r = np.maximum(e - lam * m2, 0.0)  # ||F m - y||^2
+    k = sp.s.shape[0]
+    logdet = np.log(alpha[:, None] + beta[:, None] * sp.s[None, :]).sum(axis=1) + (d - k) * np.log(alpha)
+    ev = (
+        0.5 * d * np.log(alpha)
+        + 0.5 * n * np.log(beta)
+        - 0.5 * logdet
+        - 0.5 * beta * r
+        - 0.5 * alpha * m2
+        - 0.5 * n * _LOG_2PI
+    )
+    return ev, alpha, beta
+
+
+def _spectrum_numpy(f: np.ndarray, y: np.ndarray):
+    n, d = f.shape
+    yy = np.einsum("nt,nt->t", y, y)
+    if n >= d:
+        g = f.T @ f  # numpy dispatches A.T @ A to syrk
+        s, v = np.linalg.eigh(g)
+        s = np.maximum(s, 0.0)  # round-off can make zero eigenvalues slightly negative
+        proj = v.T @ (f.T @ y)  # (D, T)
+        sp = _Spectrum(s, proj, yy, "gram_d", n, d)
+        return sp, v
+    k = f @ f.T
+    s, u = np.linalg.eigh(k)
+    s = np.maximum(s, 0.0)
+    proj = u.T @ y  # (N, T); U is square so nothing of y lies outside its span
+    sp = _Spectrum(s, proj, yy, "gram_n", n, d)
+    return sp, u
+
+
+def _weights_numpy(f: np.ndarray, sp: _Spectrum, basis: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    inv = 1.0 / (lam[None, :] + sp.s[:, None])  # (k, T)
+    if sp.mode == "gram_d":
+        return (basis @ (sp.proj * inv)).T  # m = V diag(1/(lam+s)) V^T F^T y
+    return (f.T @ (basis @ (sp.proj * inv))).T  # m = F^T (F F^T + lam)^-1 y
+
+
+def _finish(sp: _Spectrum, lam, iters, converged, weights) -> LogMEResult:
+    ev, alpha, beta = _evidence(sp, lam)
+    per = ev / sp.n
+    return LogMEResult(
+        score=float(per.mean()),
+        weights=weights,
+        evidence_per_target=per,
+        alpha=alpha,
+        beta=beta,
+        iterations=int(iters),
+        converged=bool(converged),
+    )
+
+
+def logme(
+    features: Any,
+    labels: Any,
+    task: str = "classification",
+    *,
+    num_classes: int | None = None,
+    backend: Literal["numpy", "torch"] = "numpy",
+    device: Any = None,
+    solver: Literal["newton", "mackay"] = "newton",
+    tol: float = 1e-10,
+    max_iter: int = 1000,
+    compute_weights: bool = True,
+    add_bias: bool = False,
+) -> LogMEResult:
+    """Exact LogME of `features` (N, D) for `labels` (see module docstring for label shapes).
+
+    backend="torch" forms the Gram matrix, the eigendecomposition, the projections and the weights
+    with torch in float64 on `device` (default: cuda when available); the O(k T) scalar solve runs on
+    the CPU. tol is the convergence tolerance on log(alpha/beta) (relative tolerance on alpha/beta).
+    add_bias appends a column of ones to F (the reference adds none; centred features cannot fit a
+    target's mean without it, which matters when comparing against `prior_only_evidence`).
+    When D >= N the features can interpolate a target and the optimum may sit at beta -> inf
+    (alpha/beta -> 0); the evidence converges there and the returned beta is just very large.
+    """
+    if add_bias:
+        if backend == "torch":
+            import torch
+
+            ft = torch.as_tensor(features)
+            features = torch.cat([ft, torch.ones(ft.shape[0], 1, dtype=ft.dtype, device=ft.device)], 1)
+        else:
+            f0 = np.asarray(features, dtype=np.float64)
+            features = np.hstack([f0, np.ones((f0.shape[0], 1))])
+    y = make_targets(labels, task, num_classes)
+    if backend == "torch":
+        from workers.ranking.logme_torch import spectrum_torch, weights_torch
+
+        sp, ctx = spectrum_torch(features, y, device)
+    elif backend == "numpy":
+        f = np.asarray(features, dtype=np.float64)
+        if f.ndim != 2 or f.shape[0] != y.shape[0]:
+            raise ValueError(f"features {f.shape} do not match {y.shape[0]} labels")
+        sp, basis = _spectrum_numpy(f, y)
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+    empty = sp.yy <= 0
+    if empty.any():
+        bad = np.flatnonzero(empty).tolist()
+        raise ValueError(f"targets {bad} are all zero (a class with no examples?); LogME is undefined")
+    lam, iters, converged = _solve(sp, solver, tol, max_iter)
+    weights = np.empty((0, sp.d))
+    if compute_weights:
+        if backend == "torch":
+            weights = weights_torch(ctx, sp, lam)
+        else:
+            weights = _weights_numpy(f, sp, basis, lam)
+    return _finish(sp, lam, iters, converged, weights)
+
+
+def prior_only_evidence(labels: Any, task: str = "classification", *, num_classes: int | None = None) -> float:
+    """LogME of the 'features say nothing beyond the class prior / target mean' baseline.
+
+    Uses F = a column of ones (a single bias feature), averaged over targets like `logme`, so a model
+    whose score does not exceed this value has shown no evidence of useful features.
+    """
+    n = np.asarray(labels).shape[0]
+    return logme(np.ones((n, 1)), labels, task, num_classes=num_classes, compute_weights=False).score
