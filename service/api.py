@@ -252,6 +252,9 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
 
     @app.post("/v1/models", status_code=201)
     def register_model(body: ModelCreate, _who: str = Depends(owner)) -> JSONResponse:
+        missing = body.missing_locator()
+        if missing:
+            raise Problem(422, f"{missing} is required", f"source {body.source!r} needs {missing}", field=missing)
         if body.source == "local":
             folder = Path(body.path or "").expanduser()
             if not folder.is_absolute() or not folder.is_dir():

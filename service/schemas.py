@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 TASKS = ("classification", "multilabel", "regression")
 METRICS = ("logme", "logme_projected", "hscore", "hscore_shrinkage", "nleep", "gbc", "transrate", "sfda", "leep", "nce")
@@ -26,13 +26,13 @@ class ModelCreate(BaseModel):
     path: str | None = Field(default=None, description="local: a folder the server can read")
     name: str | None = None
 
-    @model_validator(mode="after")
-    def _locator(self) -> "ModelCreate":
+    def missing_locator(self) -> str | None:
+        """The field a source needs and lacks, named in the 422."""
         if self.source == "hf" and not self.repo_id:
-            raise ValueError("repo_id is required when source is 'hf'")
+            return "repo_id"
         if self.source == "local" and not self.path:
-            raise ValueError("path is required when source is 'local'")
-        return self
+            return "path"
+        return None
 
 
 class RegularizerSpec(BaseModel):

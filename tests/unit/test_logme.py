@@ -228,3 +228,25 @@ def test_rejects_empty_class():
     f = np.random.default_rng(0).normal(size=(10, 3))
     with pytest.raises(ValueError):
         logme(f, np.zeros(10, dtype=int), num_classes=2)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_cases_reach_the_maximum_of_a_brute_force_grid(seed):
+    """Scales from 1e-3 to 1e3, D < N and D > N, weak and strong signal: no grid point of the
+    closed-form evidence over (log alpha, log beta) may beat the solver's maximum."""
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(15, 50))
+    d = int(rng.choice([1, 3, 10, 40, 80]))
+    c = int(rng.integers(2, 4))
+    f, y = informative(n, d, c, seed=seed, scale=float(rng.choice([0.0, 0.3, 2.0])))
+    f *= 10.0 ** rng.uniform(-3, 3)
+    res = logme(f, y)
+    assert res.converged
+    yt = onehot(y, c)
+    k = int(rng.integers(0, c))
+    ours = res.evidence_per_target[k] * n
+    assert closed_form(f, yt[:, k], res.alpha[k], res.beta[k]) == pytest.approx(ours, rel=1e-8)
+    la, lb = np.log(res.alpha[k]), np.log(res.beta[k])
+    for da in np.linspace(-6, 6, 13):
+        for db in np.linspace(-6, 6, 13):
+            assert closed_form(f, yt[:, k], np.exp(la + da), np.exp(lb + db)) <= ours + 1e-7 * abs(ours)

@@ -104,25 +104,26 @@ class _Spectrum:
 def _stats(s: np.ndarray, p2: np.ndarray, yy: np.ndarray, mode: str, lam: np.ndarray):
     """Per-target sums over the k eigen-directions (rows of p2 are targets):
     gamma = sum s/(lam+s), sum s/(lam+s)^2, E(lam), ||m||^2, sum q/(lam+s)^3 (for the Hessian)."""
-    inv = 1.0 / (lam[:, None] + s[None, :])  # (T, k)
+    inv = lam[:, None] + s[None, :]  # (T, k)
+    np.reciprocal(inv, out=inv)
     inv2 = inv * inv
     gamma = inv @ s
     s_inv2 = inv2 @ s
     if mode == "gram_d":
         # p2 = (V^T F^T y)^2: ||m||^2 = sum p2/(lam+s)^2, E = ||y||^2 - sum p2/(lam+s)
-        q = p2 * inv2
-        e = yy - (p2 * inv).sum(axis=1)
+        q = np.multiply(p2, inv2, out=inv2)
+        e = yy - np.einsum("ij,ij->i", p2, inv)
     else:
         # p2 = (U^T y)^2: ||m||^2 = sum s p2/(lam+s)^2, E = sum p2 lam/(lam+s) (no cancellation)
-        q = (p2 * s[None, :]) * inv2
-        e = lam * (p2 * inv).sum(axis=1)
+        e = lam * np.einsum("ij,ij->i", p2, inv)
+        q = np.multiply(p2 * s[None, :], inv2, out=inv2)
     m2 = q.sum(axis=1)
-    m3 = (q * inv).sum(axis=1)
+    m3 = np.einsum("ij,ij->i", q, inv)
     e = np.maximum(e, 1e-300)
     return gamma, s_inv2, e, m2, m3
 
 
-def _solve(sp: _Spectrum, solver: str, tol: float, max_iter: int, grad_tol: float = 1e-12):
+def _solve(sp: _Spectrum, solver: str, tol: float, max_iter: int, grad_tol: float = 1e-10):
     """Maximise the evidence over lam = alpha/beta (beta = N/E(lam) in closed form) for all targets."""
     n = sp.n
     t_count = sp.p2.shape[0]
@@ -139,6 +140,7 @@ def _solve(sp: _Spectrum, solver: str, tol: float, max_iter: int, grad_tol: floa
     hi = np.full(t_count, np.inf)
     prev1 = np.full(t_count, np.inf)  # |last step| and |step before| per target
     prev2 = np.full(t_count, np.inf)
+    last_dir = np.zeros(t_count)
     for it in range(1, max_iter + 1):
         idx = np.flatnonzero(active)
         lam = np.exp(t[idx])
@@ -154,6 +156,7 @@ def _solve(sp: _Spectrum, solver: str, tol: float, max_iter: int, grad_tol: floa
             alpha = gamma / np.maximum(m2, 1e-300)
             beta = (n - gamma) / r
             step = np.log(np.maximum(alpha / beta, 1e-300)) - t[idx]
+            quad_done = np.zeros(idx.size, dtype=bool)
         else:
             # Safeguarded Newton on the 1-D profile: keep a bracket [lo, hi] with grad(lo) > 0 and
             # grad(hi) < 0 (so a maximum lies inside) and bisect whenever a step would leave it.
@@ -161,15 +164,22 @@ def _solve(sp: _Spectrum, solver: str, tol: float, max_iter: int, grad_tol: floa
             lo[idx] = np.where(grad > 0, np.maximum(lo[idx], ti), lo[idx])
             hi[idx] = np.where(grad < 0, np.minimum(hi[idx], ti), hi[idx])
             blo, bhi = lo[idx], hi[idx]
-            hess = -0.5 * lam * s_inv2 - 0.5 * n * (h - 2.0 * lam * lam * m3 / e - h * h)
-            concave = hess < 0
-            step = np.where(concave, -grad / np.where(concave, hess, -1.0), np.sign(grad))
-            # Features without signal for a target put its maximum at lam -> inf (w = 0); there the
-            # gradient decays like exp(-t) and Newton steps are ~1: stride ahead instead of crawling.
-            # (symmetrically, lam -> 0 when D >= N and the features interpolate y: beta -> inf)
-            tail = ((grad > 0) & np.isinf(bhi) & (step > 0.5)) | ((grad < 0) & np.isinf(blo) & (step < -0.5))
-            step = np.where(tail, 4.0 * step, step)
+            # Newton on phi(t) = log(gamma / (N lam ||m||^2 / E)), the log of the MacKay fixed-point
+            # ratio alpha_new/alpha: same sign and roots as grad, but nearly linear in t, and flat
+            # (-> a long step) in the tails where the maximum is at lam -> 0 or inf.
+            phi = np.log(np.maximum(gamma, 1e-300)) - np.log(np.maximum(n * h, 1e-300))
+            dphi = -lam * s_inv2 / np.maximum(gamma, 1e-300) - 1.0 + 2.0 * lam * m3 / np.maximum(m2, 1e-300) + lam * m2 / e
+            concave = dphi < 0
+            step = np.where(concave, -phi / np.where(concave, dphi, -1.0), np.sign(grad))
+            # Where a target's maximum is at lam -> inf (features without signal for it: w = 0) or
+            # lam -> 0 (D >= N, features interpolate y: beta -> inf), the gradient decays like
+            # exp(-|t|) and Newton crawls with steps ~1: after two such steps in an unbracketed
+            # direction, stride ahead.
+            unbracketed = np.where(step > 0, np.isinf(bhi), np.isinf(blo))
+            crawl = unbracketed & (np.abs(step) > 0.5) & (np.sign(step) == last_dir[idx])
+            step = np.where(crawl, 4.0 * step, step)
             step = np.clip(step, -16.0, 16.0)
+            last_dir[idx] = np.where(np.abs(step) > 0.5, np.sign(step), 0.0)
             prop = ti + step
             both = np.isfinite(blo) & np.isfinite(bhi)
             # rtsafe rule: bisect when Newton leaves the bracket or does not at least halve the
@@ -180,12 +190,15 @@ def _solve(sp: _Spectrum, solver: str, tol: float, max_iter: int, grad_tol: floa
             step = np.where(outside, fallback - ti, step)
             prev2[idx] = prev1[idx]
             prev1[idx] = np.abs(step)
+            # Newton converges quadratically: a plain Newton step below 0.1 sqrt(tol) leaves an error
+            # far below tol, so stop after taking it instead of paying one more evaluation
+            quad_done = concave & ~outside & ~crawl & (np.abs(step) <= 0.1 * np.sqrt(tol))
         t_new = np.clip(t[idx] + step, t_lo, t_hi)
         # In the lam -> inf tail the evidence still to gain is about grad itself, so a gradient
         # below grad_tol (per sample) means the evidence is converged even if t is not.
         flat = np.abs(grad) <= grad_tol * n
         t_new = np.where(flat, t[idx], t_new)  # already at a stationary point: do not step off it
-        done = flat | (np.abs(t_new - t[idx]) <= tol) | (hi[idx] - lo[idx] <= tol)
+        done = flat | quad_done | (np.abs(t_new - t[idx]) <= tol) | (hi[idx] - lo[idx] <= tol)
         done |= (t_new >= t_hi) & (grad >= 0)
         t[idx] = t_new
         active[idx[done]] = False
@@ -203,7 +216,8 @@ def _evidence(sp: _Spectrum, lam: np.ndarray):
     alpha = lam * beta
     r = np.maximum(e - lam * m2, 0.0)  # ||F m - y||^2
     k = sp.s.shape[0]
-    logdet = np.log(alpha[:, None] + beta[:, None] * sp.s[None, :]).sum(axis=1) + (d - k) * np.log(alpha)
+    # sum_{i=1..D} log(alpha + beta s_i) = D log beta + sum_k log(lam + s_i) + (D - k) log lam
+    logdet = d * np.log(beta) + np.log(lam[:, None] + sp.s[None, :]).sum(axis=1) + (d - k) * np.log(lam)
     ev = (
         0.5 * d * np.log(alpha)
         + 0.5 * n * np.log(beta)
@@ -321,3 +335,152 @@ def prior_only_evidence(labels: Any, task: str = "classification", *, num_classe
     """
     n = np.asarray(labels).shape[0]
     return logme(np.ones((n, 1)), labels, task, num_classes=num_classes, compute_weights=False).score
+
+
+def logme_weighted(
+    features: np.ndarray,
+    labels: Any,
+    counts: np.ndarray,
+    task: str = "classification",
+    *,
+    num_classes: int | None = None,
+    tol: float = 1e-10,
+    max_iter: int = 1000,
+) -> LogMEResult:
+    """LogME of the data set in which row i appears counts[i] times (a bootstrap resample), without
+    materialising it: F_b^T F_b = F^T diag(c) F, F_b^T Y_b = F^T diag(c) Y, ||y_b||^2 = sum c y^2, N_b = sum c.
+    Only rows with c > 0 enter the Gram matrix (about 63% of them for a bootstrap resample).
+    Exact for non-negative integer counts (real weights give the weighted-likelihood evidence, used to
+    check influence values numerically); posterior means are not computed (weights array is empty).
+    Note a resample with fewer distinct rows than rank-deficient directions allow can be exactly
+    interpolable, and then its evidence is unbounded (check `converged`/`score`): the bootstrap of
+    LogME is only meaningful when the number of distinct rows comfortably exceeds D.
+    The score is divided by N_b = sum(counts)."""
+    f = np.asarray(features, dtype=np.float64)
+    y = make_targets(labels, task, num_classes)
+    c = np.asarray(counts, dtype=np.float64)
+    if c.shape != (f.shape[0],) or np.any(c < 0):
+        raise ValueError("counts must be non-negative, one per row")
+    nz = np.flatnonzero(c > 0)
+    n_b = float(c.sum())
+    d = f.shape[1]
+    root = np.sqrt(c[nz])
+    fw = f[nz] * root[:, None]
+    yw = y[nz] * root[:, None]
+    g = fw.T @ fw
+    s, v = np.linalg.eigh(g)
+    s = np.maximum(s, 0.0)
+    proj = v.T @ (fw.T @ yw)
+    yy = np.einsum("nt,nt->t", yw, yw)
+    if np.any(yy <= 0):
+        raise ValueError("a target is all zero in this resample (a class was not drawn)")
+    sp = _Spectrum(s, proj, yy, "gram_d", n_b, d)
+    lam, iters, converged = _solve(sp, "newton", tol, max_iter)
+    return _finish(sp, lam, iters, converged, np.empty((0, d)))
+
+
+def logme_influence(features: Any, labels: Any, task: str = "classification", *,
+                    num_classes: int | None = None) -> tuple[float, np.ndarray]:
+    """Score and per-row influence psi_i (N,) of the (un-normalised) maximised evidence.
+
+    Adding weight eps to row i changes the maximised log-evidence by eps * psi_i + O(eps^2); by the
+    envelope theorem (alpha, beta and m are optimal) psi_i = mean over targets of
+        1/2 log(beta / 2 pi) - beta/2 (y_i - f_i^T m)^2 - beta/2 f_i^T (alpha I + beta F^T F)^-1 f_i.
+    So a bootstrap resample with counts c has score ~= score + sum_i (c_i - 1) psi_i / N: the
+    first-order (delta-method) bootstrap, which needs no refit and stays finite where an exact refit
+    of a resample with duplicated rows and D >= distinct rows is unbounded.
+    Cost about one more LogME (the rows in the eigenbasis, N x D x D).
+    """
+    y = make_targets(labels, task, num_classes)
+    f = np.asarray(features, dtype=np.float64)
+    sp, basis = _spectrum_numpy(f, y)
+    lam, iters, converged = _solve(sp, "newton", 1e-10, 1000)
+    res = _finish(sp, lam, iters, converged, _weights_numpy(f, sp, basis, lam))
+    if sp.mode == "gram_d":
+        q = (f @ basis) ** 2  # (N, D): squared coordinates, sum_j q_ij/(alpha+beta s_j) = leverage
+    else:
+        q = basis**2 * sp.s[None, :]  # (FV)_ij = sqrt(s_j) U_ij
+    lev = q @ (1.0 / (res.alpha[None, :] + res.beta[None, :] * sp.s[:, None]))  # (N, T)
+    r = y - f @ res.weights.T
+    psi = 0.5 * np.log(res.beta / (2 * np.pi))[None, :] - 0.5 * res.beta[None, :] * (r * r + lev)
+    return res.score, psi.mean(axis=1)
+
+
+@dataclass
+class ProjectedLogMEResult:
+    score: float  # LogME score at the chosen dimension
+    k: int  # chosen number of leading components
+    scores_by_k: dict[int, float]  # evidence / N for every k tried (the full D included)
+    result: LogMEResult  # full result at k (weights are in the k-dim projected coordinates)
+    components: np.ndarray  # (D, k) projection: the k leading eigenvectors of F^T F
+
+
+def _default_dims(rank_dim: int) -> list[int]:
+    dims, k = [], 8
+    while k < rank_dim:
+        dims.append(k)
+        k *= 2
+    return dims + [rank_dim]
+
+
+def logme_projected(
+    features: Any,
+    labels: Any,
+    task: str = "classification",
+    dims: list[int] | None = None,
+    *,
+    num_classes: int | None = None,
+) -> ProjectedLogMEResult:
+    """LogME on the k leading principal directions of F, with k chosen by maximum evidence.
+
+    LogME's Occam factor charges every feature dimension: with few examples and wide features a
+    real but low-dimensional signal can score below the label-prior baseline. Projecting on the
+    top-k eigenvectors of F^T F (uncentred, matching LogME's bias-free model; k from 8, 16, 32, ...,
+    plus the full width) and keeping the k with the largest evidence keeps LogME's meaning (it is
+    Bayesian model selection over nested linear models) and never scores below plain LogME because
+    the full width is among the candidates. Selecting among ~log2(D) models adds at most
+    log(#dims)/N of optimism. All k share one eigendecomposition: each extra k costs O(k T).
+    """
+    y = make_targets(labels, task, num_classes)
+    f = np.asarray(features, dtype=np.float64)
+    n, d = f.shape
+    sp, basis = _spectrum_numpy(f, y)
+    # leading-first spectrum in D-space coordinates: sigma_j and b_j = v_j^T F^T y
+    order = np.argsort(sp.s)[::-1]
+    s_sorted = sp.s[order]
+    if sp.mode == "gram_d":
+        b = sp.proj[order]
+        v_sorted = basis[:, order]
+    else:
+        x = sp.proj[order]
+        b = np.sqrt(s_sorted)[:, None] * x
+        u_sorted = basis[:, order]
+        # right singular vectors v_j = F^T u_j / sqrt(s_j) (only for s_j > 0)
+        pos = s_sorted > s_sorted[0] * 1e-12
+        v_sorted = np.zeros((d, len(order)))
+        v_sorted[:, pos] = (f.T @ u_sorted[:, pos]) / np.sqrt(s_sorted[pos])
+    rank_dim = min(n, d)
+    cand = sorted({int(k) for k in (dims if dims is not None else _default_dims(rank_dim)) if 1 <= k <= rank_dim})
+    scores: dict[int, float] = {}
+    best = None
+    for k in cand:
+        sub = _Spectrum(s_sorted[:k], b[:k], sp.yy, "gram_d", n, k)
+        lam, iters, conv = _solve(sub, "newton", 1e-10, 1000)
+        res = _finish(sub, lam, iters, conv, np.empty((0, k)))
+        scores[k] = res.score
+        if best is None or res.score > best[1].score:
+            best = (k, res, lam, sub)
+    # the full width (D may exceed rank: zero eigenvalues count) is always a candidate
+    if dims is None and d > rank_dim:
+        full = logme(f, labels, task, num_classes=num_classes, compute_weights=False)
+        scores[d] = full.score
+        if full.score > best[1].score:
+            best = (d, full, None, None)
+    k, res, lam, sub = best
+    if lam is not None:
+        inv = 1.0 / (lam[None, :] + sub.s[:, None])
+        res.weights = (sub.proj * inv).T  # posterior means in the k projected coordinates
+        comps = v_sorted[:, :k]
+    else:
+        comps = np.eye(d)
+    return ProjectedLogMEResult(score=res.score, k=k, scores_by_k=scores, result=res, components=comps)

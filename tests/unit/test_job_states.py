@@ -1,0 +1,104 @@
+"""The job state machine: compare-and-set claims, leases, reconciliation, cancel (on SQLite, in process)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+
+from service import jobs as job_states
+from service.db import Dataset, Job, session_factory, utcnow
+from service.migrate import upgrade
+
+
+@pytest.fixture
+def sessions(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    upgrade(url)
+    factory = session_factory(url)
+    with factory.begin() as session:
+        session.add(Dataset(id="d1", owner="o", filename="f.csv", format="csv", task="classification",
+                            text_column="text", label_column="label", rows=2, sha256="0" * 64, size_bytes=1,
+                            storage_path="/nowhere"))
+        session.add(Job(id="j1", owner="o", dataset_id="d1", candidates=["m"], metrics=["logme"]))
+    return factory
+
+
+def job(sessions, job_id: str = "j1") -> Job:
+    with sessions() as session:
+        return session.get(Job, job_id)
+
+
+def test_only_one_worker_claims(sessions) -> None:
+    assert job_states.claim(sessions, "j1", "rank", "worker-a", 30)
+    assert not job_states.claim(sessions, "j1", "rank", "worker-b", 30)
+    assert not job_states.claim(sessions, "j1", "tune", "worker-b", 30)  # wrong phase
+    row = job(sessions)
+    assert (row.status, row.worker_token, row.attempts) == ("running", "worker-a", 1)
+
+
+def test_expired_lease_is_reclaimable_and_old_owner_loses_writes(sessions) -> None:
+    assert job_states.claim(sessions, "j1", "rank", "worker-a", 0.05)
+    time.sleep(0.1)
+    assert job_states.claim(sessions, "j1", "rank", "worker-b", 30)
+    assert not job_states.renew_lease(sessions, "j1", "worker-a", 30)
+    with pytest.raises(job_states.LeaseLost):
+        job_states.report_progress(sessions, "j1", "worker-a", "features", 0.5)
+    with pytest.raises(job_states.LeaseLost):
+        with sessions.begin() as session:
+            job_states.finish(session, "j1", "worker-a", status="succeeded")
+    assert job(sessions).attempts == 2
+
+
+def test_reconciler_requeues_dead_workers_job_then_gives_up(sessions) -> None:
+    sent: list[tuple[str, str, str]] = []
+    send = lambda task, job_id, queue: sent.append((task, job_id, queue))  # noqa: E731
+    assert job_states.claim(sessions, "j1", "rank", "worker-a", 0.01)
+    time.sleep(0.05)
+    assert job_states.reconcile_once(sessions, send, max_attempts=3, requeue_queued_after_seconds=3600) == ["j1"]
+    assert sent == [("hubtune.rank", "j1", "rank")]
+    row = job(sessions)
+    assert row.status == "queued" and row.worker_token is None and row.enqueued_at is not None
+    # A live lease is left alone.
+    assert job_states.claim(sessions, "j1", "rank", "worker-b", 60)
+    assert job_states.reconcile_once(sessions, send, 3, 3600) == []
+    # The third death is final.
+    with sessions.begin() as session:
+        session.execute(update(Job).values(attempts=3, lease_expires_at=utcnow() - timedelta(seconds=1)))
+    assert job_states.reconcile_once(sessions, send, 3, 3600) == []
+    row = job(sessions)
+    assert row.status == "failed" and "died 3 times" in row.error
+
+
+def test_reconciler_resends_queued_job_whose_message_was_lost(sessions) -> None:
+    sent: list[str] = []
+    send = lambda task, job_id, queue: sent.append(job_id)  # noqa: E731
+    assert job_states.reconcile_once(sessions, send, 3, requeue_queued_after_seconds=3600) == []
+    with sessions.begin() as session:
+        session.execute(update(Job).values(created_at=utcnow() - timedelta(hours=2)))
+    assert job_states.reconcile_once(sessions, send, 3, requeue_queued_after_seconds=3600) == ["j1"]
+    assert job_states.reconcile_once(sessions, send, 3, requeue_queued_after_seconds=3600) == []  # just re-sent
+    assert sent == ["j1"]
+
+
+def test_cancel_queued_and_running(sessions) -> None:
+    assert job_states.request_cancel(sessions, "j1") == "cancelled"
+    assert not job_states.claim(sessions, "j1", "rank", "w", 30)
+    with sessions.begin() as session:
+        session.add(Job(id="j2", owner="o", dataset_id="d1", candidates=["m"], metrics=["logme"]))
+    assert job_states.claim(sessions, "j2", "rank", "w", 30)
+    assert job_states.request_cancel(sessions, "j2") == "running"
+    with pytest.raises(job_states.JobCancelled):
+        job_states.report_progress(sessions, "j2", "w", "features", 0.1)
+
+
+def test_api_process_never_imports_torch() -> None:
+    code = ("import sys, service.api, service.cli, service.client, workers.celery_app; "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -1,0 +1,124 @@
+"""Paired bootstrap uncertainty for transferability scores.
+
+Every model is scored on the SAME resampled rows in each replicate, so the difference between two
+models is judged on equal data (paired), which is what "is 0.83 vs 0.81 a real difference?" asks.
+Classification resamples within each class (stratified): class counts stay fixed, so no class goes
+missing and scores stay comparable across replicates.
+
+LogME fast path (`LogMEMetric`): instead of refitting B times, each model's per-row influence on its
+maximised evidence is computed once (`logme_influence`, exact derivative by the envelope theorem)
+and replicate scores are score + sum_i (c_i - 1) psi_i / N (first-order / delta-method bootstrap):
+cost ~2 LogME fits per model whatever B is. It also avoids a real defect of refitting: a resample
+with duplicated rows and fewer distinct rows than D is exactly interpolable and its evidence is
+unbounded. `LogMEMetric(method="refit")` refits exactly on count-weighted sufficient statistics
+(`logme_weighted`: F^T diag(c) F over the drawn rows only, F is never re-copied as F[idx]).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from workers.ranking.logme import logme, logme_influence, logme_weighted
+
+
+class LogMEMetric:
+    """Callable `(features, labels) -> LogME score` that the bootstrap can evaluate fast."""
+
+    def __init__(self, task: str = "classification", method: str = "influence", num_classes: int | None = None):
+        if method not in ("influence", "refit"):
+            raise ValueError("method must be 'influence' or 'refit'")
+        self.task, self.method, self.num_classes = task, method, num_classes
+
+    def __call__(self, features: np.ndarray, labels: np.ndarray) -> float:
+        return logme(features, labels, self.task, num_classes=self.num_classes, compute_weights=False).score
+
+    def replicates(self, features: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> tuple[float, np.ndarray]:
+        """Point score and the (B,) replicate scores for count matrix counts (B, N)."""
+        n = features.shape[0]
+        if self.method == "influence":
+            score, psi = logme_influence(features, labels, self.task, num_classes=self.num_classes)
+            return score, score + (counts - 1.0) @ psi / n
+        score = self(features, labels)
+        reps = np.array([logme_weighted(features, labels, c, self.task, num_classes=self.num_classes).score
+                         for c in counts])
+        return score, reps
+
+
+def _resample_counts(labels: np.ndarray | None, n: int, n_boot: int, rng: np.random.Generator,
+                     stratify: bool) -> np.ndarray:
+    """(B, N) multinomial counts; stratified by label when asked (each class resampled in itself)."""
+    counts = np.zeros((n_boot, n))
+    if not stratify:
+        for b in range(n_boot):
+            counts[b] = np.bincount(rng.integers(0, n, n), minlength=n)
+        return counts
+    groups = [np.flatnonzero(labels == k) for k in np.unique(labels)]
+    for b in range(n_boot):
+        for g in groups:
+            counts[b, g] = np.bincount(rng.integers(0, len(g), len(g)), minlength=len(g))
+    return counts
+
+
+def bootstrap_scores(
+    metric_fn: Callable[[np.ndarray, np.ndarray], float] | Any,
+    features_by_model: dict[str, np.ndarray],
+    labels: np.ndarray,
+    n_boot: int = 200,
+    seed: int = 0,
+    *,
+    stratify: bool | None = None,
+    level: float = 0.95,
+) -> dict:
+    """Paired bootstrap of `metric_fn` for several models on the same labelled rows.
+
+    Returns {
+      "point": {model: score on all rows},
+      "intervals": {model: (low, high)} percentile interval at `level`,
+      "order": models by point score, best first,
+      "p_better_than_next": {model: fraction of replicates in which it scores above the next model
+                             in that order (ties count 1/2); absent for the last model},
+      "replicates": {model: (B,) array}, "n_boot": B, "method": "influence" | "refit" | "resample",
+    }
+    stratify defaults to True when labels are 1-D integers (classification).
+    """
+    y = np.asarray(labels)
+    n = y.shape[0]
+    if stratify is None:
+        stratify = y.ndim == 1 and np.issubdtype(y.dtype, np.integer)
+    rng = np.random.default_rng(seed)
+    counts = _resample_counts(y if stratify else None, n, n_boot, rng, stratify)
+
+    point: dict[str, float] = {}
+    reps: dict[str, np.ndarray] = {}
+    fast = hasattr(metric_fn, "replicates")
+    if not fast:
+        # generic metric: materialise each resample (same rows for every model)
+        idx_by_b = [np.repeat(np.arange(n), c.astype(np.int64)) for c in counts]
+    for name, feats in features_by_model.items():
+        f = np.asarray(feats)
+        if f.shape[0] != n:
+            raise ValueError(f"{name}: {f.shape[0]} feature rows for {n} labels")
+        if fast:
+            point[name], reps[name] = metric_fn.replicates(f, y, counts)
+        else:
+            point[name] = float(metric_fn(f, y))
+            reps[name] = np.array([metric_fn(f[idx], y[idx]) for idx in idx_by_b], dtype=np.float64)
+
+    lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    intervals = {k: (float(np.percentile(v, lo_q)), float(np.percentile(v, hi_q))) for k, v in reps.items()}
+    order = sorted(point, key=lambda k: point[k], reverse=True)
+    p_next = {}
+    for a, b in zip(order, order[1:]):
+        diff = reps[a] - reps[b]
+        p_next[a] = float(np.mean(diff > 0) + 0.5 * np.mean(diff == 0))
+    return {
+        "point": point,
+        "intervals": intervals,
+        "order": order,
+        "p_better_than_next": p_next,
+        "replicates": reps,
+        "n_boot": int(n_boot),
+        "method": getattr(metric_fn, "method", "resample"),
+    }
