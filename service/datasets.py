@@ -381,15 +381,15 @@ def _json_records(path: Path, text_column: str, label_column: str) -> Iterator[t
         if not isinstance(obj, dict):
             raise DatasetProblem(422, "malformed JSON", f"row {row} is {type(obj).__name__}, not an object",
                                  field="file", row=row)
-        if len(columns) < 10_000:
-            columns.update(dict.fromkeys(obj))
+        columns.update(dict.fromkeys(obj))
         rows.append((row, obj.get(text_column, _MISSING), obj.get(label_column, _MISSING)))
     if not rows:
         raise DatasetProblem(422, "no rows", "the file holds no JSON objects", field="file")
+    # A column present on some lines only is a per-row "missing" error later; on no line, an unknown column.
     if text_column not in columns:
-        raise _unknown_column("text", text_column, columns)
+        raise _unknown_column("text", text_column, list(columns)[:50])
     if label_column not in columns:
-        raise _unknown_column("label", label_column, columns)
+        raise _unknown_column("label", label_column, list(columns)[:50])
     return iter(rows)
 
 

@@ -18,6 +18,8 @@ import numpy as np
 log = logging.getLogger("hubtune.pipeline")
 
 Progress = Callable[[str, float], None]
+# Resamples for estimators without a fast bootstrap path (each resample refits them).
+GENERIC_BOOTSTRAP_CAP = 50
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, c
          progress: Progress | None = None) -> list[RankedModel]:
     """Rank `models` for `dataset` by the first metric; every score comes with an interval and, against the next
     model down, the probability that the higher-ranked one is really better (paired bootstrap over rows)."""
-    from workers.ranking import bootstrap_scores, prior_only_evidence, score_metric
+    from workers.ranking import LogMEMetric, bootstrap_scores, prior_only_evidence, score_metric
 
     report = progress or (lambda stage, fraction: None)
     texts, labels = load_dataset(dataset)
@@ -170,12 +172,22 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, c
         if not scored or bootstrap_samples <= 0:
             continue
 
-        def metric_fn(values: np.ndarray, target: np.ndarray, metric: str = metric) -> float | None:
-            if metric in ("leep", "nce"):
-                return score_metric(metric, None, target, dataset.task, source_probs=values)
-            return score_metric(metric, values, target, dataset.task)
+        if metric == "logme":
+            # Influence-function replicates: about two LogME fits per model whatever the number of resamples.
+            num_classes = len(dataset.label_names or []) if dataset.task == "classification" else None
+            metric_fn: Any = LogMEMetric(dataset.task, num_classes=num_classes)
+            n_boot = bootstrap_samples
+        else:
+            def metric_fn(values: np.ndarray, target: np.ndarray, metric: str = metric) -> float:
+                if metric in ("leep", "nce"):
+                    value = score_metric(metric, None, target, dataset.task, source_probs=values)
+                else:
+                    value = score_metric(metric, values, target, dataset.task)
+                return np.nan if value is None else float(value)
+            # The other estimators are refitted per resample: cap the count to keep scoring cheap.
+            n_boot = min(bootstrap_samples, GENERIC_BOOTSTRAP_CAP)
 
-        boot = bootstrap_scores(metric_fn, scored, labels, n_boot=bootstrap_samples, seed=seed)
+        boot = bootstrap_scores(metric_fn, scored, labels, n_boot=n_boot, seed=seed)
         for model_id, interval in boot["intervals"].items():
             intervals[model_id][metric] = [float(interval[0]), float(interval[1])]
         for model_id, probability in boot["p_better_than_next"].items():

@@ -250,3 +250,53 @@ def test_random_cases_reach_the_maximum_of_a_brute_force_grid(seed):
     for da in np.linspace(-6, 6, 13):
         for db in np.linspace(-6, 6, 13):
             assert closed_form(f, yt[:, k], np.exp(la + da), np.exp(lb + db)) <= ours + 1e-7 * abs(ours)
+
+
+def occam_case(seed):
+    """Few examples, wide features: the label signal lives in one direction of 768 noisy ones;
+    plus a narrow 32-d 'random model' whose features carry nothing but a constant offset."""
+    rng = np.random.default_rng(seed)
+    n, d = 100, 768
+    y = rng.integers(0, 2, n)
+    f = rng.normal(size=(n, d)) + 0.2 * rng.normal(size=d)
+    u = rng.normal(size=d)
+    u /= np.linalg.norm(u)
+    f += np.outer(2 * y - 1, u) * 1.5
+    narrow = rng.normal(size=(n, 32)) * 0.1 + 1.0
+    return f, narrow, y
+
+
+@pytest.mark.parametrize("seed", [1, 2, 4, 5])
+def test_projected_logme_fixes_the_occam_failure(seed):
+    from workers.ranking.logme import logme_projected
+
+    f, narrow, y = occam_case(seed)
+    prior = prior_only_evidence(y)
+    plain = logme(f, y).score
+    # the failure: a real signal scores below the label prior and below a narrow uninformative model
+    assert plain < prior
+    assert plain < logme(narrow, y).score
+    proj = logme_projected(f, y)
+    assert proj.score > prior
+    assert proj.score > logme_projected(narrow, y).score
+    assert proj.k < 768
+    # the score at the chosen k is plain LogME of the materialised projection F V_k
+    direct = logme(f @ proj.components, y)
+    assert proj.score == pytest.approx(direct.score, rel=1e-8)
+    np.testing.assert_allclose(proj.result.weights, direct.weights, rtol=1e-6, atol=1e-10)
+
+
+def test_projected_logme_keeps_cases_logme_already_gets_right():
+    from workers.ranking.logme import logme_projected
+
+    rng = np.random.default_rng(11)
+    n = 3000
+    y = rng.integers(0, 4, n)
+    good = rng.normal(size=(n, 64)) + np.eye(4, 64)[y] * 1.5
+    weak = rng.normal(size=(n, 64)) + np.eye(4, 64)[y] * 0.3
+    pg, pw = logme_projected(good, y), logme_projected(weak, y)
+    assert logme(good, y).score > logme(weak, y).score and pg.score > pw.score
+    for f, p in ((good, pg), (weak, pw)):
+        plain = logme(f, y).score
+        assert p.score >= plain - 1e-12  # full width is a candidate
+        assert p.scores_by_k[64] == pytest.approx(plain, rel=1e-9)

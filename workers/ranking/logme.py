@@ -229,9 +229,10 @@ def _evidence(sp: _Spectrum, lam: np.ndarray):
     return ev, alpha, beta
 
 
-def _spectrum_numpy(f: np.ndarray, y: np.ndarray):
+def _spectrum_numpy(f: np.ndarray, y: np.ndarray, yy: np.ndarray | None = None):
     n, d = f.shape
-    yy = np.einsum("nt,nt->t", y, y)
+    if yy is None:
+        yy = np.einsum("nt,nt->t", y, y)
     if n >= d:
         g = f.T @ f  # numpy dispatches A.T @ A to syrk
         s, v = np.linalg.eigh(g)
@@ -301,16 +302,28 @@ def logme(
         else:
             f0 = np.asarray(features, dtype=np.float64)
             features = np.hstack([f0, np.ones((f0.shape[0], 1))])
-    y = make_targets(labels, task, num_classes)
+    if backend == "torch" and task == "classification":
+        # the one-hot matrix is built on the device; here only its shape is needed
+        lab = np.asarray(labels)
+        if lab.ndim != 1 or (lab.size and (lab.min() < 0 or not np.all(np.mod(lab, 1) == 0))):
+            raise ValueError("classification labels must be integers 0..C-1, shape (N,)")
+        c = int(lab.max()) + 1 if num_classes is None else int(num_classes)
+        y = np.broadcast_to(np.zeros((1, 1)), (lab.shape[0], c))
+    else:
+        y = make_targets(labels, task, num_classes)
     if backend == "torch":
         from workers.ranking.logme_torch import spectrum_torch, weights_torch
 
-        sp, ctx = spectrum_torch(features, y, device)
+        sp, ctx = spectrum_torch(features, y, device, np.asarray(labels) if task == "classification" else None)
     elif backend == "numpy":
         f = np.asarray(features, dtype=np.float64)
         if f.ndim != 2 or f.shape[0] != y.shape[0]:
             raise ValueError(f"features {f.shape} do not match {y.shape[0]} labels")
-        sp, basis = _spectrum_numpy(f, y)
+        # one-hot targets: ||y_c||^2 is the class count, no pass over the N x C matrix needed
+        yy = y.sum(axis=0) if task == "multilabel" else None
+        if task == "classification":
+            yy = np.bincount(np.asarray(labels).astype(np.int64), minlength=y.shape[1]).astype(np.float64)
+        sp, basis = _spectrum_numpy(f, y, yy)
     else:
         raise ValueError(f"unknown backend {backend!r}")
     empty = sp.yy <= 0

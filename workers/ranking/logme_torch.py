@@ -21,14 +21,20 @@ def _pick_device(device: Any) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def spectrum_torch(features: Any, y: np.ndarray, device: Any = None):
+def spectrum_torch(features: Any, y: np.ndarray, device: Any = None, class_labels: np.ndarray | None = None):
+    """class_labels (N,) ints: build the one-hot targets on the device (sends N ints, not N x C floats)."""
     dev = _pick_device(device)
     f = torch.as_tensor(features).to(device=dev, dtype=torch.float64)
     if f.ndim != 2 or f.shape[0] != y.shape[0]:
         raise ValueError(f"features {tuple(f.shape)} do not match {y.shape[0]} labels")
-    yt = torch.as_tensor(y, dtype=torch.float64, device=dev)
+    if class_labels is not None:
+        lab = torch.as_tensor(np.asarray(class_labels, dtype=np.int64), device=dev)
+        yt = torch.nn.functional.one_hot(lab, y.shape[1]).to(torch.float64)
+        yy = torch.bincount(lab, minlength=y.shape[1]).to(torch.float64)
+    else:
+        yt = torch.as_tensor(y, dtype=torch.float64, device=dev)
+        yy = (yt * yt).sum(0)
     n, d = f.shape
-    yy = (yt * yt).sum(0)
     if n >= d:
         s, basis = torch.linalg.eigh(f.T @ f)
         proj = basis.T @ (f.T @ yt)

@@ -1,0 +1,160 @@
+"""The tune phase of a job: pick the models from its ranking, train each (resuming from saved state after a crash),
+record metrics and checkpoints in one transaction."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, select
+from sqlalchemy.orm import sessionmaker
+
+from service import jobs as job_states
+from service.db import Checkpoint, Dataset, HubModel, Job, RankingEntry, utcnow
+from service.settings import Settings
+
+
+def split_rows(labels: np.ndarray, task: str, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train/validation row indices; stratified by class for classification so every class is validated."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    if task == "classification":
+        val: list[int] = []
+        for cls in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == cls))
+            take = int(round(len(members) * validation_fraction))
+            if len(members) > 1:
+                take = min(max(take, 1), len(members) - 1)
+            val.extend(members[:take].tolist())
+        val_idx = np.sort(np.asarray(val, dtype=np.int64))
+    else:
+        val_idx = np.sort(rng.permutation(n)[: max(1, int(round(n * validation_fraction)))])
+    train_idx = np.setdiff1d(np.arange(n), val_idx)
+    return train_idx, val_idx
+
+
+def file_listing(folder: Path) -> list[dict[str, Any]]:
+    entries = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        entries.append({"path": str(path.relative_to(folder)), "size": path.stat().st_size,
+                        "sha256": digest.hexdigest()})
+    return entries
+
+
+def checkpoint_name(model_name: str, strategy: str, regularizer: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-") or "model"
+    return f"{safe}-{strategy}" + (f"-{regularizer}" if strategy == "finetune" and regularizer != "none" else "")
+
+
+def _write_json_atomic(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, progress: Any,
+               settings: Settings) -> None:
+    from workers import pipeline
+    from workers.hub import resolve_model
+    from workers.ranking import logme
+    from workers.tuning import TuneConfig, TuningCancelled, train
+    from workers.tuning.btuning import BTuningTeacher
+
+    spec = job.tune or {}
+    with sessions() as session:
+        rows = session.execute(select(RankingEntry, HubModel).join(HubModel, HubModel.id == RankingEntry.model_id)
+                               .where(RankingEntry.job_id == job.id).order_by(RankingEntry.rank)).all()
+    ranked = [model for _, model in rows]
+    scores = {model.id: entry.scores for entry, model in rows}
+    if not ranked:
+        raise ValueError("the job has no ranking to tune from")
+    by_id = {m.id: m for m in ranked}
+    strategy, top_k = spec["strategy"], spec["top_k"]
+    regularizer = spec["regularizer"]["name"]
+
+    dataset_spec = pipeline.DatasetSpec(Path(dataset.storage_path), dataset.sha256, dataset.task, dataset.label_names)
+    texts, labels = pipeline.load_dataset(dataset_spec)
+    train_idx, val_idx = split_rows(labels, dataset.task, spec["validation_fraction"], spec["seed"])
+    train_set = ([texts[i] for i in train_idx], labels[train_idx])
+    val_set = ([texts[i] for i in val_idx], labels[val_idx])
+
+    teacher = None
+    if strategy == "btuning":
+        by_logme = sorted(ranked, key=lambda m: -(scores[m.id].get("logme") or -np.inf))
+        target_ids = [spec["target"] or by_logme[0].id]
+        teachers = by_logme[:top_k]
+        needed = {m.id: m for m in [*teachers, by_id[target_ids[0]]]}
+        train_features: dict[str, np.ndarray] = {}
+        for model in needed.values():
+            progress(f"teacher features: {model.name}", 0.0)
+            result, _ = pipeline.model_features(
+                pipeline.ModelSpec(model.id, model.name, model.source, model.locator, model.revision), texts,
+                dataset.sha256, cache_root=settings.features_dir, hf_cache_dir=settings.hf_cache_dir,
+                max_length=settings.feature_max_length, batch_size=settings.feature_batch_size,
+                device=settings.device)
+            train_features[model.id] = np.asarray(result.features, dtype=np.float64)[train_idx]
+        fits = {mid: logme(f, train_set[1], task="classification",
+                           num_classes=len(dataset.label_names or [])) for mid, f in train_features.items()}
+        teacher = BTuningTeacher.from_teachers(
+            features=[train_features[m.id] for m in teachers], weights=[fits[m.id].weights for m in teachers],
+            scores=[fits[m.id].score for m in teachers], temperature=spec["temperature"],
+            target_weights=fits[target_ids[0]].weights)
+    else:
+        target_ids = [spec["target"]] if spec["target"] else [m.id for m in ranked[:top_k]]
+
+    job_dir = settings.jobs_dir / job.id
+    results: dict[str, Any] = {}
+    for index, model_id in enumerate(target_ids):
+        model = by_id[model_id]
+        name = checkpoint_name(model.name, strategy, regularizer)
+        checkpoint_dir = job_dir / "checkpoints" / name
+        result_path = job_dir / "results" / f"{name}.json"
+        if checkpoint_dir.is_dir() and result_path.is_file():  # finished before a crash: keep it
+            results[name] = json.loads(result_path.read_text())
+            continue
+        resolved = resolve_model(model.source, repo_id=model.locator if model.source == "hf" else None,
+                                 revision=model.revision if model.source == "hf" else None,
+                                 path=model.locator if model.source == "local" else None,
+                                 cache_dir=settings.hf_cache_dir)
+        config = TuneConfig(strategy=strategy, regularizer=regularizer, regularizer_params=spec["regularizer"]["params"],
+                            epochs=spec["epochs"], lr=spec["lr"], batch_size=spec["batch_size"],
+                            max_length=spec["max_length"], seed=spec["seed"], tradeoff=spec["tradeoff"],
+                            temperature=spec["temperature"])
+        stage = f"tuning {index + 1}/{len(target_ids)}: {model.name}"
+
+        def on_progress(point: dict[str, Any], stage: str = stage, index: int = index) -> None:
+            fraction = (index + point["step"] / max(point["total_steps"], 1)) / len(target_ids)
+            progress(stage, min(fraction, 0.99))
+
+        card = {"dataset_sha256": dataset.sha256, "base_model": model.name, "base_model_source": model.source,
+                "base_model_locator": model.locator, "base_model_revision": model.revision, "job_id": job.id,
+                "ranking_scores": scores.get(model.id), "tune": spec}
+        try:
+            outcome = train(config, resolved.path, train_set, val_set, dataset.task, dataset.label_names,
+                            checkpoint_dir=checkpoint_dir, state_dir=job_dir / "train-state" / name,
+                            on_progress=on_progress, teacher=teacher, card=card)
+        except TuningCancelled as exc:
+            raise job_states.JobCancelled(job.id) from exc
+        summary = {"model": model.name, "model_id": model.id, "checkpoint": name, **outcome.to_dict()}
+        _write_json_atomic(result_path, summary)
+        results[name] = summary
+
+    progress("recording checkpoints", 0.99)
+    with sessions.begin() as session:
+        session.execute(delete(Checkpoint).where(Checkpoint.job_id == job.id))
+        for name, summary in results.items():
+            folder = job_dir / "checkpoints" / name
+            session.add(Checkpoint(job_id=job.id, name=name, model_id=summary["model_id"], path=str(folder),
+                                   files=file_listing(folder)))
+        job_states.finish(session, job.id, token, status="succeeded", stage="done", progress=1.0,
+                          tuning={"strategy": strategy, "models": list(results.values())}, finished_at=utcnow())
