@@ -317,9 +317,18 @@ def _logme_score(features: np.ndarray, labels: np.ndarray, task: str) -> float:
     return logme(features, labels, task, compute_weights=False).score
 
 
+def _logme_projected_score(features: np.ndarray, labels: np.ndarray, task: str) -> float:
+    from workers.ranking.logme import logme_projected
+
+    return logme_projected(features, labels, task).score
+
+
 _CLS = frozenset({"classification"})
 METRICS: dict[str, Metric] = {
     "logme": Metric("logme", frozenset({"classification", "multilabel", "regression"}), False, _logme_score),
+    # LogME on the leading k principal directions, k by maximum evidence (the few-examples / wide-features fix).
+    "logme_projected": Metric("logme_projected", frozenset({"classification", "multilabel", "regression"}), False,
+                              _logme_projected_score),
     "hscore": Metric("hscore", _CLS, False, hscore),
     "hscore_shrinkage": Metric("hscore_shrinkage", _CLS, False, hscore_shrinkage),
     "nleep": Metric("nleep", _CLS, False, nleep),
@@ -339,7 +348,7 @@ def score_metric(name: str, features: np.ndarray | None, labels: np.ndarray, tas
         raise KeyError(f"unknown metric {name!r}; known: {sorted(METRICS)}")
     if not metric.applies_to(task):
         return None
-    if name == "logme":
+    if name in ("logme", "logme_projected"):
         return metric.fn(features, labels, task)
     if len(np.unique(np.asarray(labels))) < 2:
         return None

@@ -1,0 +1,288 @@
+"""Tuning settings and every regularizer's parameters with their defaults: plain data, no torch.
+
+The API process validates a job's `tune` block with `TuneConfig.from_dict(...)` (ValueError naming the field) and
+lists the regularizers with `REGULARIZER_PARAMS` without importing torch; the worker builds the same objects.
+
+Defaults are the published ones where a paper or its official code gives one (source in each doc string); where the
+published value belongs to another architecture or data scale, the doc says what was chosen instead and why.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+TASKS = ("classification", "multilabel", "regression")
+STRATEGIES = ("finetune", "btuning")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One regularizer parameter: its default, what it means, and what values it accepts."""
+
+    default: Any
+    doc: str
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None  # inclusive bounds for numbers
+    high: float | None = None
+
+    def check(self, where: str, value: Any) -> Any:
+        """Return `value` converted to the default's type, or raise ValueError naming `where`."""
+        kind = type(self.default)
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: expected true or false, got {value!r}")
+        elif kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{where}: expected a number, got {value!r}")
+            if kind is int and float(value) != int(value):
+                raise ValueError(f"{where}: expected an integer, got {value!r}")
+            value = kind(value)
+            if not math.isfinite(value):
+                raise ValueError(f"{where}: must be finite, got {value!r}")
+            if self.low is not None and value < self.low:
+                raise ValueError(f"{where}: must be >= {self.low}, got {value}")
+            if self.high is not None and value > self.high:
+                raise ValueError(f"{where}: must be <= {self.high}, got {value}")
+        elif kind is str and not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{where}: must be one of {list(self.choices)}, got {value!r}")
+        return value
+
+
+REGULARIZER_PARAMS: dict[str, dict[str, Param]] = {
+    # Plain fine-tuning: the baseline.
+    "none": {},
+    # L2-SP (Li et al., ICML 2018; TLlib tllib/regularization: SPRegularization + L2Regularization, 0.01 each).
+    "l2sp": {
+        "alpha": Param(0.01, "weight of alpha/2 * ||w - w0||^2 over the pretrained backbone's parameters", low=0.0),
+        "beta": Param(0.01, "weight of beta/2 * ||w||^2 over the newly initialised head's parameters", low=0.0),
+    },
+    # Mixout (Lee et al., ICLR 2020; bloodwass/mixout). Published runs use p in {0.7, 0.8, 0.9}.
+    "mixout": {
+        "p": Param(0.7, "probability of swapping a weight column back to its pretrained value w0 each forward "
+                        "(the paper's range is 0.7-0.9; 0.7 is the mildest of those)", low=0.0, high=1.0),
+        "disable_dropout": Param(True, "set the backbone's dropout to 0, as the reference HF example does "
+                                       "(mixout replaces dropout there)"),
+    },
+    # SMART (Jiang et al., ACL 2020; namisan/mt-dnn perturbation.py and its train.py defaults).
+    "smart": {
+        "lam": Param(1.0, "lambda: weight of the symmetric-KL smoothness term (mt-dnn adv_alpha)", low=0.0),
+        "noise": Param(1e-5, "std of the initial Gaussian perturbation of the input embeddings (adv_noise_var)",
+                       low=0.0),
+        "step": Param(1e-5, "size of the one ascent step on the perturbation (adv_step_size)", low=0.0),
+        "norm": Param("inf", "how the ascent direction is normalised per token: 'inf' (max-abs, mt-dnn default) "
+                             "or 'l2'", choices=("inf", "l2")),
+    },
+    # R3F (Aghajanyan et al., ICLR 2021; fairseq examples/rxf: r3f_lambda=1, eps=1e-5, noise_type uniform).
+    "r3f": {
+        "lam": Param(1.0, "lambda: weight of symKL(f(emb), f(emb + z))", low=0.0),
+        "eps": Param(1e-5, "noise scale: z ~ U(-eps, eps) or N(0, eps^2)", low=0.0),
+        "noise": Param("uniform", "noise distribution", choices=("uniform", "normal")),
+    },
+    # VAT (Miyato et al., TPAMI 2018; takerum/vat_tf: xi=1e-6, one power iteration).
+    "vat": {
+        "lam": Param(1.0, "lambda: weight of KL(p(x) || p(x + r_adv))", low=0.0),
+        "xi": Param(1e-6, "size of the random probe in the power iteration, per token's L2 norm "
+                          "(per token so float32 can still represent it)", low=0.0),
+        "eps": Param(1.0, "L2 norm of r_adv over each example's (unpadded) input embeddings; 8 is for images "
+                          "in the paper, word embeddings of a 128-token text have a norm near 10", low=0.0),
+    },
+    # SiFT (He et al., DeBERTa; microsoft/DeBERTa DeBERTa/sift/sift.py; vat_lambda 5 in its experiment scripts).
+    "sift": {
+        "lam": Param(5.0, "lambda: weight of the symmetric-KL term (DeBERTa scripts: vat_lambda 5)", low=0.0),
+        "step": Param(1e-4, "ascent step in LayerNorm-normalised embedding units, max-abs normalised per token "
+                            "(vat_learning_rate)", low=0.0),
+        "init": Param(1e-2, "std of the initial perturbation, clipped to +-2*init (vat_init_perturbation)", low=0.0),
+    },
+    # LNSR (Hua et al., NAACL 2021). No official code; defaults chosen a priori, tune by validation.
+    "lnsr": {
+        "lam": Param(1.0, "total weight of the penalty, spread evenly over the penalised layers (lambda_j = "
+                          "lam / number of layers after the injection point)", low=0.0),
+        "sigma": Param(0.05, "std of the Gaussian noise added to the hidden states (LayerNorm'd states have unit "
+                             "RMS, so this is about the 5% noise of the paper's figure 1)", low=0.0),
+        "layer": Param(0, "index of the Transformer layer whose input receives the noise (0: the embedding "
+                          "output); the outputs of this and every later layer are penalised", low=0),
+    },
+    # HyPe (Yuan et al., ACL 2023; Yuanhy1997/HyPe README: --hype_type uniform --hype_eps 1e-5 --dropout_rate 0).
+    "hype": {
+        "eps": Param(1e-5, "noise scale added to every Transformer layer's input in training", low=0.0),
+        "noise": Param("uniform", "'uniform': eps * U(0, 1) as in the official code; 'normal': eps * N(0, 1)",
+                       choices=("uniform", "normal")),
+        "disable_dropout": Param(True, "turn dropout off, as the official script does"),
+    },
+    # Noisy feature mixup (Lim et al., ICLR 2022; erichson/NFM: alpha=1, add_noise_level=0.4, mult_noise_level=0.2).
+    "nfm": {
+        "alpha": Param(1.0, "mixing weight lambda ~ Beta(alpha, alpha)", low=0.0),
+        "add_noise": Param(0.4, "additive noise level: x + add * Beta(2,5) * rms(x) * N(0,1); rms(x) keeps the "
+                                "published level for unit-scale inputs", low=0.0),
+        "mult_noise": Param(0.2, "multiplicative noise level: x * (1 + mult * Beta(2,5) * U(-1,1))", low=0.0),
+        "manifold": Param(True, "mix at the input of a random Transformer layer (manifold mixup) instead of "
+                                "always at the embedding output"),
+    },
+    # Regularized self-labeling (Li & Zhang, NeurIPS 2021; VirtuosoResearch/Regularized-Self-Labeling).
+    "self_labeling": {
+        "radius": Param(0.05, "distance bound of the first layers: ||W - W0||_F <= radius * growth^depth "
+                              "(times ||W0||_F when relative); the repo's absolute radii are for ResNets", low=0.0),
+        "growth": Param(1.2, "factor by which the bound grows per layer of depth (repo: scale_factor)", low=1.0),
+        "relative": Param(True, "bounds are fractions of ||W0||_F (the repo's use_ratio mode)"),
+        "head_radius": Param(10.0, "bound on ||W_head||_F of the new head's weight matrices (distance to 0, as "
+                                   "in the repo)", low=0.0),
+        "temperature": Param(2.0, "loss reweighting softmax(-loss / T) over the batch (repo README: 2.0), decayed "
+                                  "to no less than half as in the repo", low=1e-6),
+        "threshold": Param(0.9, "relabel when the model's top probability exceeds this and disagrees "
+                                "(classification only)", low=0.0, high=1.0),
+        "reweight_start": Param(1 / 6, "fraction of training after which reweighting starts (repo: epoch 5 of 30)",
+                                low=0.0, high=1.0),
+        "relabel_start": Param(1 / 3, "fraction of training after which relabeling starts (repo: epoch 10 of 30)",
+                               low=0.0, high=1.0),
+    },
+}
+
+
+def regularizer_names() -> list[str]:
+    return list(REGULARIZER_PARAMS)
+
+
+def resolve_regularizer(name: str, params: dict[str, Any] | None = None,
+                        where: str = "regularizer") -> dict[str, Any]:
+    """Defaults overlaid with `params`, checked; ValueError names the bad field."""
+    if name not in REGULARIZER_PARAMS:
+        raise ValueError(f"{where}.name: unknown regularizer {name!r}; choose one of {regularizer_names()}")
+    specs = REGULARIZER_PARAMS[name]
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(specs))
+    if unknown:
+        raise ValueError(f"{where}.params.{unknown[0]}: unknown parameter for {name!r}; "
+                         f"known: {sorted(specs) or 'none'}")
+    out = {key: spec.default for key, spec in specs.items()}
+    for key, value in params.items():
+        out[key] = specs[key].check(f"{where}.params.{key}", value)
+    return out
+
+
+def describe_regularizers() -> dict[str, dict[str, dict[str, Any]]]:
+    """JSON-ready {name: {param: {default, doc, choices?}}} for the API's documentation."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, specs in REGULARIZER_PARAMS.items():
+        out[name] = {}
+        for key, spec in specs.items():
+            entry: dict[str, Any] = {"default": spec.default, "doc": spec.doc}
+            if spec.choices is not None:
+                entry["choices"] = list(spec.choices)
+            out[name][key] = entry
+    return out
+
+
+@dataclass
+class TuneConfig:
+    """Settings of one tuning run. Every field has a default; `validate()` names the first bad field.
+
+    strategy: "finetune" (task loss + the chosen regularizer) or "btuning" (task loss + tradeoff * B-Tuning term,
+        plus the regularizer if one is chosen).
+    regularizer, regularizer_params: a name from REGULARIZER_PARAMS and overrides of its defaults.
+    epochs, lr, batch_size, max_length: the usual BERT fine-tuning values (Devlin et al.: 2e-5, 16-32, 3 epochs).
+    seed: seeds the head's initialisation, the data order, dropout and every regularizer's noise.
+    weight_decay: AdamW decoupled weight decay, not applied to biases and normalisation weights.
+    warmup_ratio: linear warmup over this fraction of the steps, then linear decay to 0.
+    max_grad_norm: gradient clipping (0 turns it off).
+    tradeoff: B-Tuning's lambda (thuml/LogME b_tuning.py uses 100 on a mean over N x C; ours is a mean over
+        examples of a squared norm over C, so 100/C there is about 1 here). Data-dependent: pick by validation.
+    temperature: B-Tuning's T in the teacher weights softmax(LogME_k / T) (paper and reference: 0.1).
+    save_every_steps: write the full training state for resuming every this many optimiser steps (0: never).
+    eval_every_steps: also evaluate every this many steps (0: only at the end of each epoch).
+    device: "cpu", "cuda", "cuda:1"...; None picks cuda when available.
+    bf16: autocast the forward passes to bfloat16 on CUDA (master weights stay float32); ignored on CPU.
+    """
+
+    strategy: str = "finetune"
+    regularizer: str = "none"
+    regularizer_params: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 3
+    lr: float = 2e-5
+    batch_size: int = 16
+    max_length: int = 128
+    seed: int = 0
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    tradeoff: float = 1.0
+    temperature: float = 0.1
+    save_every_steps: int = 50
+    eval_every_steps: int = 0
+    device: str | None = None
+    bf16: bool = True
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TuneConfig":
+        """Build from JSON-like data; unknown keys and bad values raise ValueError naming the field.
+
+        Also accepts the API's nested form {"regularizer": {"name": ..., "params": {...}}}.
+        """
+        data = dict(data)
+        reg = data.get("regularizer")
+        if isinstance(reg, dict):
+            extra = sorted(set(reg) - {"name", "params"})
+            if extra:
+                raise ValueError(f"regularizer.{extra[0]}: unknown field (expected name, params)")
+            data["regularizer"] = reg.get("name", "none")
+            if "regularizer_params" in data:
+                raise ValueError("regularizer_params: give params inside regularizer or here, not both")
+            data["regularizer_params"] = reg.get("params") or {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown tuning setting")
+        config = cls(**data)
+        config.validate()
+        return config
+
+    def validate(self) -> "TuneConfig":
+        def number(name: str, low: float | None = None, high: float | None = None, integer: bool = False,
+                   strict_low: bool = False) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}: expected a finite number, got {value!r}")
+            if integer and int(value) != value:
+                raise ValueError(f"{name}: expected an integer, got {value!r}")
+            if low is not None and (value <= low if strict_low else value < low):
+                raise ValueError(f"{name}: must be {'>' if strict_low else '>='} {low}, got {value}")
+            if high is not None and value > high:
+                raise ValueError(f"{name}: must be <= {high}, got {value}")
+            setattr(self, name, int(value) if integer else float(value))
+
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy: must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+        if not isinstance(self.regularizer, str):
+            raise ValueError(f"regularizer: expected a name, got {self.regularizer!r}")
+        if not isinstance(self.regularizer_params, dict):
+            raise ValueError("regularizer_params: expected an object")
+        self.regularizer_params = {k: v for k, v in resolve_regularizer(
+            self.regularizer, self.regularizer_params).items() if k in self.regularizer_params}
+        number("epochs", 1, 1000, integer=True)
+        number("lr", 0.0, 1.0, strict_low=True)
+        number("batch_size", 1, 4096, integer=True)
+        number("max_length", 2, 32768, integer=True)
+        number("seed", 0, 2**31 - 1, integer=True)
+        number("weight_decay", 0.0, 10.0)
+        number("warmup_ratio", 0.0, 1.0)
+        number("max_grad_norm", 0.0)
+        number("tradeoff", 0.0)
+        number("temperature", 0.0, strict_low=True)
+        number("save_every_steps", 0, integer=True)
+        number("eval_every_steps", 0, integer=True)
+        if self.device is not None and not isinstance(self.device, str):
+            raise ValueError(f"device: expected a string such as 'cpu' or 'cuda', got {self.device!r}")
+        if not isinstance(self.bf16, bool):
+            raise ValueError(f"bf16: expected true or false, got {self.bf16!r}")
+        return self
+
+    def resolved_regularizer_params(self) -> dict[str, Any]:
+        return resolve_regularizer(self.regularizer, self.regularizer_params)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["regularizer_params"] = self.resolved_regularizer_params()
+        return data
