@@ -1,0 +1,158 @@
+"""Checkpoints users download, and the resume state the training loop saves: both written atomically.
+
+A checkpoint is a folder that `AutoModelForSequenceClassification.from_pretrained(folder)` and
+`AutoTokenizer.from_pretrained(folder)` load offline: config.json (with id2label/label2id), model.safetensors,
+the tokenizer files, and README.md, a model card with the run's settings and scores (YAML front matter in the
+Hugging Face model-card format, then a table and the full record as JSON).
+
+Atomicity: everything is written under `<checkpoint_dir>.tmp` and renamed into place only when complete, so a
+crash or a cancel never leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def tmp_path(checkpoint_dir: Path) -> Path:
+    checkpoint_dir = Path(checkpoint_dir)
+    return checkpoint_dir.with_name(checkpoint_dir.name + ".tmp")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _yaml_value(value: Any) -> str:
+    return json.dumps(value)  # JSON scalars and lists are valid YAML
+
+
+def model_card(card: dict[str, Any]) -> str:
+    """README.md text for a checkpoint from the run's record."""
+    scores = card.get("scores") or {}
+    regularizer = card.get("regularizer")
+    reg_name = regularizer.get("name", "none") if isinstance(regularizer, dict) else str(regularizer or "none")
+    front = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-classification",
+        "base_model": card.get("base_model"),
+        "tags": ["hubtune", str(card.get("strategy", "finetune")), reg_name],
+    }
+    lines = ["---"] + [f"{k}: {_yaml_value(v)}" for k, v in front.items() if v is not None] + ["---", ""]
+    lines += [f"# {card.get('name') or 'HubTune checkpoint'}", ""]
+    lines += ["Fine-tuned by HubTune. Loads offline with `AutoModelForSequenceClassification.from_pretrained(folder)` "
+              "and `AutoTokenizer.from_pretrained(folder)`.", ""]
+    rows = [
+        ("base model", card.get("base_model")),
+        ("base revision", card.get("base_revision") or card.get("revision")),
+        ("dataset sha256", card.get("dataset_sha256")),
+        ("task", card.get("task")),
+        ("labels", card.get("label_names")),
+        ("strategy", card.get("strategy")),
+        ("regularizer", card.get("regularizer")),
+        ("seed", card.get("seed")),
+        ("steps", card.get("steps")),
+        ("wall seconds", card.get("wall_seconds")),
+    ]
+    lines += ["| field | value |", "|---|---|"]
+    for key, value in rows:
+        if value is not None:
+            lines.append(f"| {key} | `{json.dumps(value)}` |")
+    if scores:
+        lines += ["", "## Validation scores", "", "| metric | value |", "|---|---|"]
+        for key, value in scores.items():
+            lines.append(f"| {key} | {value:.6g} |" if isinstance(value, float) else f"| {key} | {value} |")
+    if card.get("hyperparameters"):
+        lines += ["", "## Hyper-parameters", "", "```json", json.dumps(card["hyperparameters"], indent=2,
+                                                                       sort_keys=True), "```"]
+    lines += ["", "## Full record", "", "```json", json.dumps(card, indent=2, sort_keys=True, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def write_checkpoint(model: Any, tokenizer: Any, checkpoint_dir: Path, card: dict[str, Any]) -> Path:
+    """Write model + tokenizer + model card to `checkpoint_dir` atomically; returns the final path.
+
+    An existing checkpoint under the same name is replaced only once the new one is complete.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    tmp = tmp_path(checkpoint_dir)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "README.md").write_text(model_card(card), encoding="utf-8")
+    for path in tmp.iterdir():  # flush file contents before the rename makes them visible
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    old = checkpoint_dir.with_name(checkpoint_dir.name + ".old")
+    if checkpoint_dir.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(checkpoint_dir, old)
+    os.replace(tmp, checkpoint_dir)
+    _fsync_dir(checkpoint_dir.parent)
+    if old.exists():
+        shutil.rmtree(old)
+    return checkpoint_dir
+
+
+def discard_partial(checkpoint_dir: Path) -> None:
+    """Remove a leftover `<checkpoint_dir>.tmp` from an interrupted write."""
+    tmp = tmp_path(checkpoint_dir)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+
+
+def list_files(checkpoint_dir: Path) -> list[dict[str, Any]]:
+    """[{path, size, sha256}] of every file in a checkpoint folder (what the API lists)."""
+    out = []
+    root = Path(checkpoint_dir)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        out.append({"path": path.relative_to(root).as_posix(), "size": path.stat().st_size,
+                    "sha256": digest.hexdigest()})
+    return out
+
+
+def save_state_atomic(state: dict[str, Any], path: Path) -> None:
+    """torch.save to `path.tmp`, fsync, then os.replace: a reader sees the old state or the new, never half."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def load_state(path: Path, map_location: Any = "cpu") -> dict[str, Any] | None:
+    """The saved training state, or None when there is none (a torn `.tmp` file is ignored)."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    return torch.load(path, map_location=map_location, weights_only=True)

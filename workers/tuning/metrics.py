@@ -1,0 +1,96 @@
+"""Validation metrics of a tuned model from its raw outputs: plain numpy, no torch."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """sum_b n_b/N * |accuracy_b - mean confidence_b| over equal-width bins (0, 1/bins], ... (Guo et al. 2017)."""
+    confidence = np.asarray(confidence, dtype=np.float64).ravel()
+    correct = np.asarray(correct, dtype=np.float64).ravel()
+    if confidence.size == 0:
+        return float("nan")
+    # bin b holds confidences in (b/bins, (b+1)/bins]; a confidence of exactly 0 goes to the first bin
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            total += sel.mean() * abs(correct[sel].mean() - confidence[sel].mean())
+    return float(total)
+
+
+def _f1_per_class(y_true: np.ndarray, y_pred: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    out = []
+    for c in classes:
+        tp = np.sum((y_pred == c) & (y_true == c))
+        fp = np.sum((y_pred == c) & (y_true != c))
+        fn = np.sum((y_pred != c) & (y_true == c))
+        out.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return np.asarray(out, dtype=np.float64)
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """accuracy, macro-F1 (over the classes present in labels or predictions, as scikit-learn), ECE (15 bins)."""
+    probs = softmax(np.asarray(logits, dtype=np.float64))
+    pred = probs.argmax(1)
+    labels = np.asarray(labels).astype(np.int64)
+    classes = np.union1d(labels, pred)
+    return {
+        "accuracy": float(np.mean(pred == labels)),
+        "macro_f1": float(_f1_per_class(labels, pred, classes).mean()),
+        "ece": expected_calibration_error(probs.max(1), pred == labels),
+    }
+
+
+def multilabel_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """micro- and macro-F1 at probability 0.5; ECE over every (example, label) decision, confidence max(p, 1-p)."""
+    p = sigmoid(np.asarray(logits, dtype=np.float64))
+    pred = p > 0.5
+    y = np.asarray(labels) > 0.5
+    tp = (pred & y).sum(0)
+    fp = (pred & ~y).sum(0)
+    fn = (~pred & y).sum(0)
+    denom = 2 * tp + fp + fn
+    per_label = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    micro_denom = 2 * tp.sum() + fp.sum() + fn.sum()
+    return {
+        "micro_f1": float(2 * tp.sum() / micro_denom) if micro_denom else 0.0,
+        "macro_f1": float(per_label.mean()),
+        "ece": expected_calibration_error(np.maximum(p, 1 - p), pred == y),
+    }
+
+
+def regression_metrics(outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """RMSE over all outputs and R^2 = 1 - SSE/SST averaged over output columns."""
+    out = np.asarray(outputs, dtype=np.float64)
+    y = np.asarray(targets, dtype=np.float64).reshape(out.shape)
+    rmse = float(np.sqrt(np.mean((out - y) ** 2)))
+    sst = ((y - y.mean(0)) ** 2).sum(0)
+    sse = ((y - out) ** 2).sum(0)
+    r2 = np.where(sst > 0, 1 - sse / np.where(sst > 0, sst, 1), np.nan)
+    return {"rmse": rmse, "r2": float(np.nanmean(r2)) if np.any(np.isfinite(r2)) else float("nan")}
+
+
+def task_metrics(task: str, outputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    if task == "classification":
+        return classification_metrics(outputs, labels)
+    if task == "multilabel":
+        return multilabel_metrics(outputs, labels)
+    if task == "regression":
+        return regression_metrics(outputs, labels)
+    raise ValueError(f"unknown task {task!r}")
+
+
+MAIN_METRIC = {"classification": "accuracy", "multilabel": "micro_f1", "regression": "rmse"}
