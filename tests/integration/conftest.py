@@ -32,9 +32,9 @@ def free_port() -> int:
 
 def postgres_available() -> bool:
     try:
-        import psycopg2
+        import psycopg
 
-        psycopg2.connect(PG_ADMIN_URL, connect_timeout=3).close()
+        psycopg.connect(PG_ADMIN_URL, connect_timeout=3).close()
         import redis
 
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
@@ -124,14 +124,12 @@ def _make_stack(kind: str, tmp: Path, **extra_env: str) -> Iterator[Stack]:
     env.update(extra_env)
     database = None
     if kind == "postgres":
-        import psycopg2
+        import psycopg
         import redis
 
         database = f"hubtune_test_{uuid.uuid4().hex[:10]}"
-        admin = psycopg2.connect(PG_ADMIN_URL)
-        admin.autocommit = True
-        admin.cursor().execute(f"CREATE DATABASE {database}")
-        admin.close()
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f"CREATE DATABASE {database}")
         redis_db = 11
         redis.Redis.from_url(f"{REDIS_URL}/{redis_db}").flushdb()
         env["HUBTUNE_DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:5432/{database}"
@@ -143,12 +141,10 @@ def _make_stack(kind: str, tmp: Path, **extra_env: str) -> Iterator[Stack]:
     finally:
         stack.stop()
         if database:
-            import psycopg2
+            import psycopg
 
-            admin = psycopg2.connect(PG_ADMIN_URL)
-            admin.autocommit = True
-            admin.cursor().execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
-            admin.close()
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+                admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
