@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import worker_process_init
 
 from service.settings import Settings, get_settings
 
@@ -44,3 +45,11 @@ def make_celery(settings: Settings) -> Celery:
 
 
 app = make_celery(get_settings())
+
+
+@worker_process_init.connect
+def _preload_ml_stack(**_kwargs: object) -> None:
+    """Import torch and transformers when the pool child starts, not inside the first job's clock."""
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import AutoModel, AutoTokenizer  # noqa: F401

@@ -1,7 +1,9 @@
 """Feature extraction: batched forward passes, mean pooling over the attention mask, and a feature cache.
 
-Texts are tokenised once, sorted by length and cut into batches of similar length, so padding stays small;
-features come back in the caller's order. float32 on CPU; bf16 autocast on CUDA (fp16 where bf16 is missing).
+Texts are tokenised once (fast tokenizer, no padding), sorted by length and cut into batches of similar length, so
+padding stays small; features come back in the caller's order. Mean pooling over the attention mask of the last
+hidden state, for encoders and decoders alike (decoders are padded on the right, so under a causal mask padding
+never reaches a real token). float32 on CPU; bf16 autocast on CUDA (fp16 where bf16 is missing).
 """
 
 from __future__ import annotations
@@ -13,36 +15,43 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+POOLING = "mean"
+# Part of every cache key: bump when what extract_features computes (or the entry layout) changes.
+CACHE_FORMAT = 2
+
 
 class FeatureExtractionCancelled(Exception):
-    pass
+    """should_cancel() returned True between two batches."""
 
 
 @dataclass
 class FeatureResult:
-    features: np.ndarray  # (N, D) float32, in input order
+    features: np.ndarray  # (N, D) float32, in the caller's text order
     source_probs: np.ndarray | None  # (N, Z) softmax of the model's own classification head, if it has one
-    forward_seconds: float  # forward passes only (synchronised on GPU)
-    total_seconds: float  # loading + tokenising + forward + pooling
-    tokens: int  # real (unpadded) tokens
+    forward_seconds: float  # forward passes and pooling only (synchronised on GPU)
+    total_seconds: float  # loading + tokenising + forward + copying back
+    tokens: int  # real tokens (special tokens included, padding excluded)
     padded_tokens: int  # tokens fed to the model, padding included
-    num_parameters: int
-    device: str
+    num_parameters: int  # all parameters of the loaded model
+    flops_estimate: float = 0.0  # useful forward FLOPs: 2·(matmul weights)·tokens + attention's 4·d·Σ len² per layer
+    device: str = "cpu"
+    load_seconds: float = 0.0  # model and tokenizer loading, part of total_seconds
 
     @property
     def padding_waste(self) -> float:
+        """Fraction of the tokens fed to the model that were padding."""
         return 1.0 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
 
     @property
-    def flops_estimate(self) -> float:
-        """2 · parameters · tokens: the forward pass's matrix-multiply work, attention's N² term excluded."""
-        return 2.0 * self.num_parameters * self.padded_tokens
+    def flops_per_second(self) -> float:
+        """Achieved useful FLOP/s of the forward passes (padding counts as wasted time, not as work)."""
+        return self.flops_estimate / self.forward_seconds if self.forward_seconds > 0 else 0.0
 
 
 def pick_device(device: str | None = None) -> str:
@@ -53,20 +62,50 @@ def pick_device(device: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def length_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
-    """Indices grouped into batches of similar length (longest first, so memory peaks early).
-    With max_tokens, a batch also stops growing once batch_rows × its longest length would exceed it."""
-    order = np.argsort(-np.asarray(lengths), kind="stable")
+def length_batches(lengths: list[int] | np.ndarray, batch_size: int,
+                   max_tokens: int | None = None) -> list[np.ndarray]:
+    """Indices grouped into batches of similar length: sorted longest first (memory peaks on the first batch, so
+    an out-of-memory error comes at once), then chunked. With max_tokens, a batch also stops growing once
+    rows × its longest length would exceed it."""
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
     batches: list[np.ndarray] = []
     start = 0
     while start < len(order):
-        longest = lengths[order[start]]
         rows = batch_size
         if max_tokens:
-            rows = max(1, min(batch_size, max_tokens // max(longest, 1)))
+            rows = max(1, min(batch_size, max_tokens // max(int(lengths[order[start]]), 1)))
         batches.append(order[start:start + rows])
         start += rows
     return batches
+
+
+def padded_tokens(lengths: list[int] | np.ndarray, batches: list[np.ndarray]) -> int:
+    """Tokens fed to the model when each batch is padded to its longest member."""
+    lengths = np.asarray(lengths)
+    return int(sum(len(rows) * int(lengths[rows].max()) for rows in batches if len(rows)))
+
+
+def _matmul_parameters(model: Any) -> int:
+    """Weights that multiply every token (Linear layers, Conv1D in GPT-2 style models); embeddings are lookups."""
+    import torch
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+            total += module.weight.numel()
+    return total
+
+
+def _useful_flops(base: Any, config: Any, lengths: np.ndarray) -> float:
+    """2 FLOPs per weight per real token, plus attention's scores and mixing (4·d_attn·n² per layer for a text of
+    n tokens). Padding is excluded: it is work done, not work needed."""
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    head_dim = int(getattr(config, "head_dim", 0) or (hidden // heads if heads else 0))
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    squares = float((lengths.astype(np.float64) ** 2).sum())
+    return 2.0 * _matmul_parameters(base) * float(lengths.sum()) + 4.0 * layers * heads * head_dim * squares
 
 
 def _load(model_dir: Path, device: str) -> tuple[Any, Any, bool]:
@@ -82,101 +121,164 @@ def _load(model_dir: Path, device: str) -> tuple[Any, Any, bool]:
         and bool(getattr(config, "id2label", None))
     loader = AutoModelForSequenceClassification if has_head else AutoModel
     model = loader.from_pretrained(model_dir, dtype=torch.float32)
+    if has_head and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # decoder heads read the last non-pad token
     model.eval().to(device)
     return tokenizer, model, has_head
 
 
+def _length_limit(tokenizer: Any, model: Any, max_length: int) -> int:
+    limit = max_length
+    if 0 < (tokenizer.model_max_length or 0) < 1_000_000:
+        limit = min(limit, int(tokenizer.model_max_length))
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limit = min(limit, positions)
+    return limit
+
+
 def extract_features(model_dir: Path, texts: list[str], *, max_length: int = 128, batch_size: int = 32,
                      device: str | None = None, on_batch: Callable[[int, int], None] | None = None,
-                     should_cancel: Callable[[], bool] | None = None) -> FeatureResult:
+                     should_cancel: Callable[[], bool] | None = None,
+                     max_tokens: int | None = None) -> FeatureResult:
+    """Mean-pooled last hidden states of `texts` (one row per text, in order) from the model in `model_dir`.
+
+    max_length truncates each text (capped by what the model accepts); batches hold up to batch_size texts of
+    similar length and, with max_tokens, at most that many padded tokens. on_batch(done, total) after each batch;
+    should_cancel() is checked before each batch and raises FeatureExtractionCancelled.
+    If the folder is a *ForSequenceClassification model with id2label, source_probs holds its head's softmax.
+    """
     import torch
 
+    if not texts:
+        raise ValueError("extract_features needs at least one text")
     began = time.perf_counter()
     device = pick_device(device)
     tokenizer, model, has_head = _load(Path(model_dir), device)
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
-    lengths = [len(ids) for ids in encoded]
-    batches = length_batches(lengths, batch_size, max_tokens=batch_size * max_length)
+    load_seconds = time.perf_counter() - began
+    max_length = _length_limit(tokenizer, model, max_length)
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, return_attention_mask=False,
+                        return_token_type_ids=False)["input_ids"]
+    lengths = np.array([len(ids) for ids in encoded])
+    batches = length_batches(lengths, batch_size, max_tokens=max_tokens)
     pad_id = tokenizer.pad_token_id
     on_cuda = device.startswith("cuda")
     amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
 
+    # The base model's last hidden state, also when the model is a classifier (its head gives source_probs).
+    captured: dict[str, Any] = {}
+    base = getattr(model, model.base_model_prefix, model) if has_head else model
+    hook = None
+    if has_head:
+        def keep(_module: Any, _args: Any, output: Any) -> None:
+            captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        hook = base.register_forward_hook(keep)
+
     features: np.ndarray | None = None
     probs: np.ndarray | None = None
-    forward_seconds, padded = 0.0, 0
-    for done, rows in enumerate(batches, start=1):
-        if should_cancel is not None and should_cancel():
-            raise FeatureExtractionCancelled()
-        width = max(lengths[i] for i in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            input_ids[r, :lengths[i]] = torch.tensor(encoded[i])
-            mask[r, :lengths[i]] = 1
-        padded += len(rows) * width
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        if on_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.inference_mode(), torch.autocast("cuda", dtype=amp_dtype, enabled=on_cuda):
-            out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=has_head)
-            hidden = out.hidden_states[-1] if has_head else out.last_hidden_state
-            weights = mask.unsqueeze(-1).to(torch.float32)
-            pooled = (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-            batch_probs = torch.softmax(out.logits.float(), dim=-1) if has_head else None
-        if on_cuda:
-            torch.cuda.synchronize()
-        forward_seconds += time.perf_counter() - start
-        pooled_np = pooled.cpu().numpy()
-        if features is None:
-            features = np.empty((len(texts), pooled_np.shape[1]), dtype=np.float32)
-        features[rows] = pooled_np
-        if batch_probs is not None:
-            if probs is None:
-                probs = np.empty((len(texts), batch_probs.shape[1]), dtype=np.float32)
-            probs[rows] = batch_probs.cpu().numpy()
-        if on_batch is not None:
-            on_batch(done, len(batches))
-    assert features is not None, "no texts"
+    forward_seconds = 0.0
+    try:
+        for done, rows in enumerate(batches, start=1):
+            if should_cancel is not None and should_cancel():
+                raise FeatureExtractionCancelled(f"cancelled after {done - 1} of {len(batches)} batches")
+            width = int(lengths[rows].max())
+            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                input_ids[r, :lengths[i]] = torch.tensor(encoded[i], dtype=torch.long)
+                mask[r, :lengths[i]] = 1
+            input_ids = input_ids.to(device, non_blocking=True)
+            mask = mask.to(device, non_blocking=True)
+            if on_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.inference_mode(), torch.autocast("cuda", dtype=amp_dtype, enabled=on_cuda):
+                out = model(input_ids=input_ids, attention_mask=mask)
+                hidden = captured.pop("hidden") if has_head else out.last_hidden_state
+                weights = mask.unsqueeze(-1).to(torch.float32)
+                pooled = (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+                batch_probs = torch.softmax(out.logits.float(), dim=-1) if has_head else None
+            if on_cuda:
+                torch.cuda.synchronize()
+            forward_seconds += time.perf_counter() - start
+            pooled_np = pooled.cpu().numpy()
+            if features is None:
+                features = np.empty((len(texts), pooled_np.shape[1]), dtype=np.float32)
+            features[rows] = pooled_np
+            if batch_probs is not None:
+                if probs is None:
+                    probs = np.empty((len(texts), batch_probs.shape[1]), dtype=np.float32)
+                probs[rows] = batch_probs.cpu().numpy()
+            if on_batch is not None:
+                on_batch(done, len(batches))
+    finally:
+        if hook is not None:
+            hook.remove()
+    assert features is not None
+
+    flops = _useful_flops(base, model.config, lengths)
     return FeatureResult(features=features, source_probs=probs, forward_seconds=forward_seconds,
-                         total_seconds=time.perf_counter() - began, tokens=int(sum(lengths)), padded_tokens=padded,
-                         num_parameters=sum(p.numel() for p in model.parameters()), device=device)
+                         total_seconds=time.perf_counter() - began, tokens=int(lengths.sum()),
+                         padded_tokens=padded_tokens(lengths, batches),
+                         num_parameters=sum(p.numel() for p in model.parameters()), flops_estimate=flops,
+                         device=device, load_seconds=load_seconds)
+
+
+_META_FIELDS = [f.name for f in fields(FeatureResult) if f.name not in ("features", "source_probs")]
 
 
 class FeatureCache:
-    """Features on disk, keyed by what determines them. Entries are folders renamed into place when complete."""
+    """Features on disk, keyed by what determines them. An entry is a folder (features.npy, source_probs.npy when
+    the model has a head, meta.json) written under a temporary name and renamed into place when complete, so a crash
+    leaves no half-written entry under a real key; concurrent writers of the same key both leave a whole entry."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
     @staticmethod
-    def key(dataset_tag: str, model_id: str, revision: str, pooling: str, max_length: int) -> str:
-        parts = json.dumps([dataset_tag, model_id, revision, pooling, max_length])
+    def key(dataset_sha256: str, model_id: str, revision: str, pooling: str = POOLING, max_length: int = 128) -> str:
+        """Deterministic key: dataset content (plus any sample tag), model and its pinned revision, pooling,
+        max length, and this module's CACHE_FORMAT."""
+        parts = json.dumps([CACHE_FORMAT, dataset_sha256, model_id, revision, pooling, int(max_length)])
         return hashlib.sha256(parts.encode()).hexdigest()[:32]
 
     def load(self, key: str) -> FeatureResult | None:
+        """The stored result, or None when there is no whole entry for this key."""
         folder = self.root / key
-        if not (folder / "meta.json").is_file():
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            features = np.load(folder / "features.npy")
+            probs_path = folder / "source_probs.npy"
+            probs = np.load(probs_path) if probs_path.is_file() else None
+        except (OSError, ValueError):
             return None
-        meta = json.loads((folder / "meta.json").read_text())
-        probs_path = folder / "source_probs.npy"
-        return FeatureResult(features=np.load(folder / "features.npy"),
-                             source_probs=np.load(probs_path) if probs_path.is_file() else None, **meta)
+        known = {k: meta[k] for k in _META_FIELDS if k in meta}
+        return FeatureResult(features=features, source_probs=probs, **known)
 
     def save(self, key: str, result: FeatureResult) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".{key}.{uuid.uuid4().hex}.tmp"
         tmp.mkdir()
         try:
-            np.save(tmp / "features.npy", result.features)
+            np.save(tmp / "features.npy", np.ascontiguousarray(result.features, dtype=np.float32))
             if result.source_probs is not None:
-                np.save(tmp / "source_probs.npy", result.source_probs)
-            meta = {k: getattr(result, k) for k in ("forward_seconds", "total_seconds", "tokens", "padded_tokens",
-                                                     "num_parameters", "device")}
-            (tmp / "meta.json").write_text(json.dumps(meta))  # written last: its presence marks a whole entry
+                np.save(tmp / "source_probs.npy", np.ascontiguousarray(result.source_probs, dtype=np.float32))
+            meta = {k: getattr(result, k) for k in _META_FIELDS}
+            (tmp / "meta.json").write_text(json.dumps(meta))
             try:
                 os.replace(tmp, self.root / key)
             except OSError:  # another worker finished the same entry first: theirs is as good
                 pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached_extract(cache: FeatureCache, key: str, model_dir: Path, texts: list[str],
+                   **kwargs: Any) -> tuple[FeatureResult, bool]:
+    """cache.load(key), else extract_features(model_dir, texts, **kwargs) saved under key. Returns (result, hit)."""
+    cached = cache.load(key)
+    if cached is not None:
+        return cached, True
+    result = extract_features(model_dir, texts, **kwargs)
+    cache.save(key, result)
+    return result, False

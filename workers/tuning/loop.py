@@ -303,7 +303,7 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
     discard_partial(checkpoint_dir)
 
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    use_bf16 = bool(config.bf16 and device.type == "cuda")
+    use_bf16 = bool(config.bf16 and device.type == "cuda")  # revisited once the pieces are known
 
     def autocast() -> Any:
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
@@ -335,6 +335,7 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
     for piece in pieces:
         piece.setup(model, info)
     want_hidden = any(p.needs_hidden_states for p in pieces)
+    use_bf16 = use_bf16 and not any(p.needs_fp32 for p in pieces)
 
     optimizer = _optimizer(model, config)
     scheduler = _scheduler(optimizer, warmup, total_steps)
@@ -452,7 +453,7 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
     for piece in pieces:
         piece.teardown(model)
 
-    details: dict[str, Any] = {}
+    details: dict[str, Any] = {"device": str(device), "bf16": use_bf16}
     for piece in pieces:
         if piece.name == "self_labeling":
             details["labels_changed"] = getattr(piece, "changed", 0)
@@ -465,10 +466,12 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
         "task": task, "label_names": names if task != "regression" else None, "strategy": config.strategy,
         "regularizer": {"name": config.regularizer, "params": config.resolved_regularizer_params()},
         "hyperparameters": config_dict, "seed": config.seed, "scores": last_eval, "steps": step,
-        "wall_seconds": round(wall, 3), **({"btuning": details["btuning"]} if "btuning" in details else {}),
+        "wall_seconds": round(wall, 3), "device": str(device), "bf16": use_bf16,
+        **({"btuning": details["btuning"]} if "btuning" in details else {}),
     })
     model.eval()
-    write_checkpoint(model, tokenizer, checkpoint_dir, record)
+    with _quiet_transformers():
+        write_checkpoint(model, tokenizer, checkpoint_dir, record)
     result = TuneResult(task=task, metrics=last_eval, curve=curve, wall_seconds=wall, steps=step,
                         total_steps=total_steps, resumed_from_step=resumed_from, checkpoint_dir=str(checkpoint_dir),
                         config=config_dict, details=details)

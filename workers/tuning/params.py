@@ -85,8 +85,9 @@ REGULARIZER_PARAMS: dict[str, dict[str, Param]] = {
     # VAT (Miyato et al., TPAMI 2018; takerum/vat_tf: xi=1e-6, one power iteration).
     "vat": {
         "lam": Param(1.0, "lambda: weight of KL(p(x) || p(x + r_adv))", low=0.0),
-        "xi": Param(1e-6, "size of the random probe in the power iteration, per token's L2 norm "
-                          "(per token so float32 can still represent it)", low=0.0),
+        "xi": Param(1e-6, "L2 norm per token of the random probe of the power iteration (measured on "
+                          "MiniLM-L6: in float32 the direction matches float64's small-xi limit, cosine 0.99; "
+                          "from xi ~ 1e-5 on it drifts away from it)", low=0.0),
         "eps": Param(1.0, "L2 norm of r_adv over each example's (unpadded) input embeddings; 8 is for images "
                           "in the paper, word embeddings of a 128-token text have a norm near 10", low=0.0),
     },
@@ -194,7 +195,8 @@ class TuneConfig:
     save_every_steps: write the full training state for resuming every this many optimiser steps (0: never).
     eval_every_steps: also evaluate every this many steps (0: only at the end of each epoch).
     device: "cpu", "cuda", "cuda:1"...; None picks cuda when available.
-    bf16: autocast the forward passes to bfloat16 on CUDA (master weights stay float32); ignored on CPU.
+    bf16: autocast the forward passes to bfloat16 on CUDA (master weights stay float32); ignored on CPU, and
+        ignored for smart, r3f, vat and hype, whose 1e-5-scale noise bfloat16 cannot represent.
     """
 
     strategy: str = "finetune"

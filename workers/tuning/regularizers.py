@@ -280,6 +280,9 @@ class Regularizer:
 
     name = "none"
     needs_hidden_states = False
+    # Perturbations far below bfloat16's resolution (~4e-3 relative) vanish under autocast: such pieces make the
+    # loop run in float32 even on CUDA.
+    needs_fp32 = False
 
     def __init__(self, **params: Any) -> None:
         self.params = params
@@ -461,24 +464,29 @@ class SMART(Regularizer):
     clean embedding, dropping delta0; we keep delta0 + step * direction, as the paper's algorithm writes it.)"""
 
     name = "smart"
+    needs_fp32 = True
 
     def __init__(self, lam: float = 1.0, noise: float = 1e-5, step: float = 1e-5, norm: str = "inf") -> None:
         super().__init__(lam=lam, noise=noise, step=step, norm=norm)
         self.lam, self.noise, self.step, self.norm = lam, noise, step, norm
 
-    def perturbation(self, ctx: StepContext) -> Tensor:
+    grad_eps = 1e-6  # guard in the normalisation g / (max|g| + grad_eps), mt-dnn's adv_epsilon
+
+    def perturbation(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
+        """(delta0, delta): the initial noise and the perturbation after the ascent step."""
         assert ctx.embeds is not None and ctx.logits is not None
         mask = _token_mask(ctx, ctx.embeds)
-        delta = (torch.randn_like(ctx.embeds) * self.noise * mask).requires_grad_(True)
-        adv_logits, _ = ctx.forward(lambda e: e + delta)
+        delta0 = (torch.randn_like(ctx.embeds) * self.noise * mask).requires_grad_(True)
+        adv_logits, _ = ctx.forward(lambda e: e + delta0)
         adv = kl_divergence(ctx.logits.detach(), adv_logits, ctx.task)
-        (grad,) = torch.autograd.grad(adv, delta)
+        (grad,) = torch.autograd.grad(adv, delta0)
         if not torch.isfinite(grad).all():
-            return delta.detach()
-        return (delta + self.step * _normalise_per_token(grad, self.norm) * mask).detach()
+            return delta0.detach(), delta0.detach()
+        step = self.step * _normalise_per_token(grad, self.norm, self.grad_eps) * mask
+        return delta0.detach(), (delta0 + step).detach()
 
     def extra_loss(self, ctx: StepContext) -> Tensor:
-        delta = self.perturbation(ctx)
+        _, delta = self.perturbation(ctx)
         adv_logits, _ = ctx.forward(lambda e: e + delta)
         return self.lam * symmetric_kl(adv_logits, ctx.logits, ctx.task)
 
@@ -488,6 +496,7 @@ class R3F(Regularizer):
     lam * symKL(f(emb), f(emb + z)), z ~ U(-eps, eps) or N(0, eps^2), no ascent step."""
 
     name = "r3f"
+    needs_fp32 = True
 
     def __init__(self, lam: float = 1.0, eps: float = 1e-5, noise: str = "uniform") -> None:
         super().__init__(lam=lam, eps=eps, noise=noise)
@@ -510,6 +519,7 @@ class VAT(Regularizer):
     loss lam * KL(p(x) || p(x + r_adv)) with p(x) held fixed."""
 
     name = "vat"
+    needs_fp32 = True
 
     def __init__(self, lam: float = 1.0, xi: float = 1e-6, eps: float = 1.0) -> None:
         super().__init__(lam=lam, xi=xi, eps=eps)
@@ -552,6 +562,8 @@ class SiFT(Regularizer):
         super().__init__(lam=lam, step=step, init=init)
         self.lam, self.step, self.init = lam, step, init
 
+    grad_eps = 1e-6  # guard in g / (grad_eps + max|g|), as sift.py
+
     def perturbation(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
         """(delta0, delta) in normalised units."""
         assert ctx.embeds is not None and ctx.logits is not None
@@ -564,7 +576,7 @@ class SiFT(Regularizer):
         (grad,) = torch.autograd.grad(symmetric_kl(pert, ctx.logits.detach(), ctx.task), delta0)
         if not torch.isfinite(grad).all():
             return delta0.detach(), delta0.detach()
-        delta = delta0 + self.step * _normalise_per_token(grad, "inf") * mask
+        delta = delta0 + self.step * _normalise_per_token(grad, "inf", self.grad_eps) * mask
         return delta0.detach(), delta.detach()
 
     def extra_loss(self, ctx: StepContext) -> Tensor:
@@ -645,6 +657,7 @@ class HyPe(Regularizer):
     code's `uniform_()`) or eps * N(0, 1) noise to every Transformer layer's input; no extra loss; dropout off."""
 
     name = "hype"
+    needs_fp32 = True
 
     def __init__(self, eps: float = 1e-5, noise: str = "uniform", disable_dropout: bool = True) -> None:
         super().__init__(eps=eps, noise=noise, disable_dropout=disable_dropout)

