@@ -315,6 +315,14 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
                         raise Problem(422, "unknown model", f"no model {model_id}", field=f"candidates[{i}]")
                 candidates = list(dict.fromkeys(body.candidates))
             if body.tune is not None:
+                from workers.tuning.params import resolve_regularizer  # plain data, no torch
+
+                try:
+                    resolve_regularizer(body.tune.regularizer.name, body.tune.regularizer.params,
+                                        where="tune.regularizer")
+                except ValueError as exc:
+                    field_name, _, message = str(exc).partition(": ")
+                    raise Problem(422, "invalid regularizer setting", message, field=field_name) from exc
                 if body.tune.target is not None and body.tune.target not in candidates:
                     raise Problem(422, "tune target is not a candidate", body.tune.target, field="tune.target")
                 if body.tune.strategy == "btuning" and "logme" not in body.metrics:

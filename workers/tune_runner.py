@@ -67,8 +67,7 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
     from workers import pipeline
     from workers.hub import resolve_model
     from workers.ranking import logme
-    from workers.tuning import TuneConfig, TuningCancelled, train
-    from workers.tuning.btuning import BTuningTeacher
+    from workers.tuning import BTuningTeacher, TextDataset, TuneConfig, TuningCancelled, train
 
     spec = job.tune or {}
     with sessions() as session:
@@ -85,8 +84,8 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
     dataset_spec = pipeline.DatasetSpec(Path(dataset.storage_path), dataset.sha256, dataset.task, dataset.label_names)
     texts, labels = pipeline.load_dataset(dataset_spec)
     train_idx, val_idx = split_rows(labels, dataset.task, spec["validation_fraction"], spec["seed"])
-    train_set = ([texts[i] for i in train_idx], labels[train_idx])
-    val_set = ([texts[i] for i in val_idx], labels[val_idx])
+    train_set = TextDataset([texts[i] for i in train_idx], labels[train_idx])
+    val_set = TextDataset([texts[i] for i in val_idx], labels[val_idx])
 
     teacher = None
     if strategy == "btuning":
@@ -105,10 +104,10 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
             train_features[model.id] = np.asarray(result.features, dtype=np.float64)[train_idx]
         fits = {mid: logme(f, train_set[1], task="classification",
                            num_classes=len(dataset.label_names or [])) for mid, f in train_features.items()}
-        teacher = BTuningTeacher.from_teachers(
+        teacher = BTuningTeacher(
             features=[train_features[m.id] for m in teachers], weights=[fits[m.id].weights for m in teachers],
-            scores=[fits[m.id].score for m in teachers], temperature=spec["temperature"],
-            target_weights=fits[target_ids[0]].weights)
+            scores=[fits[m.id].score for m in teachers], student_weights=fits[target_ids[0]].weights,
+            temperature=spec["temperature"], names=[m.name for m in teachers])
     else:
         target_ids = [spec["target"]] if spec["target"] else [m.id for m in ranked[:top_k]]
 
@@ -126,10 +125,11 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
                                  revision=model.revision if model.source == "hf" else None,
                                  path=model.locator if model.source == "local" else None,
                                  cache_dir=settings.hf_cache_dir)
-        config = TuneConfig(strategy=strategy, regularizer=regularizer, regularizer_params=spec["regularizer"]["params"],
-                            epochs=spec["epochs"], lr=spec["lr"], batch_size=spec["batch_size"],
-                            max_length=spec["max_length"], seed=spec["seed"], tradeoff=spec["tradeoff"],
-                            temperature=spec["temperature"])
+        config = TuneConfig(strategy=strategy, regularizer=regularizer,
+                            regularizer_params=spec["regularizer"]["params"], epochs=spec["epochs"], lr=spec["lr"],
+                            batch_size=spec["batch_size"], max_length=spec["max_length"], seed=spec["seed"],
+                            tradeoff=spec["tradeoff"], temperature=spec["temperature"],
+                            device=settings.device).validate()
         stage = f"tuning {index + 1}/{len(target_ids)}: {model.name}"
 
         def on_progress(point: dict[str, Any], stage: str = stage, index: int = index) -> None:

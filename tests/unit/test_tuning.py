@@ -37,7 +37,9 @@ NAMES = ["sport", "business"]
 
 
 def config(**overrides) -> TuneConfig:
-    base = dict(epochs=4, lr=3e-3, batch_size=8, max_length=16, warmup_ratio=0.0, save_every_steps=0, seed=0)
+    # device pinned: these checks are about the CPU contract (bit-exact), also when a GPU is present
+    base = dict(epochs=4, lr=3e-3, batch_size=8, max_length=16, warmup_ratio=0.0, save_every_steps=0, seed=0,
+                device="cpu")
     base.update(overrides)
     return TuneConfig(**base)
 

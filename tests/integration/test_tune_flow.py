@@ -1,0 +1,123 @@
+"""Rank then tune through HTTP with a real worker: checkpoints download (with Range) and load offline; a worker
+killed mid-training resumes from its saved state."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.conftest import Stack
+from tests.integration.test_http_flow import register_hub, topic_csv, upload, wait_for
+
+
+@pytest.fixture
+def client_and_dataset(stack: Stack, tiny_hub: dict[str, Path]):
+    key = stack.create_key("tuner")
+    client = httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    dataset = upload(client, topic_csv(120)).json()
+    ids = register_hub(client, tiny_hub)
+    return client, dataset, ids
+
+
+def test_btuning_and_finetune_checkpoints(stack: Stack, client_and_dataset, tmp_path: Path) -> None:
+    client, dataset, ids = client_and_dataset
+    stack.start_worker()
+    bad = client.post("/v1/jobs", json={"dataset_id": dataset["id"],
+                                        "tune": {"regularizer": {"name": "l2sp", "params": {"alpha": -1}}}})
+    assert bad.status_code == 422 and bad.json()["field"] == "tune.regularizer.params.alpha", bad.text
+    tune = {"strategy": "btuning", "top_k": 2, "epochs": 1, "lr": 1e-3, "batch_size": 16, "max_length": 32,
+            "tradeoff": 1.0, "seed": 0}
+    job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "tune": tune}).json()
+    job = wait_for(client, job["id"], stack, timeout=300)
+    assert job["status"] == "succeeded", (job, stack.log_text())
+    assert len(job["ranking"]) == 3
+    tuned = job["tuning"]["models"]
+    assert len(tuned) == 1 and tuned[0]["model_id"] == job["ranking"][0]["model_id"]
+    metrics = tuned[0]["metrics"]
+    for name in ("accuracy", "macro_f1", "ece", "val_loss"):
+        assert metrics[name] is not None
+    assert tuned[0]["curve"] and tuned[0]["wall_seconds"] > 0
+
+    checkpoints = client.get(f"/v1/jobs/{job['id']}/checkpoints").json()
+    assert len(checkpoints) == 1
+    listing = checkpoints[0]
+    paths = {f["path"] for f in listing["files"]}
+    assert {"config.json", "model.safetensors", "README.md"} <= paths
+    url = f"/v1/jobs/{job['id']}/checkpoints/{listing['name']}/files/"
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    for entry in listing["files"]:
+        body = client.get(url + entry["path"]).content
+        assert hashlib.sha256(body).hexdigest() == entry["sha256"] and len(body) == entry["size"]
+        (target / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (target / entry["path"]).write_bytes(body)
+    partial = client.get(url + "config.json", headers={"Range": "bytes=0-9"})
+    assert partial.status_code == 206 and len(partial.content) == 10
+    assert client.get(url + "../../../etc/passwd").status_code == 404
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(target)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    assert model.config.id2label == {0: "business", 1: "sport", 2: "tech"}
+    logits = model(**tokenizer(["the match was won by the team"], return_tensors="pt")).logits
+    assert logits.shape == (1, 3)
+    card = (target / "README.md").read_text()
+    assert dataset["sha256"] in card and "btuning" in card
+
+    # CLI download verifies the same files.
+    done = stack.cli("jobs", "download", job["id"], "--out", str(tmp_path / "cli"),
+                     key=client.headers["Authorization"][7:])
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "cli" / listing["name"] / "model.safetensors").is_file()
+
+
+def test_killed_worker_resumes_training(stack: Stack, client_and_dataset) -> None:
+    client, dataset, ids = client_and_dataset
+    worker = stack.start_worker()
+    tune = {"strategy": "finetune", "top_k": 1, "epochs": 8, "lr": 1e-3, "batch_size": 4, "max_length": 64,
+            "regularizer": {"name": "l2sp"}}
+    job_id = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "candidates": ids[:1],
+                                           "tune": tune}).json()["id"]
+    state_dir = stack.home / "artifacts" / "jobs" / job_id / "train-state"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        saved = list(state_dir.rglob("state.pt")) if state_dir.exists() else []
+        if job["stage"].startswith("tuning") and saved:
+            break
+        assert job["status"] in ("queued", "running"), (job, stack.log_text())
+        time.sleep(0.2)
+    assert saved, stack.log_text()
+    stack.kill_worker(worker)
+    stack.start_worker()
+    job = wait_for(client, job_id, stack, timeout=300)
+    assert job["status"] == "succeeded", (job, stack.log_text())
+    result = job["tuning"]["models"][0]
+    assert result["resumed_from_step"] > 0
+    assert result["steps"] == result["total_steps"]
+    assert len(client.get(f"/v1/jobs/{job_id}/checkpoints").json()) == 1
+
+
+def test_cancel_during_training_leaves_no_checkpoint(stack: Stack, client_and_dataset) -> None:
+    client, dataset, ids = client_and_dataset
+    stack.start_worker()
+    tune = {"epochs": 20, "batch_size": 2, "max_length": 64, "lr": 1e-4}
+    job_id = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "candidates": ids[:1],
+                                           "tune": tune}).json()["id"]
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["stage"].startswith("tuning") and job["progress"] > 0:
+            break
+        time.sleep(0.2)
+    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+    job = wait_for(client, job_id, stack, timeout=120)
+    assert job["status"] == "cancelled", job
+    assert client.get(f"/v1/jobs/{job_id}/checkpoints").json() == []
+    checkpoints = stack.home / "artifacts" / "jobs" / job_id / "checkpoints"
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())
