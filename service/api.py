@@ -369,6 +369,13 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
         with sessions() as session:
             return job_json(session, session.get(Job, job_id))
 
+    @app.get("/v1/regularizers")
+    def list_regularizers(_who: str = Depends(owner)) -> dict[str, Any]:
+        """Every regularizer's parameters with defaults and meaning (tune.regularizer.params)."""
+        from workers.tuning.params import describe_regularizers  # plain data, no torch
+
+        return describe_regularizers()
+
     # ---- checkpoints ----------------------------------------------------------------------------------------
     @app.get("/v1/jobs/{job_id}/checkpoints")
     def list_checkpoints(job_id: str, who: str = Depends(owner)) -> list[dict[str, Any]]:

