@@ -155,7 +155,8 @@ def bench_model(model_dir: Path, texts: list[str], args: argparse.Namespace, dev
     row["matmul_fp32"] = matmul_flops(device, args.matmul_size, torch.float32)
     if device.startswith("cuda"):
         row["matmul_bf16"] = matmul_flops(device, args.matmul_size, torch.bfloat16)
-    warm = texts[: min(len(texts), 2 * args.batch_size)]
+    # Warm-up: on CUDA the whole set (every batch shape meets its kernels once); on CPU a few batches.
+    warm = texts if device.startswith("cuda") else texts[: min(len(texts), 2 * args.batch_size)]
     extract_features(model_dir, warm, max_length=args.max_length, batch_size=args.batch_size, device=device)
     result = extract_features(model_dir, texts, max_length=args.max_length, batch_size=args.batch_size,
                               device=device)
@@ -192,7 +193,7 @@ def format_rows(rows: list[dict[str, Any]], cuda: bool) -> str:
             f"{'ms/text':>9}{'GFLOP/s':>9}{'mm fp32':>9}{'frac':>7}")
     if cuda:
         head += f"{'mm bf16':>9}{'frac':>7}"
-    head += f"{'tot/fwd':>8}{'cache s':>8}"
+    head += f"{'fwd s':>8}{'load s':>8}{'tot/fwd':>8}{'cache s':>8}"
     lines = [head]
     for r in rows:
         line = (f"{r['model']:<26}{r['params'] / 1e6:>7.1f}M{r['dim']:>5}"
@@ -202,7 +203,7 @@ def format_rows(rows: list[dict[str, Any]], cuda: bool) -> str:
                 f"{r['matmul_fp32'] / 1e9:>9.1f}{r['fraction_fp32']:>7.2f}")
         if cuda:
             line += f"{r['matmul_bf16'] / 1e9:>9.0f}{r['fraction_bf16']:>7.2f}"
-        line += f"{r['total_over_forward']:>8.2f}{r['cached_s']:>8.3f}"
+        line += f"{r['forward_s']:>8.2f}{r['load_s']:>8.2f}{r['total_over_forward']:>8.2f}{r['cached_s']:>8.3f}"
         lines.append(line)
     if any("unbucketed_forward_s" in r for r in rows):
         lines.append("")
@@ -238,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random-init", action="store_true", help="random weights, same architectures")
     parser.add_argument("--rows", type=int, default=None, help="BBC News texts (default 200, --quick 64)")
     parser.add_argument("--texts-csv", type=Path, default=None, help="read texts from this CSV's text column")
+    parser.add_argument("--repeat", type=int, default=1, help="use the texts this many times (longer timed runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -248,7 +250,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results markdown ('-' to skip)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import torch
     from transformers.utils import logging as hf_logging
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     args.matmul_size = args.matmul_size or (8192 if device.startswith("cuda") else 2048)
     rows = args.rows if args.rows is not None else (64 if args.quick else 200)
-    texts = load_texts(rows, args.seed, args.texts_csv)
+    texts = load_texts(rows, args.seed, args.texts_csv) * max(args.repeat, 1)
 
     with tempfile.TemporaryDirectory(prefix="feature-speed-") as scratch:
         scratch_dir = Path(scratch)
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "Columns: waste = padded-token fraction with length bucketing / in arrival order (from token lengths at "
         "max length 128 and 512); tok/s = real tokens per forward second; GFLOP/s = useful FLOPs "
         "(2·matmul weights·real tokens + 4·layers·d·Σn²) per forward second; mm = the matrix product's FLOP/s "
-        "measured just before the model; frac = GFLOP/s ÷ mm; tot/fwd = extract_features' wall time (load, "
+        "measured just before the model; frac = GFLOP/s ÷ mm; fwd s / load s = summed forward seconds / model+tokenizer load; tot/fwd = extract_features' wall time (load, "
         "tokenise, forward) ÷ forward time; cache s = resolve_model(local) + FeatureCache.load on a repeat.\n\n"
         f"```\n{table}\n```\n")
     if str(args.out) != "-":

@@ -56,18 +56,28 @@ class Client:
         return self.post("/v1/models", {k: v for k, v in body.items() if v is not None})
 
     def watch(self, job_id: str, interval: float = 1.0, out: Any = sys.stderr) -> dict[str, Any]:
-        """Poll until the job finishes, drawing a progress bar with its stage."""
+        """Poll until the job finishes: a progress bar on a terminal, one line per stage change otherwise."""
         from tqdm import tqdm
 
-        with tqdm(total=100, file=out, bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}] {desc}") as bar:
+        interactive = hasattr(out, "isatty") and out.isatty()
+        bar = tqdm(total=100, file=out, bar_format="{bar}| {n:.0f}% [{elapsed}] {desc}") if interactive else None
+        last = None
+        try:
             while True:
                 job = self.get(f"/v1/jobs/{job_id}")
-                bar.n = round(100 * job["progress"], 1)
-                bar.set_description_str(f"{job['status']}: {job['stage']}"[:60])
-                bar.refresh()
+                if bar is not None:
+                    bar.n = round(100 * job["progress"], 1)
+                    bar.set_description_str(f"{job['status']}: {job['stage']}"[:70])
+                    bar.refresh()
+                elif (job["status"], job["stage"]) != last:
+                    print(f"{job['status']}: {job['stage']} ({job['progress']:.0%})", file=out, flush=True)
+                    last = (job["status"], job["stage"])
                 if job["status"] in ("succeeded", "failed", "cancelled"):
                     return job
                 time.sleep(interval)
+        finally:
+            if bar is not None:
+                bar.close()
 
     def download_checkpoints(self, job_id: str, out_dir: Path) -> list[Path]:
         """Fetch every checkpoint file and verify its size and sha256 against the listing."""

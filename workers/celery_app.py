@@ -53,3 +53,6 @@ def _preload_ml_stack(**_kwargs: object) -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
     from transformers import AutoModel, AutoTokenizer  # noqa: F401
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # weight-loading bars would flood the worker log

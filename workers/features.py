@@ -140,12 +140,14 @@ def _length_limit(tokenizer: Any, model: Any, max_length: int) -> int:
 def extract_features(model_dir: Path, texts: list[str], *, max_length: int = 128, batch_size: int = 32,
                      device: str | None = None, on_batch: Callable[[int, int], None] | None = None,
                      should_cancel: Callable[[], bool] | None = None,
-                     max_tokens: int | None = None, bucket_by_length: bool = True) -> FeatureResult:
+                     max_tokens: int | None = None, bucket_by_length: bool = True,
+                     pad_to_multiple_of: int | None = None) -> FeatureResult:
     """Mean-pooled last hidden states of `texts` (one row per text, in order) from the model in `model_dir`.
 
     max_length truncates each text (capped by what the model accepts); batches hold up to batch_size texts of
     similar length and, with max_tokens, at most that many padded tokens (bucket_by_length=False keeps the texts'
-    own order instead: only for measuring what bucketing saves). on_batch(done, total) after each batch;
+    own order instead: only for measuring what bucketing saves). Batch widths are rounded up to pad_to_multiple_of
+    (default 8 on CUDA: few distinct shapes, so kernels and attention plans are reused; 1 on CPU). on_batch(done, total) after each batch;
     should_cancel() is checked before each batch and raises FeatureExtractionCancelled.
     If the folder is a *ForSequenceClassification model with id2label, source_probs holds its head's softmax.
     """
@@ -167,6 +169,7 @@ def extract_features(model_dir: Path, texts: list[str], *, max_length: int = 128
         batches = [np.arange(i, min(i + batch_size, len(texts))) for i in range(0, len(texts), batch_size)]
     pad_id = tokenizer.pad_token_id
     on_cuda = device.startswith("cuda")
+    multiple = pad_to_multiple_of or (8 if on_cuda else 1)
     amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
 
     # The base model's last hidden state, also when the model is a classifier (its head gives source_probs).
@@ -180,12 +183,14 @@ def extract_features(model_dir: Path, texts: list[str], *, max_length: int = 128
 
     features: np.ndarray | None = None
     probs: np.ndarray | None = None
-    forward_seconds = 0.0
+    forward_seconds, padded = 0.0, 0
     try:
         for done, rows in enumerate(batches, start=1):
             if should_cancel is not None and should_cancel():
                 raise FeatureExtractionCancelled(f"cancelled after {done - 1} of {len(batches)} batches")
             width = int(lengths[rows].max())
+            width = min(-(-width // multiple) * multiple, max(max_length, width))
+            padded += len(rows) * width
             input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for r, i in enumerate(rows):
@@ -223,7 +228,7 @@ def extract_features(model_dir: Path, texts: list[str], *, max_length: int = 128
     flops = _useful_flops(base, model.config, lengths)
     return FeatureResult(features=features, source_probs=probs, forward_seconds=forward_seconds,
                          total_seconds=time.perf_counter() - began, tokens=int(lengths.sum()),
-                         padded_tokens=padded_tokens(lengths, batches),
+                         padded_tokens=padded,
                          num_parameters=sum(p.numel() for p in model.parameters()), flops_estimate=flops,
                          device=device, load_seconds=load_seconds)
 

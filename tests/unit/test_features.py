@@ -64,7 +64,7 @@ def one_at_a_time(folder: Path, texts: list[str], max_length: int = 128) -> np.n
 def test_features_match_unbatched_in_input_order(which: str, request: pytest.FixtureRequest) -> None:
     folder = request.getfixturevalue(which)
     texts = mixed_texts(37, seed=1)
-    result = extract_features(folder, texts, batch_size=8, max_length=48)
+    result = extract_features(folder, texts, batch_size=8, max_length=48, device="cpu")
     expected = one_at_a_time(folder, texts, max_length=48)
     assert result.features.dtype == np.float32 and result.features.shape == (37, 32)
     np.testing.assert_allclose(result.features, expected, atol=1e-5, rtol=1e-4)
@@ -79,8 +79,8 @@ def test_padding_does_not_change_a_text_feature(which: str, request: pytest.Fixt
     folder = request.getfixturevalue(which)
     short = "the team won"
     longs = mixed_texts(3, seed=2, low=80, high=90)
-    alone = extract_features(folder, [short]).features[0]
-    batch = extract_features(folder, longs + [short], batch_size=8)
+    alone = extract_features(folder, [short], device="cpu").features[0]
+    batch = extract_features(folder, longs + [short], batch_size=8, device="cpu")
     assert batch.padded_tokens > batch.tokens  # the short text was padded to the long ones
     np.testing.assert_allclose(batch.features[-1], alone, atol=1e-5, rtol=0)
 
@@ -125,7 +125,7 @@ def test_flops_estimate_counts_weights_by_hand(bert_dir: Path) -> None:
 
 def test_source_head_probabilities_and_base_features(classifier_dir: Path, bert_dir: Path) -> None:
     texts = mixed_texts(9, seed=5)
-    result = extract_features(classifier_dir, texts, batch_size=4)
+    result = extract_features(classifier_dir, texts, batch_size=4, device="cpu")
     tokenizer = transformers.AutoTokenizer.from_pretrained(classifier_dir)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(classifier_dir).eval()
     probs, pooled = [], []
@@ -217,10 +217,23 @@ def test_real_minilm_embeddings_are_semantic() -> None:
     texts = ["A man is playing a guitar.", "Someone plays an acoustic guitar on stage.",
              "The central bank raised interest rates to fight inflation.",
              "Stock markets fell after the interest rate decision."]
-    result = extract_features(folder, texts, batch_size=4)
+    result = extract_features(folder, texts, batch_size=4, device="cpu")
     assert result.features.shape == (4, 384)
     unit = result.features / np.linalg.norm(result.features, axis=1, keepdims=True)
     cos = unit @ unit.T
     assert cos[0, 1] > cos[0, 2] + 0.2 and cos[0, 1] > cos[0, 3] + 0.2
     assert cos[2, 3] > cos[2, 0] + 0.2 and cos[2, 3] > cos[2, 1] + 0.2
     np.testing.assert_allclose(result.features, one_at_a_time(folder, texts), atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_autocast_features_match_float32_cpu(bert_dir: Path, llama_dir: Path) -> None:
+    texts = mixed_texts(50, seed=8)
+    for folder in (bert_dir, llama_dir):
+        gpu = extract_features(folder, texts, batch_size=16, device="cuda")
+        cpu = extract_features(folder, texts, batch_size=16, device="cpu")
+        assert gpu.device == "cuda" and gpu.features.dtype == np.float32
+        cos = (gpu.features * cpu.features).sum(1) / (
+            np.linalg.norm(gpu.features, axis=1) * np.linalg.norm(cpu.features, axis=1))
+        assert cos.min() > 0.99  # bf16 (or fp16) autocast: close to float32, not equal
+        assert gpu.tokens == cpu.tokens and gpu.padded_tokens == cpu.padded_tokens

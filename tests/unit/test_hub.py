@@ -161,7 +161,7 @@ def test_minilm_l3_conversion_reproduces_the_onnx_model(tmp_path: Path) -> None:
 
     texts = ["A man is playing a guitar.", "Someone is playing an acoustic guitar.",
              "The stock market fell sharply on Monday.", "Short."]
-    features = extract_features(folder, texts, batch_size=4).features
+    features = extract_features(folder, texts, batch_size=4, device="cpu").features
     if installed("onnxruntime"):
         # The ONNX file is the whole sentence-transformers pipeline: its 2-D output is the mean-pooled embedding.
         import onnxruntime

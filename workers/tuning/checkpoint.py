@@ -58,7 +58,7 @@ def model_card(card: dict[str, Any]) -> str:
               "and `AutoTokenizer.from_pretrained(folder)`.", ""]
     rows = [
         ("base model", card.get("base_model")),
-        ("base revision", card.get("base_revision") or card.get("revision")),
+        ("base revision", card.get("base_revision") or card.get("base_model_revision") or card.get("revision")),
         ("dataset sha256", card.get("dataset_sha256")),
         ("task", card.get("task")),
         ("labels", card.get("label_names")),

@@ -1,0 +1,308 @@
+"""Successive halving for ranking many candidates on big data: score every candidate on a small stratified sample,
+drop the ones that are confidently behind the leader, grow the sample for the rest, repeat.
+
+Samples are nested (each round's rows contain the previous round's), so a surviving model's features of earlier
+rows are reused: each round extracts only the new rows, cached under a key that names exactly those rows.
+"Confidently behind" is a paired bootstrap (the same resampled rows for every model, `bootstrap_scores`):
+P(leader > candidate) is the fraction of replicates in which the leader scores above the candidate.
+
+Caveats: the bootstrap measures sampling noise only. A score whose expectation moves with N (LogME's Occam
+penalty grows for wide features on few rows) can put a model confidently behind at N=256 that leads at N=2000; start
+with enough rows for the widest candidate, or use "logme_projected". With many candidates and rounds the chance of
+one wrong elimination adds up; confidence is per comparison, not family-wise.
+
+Pure pipeline code like workers/pipeline.py: no database, no Celery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from workers.pipeline import (GENERIC_BOOTSTRAP_CAP, DatasetSpec, ModelSpec, Progress, RankedModel, load_dataset,
+                              model_features)
+
+
+@dataclass
+class HalvingRound:
+    index: int  # 0-based
+    rows: int  # sample size scored in this round
+    new_rows: int  # rows whose features were extracted in this round (per surviving model)
+    survivors: list[str]  # model ids scored in this round
+    eliminated: list[str]  # model ids dropped after this round
+    leader: str | None
+    scores: dict[str, float | None]  # point score of each model scored
+    p_leader_better: dict[str, float]  # paired bootstrap P(leader > model), for models other than the leader
+    seconds: float  # wall time of the round (extraction + scoring)
+    forward_seconds: float  # forward passes of this round (0 for cache hits)
+    row_indices: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0, dtype=np.int64))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("row_indices")
+        return out
+
+
+@dataclass
+class HalvingResult:
+    ranking: list[RankedModel]
+    rounds: list[HalvingRound]
+    metric: str
+    total_rows: int  # rows in the dataset
+    forward_seconds: float  # all forward passes (0 for cache hits)
+    extraction_seconds: float  # loading + tokenising + forward, all models and rounds
+    rows_models: int  # feature rows extracted, summed over models (cache hits excluded)
+    rows_models_full: int  # what a full ranking extracts: total_rows x number of models
+    seconds: float  # wall time of the whole call
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "total_rows": self.total_rows, "forward_seconds": self.forward_seconds,
+                "extraction_seconds": self.extraction_seconds, "rows_models": self.rows_models,
+                "rows_models_full": self.rows_models_full, "seconds": self.seconds,
+                "rounds": [r.to_dict() for r in self.rounds], "ranking": [asdict(r) for r in self.ranking]}
+
+
+def nested_order(labels: np.ndarray, task: str, seed: int) -> np.ndarray:
+    """A permutation of all rows whose every prefix is a (near) stratified sample.
+
+    Classification: each class is shuffled and its j-th member placed at fractional position (j + 0.5) / count,
+    so a prefix of s rows holds each class in proportion to within one row; the first member of every class comes
+    first, so any prefix of at least C rows has every class (LogME is undefined for an empty class). Other tasks: a
+    plain random permutation. Taking prefixes of one permutation makes the samples nested by construction.
+    """
+    n = len(labels)
+    rng = np.random.default_rng(seed)
+    if task != "classification":
+        return rng.permutation(n)
+    keys = np.empty(n)
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        position = (np.arange(len(members)) + 0.5) / len(members)
+        position[0] = -1.0  # one of each class up front
+        keys[members] = position
+    tie_break = rng.random(n)  # equal fractions (e.g. classes of equal size) in random class order
+    return np.lexsort((tie_break, keys))
+
+
+def round_sizes(n: int, initial_rows: int, growth: float) -> list[int]:
+    """initial_rows, ×growth, ... capped at n; the last size is n."""
+    sizes = [min(n, max(1, initial_rows))]
+    while sizes[-1] < n:
+        sizes.append(min(n, max(sizes[-1] + 1, math.ceil(sizes[-1] * growth))))
+    return sizes
+
+
+def paired_elimination(point: dict[str, float], replicates: dict[str, np.ndarray], confidence: float,
+                       min_models: int = 1) -> tuple[str, dict[str, float], list[str]]:
+    """Leader (highest point score), P(leader > model) per other model from paired replicates (ties count 1/2),
+    and the models to drop: those with P >= confidence, keeping at least min_models (the best-scoring of the
+    would-be-dropped stay). confidence >= 1 drops nothing: a finite bootstrap cannot establish certainty."""
+    ranked = sorted(point, key=lambda m: point[m], reverse=True)
+    leader = ranked[0]
+    p_better: dict[str, float] = {}
+    for model in ranked[1:]:
+        diff = replicates[leader] - replicates[model]
+        p_better[model] = float(np.mean(diff > 0) + 0.5 * np.mean(diff == 0))
+    if confidence >= 1.0:
+        return leader, p_better, []
+    behind = [m for m in ranked[1:] if p_better[m] >= confidence]  # in score order, best first
+    keep_extra = max(0, min_models - (len(ranked) - len(behind)))
+    return leader, p_better, behind[keep_extra:]
+
+
+def _bootstrap_metric(metric: str, task: str, num_classes: int | None, bootstrap_samples: int) -> tuple[Any, int]:
+    from workers.ranking import LogMEMetric, score_metric
+
+    if metric == "logme":
+        # influence-function replicates: about two LogME fits per model whatever the number of resamples
+        return LogMEMetric(task, num_classes=num_classes), bootstrap_samples
+
+    def metric_fn(values: np.ndarray, target: np.ndarray) -> float:
+        if metric in ("leep", "nce"):
+            value = score_metric(metric, None, target, task, source_probs=values)
+        else:
+            value = score_metric(metric, values, target, task)
+        return np.nan if value is None else float(value)
+
+    return metric_fn, min(bootstrap_samples, GENERIC_BOOTSTRAP_CAP)
+
+
+def _rows_tag(dataset_sha256: str, rows: np.ndarray) -> str:
+    """Cache tag naming the dataset and exactly these rows, in this order."""
+    digest = hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()[:24]
+    return f"{dataset_sha256}-rows{len(rows)}-{digest}"
+
+
+def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metric: str = "logme", *,
+                            initial_rows: int = 256, growth: float = 2.0, confidence: float = 0.95,
+                            min_models: int = 1, seed: int = 0, cache_root: Path, hf_cache_dir: Path,
+                            max_length: int = 128, batch_size: int = 32, device: str | None = None,
+                            bootstrap_samples: int = 200, progress: Progress | None = None) -> HalvingResult:
+    """Rank `models` for `dataset` by `metric`, eliminating candidates confidently behind the leader on growing
+    nested samples (initial_rows, ×growth, ... up to all rows) until the full data are scored or at most
+    min_models remain.
+
+    Ranking: survivors by their score on the largest sample scored (with that round's bootstrap interval and
+    P(better than the next survivor)), then eliminated models, later eliminations first (within a round by score),
+    each with the round and sample size at which it was dropped. With confidence >= 1 nothing is dropped and the
+    last round scores all rows in dataset order with `seed`, so the ranking is that of `pipeline.rank`.
+    """
+    from workers.ranking import bootstrap_scores, prior_only_evidence, score_metric
+
+    if not models:
+        raise ValueError("no candidate models")
+    if growth <= 1.0:
+        raise ValueError("growth must be > 1")
+    if not 0.0 < confidence <= 1.0:
+        raise ValueError("confidence must be in (0, 1]")
+    if min_models < 1:
+        raise ValueError("min_models must be >= 1")
+    report = progress or (lambda stage, fraction: None)
+    began = time.perf_counter()
+    texts, labels = load_dataset(dataset)
+    n = len(texts)
+    task = dataset.task
+    num_classes = len(dataset.label_names or []) if task == "classification" else None
+    order = nested_order(labels, task, seed)
+    first = max(initial_rows, len(np.unique(labels)) if task == "classification" else 2)
+    sizes = round_sizes(n, first, growth)
+    metric_fn, n_boot = _bootstrap_metric(metric, task, num_classes, bootstrap_samples)
+    by_id = {m.id: m for m in models}
+
+    # per model: feature chunks in `order` (chunk r = rows order[sizes[r-1]:sizes[r]]), and source-head chunks
+    chunks: dict[str, list[np.ndarray]] = {m.id: [] for m in models}
+    prob_chunks: dict[str, list[np.ndarray | None]] = {m.id: [] for m in models}
+    total_forward = total_extraction = 0.0
+    rows_models = 0
+    feature_seconds: dict[str, float] = {m.id: 0.0 for m in models}
+    prior: float | None = None
+    survivors = [m.id for m in models]
+    rounds: list[HalvingRound] = []
+    last_boot: dict[str, Any] = {}
+    last_scores: dict[str, float | None] = {}
+    dropped: dict[str, dict[str, Any]] = {}  # model id -> when and why it left
+    worst_case = float(n * len(models))
+    done_units = 0
+
+    for r, size in enumerate(sizes):
+        round_began = time.perf_counter()
+        start = sizes[r - 1] if r else 0
+        new_rows = order[start:size]
+        new_texts = [texts[i] for i in new_rows]
+        tag = _rows_tag(dataset.sha256, new_rows)
+        round_forward = 0.0
+        for k, model_id in enumerate(survivors):
+            model = by_id[model_id]
+            stage = f"round {r + 1}/{len(sizes)} ({size} rows), features {k + 1}/{len(survivors)}: {model.name}"
+            report(stage, min(0.99, done_units / worst_case))
+            result, from_cache = model_features(model, new_texts, tag, cache_root=cache_root,
+                                                hf_cache_dir=hf_cache_dir, max_length=max_length,
+                                                batch_size=batch_size, device=device)
+            chunks[model_id].append(np.asarray(result.features, dtype=np.float64))
+            prob_chunks[model_id].append(result.source_probs)
+            done_units += len(new_rows)
+            if not from_cache:
+                round_forward += float(result.forward_seconds)
+                total_extraction += float(result.total_seconds)
+                feature_seconds[model_id] += float(result.total_seconds)
+                rows_models += len(new_rows)
+        total_forward += round_forward
+
+        # score on the rows seen so far, in dataset order (the full round is then exactly rank()'s input)
+        seen = order[:size]
+        ascending = np.argsort(seen, kind="stable")
+        round_labels = labels[seen[ascending]]
+        if metric == "logme":
+            prior = prior_only_evidence(round_labels, task)
+        values: dict[str, np.ndarray] = {}
+        scores: dict[str, float | None] = {}
+        for model_id in survivors:
+            features = np.concatenate(chunks[model_id])[ascending]
+            probs = prob_chunks[model_id]
+            source = None if any(p is None for p in probs) else np.concatenate(probs)[ascending]  # type: ignore[arg-type]
+            value = score_metric(metric, features, round_labels, task, source_probs=source)
+            scores[model_id] = None if value is None else float(value)
+            if value is not None:
+                values[model_id] = source if metric in ("leep", "nce") else features
+        # a metric that does not apply to a model (e.g. LEEP without a source head) cannot rank it: drop it now
+        not_applicable = [m for m in survivors if scores[m] is None]
+        for model_id in not_applicable:
+            dropped[model_id] = {"round": r, "rows": size, "reason": "not applicable", "score": None, "prior": prior}
+        report(f"round {r + 1}/{len(sizes)}: scoring {len(values)} models on {size} rows",
+               min(0.99, done_units / worst_case))
+
+        leader: str | None = None
+        p_leader: dict[str, float] = {}
+        eliminated: list[str] = []
+        if values:
+            boot = bootstrap_scores(metric_fn, values, round_labels, n_boot=n_boot, seed=seed)
+            point = {m: float(scores[m]) for m in values}  # type: ignore[arg-type]
+            leader, p_leader, eliminated = paired_elimination(point, boot["replicates"], confidence, min_models)
+            last_boot, last_scores = boot, {m: scores[m] for m in values}
+            for model_id in eliminated:
+                dropped[model_id] = {"round": r, "rows": size, "reason": "confidently behind the leader",
+                                     "score": scores[model_id], "p_leader_better": p_leader[model_id],
+                                     "leader": leader, "interval": list(boot["intervals"][model_id]),
+                                     "prior": prior}
+        gone = set(eliminated) | set(not_applicable)
+        rounds.append(HalvingRound(index=r, rows=size, new_rows=len(new_rows), survivors=list(survivors),
+                                   eliminated=eliminated + not_applicable, leader=leader, scores=scores,
+                                   p_leader_better=p_leader, seconds=time.perf_counter() - round_began,
+                                   forward_seconds=round_forward, row_indices=np.sort(seen)))
+        survivors = [m for m in survivors if m not in gone]
+        for model_id in gone:  # free the features of models that are out
+            chunks[model_id], prob_chunks[model_id] = [], []
+        if size >= n or len(survivors) <= min_models:
+            break
+
+    ranking = _final_ranking(models, survivors, last_scores, last_boot, dropped, rounds, metric, prior,
+                             feature_seconds)
+    report("ranked", 1.0)
+    return HalvingResult(ranking=ranking, rounds=rounds, metric=metric, total_rows=n, forward_seconds=total_forward,
+                         extraction_seconds=total_extraction, rows_models=rows_models,
+                         rows_models_full=n * len(models), seconds=time.perf_counter() - began)
+
+
+def _final_ranking(models: list[ModelSpec], survivors: list[str], last_scores: dict[str, float | None],
+                   last_boot: dict[str, Any], dropped: dict[str, dict[str, Any]], rounds: list[HalvingRound],
+                   metric: str, last_prior: float | None, feature_seconds: dict[str, float]) -> list[RankedModel]:
+    by_id = {m.id: m for m in models}
+    last_rows = rounds[-1].rows
+    alive = sorted((m for m in survivors if m in last_scores), key=lambda m: -float(last_scores[m]))  # type: ignore[arg-type]
+    # later eliminations first; within one round by the score they had there; not-applicable ones last
+    out = sorted((m for m in dropped if dropped[m]["reason"] != "not applicable"),
+                 key=lambda m: (-dropped[m]["round"], -float(dropped[m]["score"])))
+    out += [m for m in dropped if dropped[m]["reason"] == "not applicable"]
+
+    ranked: list[RankedModel] = []
+    intervals = last_boot.get("intervals", {})
+    p_next = last_boot.get("p_better_than_next", {})
+    for position, model_id in enumerate(alive + out, start=1):
+        model = by_id[model_id]
+        if model_id in dropped:
+            info = dropped[model_id]
+            details: dict[str, Any] = {"eliminated": True, "eliminated_round": info["round"],
+                                       "eliminated_at_rows": info["rows"], "rows": info["rows"],
+                                       "reason": info["reason"]}
+            if info["reason"] != "not applicable":
+                details.update(intervals={metric: info["interval"]}, p_leader_better=info["p_leader_better"],
+                               leader=info["leader"])
+            score, prior = info["score"], info["prior"]
+        else:
+            details = {"eliminated": False, "rows": last_rows,
+                       "intervals": {metric: [float(v) for v in intervals[model_id]]} if model_id in intervals else {}}
+            score, prior = last_scores[model_id], last_prior
+        if model_id in last_scores:  # scored in the last round: P(better than the next one down), as rank() gives
+            details["p_better_than_next"] = {metric: p_next.get(model_id)}
+        if prior is not None:  # the label-prior-only LogME on the same rows (see pipeline.rank)
+            details["logme_prior_only"] = float(prior)
+            details["beats_prior"] = bool(score is not None and score > prior)
+        ranked.append(RankedModel(model_id, model.name, position, {metric: score}, feature_seconds[model_id],
+                                  details))
+    return ranked
