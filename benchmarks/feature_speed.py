@@ -213,20 +213,23 @@ def format_rows(rows: list[dict[str, Any]], cuda: bool) -> str:
             if "unbucketed_forward_s" in r:
                 lines.append(f"{r['model']:<26}{r['forward_s']:>15.2f}{r['unbucketed_forward_s']:>15.2f}"
                              f"{r['unbucketed_forward_s'] / r['forward_s']:>9.2f}x"
-                             f"{r['waste_run']:>8.1%}/{r['unbucketed_waste']:<7.1%}{r['max_abs_diff_unbucketed']:>11.1e}")
+                             f"{r['waste_run']:>8.1%}/{r['unbucketed_waste']:<7.1%}"
+                             f"{r['max_abs_diff_unbucketed']:>11.1e}")
     return "\n".join(lines)
 
 
 def write_section(path: Path, label: str, body: str) -> None:
-    """One section per machine: replace this machine's section, keep the others."""
-    title = "# Feature-extraction speed (benchmarks/feature_speed.py)\n"
+    """One section per machine and setting: replace this run's section, keep the others and the preamble."""
+    preamble = "# Feature-extraction speed (benchmarks/feature_speed.py)\n"
     sections: dict[str, str] = {}
     if path.is_file():
-        for chunk in path.read_text(encoding="utf-8").split("\n## ")[1:]:
+        chunks = path.read_text(encoding="utf-8").split("\n## ")
+        preamble = chunks[0].rstrip("\n") + "\n"  # title and any summary written by hand are kept
+        for chunk in chunks[1:]:
             name, _, rest = chunk.partition("\n")
             sections[name.strip()] = rest.strip("\n")
     sections[label] = body.strip("\n")
-    text = title + "".join(f"\n## {name}\n{content}\n" for name, content in sections.items())
+    text = preamble + "".join(f"\n## {name}\n{content}\n" for name, content in sections.items())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
 
@@ -301,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         "Columns: waste = padded-token fraction with length bucketing / in arrival order (from token lengths at "
         "max length 128 and 512); tok/s = real tokens per forward second; GFLOP/s = useful FLOPs "
         "(2·matmul weights·real tokens + 4·layers·d·Σn²) per forward second; mm = the matrix product's FLOP/s "
-        "measured just before the model; frac = GFLOP/s ÷ mm; fwd s / load s = summed forward seconds / model+tokenizer load; tot/fwd = extract_features' wall time (load, "
+        "measured just before the model; frac = GFLOP/s ÷ mm; fwd s / load s = summed forward seconds / "
+        "model+tokenizer load; tot/fwd = extract_features' wall time (load, "
         "tokenise, forward) ÷ forward time; cache s = resolve_model(local) + FeatureCache.load on a repeat.\n\n"
         f"```\n{table}\n```\n")
     if str(args.out) != "-":

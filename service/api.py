@@ -25,6 +25,7 @@ from service import jobs as job_states
 from service.db import ApiKey, Checkpoint, Dataset, HubModel, Job, RankingEntry, new_id
 from service.schemas import METRICS, JobCreate, ModelCreate, metric_applies
 from service.settings import Settings
+from workers.hub import content_revision  # no torch: a hash of the folder's files
 
 log = logging.getLogger("hubtune.api")
 
@@ -75,14 +76,6 @@ def read_model_config(folder: Path) -> dict[str, Any]:
     has_head = any(a.endswith("ForSequenceClassification") for a in architectures) and bool(config.get("id2label"))
     return {"model_type": config.get("model_type"), "architecture": architectures[0] if architectures else None,
             "hidden_size": hidden, "has_source_head": has_head}
-
-
-def local_revision(folder: Path) -> str:
-    """A content revision for a local folder: config bytes plus the names and sizes of its files."""
-    digest = hashlib.sha256((folder / "config.json").read_bytes())
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(folder)}:{path.stat().st_size}".encode())
-    return "local-" + digest.hexdigest()[:16]
 
 
 def paginate(session: Any, query: Any, limit: int, offset: int, render: Any) -> dict[str, Any]:
@@ -262,7 +255,7 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
                               "the server can read", field="path")
             folder = folder.resolve()
             described = read_model_config(folder)
-            locator, revision, name = str(folder), local_revision(folder), body.name or folder.name
+            locator, revision, name = str(folder), content_revision(folder), body.name or folder.name
         else:
             described = {}
             locator, revision, name = body.repo_id or "", body.revision or "main", body.name or body.repo_id or ""
@@ -284,7 +277,8 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
                     "feature_seconds": entry.feature_seconds, **entry.details} for entry, model in entries]
         return {"id": job.id, "status": job.status, "stage": job.stage, "progress": job.progress,
                 "dataset_id": job.dataset_id, "candidates": job.candidates, "metrics": job.metrics,
-                "options": job.options, "tune": job.tune, "ranking": ranking, "tuning": job.tuning,
+                "options": job.options, "tune": job.tune, "ranking": ranking,
+                "ranking_summary": job.ranking_summary, "tuning": job.tuning,
                 "error": job.error, "attempts": job.attempts, "created_at": job.created_at.isoformat(),
                 "started_at": job.started_at.isoformat() if job.started_at else None,
                 "finished_at": job.finished_at.isoformat() if job.finished_at else None}
@@ -314,6 +308,13 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
                     if session.get(HubModel, model_id) is None:
                         raise Problem(422, "unknown model", f"no model {model_id}", field=f"candidates[{i}]")
                 candidates = list(dict.fromkeys(body.candidates))
+            if body.successive_halving is not None:
+                if len(body.metrics) != 1:
+                    raise Problem(422, "successive halving ranks by one metric", "give exactly one metric",
+                                  field="metrics")
+                if body.sample_size is not None:
+                    raise Problem(422, "sample_size cannot be combined with successive_halving",
+                                  "successive halving chooses its own samples", field="sample_size")
             if body.tune is not None:
                 from workers.tuning.params import resolve_regularizer  # plain data, no torch
 
@@ -334,7 +335,9 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
                                   "tuning uses the whole dataset; rank on a sample in a separate job",
                                   field="sample_size")
         job = Job(owner=who, dataset_id=dataset.id, candidates=candidates, metrics=list(dict.fromkeys(body.metrics)),
-                  options={"sample_size": body.sample_size, "seed": body.seed},
+                  options={"sample_size": body.sample_size, "seed": body.seed,
+                           "successive_halving": body.successive_halving.model_dump()
+                           if body.successive_halving else None},
                   tune=body.tune.model_dump() if body.tune else None)
         with sessions.begin() as session:
             session.add(job)

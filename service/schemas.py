@@ -59,6 +59,17 @@ class TuneSpec(BaseModel):
     validation_fraction: float = Field(default=0.2, gt=0, lt=0.9)
 
 
+class HalvingSpec(BaseModel):
+    """Successive halving: score every candidate on a small stratified sample, drop the ones confidently behind
+    the leader (paired bootstrap), grow the sample for the rest; nested samples reuse earlier features."""
+
+    model_config = ConfigDict(extra="forbid")
+    initial_rows: int = Field(default=256, ge=16)
+    growth: float = Field(default=2.0, gt=1.0, le=16.0)
+    confidence: float = Field(default=0.95, gt=0.5, le=1.0)
+    min_models: int = Field(default=1, ge=1)
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dataset_id: str
@@ -66,4 +77,5 @@ class JobCreate(BaseModel):
     metrics: list[str] = Field(default_factory=lambda: ["logme"], min_length=1)
     sample_size: int | None = Field(default=None, ge=10, description="rank on a stratified sample of this many rows")
     seed: int = 0
+    successive_halving: HalvingSpec | None = Field(default=None, description="rank many candidates on growing samples")
     tune: TuneSpec | None = None

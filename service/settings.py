@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     bind_host: str = "127.0.0.1"
     feature_max_length: int = 128
     feature_batch_size: int = 32
+    # On a GPU small batches leave it idle: texts per forward pass there.
+    feature_batch_size_gpu: int = 256
     rank_time_limit_seconds: int = 6 * 3600
     tune_time_limit_seconds: int = 12 * 3600
     bootstrap_samples: int = 200

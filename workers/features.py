@@ -127,14 +127,48 @@ def _load(model_dir: Path, device: str) -> tuple[Any, Any, bool]:
     return tokenizer, model, has_head
 
 
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet", "data2vec-text", "longformer"}
+
+
 def _length_limit(tokenizer: Any, model: Any, max_length: int) -> int:
     limit = max_length
     if 0 < (tokenizer.model_max_length or 0) < 1_000_000:
         limit = min(limit, int(tokenizer.model_max_length))
     positions = getattr(model.config, "max_position_embeddings", None)
+    if getattr(model.config, "model_type", "") in _OFFSET_POSITIONS and isinstance(positions, int):
+        positions -= 2  # positions start after the padding index
     if isinstance(positions, int) and positions > 0:
         limit = min(limit, positions)
     return limit
+
+
+# Tokenising a long text costs time in proportion to its characters, yet only its first max_length tokens are kept.
+# A prefix of CHARS_PER_TOKEN·max_length + CUT_WINDOW characters holds them for any natural text (English averages
+# about 4.5 characters per token); the window keeps the cut away from the tokens kept.
+CHARS_PER_TOKEN = 8
+CUT_WINDOW = 256
+
+
+def encode(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of each text, truncated to max_length (special tokens included), no padding.
+
+    Same ids as tokenising the whole texts: texts are cut to a prefix first, and any text whose kept tokens reach
+    within CUT_WINDOW characters of the cut (short of max_length, or unusually long tokens) is tokenised whole.
+    """
+    texts = list(texts)
+    options = dict(truncation=True, max_length=max_length, return_attention_mask=False, return_token_type_ids=False)
+    if not getattr(tokenizer, "is_fast", False):
+        return tokenizer(texts, **options)["input_ids"]
+    cut = CHARS_PER_TOKEN * max_length + CUT_WINDOW
+    enc = tokenizer([t[:cut] for t in texts], return_offsets_mapping=True, **options)
+    ids: list[list[int]] = enc["input_ids"]
+    redo = [i for i, text in enumerate(texts)
+            if len(text) > cut and max((end for _, end in enc["offset_mapping"][i]), default=cut) > cut - CUT_WINDOW]
+    if redo:
+        whole = tokenizer([texts[i] for i in redo], **options)["input_ids"]
+        for i, row in zip(redo, whole):
+            ids[i] = row
+    return ids
 
 
 def extract_features(model_dir: Path, texts: list[str], *, max_length: int = 128, batch_size: int = 32,
@@ -147,8 +181,9 @@ def extract_features(model_dir: Path, texts: list[str], *, max_length: int = 128
     max_length truncates each text (capped by what the model accepts); batches hold up to batch_size texts of
     similar length and, with max_tokens, at most that many padded tokens (bucket_by_length=False keeps the texts'
     own order instead: only for measuring what bucketing saves). Batch widths are rounded up to pad_to_multiple_of
-    (default 8 on CUDA: few distinct shapes, so kernels and attention plans are reused; 1 on CPU). on_batch(done, total) after each batch;
-    should_cancel() is checked before each batch and raises FeatureExtractionCancelled.
+    (default 8 on CUDA: few distinct shapes, so kernels and attention plans are reused; 1 on CPU).
+    on_batch(done, total) after each batch; should_cancel() is checked before each batch and raises
+    FeatureExtractionCancelled.
     If the folder is a *ForSequenceClassification model with id2label, source_probs holds its head's softmax.
     """
     import torch
@@ -160,8 +195,7 @@ def extract_features(model_dir: Path, texts: list[str], *, max_length: int = 128
     tokenizer, model, has_head = _load(Path(model_dir), device)
     load_seconds = time.perf_counter() - began
     max_length = _length_limit(tokenizer, model, max_length)
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, return_attention_mask=False,
-                        return_token_type_ids=False)["input_ids"]
+    encoded = encode(tokenizer, texts, max_length)
     lengths = np.array([len(ids) for ids in encoded])
     if bucket_by_length:
         batches = length_batches(lengths, batch_size, max_tokens=max_tokens)

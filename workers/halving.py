@@ -163,6 +163,8 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
         raise ValueError("confidence must be in (0, 1]")
     if min_models < 1:
         raise ValueError("min_models must be >= 1")
+    if bootstrap_samples < 1:
+        raise ValueError("successive halving eliminates by bootstrap: bootstrap_samples must be >= 1")
     report = progress or (lambda stage, fraction: None)
     began = time.perf_counter()
     texts, labels = load_dataset(dataset)
@@ -204,7 +206,7 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
             result, from_cache = model_features(model, new_texts, tag, cache_root=cache_root,
                                                 hf_cache_dir=hf_cache_dir, max_length=max_length,
                                                 batch_size=batch_size, device=device)
-            chunks[model_id].append(np.asarray(result.features, dtype=np.float64))
+            chunks[model_id].append(np.asarray(result.features))  # float32 until scored: half the memory
             prob_chunks[model_id].append(result.source_probs)
             done_units += len(new_rows)
             if not from_cache:
@@ -223,7 +225,7 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
         values: dict[str, np.ndarray] = {}
         scores: dict[str, float | None] = {}
         for model_id in survivors:
-            features = np.concatenate(chunks[model_id])[ascending]
+            features = np.concatenate(chunks[model_id])[ascending].astype(np.float64)
             probs = prob_chunks[model_id]
             source = None if any(p is None for p in probs) else np.concatenate(probs)[ascending]  # type: ignore[arg-type]
             value = score_metric(metric, features, round_labels, task, source_probs=source)
@@ -299,7 +301,7 @@ def _final_ranking(models: list[ModelSpec], survivors: list[str], last_scores: d
                        "intervals": {metric: [float(v) for v in intervals[model_id]]} if model_id in intervals else {}}
             score, prior = last_scores[model_id], last_prior
         if model_id in last_scores:  # scored in the last round: P(better than the next one down), as rank() gives
-            details["p_better_than_next"] = {metric: p_next.get(model_id)}
+            details["p_better_than_next"] = {metric: float(p_next[model_id])} if model_id in p_next else {}
         if prior is not None:  # the label-prior-only LogME on the same rows (see pipeline.rank)
             details["logme_prior_only"] = float(prior)
             details["beats_prior"] = bool(score is not None and score > prior)

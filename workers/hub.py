@@ -77,8 +77,10 @@ def _resolve_hf(repo_id: str, revision: str, cache_dir: Path | None) -> Resolved
 
     def download(patterns: list[str], rev: str) -> Path:
         try:
+            # Offline, go straight to the cache (some huggingface_hub versions raise instead of falling back
+            # when the revision is a commit hash).
             return Path(snapshot_download(repo_id, revision=rev, cache_dir=cache_dir, allow_patterns=patterns,
-                                          ignore_patterns=HUB_IGNORE))
+                                          ignore_patterns=HUB_IGNORE, local_files_only=constants.is_offline_mode()))
         except LocalEntryNotFoundError as exc:
             offline = " (HF_HUB_OFFLINE is set)" if constants.is_offline_mode() else ""
             raise ModelResolutionError(

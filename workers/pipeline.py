@@ -18,8 +18,12 @@ import numpy as np
 log = logging.getLogger("hubtune.pipeline")
 
 Progress = Callable[[str, float], None]
-# Resamples for estimators without a fast bootstrap path (each resample refits them).
+# Estimators without a fast bootstrap path are refitted per resample: at most this many resamples, at least
+# GENERIC_BOOTSTRAP_MIN, and otherwise as many as fit in GENERIC_BOOTSTRAP_SECONDS per model and metric (measured
+# from the point estimate's own time), so a slow estimator cannot make scoring dwarf feature extraction.
 GENERIC_BOOTSTRAP_CAP = 50
+GENERIC_BOOTSTRAP_MIN = 10
+GENERIC_BOOTSTRAP_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -92,9 +96,10 @@ def model_features(model: ModelSpec, texts: list[str], cache_tag: str, *, cache_
     resolved = resolve_model(model.source, repo_id=model.locator if model.source == "hf" else None,
                              revision=model.revision if model.source == "hf" else None,
                              path=model.locator if model.source == "local" else None, cache_dir=hf_cache_dir)
-    revision = resolved.revision if model.source == "hf" else model.revision
+    # The resolved revision: a hub commit hash, or a local folder's content hash recomputed now, so a folder
+    # changed after registration does not get its old features back.
     cache = FeatureCache(cache_root)
-    key = cache.key(cache_tag, model.id, revision, "mean", max_length)
+    key = cache.key(cache_tag, model.id, resolved.revision, "mean", max_length)
     cached = cache.load(key)
     if cached is not None:
         return cached, True
@@ -110,12 +115,21 @@ def score_model(metrics: list[str], features: np.ndarray, labels: np.ndarray, ta
 
     scores: dict[str, float | None] = {}
     notes: dict[str, str] = {}
+    seconds: dict[str, float] = {}
     for metric in metrics:
+        began = time.perf_counter()
         value = score_metric(metric, features, labels, task, source_probs=source_probs)
+        seconds[metric] = time.perf_counter() - began
         scores[metric] = None if value is None else float(value)
         if value is None:
             notes[metric] = "not applicable: needs the model's own classification head"
-    return scores, notes
+    return scores, {"notes": notes, "score_seconds": seconds}
+
+
+def bootstrap_count(requested: int, point_seconds: float) -> int:
+    """Resamples for a refitted estimator whose point estimate took `point_seconds`."""
+    affordable = int(GENERIC_BOOTSTRAP_SECONDS / max(point_seconds, 1e-3))
+    return min(requested, GENERIC_BOOTSTRAP_CAP, max(GENERIC_BOOTSTRAP_MIN, affordable))
 
 
 def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, cache_root: Path,
@@ -149,9 +163,10 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, c
                                             batch_size=batch_size, device=device, on_batch=on_batch)
         features = np.asarray(result.features, dtype=np.float64)
         features_by_model[model.id] = features
-        scores, notes = score_model(metrics, features, labels, dataset.task, result.source_probs)
+        scores, scoring = score_model(metrics, features, labels, dataset.task, result.source_probs)
         per_model[model.id] = {
-            "scores": scores, "notes": notes, "source_probs": result.source_probs,
+            "scores": scores, "notes": scoring["notes"], "score_seconds": scoring["score_seconds"],
+            "source_probs": result.source_probs,
             "feature_seconds": 0.0 if from_cache else float(result.total_seconds),
             "details": {"feature_dim": int(features.shape[1]), "rows": len(texts), "features_cached": from_cache,
                         "forward_seconds": 0.0 if from_cache else float(result.forward_seconds),
@@ -164,6 +179,7 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, c
                    else -per_model[m.id]["scores"][primary])
     intervals: dict[str, dict[str, list[float]]] = {m.id: {} for m in models}
     p_better: dict[str, dict[str, float | None]] = {m.id: {} for m in models}
+    resamples: dict[str, int] = {}
     for metric in metrics:
         # LEEP/NCE read the model's own head; the others read its features.
         source = "source_probs" if metric in ("leep", "nce") else None
@@ -184,8 +200,9 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, c
                 else:
                     value = score_metric(metric, values, target, dataset.task)
                 return np.nan if value is None else float(value)
-            # The other estimators are refitted per resample: cap the count to keep scoring cheap.
-            n_boot = min(bootstrap_samples, GENERIC_BOOTSTRAP_CAP)
+            slowest = max(per_model[model_id]["score_seconds"][metric] for model_id in scored)
+            n_boot = bootstrap_count(bootstrap_samples, slowest)
+        resamples[metric] = n_boot
 
         boot = bootstrap_scores(metric_fn, scored, labels, n_boot=n_boot, seed=seed)
         for model_id, interval in boot["intervals"].items():
@@ -197,7 +214,8 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, c
     ranked: list[RankedModel] = []
     for position, model in enumerate(order, start=1):
         info = per_model[model.id]
-        details = dict(info["details"], intervals=intervals[model.id], p_better_than_next=p_better[model.id])
+        details = dict(info["details"], intervals=intervals[model.id], p_better_than_next=p_better[model.id],
+                       bootstrap_resamples=resamples, score_seconds=info["score_seconds"])
         if info["notes"]:
             details["notes"] = info["notes"]
         if prior is not None:

@@ -70,6 +70,13 @@ class ProgressReporter:
         job_states.report_progress(self.sessions, self.job_id, self.token, stage, fraction)
 
 
+def feature_batch_size(settings: Settings) -> int:
+    from workers.features import pick_device
+
+    on_gpu = pick_device(settings.device).startswith("cuda")
+    return settings.feature_batch_size_gpu if on_gpu else settings.feature_batch_size
+
+
 def _load(sessions: sessionmaker, job_id: str) -> tuple[Job, Dataset, list[HubModel]]:
     with sessions() as session:
         job = session.get(Job, job_id)
@@ -82,15 +89,25 @@ def _rank_phase(sessions: sessionmaker, job: Job, dataset: Dataset, models: list
                 progress: ProgressReporter, settings: Settings) -> None:
     from workers import pipeline
 
-    ranked = pipeline.rank(
-        pipeline.DatasetSpec(path=Path(dataset.storage_path),
-                             sha256=dataset.sha256, task=dataset.task, label_names=dataset.label_names),
-        [pipeline.ModelSpec(m.id, m.name, m.source, m.locator, m.revision) for m in models],
-        job.metrics, cache_root=settings.features_dir, hf_cache_dir=settings.hf_cache_dir,
-        sample_size=job.options.get("sample_size"), seed=job.options.get("seed", 0),
-        max_length=settings.feature_max_length, batch_size=settings.feature_batch_size, device=settings.device,
-        bootstrap_samples=settings.bootstrap_samples, progress=progress,
-    )
+    dataset_spec = pipeline.DatasetSpec(path=Path(dataset.storage_path), sha256=dataset.sha256, task=dataset.task,
+                                        label_names=dataset.label_names)
+    model_specs = [pipeline.ModelSpec(m.id, m.name, m.source, m.locator, m.revision) for m in models]
+    common = dict(cache_root=settings.features_dir, hf_cache_dir=settings.hf_cache_dir,
+                  seed=job.options.get("seed", 0), max_length=settings.feature_max_length,
+                  batch_size=feature_batch_size(settings), device=settings.device,
+                  bootstrap_samples=settings.bootstrap_samples, progress=progress)
+    summary = None
+    halving = job.options.get("successive_halving")
+    if halving:
+        from workers.halving import rank_successive_halving
+
+        result = rank_successive_halving(dataset_spec, model_specs, job.metrics[0], **halving, **common)
+        ranked = result.ranking
+        summary = {key: value for key, value in result.to_dict().items() if key != "ranking"}
+        summary["mode"] = "successive_halving"
+    else:
+        ranked = pipeline.rank(dataset_spec, model_specs, job.metrics, sample_size=job.options.get("sample_size"),
+                               **common)
     tuning_next = job.tune is not None
     with sessions.begin() as session:
         session.execute(delete(RankingEntry).where(RankingEntry.job_id == job.id))
@@ -98,10 +115,10 @@ def _rank_phase(sessions: sessionmaker, job: Job, dataset: Dataset, models: list
                                      details=r.details, feature_seconds=r.feature_seconds) for r in ranked)
         if tuning_next:
             job_states.finish(session, job.id, token, status="queued", phase="tune", stage="ranked; waiting to tune",
-                              progress=0.0)
+                              progress=0.0, ranking_summary=summary)
         else:
             job_states.finish(session, job.id, token, status="succeeded", stage="done", progress=1.0,
-                              finished_at=utcnow())
+                              finished_at=utcnow(), ranking_summary=summary)
     if tuning_next:
         from workers.celery_app import make_celery
 

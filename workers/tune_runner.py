@@ -67,6 +67,7 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
     from workers import pipeline
     from workers.hub import resolve_model
     from workers.ranking import logme
+    from workers.runner import feature_batch_size
     from workers.tuning import BTuningTeacher, TextDataset, TuneConfig, TuningCancelled, train
 
     spec = job.tune or {}
@@ -99,7 +100,7 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
             result, _ = pipeline.model_features(
                 pipeline.ModelSpec(model.id, model.name, model.source, model.locator, model.revision), texts,
                 dataset.sha256, cache_root=settings.features_dir, hf_cache_dir=settings.hf_cache_dir,
-                max_length=settings.feature_max_length, batch_size=settings.feature_batch_size,
+                max_length=settings.feature_max_length, batch_size=feature_batch_size(settings),
                 device=settings.device)
             train_features[model.id] = np.asarray(result.features, dtype=np.float64)[train_idx]
         fits = {mid: logme(f, train_set[1], task="classification",

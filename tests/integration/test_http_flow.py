@@ -104,6 +104,19 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path]) -> None:
     assert again["status"] == "succeeded"
     assert all(r["features_cached"] and r["feature_seconds"] == 0.0 for r in again["ranking"])
     assert alice.get("/v1/jobs", params={"limit": 1}).json()["total"] == 2
+    # Successive halving: nested samples, one metric, the rounds recorded on the job.
+    halving = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "metrics": ["logme"],
+                                           "successive_halving": {"initial_rows": 30, "confidence": 0.9}})
+    assert halving.status_code == 202, halving.text
+    halved = wait_for(alice, halving.json()["id"], stack)
+    assert halved["status"] == "succeeded", (halved, stack.log_text())
+    assert sorted(r["rank"] for r in halved["ranking"]) == [1, 2, 3]
+    summary = halved["ranking_summary"]
+    assert summary["mode"] == "successive_halving" and summary["rounds"][0]["rows"] == 30
+    assert summary["total_rows"] == 90
+    two_metrics = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "metrics": ["logme", "hscore"],
+                                               "successive_halving": {}})
+    assert two_metrics.status_code == 422 and two_metrics.json()["field"] == "metrics"
 
     # Bad input: problem+json naming the field or row; nothing half-written.
     before = sorted(p.name for p in (stack.home / "artifacts" / "datasets").iterdir())

@@ -87,7 +87,7 @@ def test_padding_does_not_change_a_text_feature(which: str, request: pytest.Fixt
 
 def test_padded_waste_under_ten_percent_with_length_bucketing(bert_dir: Path) -> None:
     texts = mixed_texts(400, seed=3, low=1, high=120)
-    result = extract_features(bert_dir, texts, batch_size=16, max_length=128)
+    result = extract_features(bert_dir, texts, batch_size=16, max_length=128, device="cpu")
     assert result.padding_waste < 0.10
     # Without bucketing (chunks in arrival order) the same texts waste far more: the bucketing is what helps.
     tokenizer = transformers.AutoTokenizer.from_pretrained(bert_dir)
@@ -96,6 +96,17 @@ def test_padded_waste_under_ten_percent_with_length_bucketing(bert_dir: Path) ->
     unsorted_waste = 1 - lengths.sum() / padded_tokens(lengths, arrival)
     assert unsorted_waste > 0.3
     assert result.padded_tokens == padded_tokens(lengths, length_batches(lengths, 16))
+
+
+def test_prefix_tokenising_gives_the_same_ids_as_whole_texts(bert_dir: Path, llama_dir: Path) -> None:
+    texts = mixed_texts(30, seed=9, low=1, high=400) + [
+        "", "short", "team " * 300, "x" * 5000, ("a" * 300 + " ") * 20, "http://example.com/" + "abc/" * 800,
+        "the game " * 58 + "supercalifragilistic" * 30]
+    for folder in (bert_dir, llama_dir):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        for max_length in (8, 64, 200):
+            whole = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+            assert feat.encode(tokenizer, texts, max_length) == whole
 
 
 def test_length_batches_cover_every_index_once_and_respect_token_budget() -> None:
@@ -120,7 +131,8 @@ def test_flops_estimate_counts_weights_by_hand(bert_dir: Path) -> None:
     lengths = np.array([len(tokenizer(t)["input_ids"]) for t in texts])
     expected = 2 * linear_weights * lengths.sum() + 4 * layers * h * (lengths.astype(float) ** 2).sum()
     assert result.flops_estimate == pytest.approx(expected, rel=1e-12)
-    assert result.num_parameters == sum(p.numel() for p in transformers.AutoModel.from_pretrained(bert_dir).parameters())
+    model = transformers.AutoModel.from_pretrained(bert_dir)
+    assert result.num_parameters == sum(p.numel() for p in model.parameters())
 
 
 def test_source_head_probabilities_and_base_features(classifier_dir: Path, bert_dir: Path) -> None:
@@ -236,4 +248,5 @@ def test_cuda_autocast_features_match_float32_cpu(bert_dir: Path, llama_dir: Pat
         cos = (gpu.features * cpu.features).sum(1) / (
             np.linalg.norm(gpu.features, axis=1) * np.linalg.norm(cpu.features, axis=1))
         assert cos.min() > 0.99  # bf16 (or fp16) autocast: close to float32, not equal
-        assert gpu.tokens == cpu.tokens and gpu.padded_tokens == cpu.padded_tokens
+        assert gpu.tokens == cpu.tokens
+        assert gpu.padded_tokens >= cpu.padded_tokens and gpu.padded_tokens % 8 == 0  # widths rounded up to 8

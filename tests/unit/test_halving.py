@@ -1,0 +1,210 @@
+"""Successive-halving ranking: elimination rule, nested stratified samples, feature reuse, and agreement with a full
+rank() when nothing may be eliminated. Tiny random models; labels are a linear threshold of model A's features, so A
+is the right answer, and model D (word embeddings zeroed: its features see only the text's length) is clearly worse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from service.datasets import ParsedDataset, write_normalized  # noqa: E402
+from tests.tiny_models import _COMMON_WORDS, make_tiny_bert  # noqa: E402
+from workers import features as features_module  # noqa: E402
+from workers.halving import nested_order, paired_elimination, rank_successive_halving, round_sizes  # noqa: E402
+from workers.pipeline import DatasetSpec, ModelSpec, rank  # noqa: E402
+
+ROWS = 256
+
+
+# ---------------------------------------------------------------- pure parts
+
+def test_paired_elimination_uses_the_paired_replicate_fraction() -> None:
+    b = 100
+    leader = np.full(b, 1.0)
+    # candidate below the leader in 96 of 100 replicates, equal in 2 (count 1/2 each), above in 2: P = 0.97
+    close = np.concatenate([np.zeros(96), np.ones(2), np.full(2, 2.0)])
+    far = np.zeros(b)  # always below: P = 1
+    point = {"lead": 1.0, "close": 0.5, "far": 0.0}
+    reps = {"lead": leader, "close": close, "far": far}
+    top, p, out = paired_elimination(point, reps, confidence=0.95)
+    assert top == "lead" and p == pytest.approx({"close": 0.97, "far": 1.0}) and out == ["close", "far"]
+    assert paired_elimination(point, reps, confidence=0.98)[2] == ["far"]
+    assert paired_elimination(point, reps, confidence=0.97)[2] == ["close", "far"]  # P >= confidence drops
+    assert paired_elimination(point, reps, confidence=1.0)[2] == []  # certainty is never claimed
+    # min_models keeps the best of the would-be-dropped
+    assert paired_elimination(point, reps, confidence=0.95, min_models=2)[2] == ["far"]
+    assert paired_elimination(point, reps, confidence=0.95, min_models=3)[2] == []
+
+
+def test_paired_elimination_is_paired_not_marginal() -> None:
+    # both models share a large per-replicate shift; the leader is always 0.01 ahead: paired P = 1 although the
+    # marginal intervals overlap almost completely
+    shift = np.random.default_rng(0).normal(0, 1, 200)
+    _, p, out = paired_elimination({"a": 0.01, "b": 0.0}, {"a": shift + 0.01, "b": shift}, 0.95)
+    assert p["b"] == 1.0 and out == ["b"]
+
+
+def test_round_sizes_grow_to_all_rows() -> None:
+    assert round_sizes(1000, 256, 2.0) == [256, 512, 1000]
+    assert round_sizes(100, 256, 2.0) == [100]
+    assert round_sizes(10, 3, 1.2) == [3, 4, 5, 6, 8, 10]  # always grows by at least one row
+
+
+def test_nested_order_prefixes_are_stratified_and_complete() -> None:
+    labels = np.array([0] * 70 + [1] * 25 + [2] * 5)
+    order = nested_order(labels, "classification", seed=4)
+    assert sorted(order.tolist()) == list(range(100))
+    share = np.bincount(labels) / len(labels)
+    for s in range(3, 101):  # brute force over every prefix
+        counts = np.bincount(labels[order[:s]], minlength=3)
+        assert counts.min() >= 1  # every class present as soon as there is room for it
+        assert np.all(np.abs(counts - s * share) <= 2.0), (s, counts)
+    assert not np.array_equal(order, nested_order(labels, "classification", seed=5))
+    assert sorted(nested_order(np.linspace(0, 1, 30), "regression", 0).tolist()) == list(range(30))
+
+
+# ---------------------------------------------------------------- with tiny models
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("halving")
+    a = make_tiny_bert(root / "a", hidden_size=32, seed=0)
+    b = make_tiny_bert(root / "b", hidden_size=16, seed=1)
+    d = make_tiny_bert(root / "d", hidden_size=32, seed=3)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(d / "model.safetensors")
+    weights["embeddings.word_embeddings.weight"].zero_()  # D sees positions only: its features encode length
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(_COMMON_WORDS, size=int(rng.integers(3, 9)))) + f" {i}" for i in range(ROWS)]
+    fa = features_module.extract_features(a, texts).features
+    projection = (fa - fa.mean(0)) @ np.random.default_rng(1).standard_normal(fa.shape[1])
+    labels = (projection > np.median(projection)).astype(int)
+    path = root / "data.parquet"
+    write_normalized(ParsedDataset(texts, labels.tolist(), ["lo", "hi"], None, ROWS), "classification", path)
+    dataset = DatasetSpec(path, "f" * 64, "classification", ["lo", "hi"])
+    models = [ModelSpec(name, name, "local", str(folder), "") for name, folder in
+              (("d", d), ("b", b), ("a", a))]
+    return {"root": root, "dataset": dataset, "models": models, "texts": texts, "labels": labels}
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
+    """Every extract_features call: (model folder name, texts)."""
+    calls: list[tuple[str, list[str]]] = []
+    real = features_module.extract_features
+
+    def wrapper(model_dir, texts, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append((Path(model_dir).name, list(texts)))
+        return real(model_dir, texts, **kwargs)
+
+    monkeypatch.setattr(features_module, "extract_features", wrapper)
+    return calls
+
+
+def run(setup: dict, cache: Path, **kwargs) -> object:  # type: ignore[no-untyped-def]
+    return rank_successive_halving(setup["dataset"], setup["models"], cache_root=cache,
+                                   hf_cache_dir=setup["root"] / "hf", **{"initial_rows": 32, **kwargs})
+
+
+def test_clearly_worse_model_is_eliminated_early_and_best_wins(setup: dict, tmp_path: Path) -> None:
+    result = run(setup, tmp_path / "cache")
+    rounds = result.rounds
+    assert [r.rows for r in rounds][:2] == [32, 64]
+    dropped_d = [r.index for r in rounds if "d" in r.eliminated]
+    assert dropped_d and dropped_d[0] <= 1  # by 64 rows
+    ranking = result.ranking
+    assert ranking[0].model_id == "a" and not ranking[0].details["eliminated"]
+    assert ranking[-1].model_id == "d"
+    entry = ranking[-1].details
+    assert entry["eliminated"] and entry["eliminated_round"] == dropped_d[0]
+    assert entry["eliminated_at_rows"] == rounds[dropped_d[0]].rows and entry["p_leader_better"] >= 0.95
+    assert [m.rank for m in ranking] == [1, 2, 3]
+    # less work than a full ranking: D's features were never extracted for most rows
+    assert result.rows_models < result.rows_models_full == 3 * ROWS
+    assert sum(r.new_rows * len(r.survivors) for r in rounds) == result.rows_models
+
+
+def test_eliminated_models_rank_by_elimination_order() -> None:
+    from workers.halving import HalvingRound, _final_ranking
+
+    models = [ModelSpec(k, k, "local", k, "") for k in "wxyz"]
+    dropped = {"x": {"round": 0, "rows": 8, "reason": "confidently behind the leader", "score": 0.9,
+                     "p_leader_better": 0.99, "leader": "w", "interval": [0, 1], "prior": None},
+               "y": {"round": 1, "rows": 16, "reason": "confidently behind the leader", "score": -5.0,
+                     "p_leader_better": 0.99, "leader": "w", "interval": [0, 1], "prior": None},
+               "z": {"round": 1, "rows": 16, "reason": "confidently behind the leader", "score": -4.0,
+                     "p_leader_better": 0.99, "leader": "w", "interval": [0, 1], "prior": None}}
+    last = HalvingRound(1, 16, 8, ["w", "y", "z"], ["y", "z"], "w", {}, {}, 0.0, 0.0)
+    ranked = _final_ranking(models, ["w"], {"w": 1.0, "y": -5.0, "z": -4.0}, {}, dropped, [last], "logme", None,
+                            dict.fromkeys("wxyz", 0.0))
+    # a later elimination outranks an earlier one whatever the scores (x's 0.9 came from fewer rows)
+    assert [m.model_id for m in ranked] == ["w", "z", "y", "x"]
+
+
+def test_samples_are_nested_and_stratified(setup: dict, tmp_path: Path) -> None:
+    result = run(setup, tmp_path / "cache", confidence=1.0)
+    assert [r.rows for r in result.rounds] == [32, 64, 128, 256]
+    labels = setup["labels"]
+    for earlier, later in zip(result.rounds, result.rounds[1:]):
+        assert set(earlier.row_indices.tolist()) < set(later.row_indices.tolist())
+    for r in result.rounds:
+        assert len(set(r.row_indices.tolist())) == r.rows
+        assert abs(int(labels[r.row_indices].sum()) - r.rows / 2) <= 1  # balanced labels stay balanced
+
+
+def test_features_of_earlier_rows_are_not_recomputed(setup: dict, tmp_path: Path,
+                                                     counted: list[tuple[str, list[str]]]) -> None:
+    result = run(setup, tmp_path / "cache")
+    texts = setup["texts"]
+    for model in ("a", "b", "d"):
+        seen = [t for name, batch in counted if name == model for t in batch]
+        assert len(seen) == len(set(seen))  # no text went through this model twice
+        rounds_in = [r for r in result.rounds if model in r.survivors]
+        assert len([1 for name, _ in counted if name == model]) == len(rounds_in)  # one call per round
+        assert set(seen) == {texts[i] for i in rounds_in[-1].row_indices}  # exactly the rows it was scored on
+    assert sum(len(batch) for _, batch in counted) == result.rows_models
+    # a repeated job finds every chunk in the cache (the key names the rows) and gives the same ranking
+    counted.clear()
+    again = run(setup, tmp_path / "cache")
+    assert counted == [] and again.rows_models == 0 and again.forward_seconds == 0.0
+    assert [m.model_id for m in again.ranking] == [m.model_id for m in result.ranking]
+    for x, y in zip(again.ranking, result.ranking):
+        assert x.scores["logme"] == pytest.approx(y.scores["logme"], rel=1e-12)
+    # other rows (another seed) are other cache entries
+    counted.clear()
+    run(setup, tmp_path / "cache", seed=1)
+    assert sum(len(batch) for _, batch in counted) > 0
+
+
+def test_confidence_one_eliminates_nothing_and_equals_full_rank(setup: dict, tmp_path: Path) -> None:
+    result = run(setup, tmp_path / "halving", confidence=1.0)
+    assert all(r.eliminated == [] for r in result.rounds) and result.rounds[-1].rows == ROWS
+    full = rank(setup["dataset"], setup["models"], ["logme"], cache_root=tmp_path / "full",
+                hf_cache_dir=setup["root"] / "hf")
+    assert [m.model_id for m in result.ranking] == [m.model_id for m in full]
+    assert [m.rank for m in result.ranking] == [m.rank for m in full]
+    for mine, theirs in zip(result.ranking, full):
+        # features come from other batches (other padding), equal to float32 rounding
+        assert mine.scores["logme"] == pytest.approx(theirs.scores["logme"], rel=1e-6)
+        assert mine.details["intervals"]["logme"] == pytest.approx(theirs.details["intervals"]["logme"], rel=1e-6)
+        assert mine.details["p_better_than_next"] == pytest.approx(theirs.details["p_better_than_next"])
+        assert mine.details["logme_prior_only"] == pytest.approx(theirs.details["logme_prior_only"], rel=1e-12)
+
+
+def test_stops_at_min_models(setup: dict, tmp_path: Path) -> None:
+    result = run(setup, tmp_path / "cache", confidence=0.6, min_models=2)
+    survivors = [m for m in result.ranking if not m.details["eliminated"]]
+    assert len(survivors) >= 2
+    assert len(result.rounds[-1].survivors) - len(result.rounds[-1].eliminated) == len(survivors)
+    with pytest.raises(ValueError):
+        run(setup, tmp_path / "cache", growth=1.0)
+    with pytest.raises(ValueError):
+        run(setup, tmp_path / "cache", bootstrap_samples=0)
