@@ -105,9 +105,12 @@ def bootstrap_scores(
         else:
             point[name] = float(metric_fn(f, y))
             reps[name] = np.array([metric_fn(f[idx], y[idx]) for idx in idx_by_b], dtype=np.float64)
+            # A resample repeats rows, and estimators that depend on distinct rows (TransRate's coding rate,
+            # H-score's covariance) shift under repetition: keep the spread, re-centre on the point estimate.
+            reps[name] = reps[name] + (point[name] - float(np.nanmedian(reps[name])))
 
     lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
-    intervals = {k: (float(np.percentile(v, lo_q)), float(np.percentile(v, hi_q))) for k, v in reps.items()}
+    intervals = {k: (float(np.nanpercentile(v, lo_q)), float(np.nanpercentile(v, hi_q))) for k, v in reps.items()}
     order = sorted(point, key=lambda k: point[k], reverse=True)
     p_next = {}
     for a, b in zip(order, order[1:]):
