@@ -327,7 +327,7 @@ def write_markdown(path: Path, stored: dict) -> None:
         "",
     ]
     body: list[str] = []
-    for tag, meta in sorted(stored.get("meta", {}).items()):
+    for tag, meta in stored.get("meta", {}).items():  # in the order the sections were first run
         runs = [r for r in stored["runs"].values() if r.get("tag") == tag]
         if runs:
             body += section(tag, runs, meta["settings"], meta)

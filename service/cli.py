@@ -51,17 +51,29 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if not args.no_worker:
         worker = subprocess.Popen(worker_command(), env=dict(os.environ), start_new_session=True)
         print(f"HubTune: worker child process pid {worker.pid}", file=sys.stderr)
-    print(f"HubTune: home {settings.home_dir}; database {settings.sqlalchemy_url.split('@')[-1]}; "
-          f"broker {settings.celery_broker_url.split('@')[-1]}; http://{args.host}:{args.port}", file=sys.stderr)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    finally:
+
+    def stop_worker() -> None:
         if worker is not None and worker.poll() is None:
             os.killpg(worker.pid, signal.SIGTERM)
             try:
                 worker.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(worker.pid, signal.SIGKILL)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop_worker()
+        sys.exit(128 + signum)
+
+    # uvicorn restores these handlers after its graceful shutdown and re-raises the signal it caught, so the
+    # worker child is stopped on SIGTERM/SIGINT too, not only when uvicorn returns.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"HubTune: home {settings.home_dir}; database {settings.sqlalchemy_url.split('@')[-1]}; "
+          f"broker {settings.celery_broker_url.split('@')[-1]}; http://{args.host}:{args.port}", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        stop_worker()
     return 0
 
 

@@ -207,3 +207,36 @@ def test_cli_upload_rank_and_table(stack: Stack, tiny_hub: dict[str, Path], tmp_
     for name in tiny_hub:
         assert name in ranked.stdout
     assert "logme [95% CI]" in ranked.stdout
+
+
+def test_serve_stops_its_worker_child_on_sigterm(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.integration.conftest import REPO, free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUBTUNE_")}
+    env.update(HUBTUNE_HOME=str(tmp_path), PYTHONPATH=str(REPO))
+    port = free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    worker_pid = None
+    deadline = time.time() + 60
+    while time.time() < deadline and worker_pid is None:
+        line = serve.stderr.readline()
+        if "worker child process pid" in line:
+            worker_pid = int(line.rsplit(" ", 1)[1])
+    assert worker_pid, "serve did not start a worker"
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    serve.send_signal(signal.SIGTERM)
+    serve.wait(timeout=40)
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker_pid, 0)
