@@ -27,7 +27,6 @@ from workers.tuning.regularizers import (
     HyPe,
     L2SP,
     MixLinear,
-    Mixout,
     SelfLabeling,
     SetupInfo,
     SiFT,
@@ -203,7 +202,7 @@ def test_l2sp_is_zero_at_w0_and_its_gradient_points_back_to_w0():
     # alpha/2 * sum ||w - w0||^2 over the backbone only (head excluded)
     expected = 0.5 * alpha * sum(((p.detach() - w0[n]) ** 2).sum() for n, p in model.named_parameters()
                                  if n.startswith("body."))
-    assert math.isclose(float(penalty), float(expected), rel_tol=1e-6)
+    assert math.isclose(float(penalty.detach()), float(expected), rel_tol=1e-6)
     penalty.backward()
     for n, p in model.named_parameters():
         if n.startswith("body."):
