@@ -184,6 +184,16 @@ def test_newton_and_mackay_solvers_agree_and_torch_matches():
     np.testing.assert_allclose(tw.score, logme(f[:20], y[:20]).score, rtol=1e-10)
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device")
+def test_torch_backend_on_cuda_matches_numpy():
+    f, y = informative(2000, 64, 10, seed=8, scale=0.3)
+    a = logme(f, y)
+    t = logme(f, y, backend="torch", device="cuda")
+    np.testing.assert_allclose(t.evidence_per_target, a.evidence_per_target, rtol=1e-9)
+    r = logme(f[:, 1:], f[:, 0], task="regression", backend="torch", device="cuda")
+    np.testing.assert_allclose(r.score, logme(f[:, 1:], f[:, 0], task="regression").score, rtol=1e-9)
+
+
 def test_prior_only_evidence_is_the_maximised_bias_only_marginal_likelihood():
     rng = np.random.default_rng(7)
     y = rng.integers(0, 3, 40)

@@ -182,3 +182,18 @@ def test_multilabel_and_regression_report_their_metrics(bert_dir, tmp_path):
     assert reg.metrics["rmse"] < 1.0  # better than predicting 0 for targets of +-1
     data = json.loads((tmp_path / "sr" / "result.json").read_text())
     assert data["result"]["task"] == "regression"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("regularizer", ["none", "r3f"])
+def test_cuda_training_learns_and_its_checkpoint_loads_on_cpu(bert_dir, tmp_path, regularizer):
+    # bf16 autocast on the GPU, except for the noise-based regularizers that need float32 (details["bf16"])
+    from transformers import AutoModelForSequenceClassification
+
+    result = train(config(device="cuda", regularizer=regularizer), bert_dir, TRAIN, VAL, "classification", NAMES,
+                   tmp_path / "ckpt", tmp_path / "state")
+    assert result.details["device"].startswith("cuda")
+    assert result.details["bf16"] is (regularizer == "none")
+    assert result.metrics["accuracy"] == 1.0
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt")  # saved float32, loads on CPU
+    assert next(model.parameters()).dtype == torch.float32
