@@ -5,6 +5,7 @@ temporary HUBTUNE_HOME, registers real models, uploads a BBC News sample and tim
   overhead ratio = job wall time (started_at -> finished_at) / sum of the models' forward-pass seconds
   cached seconds per model = second job's wall time / number of models
 Usage: python -m benchmarks.rank_overhead [--rows 400] [--models all-MiniLM-L6-v2,paraphrase-MiniLM-L3-v2]
+       [--hub DIR (default $HUBTUNE_DEMO_HUB or ~/.hubtune/demo-hub)] [--out benchmarks/results/rank_overhead.md]
 """
 
 from __future__ import annotations
@@ -48,8 +49,7 @@ def bbc_sample(rows: int, out: Path, seed: int = 0) -> Path:
     return out
 
 
-def model_folders(names: list[str]) -> list[Path]:
-    hub = Path(os.environ.get("HUBTUNE_DEMO_HUB", Path("~/.hubtune/demo-hub").expanduser()))
+def model_folders(names: list[str], hub: Path) -> list[Path]:
     found = []
     for name in names:
         if (hub / name / "config.json").is_file():
@@ -65,8 +65,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=400)
     parser.add_argument("--models", default="all-MiniLM-L6-v2,paraphrase-MiniLM-L3-v2")
+    parser.add_argument("--hub", type=Path,
+                        default=Path(os.environ.get("HUBTUNE_DEMO_HUB", Path("~/.hubtune/demo-hub").expanduser())))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "rank_overhead.md")
     args = parser.parse_args()
-    folders = model_folders(args.models.split(","))
+    began = time.perf_counter()
+    folders = model_folders(args.models.split(","), args.hub)
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         data = bbc_sample(args.rows, home / "bbc.csv")
@@ -98,14 +102,19 @@ def main() -> None:
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; rows={args.rows}; "
-          f"models={[f.name for f in folders]}")
-    print("| job | wall s | feature extraction s (load+tokenise+forward) | forward s | wall / forward | wall s per model |")
-    print("|---|---|---|---|---|---|")
+    lines = [f"Command: `python -m benchmarks.rank_overhead {' '.join(sys.argv[1:])}`  ",
+             f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared); rows={args.rows}; "
+             f"models={[f.name for f in folders]}; metrics=[logme]; wall {time.perf_counter() - began:.0f}s "
+             "for the whole script (service start, uploads, both jobs)", "",
+             "| job | wall s | feature extraction s (load+tokenise+forward) | forward s | wall / forward | "
+             "wall s per model |", "|---|---|---|---|---|---|"]
     for attempt, wall, forward, extraction, count in rows:
         ratio = f"{wall / forward:.2f}" if forward else "n/a (no forward pass)"
-        print(f"| {attempt} | {wall:.2f} | {extraction:.2f} | {forward:.2f} | {ratio} | {wall / count:.2f} |")
-
+        lines.append(f"| {attempt} | {wall:.2f} | {extraction:.2f} | {forward:.2f} | {ratio} | {wall / count:.2f} |")
+    print("\n".join(lines))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("# A rank job's wall time over its forward passes (`benchmarks/rank_overhead.py`)\n\n"
+                        + "\n".join(lines) + "\n", encoding="utf-8")
 
 if __name__ == "__main__":
     main()

@@ -235,7 +235,8 @@ def agreement(scores: list[float], truth: list[float]) -> dict[str, float | None
     from scipy import stats
 
     s, t = np.asarray(scores, float), np.asarray(truth, float)
-    if len(s) < 2 or np.ptp(s) == 0:  # too few models, or scores that cannot tell them apart
+    # too few models, or scores that cannot tell them apart (a saturated estimator differs only by rounding)
+    if len(s) < 2 or np.ptp(s) <= 1e-9 * max(1.0, float(np.abs(s).max())):
         return {"weightedtau": None, "pearson": None, "kendall": None, "rel1": None, "top1": None}
     constant = np.ptp(t) == 0
     best = float(t.max())
@@ -296,6 +297,9 @@ def report(stored: dict[str, Any]) -> list[str]:
             lines.append(f"| {name} | not applicable | | | | |")
             continue
         a = agreement(vals, truth)
+        if a["top1"] is None:
+            lines.append(f"| {name} | cannot rank: the same score for every model (saturated) | | | | |")
+            continue
         label = "linear probe (baseline, trained)" if name == "linear_probe" else name
         lines.append(f"| {label} | {fmt(a['weightedtau'])} | {fmt(a['pearson'])} | {fmt(a['kendall'])} | "
                      f"{fmt(a['rel1'])} | {'n/a' if a['top1'] is None else 'yes' if a['top1'] else 'no'} |")
@@ -375,12 +379,15 @@ def main(argv: list[str] | None = None) -> int:
     machine = (torch.cuda.get_device_name(0) if device.startswith("cuda") else
                f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    previous = stored.get("meta", {})
     stored["meta"] = {"dataset": data_path.name, "task": args.task, "models": [f.name for f in folders],
                       "metrics": metrics, "train_rows": len(train[0]), "val_rows": len(val[0]),
                       "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                       "max_length": args.max_length, "seeds": seeds,
                       "machine": f"{machine}, torch {torch.__version__}, Python {platform.python_version()}",
                       "command": "python -m benchmarks.rank_vs_finetune " + " ".join(argv or sys.argv[1:])}
+    if args.report_only and previous:  # a report describes the runs that made the numbers
+        stored["meta"].update(machine=previous["machine"], command=previous["command"])
 
     def save() -> None:
         store_path.parent.mkdir(parents=True, exist_ok=True)
