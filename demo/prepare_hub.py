@@ -381,6 +381,7 @@ def quiet_transformers() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantisation bar is a plain tqdm, not transformers'
 
 
 def clear_stale_tmp(tmp_root: Path) -> None:

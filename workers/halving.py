@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.pipeline import (GENERIC_BOOTSTRAP_CAP, DatasetSpec, ModelSpec, Progress, RankedModel, load_dataset,
+from workers.pipeline import (DatasetSpec, ModelSpec, Progress, RankedModel, bootstrap_metric, load_dataset,
                               model_features)
 
 
@@ -116,23 +116,6 @@ def paired_elimination(point: dict[str, float], replicates: dict[str, np.ndarray
     return leader, p_better, behind[keep_extra:]
 
 
-def _bootstrap_metric(metric: str, task: str, num_classes: int | None, bootstrap_samples: int) -> tuple[Any, int]:
-    from workers.ranking import LogMEMetric, score_metric
-
-    if metric == "logme":
-        # influence-function replicates: about two LogME fits per model whatever the number of resamples
-        return LogMEMetric(task, num_classes=num_classes), bootstrap_samples
-
-    def metric_fn(values: np.ndarray, target: np.ndarray) -> float:
-        if metric in ("leep", "nce"):
-            value = score_metric(metric, None, target, task, source_probs=values)
-        else:
-            value = score_metric(metric, values, target, task)
-        return np.nan if value is None else float(value)
-
-    return metric_fn, min(bootstrap_samples, GENERIC_BOOTSTRAP_CAP)
-
-
 def _rows_tag(dataset_sha256: str, rows: np.ndarray) -> str:
     """Cache tag naming the dataset and exactly these rows, in this order."""
     digest = hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()[:24]
@@ -153,7 +136,7 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
     each with the round and sample size at which it was dropped. With confidence >= 1 nothing is dropped and the
     last round scores all rows in dataset order with `seed`, so the ranking is that of `pipeline.rank`.
     """
-    from workers.ranking import bootstrap_scores, prior_only_evidence, score_metric
+    from workers.ranking import prior_only_evidence, score_metric
 
     if not models:
         raise ValueError("no candidate models")
@@ -174,7 +157,6 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
     order = nested_order(labels, task, seed)
     first = max(initial_rows, len(np.unique(labels)) if task == "classification" else 2)
     sizes = round_sizes(n, first, growth)
-    metric_fn, n_boot = _bootstrap_metric(metric, task, num_classes, bootstrap_samples)
     by_id = {m.id: m for m in models}
 
     # per model: feature chunks in `order` (chunk r = rows order[sizes[r-1]:sizes[r]]), and source-head chunks
@@ -243,7 +225,9 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
         p_leader: dict[str, float] = {}
         eliminated: list[str] = []
         if values:
-            boot = bootstrap_scores(metric_fn, values, round_labels, n_boot=n_boot, seed=seed)
+            # point_seconds 0: the refitted estimators get the plain resample cap, not a time budget
+            boot, _ = bootstrap_metric(metric, values, round_labels, task, num_classes=num_classes,
+                                       requested=bootstrap_samples, point_seconds=0.0, seed=seed)
             point = {m: float(scores[m]) for m in values}  # type: ignore[arg-type]
             leader, p_leader, eliminated = paired_elimination(point, boot["replicates"], confidence, min_models)
             last_boot, last_scores = boot, {m: scores[m] for m in values}

@@ -132,13 +132,40 @@ def bootstrap_count(requested: int, point_seconds: float) -> int:
     return min(requested, GENERIC_BOOTSTRAP_CAP, max(GENERIC_BOOTSTRAP_MIN, affordable))
 
 
+def bootstrap_metric(metric: str, scored: dict[str, np.ndarray], labels: np.ndarray, task: str, *,
+                     num_classes: int | None, requested: int, point_seconds: float, seed: int
+                     ) -> tuple[dict[str, Any], int]:
+    """Paired bootstrap of one metric over the models in `scored` (features, or source probabilities for LEEP/NCE):
+    (bootstrap_scores' result, resamples used)."""
+    from workers.ranking import LogMEMetric, bootstrap_scores, logme_projected, score_metric
+
+    if metric in ("logme", "logme_projected"):
+        if metric == "logme_projected":
+            # LogME on the projection chosen from all rows (the choice of k held fixed): refitting the choice on
+            # resamples, whose repeated rows inflate low-k evidence, gave intervals far wider than the scores.
+            scored = {model_id: values @ logme_projected(values, labels, task, num_classes=num_classes).components
+                      for model_id, values in scored.items()}
+        # Influence-function replicates: about two LogME fits per model whatever the number of resamples.
+        metric_fn: Any = LogMEMetric(task, num_classes=num_classes)
+        n_boot = requested
+    else:
+        def metric_fn(values: np.ndarray, target: np.ndarray) -> float:
+            if metric in ("leep", "nce"):
+                value = score_metric(metric, None, target, task, source_probs=values)
+            else:
+                value = score_metric(metric, values, target, task)
+            return np.nan if value is None else float(value)
+        n_boot = bootstrap_count(requested, point_seconds)
+    return bootstrap_scores(metric_fn, scored, labels, n_boot=n_boot, seed=seed), n_boot
+
+
 def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, cache_root: Path,
          hf_cache_dir: Path, sample_size: int | None = None, seed: int = 0, max_length: int = 128,
          batch_size: int = 32, device: str | None = None, bootstrap_samples: int = 200,
          progress: Progress | None = None) -> list[RankedModel]:
     """Rank `models` for `dataset` by the first metric; every score comes with an interval and, against the next
     model down, the probability that the higher-ranked one is really better (paired bootstrap over rows)."""
-    from workers.ranking import LogMEMetric, bootstrap_scores, prior_only_evidence, score_metric
+    from workers.ranking import prior_only_evidence
 
     report = progress or (lambda stage, fraction: None)
     texts, labels = load_dataset(dataset)
@@ -188,23 +215,11 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, c
         if not scored or bootstrap_samples <= 0:
             continue
 
-        if metric == "logme":
-            # Influence-function replicates: about two LogME fits per model whatever the number of resamples.
-            num_classes = len(dataset.label_names or []) if dataset.task == "classification" else None
-            metric_fn: Any = LogMEMetric(dataset.task, num_classes=num_classes)
-            n_boot = bootstrap_samples
-        else:
-            def metric_fn(values: np.ndarray, target: np.ndarray, metric: str = metric) -> float:
-                if metric in ("leep", "nce"):
-                    value = score_metric(metric, None, target, dataset.task, source_probs=values)
-                else:
-                    value = score_metric(metric, values, target, dataset.task)
-                return np.nan if value is None else float(value)
-            slowest = max(per_model[model_id]["score_seconds"][metric] for model_id in scored)
-            n_boot = bootstrap_count(bootstrap_samples, slowest)
+        slowest = max(per_model[model_id]["score_seconds"][metric] for model_id in scored)
+        num_classes = len(dataset.label_names or []) if dataset.task == "classification" else None
+        boot, n_boot = bootstrap_metric(metric, scored, labels, dataset.task, num_classes=num_classes,
+                                        requested=bootstrap_samples, point_seconds=slowest, seed=seed)
         resamples[metric] = n_boot
-
-        boot = bootstrap_scores(metric_fn, scored, labels, n_boot=n_boot, seed=seed)
         for model_id, interval in boot["intervals"].items():
             intervals[model_id][metric] = [float(interval[0]), float(interval[1])]
         for model_id, probability in boot["p_better_than_next"].items():

@@ -89,3 +89,29 @@ def test_generic_bootstrap_is_recentred_on_the_point_estimate():
     low, high = out["intervals"]["a"]
     assert out["point"]["a"] == 1.0
     assert low <= 1.0 <= high and high - low < 0.2
+
+
+def test_projected_logme_interval_is_of_logmes_width_and_holds_its_score():
+    # Wide features with an 8-d signal. Refitting the choice of k on bootstrap resamples (repeated rows) gave
+    # intervals ~50x wider than LogME's, e.g. [-1.27, 0.62] around -0.34; the choice is now held fixed.
+    from workers.pipeline import bootstrap_metric
+    from workers.ranking import score_metric
+
+    n, d, c = 300, 384, 5
+    y = np.arange(n) % c
+    scored = {}
+    for name, strength, seed in (("a", 1.5, 1), ("b", 1.0, 2)):
+        r = np.random.default_rng(seed)
+        f = r.normal(size=(n, d))
+        f[:, :8] += np.eye(c)[y] @ r.normal(size=(c, 8)) * strength
+        scored[name] = f
+    common = dict(num_classes=c, requested=200, point_seconds=0.0, seed=0)
+    plain, _ = bootstrap_metric("logme", scored, y, "classification", **common)
+    projected, resamples = bootstrap_metric("logme_projected", scored, y, "classification", **common)
+    assert resamples == 200
+    for name, f in scored.items():
+        low, high = projected["intervals"][name]
+        assert low <= score_metric("logme_projected", f, y, "classification") <= high
+        plain_low, plain_high = plain["intervals"][name]
+        assert high - low < 3 * (plain_high - plain_low)
+    assert projected["p_better_than_next"]["a"] > 0.95
