@@ -73,7 +73,7 @@ class Settings(BaseSettings):
 
     def ensure_dirs(self) -> None:
         for folder in (self.home_dir, self.datasets_dir, self.features_dir, self.jobs_dir, self.broker_dir / "queue",
-                       self.broker_dir / "processed"):
+                       self.broker_dir / "processed", self.broker_dir / "control"):
             folder.mkdir(parents=True, exist_ok=True)
 
 

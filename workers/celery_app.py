@@ -18,6 +18,8 @@ def make_celery(settings: Settings) -> Celery:
             "data_folder_in": str(settings.broker_dir / "queue"),
             "data_folder_out": str(settings.broker_dir / "queue"),
             "processed_folder": str(settings.broker_dir / "processed"),
+            # kombu's default is ./control in the current directory: keep exchange tables in HOME too
+            "control_folder": str(settings.broker_dir / "control"),
             "store_processed": False,
         }
         remote_control = False  # the filesystem transport has no fanout exchange

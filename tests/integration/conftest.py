@@ -52,11 +52,12 @@ class Stack:
     api: subprocess.Popen | None = None
     workers: list[subprocess.Popen] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
+    cwd: Path | None = None  # an empty folder the processes run in: nothing may be written there
 
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
         log_path = self.home / f"{name}-{len(self.logs)}.log"
         self.logs.append(log_path)
-        return subprocess.Popen([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=self.env,
+        return subprocess.Popen([sys.executable, "-m", "service.cli", *args], cwd=self.cwd or REPO, env=self.env,
                                 stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def start_api(self) -> None:
@@ -88,7 +89,7 @@ class Stack:
         env = dict(self.env, HUBTUNE_URL=self.url)
         if key:
             env["HUBTUNE_API_KEY"] = key
-        return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=env, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=self.cwd or REPO, env=env, capture_output=True,
                               text=True, timeout=timeout)
 
     def create_key(self, name: str) -> str:
@@ -114,6 +115,8 @@ class Stack:
 def _make_stack(kind: str, tmp: Path, **extra_env: str) -> Iterator[Stack]:
     home = tmp / "home"
     home.mkdir()
+    cwd = tmp / "cwd"
+    cwd.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUBTUNE_")}
     env.update({
         "HUBTUNE_HOME": str(home), "HUBTUNE_LEASE_SECONDS": "4", "HUBTUNE_HEARTBEAT_SECONDS": "0.5",
@@ -134,7 +137,7 @@ def _make_stack(kind: str, tmp: Path, **extra_env: str) -> Iterator[Stack]:
         redis.Redis.from_url(f"{REDIS_URL}/{redis_db}").flushdb()
         env["HUBTUNE_DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:5432/{database}"
         env["HUBTUNE_BROKER_URL"] = f"{REDIS_URL}/{redis_db}"
-    stack = Stack(kind=kind, home=home, env=env, url=f"http://127.0.0.1:{free_port()}")
+    stack = Stack(kind=kind, home=home, env=env, url=f"http://127.0.0.1:{free_port()}", cwd=cwd)
     try:
         stack.start_api()
         yield stack

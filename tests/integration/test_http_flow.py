@@ -92,6 +92,10 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path]) -> None:
         assert low <= high
         assert isinstance(entry["beats_prior"], bool)
     assert 0.0 <= ranking[0]["p_better_than_next"]["logme"] <= 1.0
+    # All local state lives in HUBTUNE_HOME (the filesystem broker's exchange tables included), none in the cwd.
+    assert stack.cwd is not None and list(stack.cwd.iterdir()) == []
+    if stack.kind == "sqlite":
+        assert (stack.home / "broker" / "control" / "rank.exchange").exists()
 
     # Another key sees none of it.
     assert bob.get(f"/v1/jobs/{job['id']}").status_code == 404
