@@ -7,7 +7,13 @@ model that should lose), then for growing numbers of examples reports, per model
   LogME, LogME of the label-prior-only baseline, and logme_projected (k leading directions, k by max evidence).
 It counts how often the random model outranks a pretrained one under each score (mean over sample seeds).
 
+It also asks what a user would see: the paired bootstrap probability that the random model is really better
+(LogME's influence replicates, the same machinery as a rank job's p_better_than_next), so a flipped pair that the
+interval calls a coin toss is told apart from a confident wrong answer.
+
 Usage: python -m benchmarks.occam [--sizes 25,50,100,200,400] [--seeds 5] [--hub DIR] [--rows 400]
+       python -m benchmarks.kaomoji --out /tmp/kaomoji5.csv && python -m benchmarks.occam --data /tmp/kaomoji5.csv \
+           --max-length 32 --seeds 10
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from workers.features import extract_features
-from workers.pipeline import sample_rows
-from workers.ranking import logme, logme_projected, prior_only_evidence
+from workers.pipeline import distinct_examples, sample_rows
+from workers.ranking import LogMEMetric, bootstrap_scores, logme, logme_projected, prior_only_evidence
 
 
 def main() -> None:
@@ -34,6 +40,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="25,50,100,200,400")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--rows", type=int, default=400)
+    parser.add_argument("--bootstrap", type=int, default=200, help="paired bootstrap resamples per pair")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--data", type=Path, default=None, help="CSV with text,label columns (default: the hub's "
                         "bbc_news.csv)")
@@ -42,7 +49,9 @@ def main() -> None:
     import csv
 
     with (args.data or args.hub / "bbc_news.csv").open(encoding="utf-8") as fh:
-        records = list(csv.DictReader(fh))[: args.rows]
+        records = list(csv.DictReader(fh))
+    # each text once, as a rank job reads a dataset (repeats make LogME's evidence unbounded when N <= D)
+    records = [records[i] for i in distinct_examples([r["text"] for r in records])][: args.rows]
     texts = [r["text"] for r in records]
     names = sorted({r["label"] for r in records})
     labels = np.array([names.index(r["label"]) for r in records])
@@ -68,6 +77,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     flips = {"logme": [], "logme_projected": []}
     below_prior = {"logme": [], "logme_projected": []}
+    # per size: [random first, ... with P >= 0.95, pretrained first, ... with P(random better) <= 0.05]
+    confidence: dict[int, list[int]] = {}
     for size in sizes:
         table: dict[str, list[tuple[float, float, float, int]]] = {m: [] for m in features}
         for seed in range(args.seeds):
@@ -78,6 +89,19 @@ def main() -> None:
                 plain = logme(f[rows], y, num_classes=len(names), compute_weights=False).score
                 projected = logme_projected(f[rows], y, num_classes=len(names))
                 table[model].append((plain, prior, projected.score, projected.k))
+            # What a rank job's paired bootstrap says about each random-vs-pretrained pair (LogME).
+            counts = confidence.setdefault(size, [0, 0, 0, 0])
+            for model in pretrained:
+                boot = bootstrap_scores(LogMEMetric("classification", num_classes=len(names)),
+                                        {model: features[model][rows], "random": features["random-init-32d"][rows]},
+                                        y, n_boot=args.bootstrap, seed=seed)
+                p_random = float(np.mean(boot["replicates"]["random"] > boot["replicates"][model]))
+                if boot["point"]["random"] > boot["point"][model]:
+                    counts[0] += 1
+                    counts[1] += p_random >= 0.95
+                else:
+                    counts[2] += 1
+                    counts[3] += p_random <= 0.05
         for model, values in table.items():
             v = np.array(values, dtype=float)
             print(f"| {size} | {model} | {features[model].shape[1]} | {v[:, 0].mean():.3f} | {v[:, 1].mean():.3f} "
@@ -99,6 +123,12 @@ def main() -> None:
     print("|---|---|---|")
     for (size, plain), (_, projected) in zip(below_prior["logme"], below_prior["logme_projected"]):
         print(f"| {size} | {plain:.0%} | {projected:.0%} |")
+    print(f"\nDoes the interval say so? Paired bootstrap of LogME ({args.bootstrap} resamples, as a rank job computes "
+          "p_better_than_next) for every (pretrained model, seed) pair:")
+    print("| N | random first | ... with P(random better) >= 0.95 | pretrained first | ... with P(random better) <= 0.05 |")
+    print("|---|---|---|---|---|")
+    for size, (rand_first, rand_sure, pre_first, pre_sure) in confidence.items():
+        print(f"| {size} | {rand_first} | {rand_sure} | {pre_first} | {pre_sure} |")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def load_dataset(path: Path, task: str, text_column: str, label_column: str) -> 
                                                                                       list[str] | None]:
     """Texts, labels as the tuning loop wants them (class ids, multi-hot rows, floats), label names."""
     from service.datasets import detect_format, parse_dataset
+    from workers.pipeline import distinct_examples
 
     with path.open("rb") as fh:
         head = fh.read(8)
@@ -67,7 +68,8 @@ def load_dataset(path: Path, task: str, text_column: str, label_column: str) -> 
         labels = np.asarray(parsed.labels, dtype=np.float32)
     else:
         labels = np.asarray(parsed.labels, dtype=np.int64)
-    return parsed.texts, labels, parsed.label_names
+    keep = distinct_examples(parsed.texts)  # as a rank or tune job reads it
+    return [parsed.texts[i] for i in keep], labels[keep], parsed.label_names
 
 
 def subsample(labels: np.ndarray, task: str, rows: int, seed: int) -> np.ndarray:

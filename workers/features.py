@@ -23,7 +23,7 @@ import numpy as np
 
 POOLING = "mean"
 # Part of every cache key: bump when what extract_features computes (or the entry layout) changes.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: datasets are read with each text once (workers.pipeline.distinct_examples)
 
 
 class FeatureExtractionCancelled(Exception):

@@ -23,3 +23,42 @@ def test_split_is_disjoint_stratified_and_covers_every_row() -> None:
     assert np.bincount(labels[train]).tolist() == [40, 16, 1]
     reg_train, reg_val = split_rows(np.linspace(0, 1, 40), "regression", 0.25, seed=1)
     assert len(reg_val) == 10 and len(reg_train) == 30
+
+
+def test_repeated_examples_are_read_once_and_that_keeps_logme_bounded(tmp_path) -> None:
+    """Copies of one text with fewer distinct rows than feature dimensions: every labelling that
+    agrees on the copies is fitted exactly, so LogME's evidence grows without bound as the noise variance goes to 0
+    (the solver stops at its clip, 80 e-folds below the spectrum, and the score is an artefact of that clip)."""
+    from workers.pipeline import DatasetSpec, distinct_examples, load_dataset
+    from workers.ranking import logme
+
+    rng = np.random.default_rng(0)
+    n, d = 60, 200
+    labels = rng.integers(0, 3, n)
+    features = rng.normal(size=(n, d))
+    features[:, :3] += np.eye(3)[labels]
+    texts = [f"text {i}" for i in range(n)]
+    features[1], labels[1], texts[1] = features[0], labels[0], texts[0]  # the same example twice
+    texts.append("text 5")  # the same text as row 5 under another label: one-vs-rest targets other than those two
+    # agree on both copies, so it is read once too (with its first label)
+    labels = np.append(labels, (labels[5] + 1) % 3)
+    features = np.vstack([features, features[5]])
+
+    keep = distinct_examples(texts)
+    assert keep.tolist() == [0, *range(2, n)]
+    repeated = logme(features, labels)
+    distinct = logme(features[keep], labels[keep])
+    assert (repeated.alpha / repeated.beta).min() < 1e-20  # at the clip: unbounded evidence
+    assert (distinct.alpha / distinct.beta).min() > 1e-6
+    assert repeated.score > distinct.score + 0.2  # one target of three at the clip: +0.28 here
+
+    # load_dataset (what rank and tune jobs read) applies it
+    from service.datasets import ParsedDataset, write_normalized
+
+    path = tmp_path / "normalized.parquet"
+    names = ["a", "b", "c"]
+    write_normalized(ParsedDataset(texts=texts, labels=[int(y) for y in labels], label_names=names,
+                                   class_counts=None, rows=len(texts)), "classification", path)
+    read_texts, read_labels = load_dataset(DatasetSpec(path, "0" * 64, "classification", names))
+    assert read_texts == [texts[i] for i in keep]
+    assert read_labels.tolist() == labels[keep].tolist()

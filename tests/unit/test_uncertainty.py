@@ -115,3 +115,23 @@ def test_projected_logme_interval_is_of_logmes_width_and_holds_its_score():
         plain_low, plain_high = plain["intervals"][name]
         assert high - low < 3 * (plain_high - plain_low)
     assert projected["p_better_than_next"]["a"] > 0.95
+
+
+def test_influence_stays_finite_where_features_fit_a_target_exactly():
+    """N < D with a repeated row: a target that agrees on the copies sits at lam -> 0 (beta ~ 1e30). y - F m then
+    cancels to round-off, and beta * r^2 written that way gave influences of 1e29 and intervals of +-1e29; the
+    residual is now formed without the cancellation."""
+    rng = np.random.default_rng(0)
+    n, d = 60, 200
+    y = rng.integers(0, 3, n)
+    f = rng.normal(size=(n, d))
+    f[:, :3] += np.eye(3)[y]
+    f[1], y[1] = f[0], y[0]
+    fit = logme(f, y)
+    assert (fit.alpha / fit.beta).min() < 1e-20  # the regime in question
+    score, psi = logme_influence(f, y)
+    assert score == pytest.approx(fit.score, rel=1e-12)
+    assert np.all(np.isfinite(psi)) and np.ptp(psi) < 5.0
+    out = bootstrap_scores(LogMEMetric(), {"m": f}, y, n_boot=100, seed=0)
+    low, high = out["intervals"]["m"]
+    assert low <= score <= high and high - low < 0.5

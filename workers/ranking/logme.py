@@ -409,13 +409,21 @@ def logme_influence(features: Any, labels: Any, task: str = "classification", *,
     sp, basis = _spectrum_numpy(f, y)
     lam, iters, converged = _solve(sp, "newton", 1e-10, 1000)
     res = _finish(sp, lam, iters, converged, _weights_numpy(f, sp, basis, lam))
+    n = f.shape[0]
+    inv = 1.0 / (sp.s[:, None] + lam[None, :])  # (k, T): 1/(s_j + lam)
     if sp.mode == "gram_d":
-        q = (f @ basis) ** 2  # (N, D): squared coordinates, sum_j q_ij/(alpha+beta s_j) = leverage
+        # beta f_i^T A^-1 f_i = sum_j (f_i^T v_j)^2 / (lam + s_j)
+        beta_lev = ((f @ basis) ** 2) @ inv
+        r = y - f @ res.weights.T
+        beta_r2 = res.beta[None, :] * r * r
     else:
-        q = basis**2 * sp.s[None, :]  # (FV)_ij = sqrt(s_j) U_ij
-    lev = q @ (1.0 / (res.alpha[None, :] + res.beta[None, :] * sp.s[:, None]))  # (N, T)
-    r = y - f @ res.weights.T
-    psi = 0.5 * np.log(res.beta / (2 * np.pi))[None, :] - 0.5 * res.beta[None, :] * (r * r + lev)
+        # N < D: with (U, s) from F F^T, beta f_i^T A^-1 f_i = [F F^T (F F^T + lam)^-1]_ii and the residual is
+        # r = lam U diag(1/(s+lam)) U^T y. Written without beta: where the features interpolate a target
+        # (lam -> 0, beta -> 1e30) y - F m cancels to round-off and beta r^2 came out as 1e29 noise.
+        beta_lev = (basis**2) @ (sp.s[:, None] * inv)
+        scaled = basis @ (sp.proj * inv)  # r / lam
+        beta_r2 = n * lam[None, :] * scaled**2 / np.einsum("jt,jt->t", sp.proj**2, inv)[None, :]
+    psi = 0.5 * np.log(res.beta / (2 * np.pi))[None, :] - 0.5 * (beta_r2 + beta_lev)
     return res.score, psi.mean(axis=1)
 
 
