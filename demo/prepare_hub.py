@@ -39,6 +39,7 @@ MPNET = "all-mpnet-base-v2"
 SMOLLM2 = "SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3 = "gemma-3-270m"
+RANDOM_32D = "random-init-32d"
 MPNET_PARTS = 5
 MARKER = ".hubtune.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
@@ -271,11 +272,21 @@ def build_gemma3(out: Path) -> dict[str, Any]:
                    "Gemma terms of use"}
 
 
+def build_random_32d(out: Path) -> dict[str, Any]:
+    """The model that should lose: a randomly initialised 2-layer, 32-d BERT (the same one benchmarks/occam.py
+    builds), for checking LogME's Occam failure against fine-tuning."""
+    from tests.tiny_models import make_tiny_bert
+
+    make_tiny_bert(out, hidden_size=32, num_layers=2, seed=0)
+    return {"package": None, "how": "random initialisation (seed 0), tests.tiny_models.make_tiny_bert"}
+
+
 BUILDERS: dict[str, Callable[[Path], dict[str, Any]]] = {
     MINILM_L6: build_minilm_l6, MINILM_L3: build_minilm_l3, MPNET: build_mpnet, SMOLLM2: build_smollm2,
-    GEMMA3: build_gemma3,
+    GEMMA3: build_gemma3, RANDOM_32D: build_random_32d,
 }
-# The demo's hub: the four models the demo packages install; gemma-3-270m is opt-in (--models), for benchmarks.
+# The demo's hub: the four models the demo packages install; gemma-3-270m and random-init-32d are opt-in
+# (--models), for benchmarks.
 DEFAULT_MODELS = (MINILM_L6, MINILM_L3, MPNET, SMOLLM2)
 
 
