@@ -168,9 +168,12 @@ def bootstrap_metric(metric: str, scored: dict[str, np.ndarray], labels: np.ndar
             # resamples, whose repeated rows inflate low-k evidence, gave intervals far wider than the scores.
             scored = {model_id: values @ logme_projected(values, labels, task, num_classes=num_classes).components
                       for model_id, values in scored.items()}
-        # Influence-function replicates: about two LogME fits per model whatever the number of resamples.
+        # N > D: influence replicates, about two LogME fits per model whatever the number of resamples.
+        # N <= D: a refit per resample (see LogMEMetric), so as many as the time budget allows.
         metric_fn: Any = LogMEMetric(task, num_classes=num_classes)
-        n_boot = requested
+        n_rows = len(labels)
+        refits = any(metric_fn.resolved_method(n_rows, values.shape[1]) != "influence" for values in scored.values())
+        n_boot = bootstrap_count(requested, point_seconds) if refits else requested
     else:
         def metric_fn(values: np.ndarray, target: np.ndarray) -> float:
             if metric in ("leep", "nce"):

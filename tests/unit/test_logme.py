@@ -310,3 +310,22 @@ def test_projected_logme_keeps_cases_logme_already_gets_right():
         plain = logme(f, y).score
         assert p.score >= plain - 1e-12  # full width is a candidate
         assert p.scores_by_k[64] == pytest.approx(plain, rel=1e-9)
+
+
+def test_coinciding_rows_count_once_when_n_is_below_d():
+    """Two identical rows (same label) with N < D: the direction (e_0 - e_1)/sqrt(2) is invisible to the features
+    and would make the evidence unbounded. Dropping it is LogME on the data rotated so that the pair becomes one row
+    (sqrt(2) f_0, sqrt(2) y_0): an independent reference computed on that merged data set."""
+    rng = np.random.default_rng(3)
+    n, d, c = 40, 90, 3
+    labels = rng.integers(0, c, n)
+    f = rng.normal(size=(n, d))
+    f[:, :c] += 2.0 * np.eye(c)[labels]
+    f[1], labels[1] = f[0], labels[0]
+    onehot = np.eye(c)[labels]
+    merged_f = np.vstack([np.sqrt(2.0) * f[0], f[2:]])
+    merged_y = np.vstack([np.sqrt(2.0) * onehot[0], onehot[2:]])
+    got = logme(f, labels)
+    want = logme(merged_f, merged_y, task="regression")
+    assert got.score == pytest.approx(want.score, rel=1e-8)
+    assert np.allclose(got.weights, want.weights, rtol=1e-6, atol=1e-10)

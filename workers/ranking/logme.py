@@ -243,9 +243,29 @@ def _spectrum_numpy(f: np.ndarray, y: np.ndarray, yy: np.ndarray | None = None):
     k = f @ f.T
     s, u = np.linalg.eigh(k)
     s = np.maximum(s, 0.0)
-    proj = u.T @ y  # (N, T); U is square so nothing of y lies outside its span
-    sp = _Spectrum(s, proj, yy, "gram_n", n, d)
+    keep = kept_sample_directions(s)
+    s, u = s[keep], u[:, keep]
+    proj = u.T @ y  # (N', T)
+    sp = _Spectrum(s, proj, np.einsum("kt,kt->t", proj, proj), "gram_n", int(keep.sum()), d)
     return sp, u
+
+
+# An eigenvalue of F F^T below this fraction of the largest is a sample-space direction the features cannot see.
+NULL_DIRECTION_TOL = 1e-9
+
+
+def kept_sample_directions(s: np.ndarray) -> np.ndarray:
+    """Mask of the eigen-directions of F F^T (N < D) that LogME keeps.
+
+    Rows of F that coincide (a text repeated, or texts that tokenise alike, e.g. strings of [UNK]) or are otherwise
+    dependent leave directions u in sample space with F^T u = 0. Along u the model is y.u = noise only, and when a
+    target has y.u = 0 there (the copies agree) the evidence grows like log(beta) without bound: the fitted score is
+    then wherever the solver stops, and a model whose tokenizer maps many texts to one vector wins. Dropping those
+    directions is LogME on the data merged over coinciding rows (each group counted once, its mean target weighted
+    by its size), so N becomes the number of directions kept. Float32 features of the same text can differ by
+    round-off, hence a relative tolerance rather than exact zeros."""
+    top = float(s.max()) if s.size else 0.0
+    return s > top * NULL_DIRECTION_TOL if top > 0 else np.zeros(s.shape, dtype=bool)
 
 
 def _weights_numpy(f: np.ndarray, sp: _Spectrum, basis: np.ndarray, lam: np.ndarray) -> np.ndarray:
@@ -409,7 +429,7 @@ def logme_influence(features: Any, labels: Any, task: str = "classification", *,
     sp, basis = _spectrum_numpy(f, y)
     lam, iters, converged = _solve(sp, "newton", 1e-10, 1000)
     res = _finish(sp, lam, iters, converged, _weights_numpy(f, sp, basis, lam))
-    n = f.shape[0]
+    n = sp.n  # rows, or the sample directions kept when N < D
     inv = 1.0 / (sp.s[:, None] + lam[None, :])  # (k, T): 1/(s_j + lam)
     if sp.mode == "gram_d":
         # beta f_i^T A^-1 f_i = sum_j (f_i^T v_j)^2 / (lam + s_j)
@@ -480,12 +500,12 @@ def logme_projected(
         pos = s_sorted > s_sorted[0] * 1e-12
         v_sorted = np.zeros((d, len(order)))
         v_sorted[:, pos] = (f.T @ u_sorted[:, pos]) / np.sqrt(s_sorted[pos])
-    rank_dim = min(n, d)
+    rank_dim = min(sp.n, d)  # sp.n: directions kept when N < D (see kept_sample_directions)
     cand = sorted({int(k) for k in (dims if dims is not None else _default_dims(rank_dim)) if 1 <= k <= rank_dim})
     scores: dict[int, float] = {}
     best = None
     for k in cand:
-        sub = _Spectrum(s_sorted[:k], b[:k], sp.yy, "gram_d", n, k)
+        sub = _Spectrum(s_sorted[:k], b[:k], sp.yy, "gram_d", sp.n, k)
         lam, iters, conv = _solve(sub, "newton", 1e-10, 1000)
         res = _finish(sub, lam, iters, conv, np.empty((0, k)))
         scores[k] = res.score

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.ranking.logme import _Spectrum
+from workers.ranking.logme import _Spectrum, kept_sample_directions
 
 
 def _pick_device(device: Any) -> torch.device:
@@ -37,13 +37,18 @@ def spectrum_torch(features: Any, y: np.ndarray, device: Any = None, class_label
     n, d = f.shape
     if n >= d:
         s, basis = torch.linalg.eigh(f.T @ f)
+        s = s.clamp_min(0.0)
         proj = basis.T @ (f.T @ yt)
         mode = "gram_d"
     else:
         s, basis = torch.linalg.eigh(f @ f.T)
+        s = s.clamp_min(0.0)
+        keep = torch.as_tensor(kept_sample_directions(s.cpu().numpy()), device=dev)
+        s, basis = s[keep], basis[:, keep]
         proj = basis.T @ yt
+        yy = (proj * proj).sum(0)
         mode = "gram_n"
-    s = s.clamp_min(0.0)
+        n = int(keep.sum())
     sp = _Spectrum(s.cpu().numpy(), proj.cpu().numpy(), yy.cpu().numpy(), mode, n, d)
     return sp, (f, basis, proj, s)
 

@@ -12,6 +12,8 @@ cost ~2 LogME fits per model whatever B is. It also avoids a real defect of refi
 with duplicated rows and fewer distinct rows than D is exactly interpolable and its evidence is
 unbounded. `LogMEMetric(method="refit")` refits exactly on count-weighted sufficient statistics
 (`logme_weighted`: F^T diag(c) F over the drawn rows only, F is never re-copied as F[idx]).
+When N <= D the influence replicates collapse (every row is fitted exactly) and the default method refits on the
+distinct rows of each resample instead (see `LogMEMetric`).
 """
 
 from __future__ import annotations
@@ -24,12 +26,25 @@ from workers.ranking.logme import logme, logme_influence, logme_weighted
 
 
 class LogMEMetric:
-    """Callable `(features, labels) -> LogME score` that the bootstrap can evaluate fast."""
+    """Callable `(features, labels) -> LogME score` that the bootstrap can evaluate fast.
 
-    def __init__(self, task: str = "classification", method: str = "influence", num_classes: int | None = None):
-        if method not in ("influence", "refit"):
-            raise ValueError("method must be 'influence' or 'refit'")
+    method "auto" (the default) takes the first-order influence replicates when N > D and subsample refits when
+    N <= D. There the features can fit a target exactly, LogME's optimum sits at or near beta -> inf, and every
+    row's influence is about the same (the fit passes through each point), so influence replicates barely move
+    and intervals collapse to a false certainty (seen on 25 kaomoji: 6 of 7 wrongly ordered pairs "certain").
+    Refits on the distinct rows of each resample (about 0.63 N, no repeats, so the evidence stays bounded) are
+    the delete-d jackknife; their spread is scaled by sqrt(m / (N - m)) to N rows and centred on the point score.
+    """
+
+    def __init__(self, task: str = "classification", method: str = "auto", num_classes: int | None = None):
+        if method not in ("auto", "influence", "refit", "subsample"):
+            raise ValueError("method must be 'auto', 'influence', 'refit' or 'subsample'")
         self.task, self.method, self.num_classes = task, method, num_classes
+
+    def resolved_method(self, n_rows: int, dim: int) -> str:
+        if self.method != "auto":
+            return self.method
+        return "subsample" if n_rows <= dim else "influence"
 
     def __call__(self, features: np.ndarray, labels: np.ndarray) -> float:
         return logme(features, labels, self.task, num_classes=self.num_classes, compute_weights=False).score
@@ -37,9 +52,19 @@ class LogMEMetric:
     def replicates(self, features: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> tuple[float, np.ndarray]:
         """Point score and the (B,) replicate scores for count matrix counts (B, N)."""
         n = features.shape[0]
-        if self.method == "influence":
+        method = self.resolved_method(n, features.shape[1])
+        if method == "influence":
             score, psi = logme_influence(features, labels, self.task, num_classes=self.num_classes)
             return score, score + (counts - 1.0) @ psi / n
+        if method == "subsample":
+            score = self(features, labels)
+            reps = np.empty(len(counts))
+            scale = np.empty(len(counts))
+            for b, c in enumerate(counts):
+                rows = np.flatnonzero(c > 0)
+                reps[b] = self(features[rows], labels[rows])
+                scale[b] = np.sqrt(len(rows) / max(n - len(rows), 1))
+            return score, score + scale * (reps - reps.mean())
         score = self(features, labels)
         reps = np.array([logme_weighted(features, labels, c, self.task, num_classes=self.num_classes).score
                          for c in counts])
@@ -79,7 +104,7 @@ def bootstrap_scores(
       "order": models by point score, best first,
       "p_better_than_next": {model: fraction of replicates in which it scores above the next model
                              in that order (ties count 1/2); absent for the last model},
-      "replicates": {model: (B,) array}, "n_boot": B, "method": "influence" | "refit" | "resample",
+      "replicates": {model: (B,) array}, "n_boot": B, "method": "auto" | "influence" | "refit" | "subsample" | "resample",
     }
     stratify defaults to True when labels are 1-D integers (classification).
     """
