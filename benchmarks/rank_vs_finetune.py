@@ -181,6 +181,7 @@ def model_scores(folder: Path, task: str, train: tuple[list[str], np.ndarray], v
                  metrics: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """Features, every estimator on train features, the linear probe: what ranking a model costs."""
     from workers.features import extract_features
+    from workers.pipeline import ranking_targets
     from workers.ranking import prior_only_evidence, score_metric
 
     began = time.perf_counter()
@@ -191,10 +192,11 @@ def model_scores(folder: Path, task: str, train: tuple[list[str], np.ndarray], v
     x_train, x_val = x[: len(train[0])], x[len(train[0]):]
     scores: dict[str, float | None] = {}
     seconds: dict[str, float] = {}
+    targets = ranking_targets(train[1], task)  # what a rank job scores (standardised regression targets)
     for name in metrics:
         t0 = time.perf_counter()
         try:
-            value = score_metric(name, x_train, train[1], task,
+            value = score_metric(name, x_train, targets, task,
                                  None if feats.source_probs is None else feats.source_probs[: len(train[0])])
         except Exception as exc:  # report and go on: one estimator failing must not hide the others
             print(f"  {folder.name}: {name} failed: {exc!r}", flush=True)
@@ -206,7 +208,7 @@ def model_scores(folder: Path, task: str, train: tuple[list[str], np.ndarray], v
     seconds["linear_probe"] = time.perf_counter() - t0
     return {"model": folder.name, "dim": int(x.shape[1]), "num_parameters": feats.num_parameters,
             "feature_seconds": round(feature_seconds, 2), "scores": scores, "metric_seconds": seconds,
-            "prior_only": float(prior_only_evidence(train[1], task)),
+            "prior_only": float(prior_only_evidence(targets, task)),
             "linear_probe": probe, "linear_probe_l2": probe_lam}
 
 

@@ -21,7 +21,8 @@ Rules (every rejection is a `DatasetProblem` the API renders as RFC 9457 problem
   occurs in any string label cell (so CSV "sport|politics"). Items are stripped; blank items are dropped; an empty
   list (`[]`) is allowed and means "no label applies" (a blank CSV cell is still a missing label). Labels are
   encoded as sorted lists of distinct class indices; at least two classes over the dataset.
-- regression: labels must parse as finite floats ("abc", NaN and inf are rejected).
+- regression: labels must parse as finite floats ("abc", NaN and inf are rejected), and not all be equal (a
+  constant target cannot rank or train anything).
 """
 
 from __future__ import annotations
@@ -179,6 +180,9 @@ def parse_dataset(path: Path, fmt: str, task: str, text_column: str, label_colum
                 counts[name] += 1
         return ParsedDataset(texts, labels, label_names, counts, len(texts))
     labels = [_number_label(v, r, label_column) for v, r in zip(raw_labels, row_numbers)]
+    if len(set(labels)) < 2:
+        raise DatasetProblem(422, "constant target", f"every value in {label_column!r} is {labels[0]!r}; a "
+                             "regression target needs at least two distinct values", field="label_column")
     return ParsedDataset(texts, labels, None, None, len(texts))
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from workers.pipeline import (DatasetSpec, ModelSpec, Progress, RankedModel, bootstrap_metric, load_dataset,
-                              model_features)
+                              model_features, ranking_targets)
 
 
 @dataclass
@@ -201,7 +201,7 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
         # score on the rows seen so far, in dataset order (the full round is then exactly rank()'s input)
         seen = order[:size]
         ascending = np.argsort(seen, kind="stable")
-        round_labels = labels[seen[ascending]]
+        round_labels = ranking_targets(labels[seen[ascending]], task)
         if metric == "logme":
             prior = prior_only_evidence(round_labels, task)
         values: dict[str, np.ndarray] = {}

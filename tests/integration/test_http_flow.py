@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -149,6 +150,16 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path]) -> None:
     assert bad_job.status_code == 422 and bad_job.json()["field"] == "metrics[1]"
     bad_tune = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "tune": {"epochs": 0}})
     assert bad_tune.status_code == 422 and bad_tune.json()["field"] == "tune.epochs"
+
+    # Regression: targets far from zero are standardised before scoring (LogME fits no bias), so the label-mean
+    # baseline is that of a unit-variance target, about -(1 + log 2 pi)/2 = -1.419, whatever the offset.
+    reg_rows = [f"{' '.join(['word'] * (3 + i % 7))} {i},{1000 + 25 * (i % 7) + (i % 3)}" for i in range(60)]
+    reg = upload(alice, ("text,label\n" + "\n".join(reg_rows) + "\n").encode(), task="regression")
+    assert reg.status_code == 201, reg.text
+    reg_job = wait_for(alice, alice.post("/v1/jobs", json={"dataset_id": reg.json()["id"]}).json()["id"], stack)
+    assert reg_job["status"] == "succeeded", (reg_job, stack.log_text())
+    assert all(-1.5 < r["logme_prior_only"] < -1.41 for r in reg_job["ranking"])
+    assert all(math.isfinite(r["scores"]["logme"]) for r in reg_job["ranking"])
 
 
 def test_too_large_upload_is_413(tmp_path: Path) -> None:

@@ -159,6 +159,11 @@ def test_single_class(tmp_path: Path) -> None:
     assert (err.status, err.title, err.field) == (422, "a single class", "label_column")
 
 
+def test_constant_regression_target(tmp_path: Path) -> None:
+    err = problem(write(tmp_path, "d.csv", "text,y\nx,2.5\ny,2.50\nz,2.5e0\n"), "csv", task="regression", label="y")
+    assert (err.status, err.title, err.field) == (422, "constant target", "label_column")
+
+
 def test_unknown_task_and_same_columns(tmp_path: Path) -> None:
     path = write(tmp_path, "d.csv", "text,label\nx,a\ny,b\n")
     err = problem(path, "csv", task="ranking")

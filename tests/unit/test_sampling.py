@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from workers.pipeline import sample_rows
+from workers.pipeline import ranking_targets, sample_rows
+from workers.ranking import logme, prior_only_evidence
 from workers.tune_runner import split_rows
 
 
@@ -64,3 +65,29 @@ def test_repeated_examples_are_read_once_and_logme_counts_coinciding_rows_once(t
     read_texts, read_labels = load_dataset(DatasetSpec(path, "0" * 64, "classification", names))
     assert read_texts == [texts[i] for i in keep]
     assert read_labels.tolist() == labels[keep].tolist()
+
+
+def test_regression_targets_are_standardised_so_a_target_offset_cannot_decide_the_ranking() -> None:
+    """LogME fits no bias: on a raw target far from zero, features that carry a large constant component win
+    over features that explain the target, and every model falls below the label-mean baseline."""
+    rng = np.random.default_rng(0)
+    n = 300
+    signal = rng.normal(size=n)
+    y = 50.0 + 2.0 * signal + 0.5 * rng.normal(size=n)
+    explains = np.column_stack([signal, rng.normal(size=(n, 7))])  # 8-d, centred, carries the signal
+    constant = np.column_stack([np.full(n, 10.0) + 0.01 * rng.normal(size=n), rng.normal(size=(n, 7))])
+    raw = {name: logme(f, y, "regression").score for name, f in [("explains", explains), ("constant", constant)]}
+    assert raw["constant"] > raw["explains"]  # the defect: the offset decides
+    assert raw["explains"] < prior_only_evidence(y, "regression")
+
+    z = ranking_targets(y, "regression")
+    assert abs(z.mean()) < 1e-12 and abs(z.std() - 1.0) < 1e-12
+    fair = {name: logme(f, z, "regression").score for name, f in [("explains", explains), ("constant", constant)]}
+    assert fair["explains"] > prior_only_evidence(z, "regression") > fair["constant"] - 0.05
+    assert fair["explains"] > fair["constant"]
+    # shifting or rescaling the uploaded target changes nothing any more
+    assert np.allclose(ranking_targets(3.0 * y - 7.0, "regression"), z)
+    labels = np.array([0, 1, 1, 2])
+    assert ranking_targets(labels, "classification") is labels
+    with pytest.raises(ValueError, match="constant"):
+        ranking_targets(np.full(5, 1.5), "regression")

@@ -24,7 +24,8 @@ How it is computed (why it is fast and exact):
 Targets: classification -> one one-hot column per class; multilabel -> one 0/1 column per label;
 regression -> one column per output, used as given (NOT standardised: the evidence is a density of y,
 so rescaling a target by c shifts its per-sample score by -log|c|; standardise before calling if you
-want scale-free scores across datasets; ranking models on one dataset is unaffected).
+want scale-free scores across datasets; ranking models on one dataset is unaffected by the scale, but not by
+the mean, since no bias is fitted: rank jobs standardise regression targets, see workers.pipeline.ranking_targets).
 No bias column is added (as in the reference); append a column of ones to F if you want one.
 """
 
