@@ -1,10 +1,12 @@
-"""LogME's Occam failure on real data, and the max-evidence projection fix.
+"""LogME's Occam failure on real data, and the fix: logme_projected (an intercept, and the number of leading principal
+directions chosen by maximum evidence).
 
 With few labelled examples, LogME's Occam factor charges every feature dimension, so a wide pretrained model can
 score below a narrow randomly initialised one and even below the labels-only baseline. This script extracts real
 features once (BBC News, real pretrained models from the demo hub, plus a randomly initialised 32-d BERT as the
 model that should lose), then for growing numbers of examples reports, per model:
-  LogME, LogME of the label-prior-only baseline, and logme_projected (k leading directions, k by max evidence).
+  LogME, LogME of the label-prior-only baseline, and logme_projected (LogME with an intercept on the k leading
+  directions of [F, 1], k by max evidence).
 It counts how often the random model outranks a pretrained one under each score (mean over sample seeds).
 
 It also asks what a user would see: the paired bootstrap probability that the random model is really better
@@ -14,6 +16,8 @@ interval calls a coin toss is told apart from a confident wrong answer.
 Usage: python -m benchmarks.occam [--sizes 25,50,100,200,400] [--seeds 5] [--hub DIR] [--rows 400]
        python -m benchmarks.kaomoji --out /tmp/kaomoji5.csv && python -m benchmarks.occam --data /tmp/kaomoji5.csv \
            --max-length 32 --seeds 10
+       python -m benchmarks.austen --package PKG --out /tmp/austen.csv && python -m benchmarks.occam \
+           --data /tmp/austen.csv --rows 1200 --max-length 64 --sizes 50,100,200,400,1200 --seeds 10
 """
 
 from __future__ import annotations

@@ -185,7 +185,7 @@ def bootstrap_metric(metric: str, scored: dict[str, np.ndarray], labels: np.ndar
         if metric == "logme_projected":
             # LogME on the projection chosen from all rows (the choice of k held fixed): refitting the choice on
             # resamples, whose repeated rows inflate low-k evidence, gave intervals far wider than the scores.
-            scored = {model_id: values @ logme_projected(values, labels, task, num_classes=num_classes).components
+            scored = {model_id: logme_projected(values, labels, task, num_classes=num_classes).project(values)
                       for model_id, values in scored.items()}
         # N > D: influence replicates, about two LogME fits per model whatever the number of resamples.
         # N <= D: a refit per resample (see LogMEMetric), so as many as the time budget allows.

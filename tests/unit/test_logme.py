@@ -291,7 +291,7 @@ def test_projected_logme_fixes_the_occam_failure(seed):
     assert proj.score > logme_projected(narrow, y).score
     assert proj.k < 768
     # the score at the chosen k is plain LogME of the materialised projection F V_k
-    direct = logme(f @ proj.components, y)
+    direct = logme(proj.project(f), y)
     assert proj.score == pytest.approx(direct.score, rel=1e-8)
     np.testing.assert_allclose(proj.result.weights, direct.weights, rtol=1e-6, atol=1e-10)
 
@@ -307,9 +307,36 @@ def test_projected_logme_keeps_cases_logme_already_gets_right():
     pg, pw = logme_projected(good, y), logme_projected(weak, y)
     assert logme(good, y).score > logme(weak, y).score and pg.score > pw.score
     for f, p in ((good, pg), (weak, pw)):
-        plain = logme(f, y).score
-        assert p.score >= plain - 1e-12  # full width is a candidate
-        assert p.scores_by_k[64] == pytest.approx(plain, rel=1e-9)
+        with_ones = logme(f, y, add_bias=True).score
+        assert p.score >= with_ones - 1e-12  # full width (plus the ones column) is a candidate
+        assert p.scores_by_k[65] == pytest.approx(with_ones, rel=1e-9)
+        bias_free = logme_projected(f, y, intercept=False)
+        assert bias_free.score >= logme(f, y).score - 1e-12
+        assert bias_free.scores_by_k[64] == pytest.approx(logme(f, y).score, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_projected_logme_intercept_lets_every_model_fit_the_class_prior_alike(seed):
+    """A nearly constant narrow model (what mean pooling of a randomly initialised encoder gives) fits the class
+    prior through its constant direction for free; centred wide features with a real but weak class signal
+    cannot fit it at all without a bias, and plain LogME scores them below the uninformative model and below the
+    prior. With the intercept, the uninformative model scores the prior baseline and the signal wins."""
+    from workers.ranking.logme import logme_projected
+
+    rng = np.random.default_rng(seed)
+    n = 200
+    y = rng.integers(0, 3, n)
+    wide = rng.normal(size=(n, 32)) + rng.normal(size=(3, 32))[y] * 0.2
+    wide -= wide.mean(axis=0)
+    constant = 3.0 + 0.05 * rng.normal(size=(n, 4))
+    prior = prior_only_evidence(y)
+    assert logme(wide, y).score < prior < logme(constant, y).score + 1e-3  # the failure
+    assert logme_projected(wide, y, intercept=False).score < logme_projected(constant, y, intercept=False).score
+    fixed_wide, fixed_constant = logme_projected(wide, y), logme_projected(constant, y)
+    assert fixed_wide.score > fixed_constant.score
+    assert fixed_constant.score == pytest.approx(prior, abs=2e-3)
+    # the score is LogME of the materialised projection, ones column included
+    assert fixed_wide.score == pytest.approx(logme(fixed_wide.project(wide), y).score, rel=1e-8)
 
 
 def test_coinciding_rows_count_once_when_n_is_below_d():

@@ -326,7 +326,7 @@ def _logme_projected_score(features: np.ndarray, labels: np.ndarray, task: str) 
 _CLS = frozenset({"classification"})
 METRICS: dict[str, Metric] = {
     "logme": Metric("logme", frozenset({"classification", "multilabel", "regression"}), False, _logme_score),
-    # LogME on the leading k principal directions, k by maximum evidence (the few-examples / wide-features fix).
+    # LogME with an intercept on the leading k principal directions, k by maximum evidence (the few-examples fix).
     "logme_projected": Metric("logme_projected", frozenset({"classification", "multilabel", "regression"}), False,
                               _logme_projected_score),
     "hscore": Metric("hscore", _CLS, False, hscore),

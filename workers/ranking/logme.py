@@ -452,9 +452,17 @@ def logme_influence(features: Any, labels: Any, task: str = "classification", *,
 class ProjectedLogMEResult:
     score: float  # LogME score at the chosen dimension
     k: int  # chosen number of leading components
-    scores_by_k: dict[int, float]  # evidence / N for every k tried (the full D included)
+    scores_by_k: dict[int, float]  # evidence / N for every k tried (the full width included)
     result: LogMEResult  # full result at k (weights are in the k-dim projected coordinates)
-    components: np.ndarray  # (D, k) projection: the k leading eigenvectors of F^T F
+    components: np.ndarray  # (D', k) projection: the k leading eigenvectors of F'^T F' (F' = [F, 1] with intercept)
+    intercept: bool = True  # whether a column of ones was appended to F before projecting
+
+    def project(self, features: Any) -> np.ndarray:
+        """Features (N, D) in the chosen k coordinates (the ones column appended first when intercept)."""
+        f = np.asarray(features, dtype=np.float64)
+        if self.intercept:
+            f = np.hstack([f, np.ones((f.shape[0], 1))])
+        return f @ self.components
 
 
 def _default_dims(rank_dim: int) -> list[int]:
@@ -472,19 +480,30 @@ def logme_projected(
     dims: list[int] | None = None,
     *,
     num_classes: int | None = None,
+    intercept: bool = True,
 ) -> ProjectedLogMEResult:
-    """LogME on the k leading principal directions of F, with k chosen by maximum evidence.
+    """LogME with an intercept on the k leading principal directions of F, with k chosen by maximum evidence.
 
     LogME's Occam factor charges every feature dimension: with few examples and wide features a
     real but low-dimensional signal can score below the label-prior baseline. Projecting on the
-    top-k eigenvectors of F^T F (uncentred, matching LogME's bias-free model; k from 8, 16, 32, ...,
-    plus the full width) and keeping the k with the largest evidence keeps LogME's meaning (it is
-    Bayesian model selection over nested linear models) and never scores below plain LogME because
-    the full width is among the candidates. Selecting among ~log2(D) models adds at most
-    log(#dims)/N of optimism. All k share one eigendecomposition: each extra k costs O(k T).
+    top-k eigenvectors of F'^T F' (k from 8, 16, 32, ..., plus the full width) and keeping the k with the
+    largest evidence keeps LogME's meaning (it is Bayesian model selection over nested linear models) and
+    never scores below LogME of F' because the full width is among the candidates. Selecting among
+    ~log2(D) models adds at most log(#dims)/N of optimism. All k share one eigendecomposition: each extra
+    k costs O(k T).
+
+    intercept (default): F' = [F, 1]. Published LogME fits no bias, so a target's mean (for one-hot
+    targets, the class prior) must be represented by the features: a model whose features are nearly one
+    constant vector (a randomly initialised one: ||mean f|| / mean ||f|| = 0.95-0.99 against 0.4-0.75 for
+    pretrained encoders) fits the prior for the cost of one direction, while centred or weakly
+    offset features pay for it across many, and the difference can exceed the real signal. With the
+    ones column every model can fit the prior alike (measured on real data in benchmarks/occam*.py).
+    intercept=False: F' = F, uncentred, LogME's own bias-free model.
     """
     y = make_targets(labels, task, num_classes)
     f = np.asarray(features, dtype=np.float64)
+    if intercept:
+        f = np.hstack([f, np.ones((f.shape[0], 1))])
     n, d = f.shape
     sp, basis = _spectrum_numpy(f, y)
     # leading-first spectrum in D-space coordinates: sigma_j and b_j = v_j^T F^T y
@@ -525,4 +544,5 @@ def logme_projected(
         comps = v_sorted[:, :k]
     else:
         comps = np.eye(d)
-    return ProjectedLogMEResult(score=res.score, k=k, scores_by_k=scores, result=res, components=comps)
+    return ProjectedLogMEResult(score=res.score, k=k, scores_by_k=scores, result=res, components=comps,
+                                intercept=intercept)

@@ -1,0 +1,92 @@
+"""Which pretrained model does the random model beat, and does a bias column change it? (LogME's Occam failure)
+
+Companion to benchmarks/occam.py, for the data where the failure happens (kaomoji): per sample size, the share of
+sample seeds in which the randomly initialised 32-d model scores above each pretrained model, for
+  plain         LogME as published and as ranked (no bias column),
+  bias          a column of ones appended to every model's features, so fitting the class prior costs every
+                model the same (`logme(..., add_bias=True)`),
+  centred+bias  features centred over the sample, plus the bias column.
+It also prints how constant each model's features are (||mean f|| / mean ||f||): a model whose features are
+nearly one vector is, for LogME, nearly the label-prior baseline.
+
+    python -m benchmarks.kaomoji --out /tmp/kaomoji5.csv
+    python -m benchmarks.occam_variants --hub HUB --data /tmp/kaomoji5.csv --max-length 32 --seeds 10
+HUB: a folder built by `python -m demo.prepare_hub --out HUB --rows 0 --models
+all-MiniLM-L6-v2,paraphrase-MiniLM-L3-v2,all-mpnet-base-v2,random-init-32d`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from workers.features import extract_features
+from workers.pipeline import distinct_examples, sample_rows
+from workers.ranking import logme, prior_only_evidence
+
+RANDOM = "random-init-32d"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hub", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True, help="CSV with text,label columns")
+    parser.add_argument("--models", default="all-MiniLM-L6-v2,paraphrase-MiniLM-L3-v2,all-mpnet-base-v2")
+    parser.add_argument("--sizes", default="25,50,100,200,400")
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--max-length", type=int, default=128)
+    args = parser.parse_args()
+
+    with args.data.open(encoding="utf-8") as fh:
+        records = list(csv.DictReader(fh))
+    records = [records[i] for i in distinct_examples([r["text"] for r in records])]
+    texts = [r["text"] for r in records]
+    names = sorted({r["label"] for r in records})
+    labels = np.array([names.index(r["label"]) for r in records])
+    classes = len(names)
+    pretrained = args.models.split(",")
+    features = {m: extract_features(args.hub / m, texts, max_length=args.max_length).features.astype(np.float64)
+                for m in pretrained + [RANDOM]}
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.data.name}, {len(texts)} distinct texts, "
+          f"{classes} classes; {args.seeds} sample seeds per size\n")
+    print("| model | dim | ‖mean f‖ / mean ‖f‖ |")
+    print("|---|---|---|")
+    for m, f in features.items():
+        print(f"| {m} | {f.shape[1]} | {np.linalg.norm(f.mean(0)) / np.linalg.norm(f, axis=1).mean():.2f} |")
+
+    variants: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+        "plain": lambda f, y: logme(f, y, num_classes=classes, compute_weights=False).score,
+        "bias": lambda f, y: logme(f, y, num_classes=classes, compute_weights=False, add_bias=True).score,
+        "centred+bias": lambda f, y: logme(f - f.mean(0), y, num_classes=classes, compute_weights=False,
+                                           add_bias=True).score,
+    }
+    print("\nShare of seeds in which the random model scores above each pretrained model, and mean scores:")
+    print("| N | prior-only | variant | " + " | ".join(f"random > {m}" for m in pretrained) + " | mean score per model ("
+          + ", ".join(pretrained + [RANDOM]) + ") |")
+    print("|---|---|---|" + "---|" * len(pretrained) + "---|")
+    for size in [int(s) for s in args.sizes.split(",")]:
+        scores = {v: {m: [] for m in features} for v in variants}
+        priors = []
+        for seed in range(args.seeds):
+            rows = sample_rows(labels, "classification", size, seed)
+            y = labels[rows]
+            priors.append(prior_only_evidence(y, "classification", num_classes=classes))
+            for v, score in variants.items():
+                for m, f in features.items():
+                    scores[v][m].append(score(f[rows], y))
+        for v in variants:
+            rand = np.array(scores[v][RANDOM])
+            shares = [f"{np.mean(rand > np.array(scores[v][m])):.0%}" for m in pretrained]
+            means = ", ".join(f"{np.mean(scores[v][m]):.3f}" for m in features)
+            print(f"| {size} | {np.mean(priors):.3f} | {v} | " + " | ".join(shares) + f" | {means} |")
+
+
+if __name__ == "__main__":
+    main()
