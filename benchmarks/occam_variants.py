@@ -68,8 +68,8 @@ def main() -> None:
                                            add_bias=True).score,
     }
     print("\nShare of seeds in which the random model scores above each pretrained model, and mean scores:")
-    print("| N | prior-only | variant | " + " | ".join(f"random > {m}" for m in pretrained) + " | mean score per model ("
-          + ", ".join(pretrained + [RANDOM]) + ") |")
+    shares_header = " | ".join(f"random > {m}" for m in pretrained)
+    print(f"| N | prior-only | variant | {shares_header} | mean score per model ({', '.join(pretrained + [RANDOM])}) |")
     print("|---|---|---|" + "---|" * len(pretrained) + "---|")
     for size in [int(s) for s in args.sizes.split(",")]:
         scores = {v: {m: [] for m in features} for v in variants}
