@@ -74,8 +74,30 @@ def read_model_config(folder: Path) -> dict[str, Any]:
                    if isinstance(c.get(k), int)), None)
     architectures = config.get("architectures") or []
     has_head = any(a.endswith("ForSequenceClassification") for a in architectures) and bool(config.get("id2label"))
+    modality = model_modality(config)
+    if modality == "text" and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise Problem(422, "no tokenizer", f"{folder} holds a text model but no tokenizer files (one of "
+                      f"{', '.join(TOKENIZER_FILES)}); save it beside the weights: tokenizer.save_pretrained(folder)",
+                      field="path")
     return {"model_type": config.get("model_type"), "architecture": architectures[0] if architectures else None,
-            "hidden_size": hidden, "has_source_head": has_head}
+            "hidden_size": hidden, "has_source_head": has_head, "modality": modality}
+
+
+# Any one of these lets AutoTokenizer.from_pretrained(folder) build a tokenizer without a hub.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def model_modality(config: dict[str, Any]) -> str:
+    """"text" for a model that reads token ids (a vocabulary), "image" for one that reads pixels only. Ranking reads
+    text datasets, so only text models are candidates; an image model is catalogued but never picked."""
+    text_config = config.get("text_config") or {}
+    if "vocab_size" in config or "vocab_size" in text_config:
+        return "text"
+    vision_keys = ("image_size", "num_channels", "patch_size", "pixel_values")
+    if any(key in config for key in vision_keys) or "vision_config" in config:
+        return "image"
+    return "text"
 
 
 def paginate(session: Any, query: Any, limit: int, offset: int, render: Any) -> dict[str, Any]:
@@ -305,8 +327,12 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
                 if not body.candidates:
                     raise Problem(422, "no candidate models", "candidates is empty", field="candidates")
                 for i, model_id in enumerate(body.candidates):
-                    if session.get(HubModel, model_id) is None:
+                    candidate = session.get(HubModel, model_id)
+                    if candidate is None:
                         raise Problem(422, "unknown model", f"no model {model_id}", field=f"candidates[{i}]")
+                    if candidate.modality != "text":
+                        raise Problem(422, "not a text model", f"{candidate.name} reads {candidate.modality}s; "
+                                      "datasets here are text", field=f"candidates[{i}]")
                 candidates = list(dict.fromkeys(body.candidates))
             if body.successive_halving is not None:
                 if len(body.metrics) != 1:

@@ -137,6 +137,9 @@ def ranking_table(job: dict[str, Any]) -> str:
     table = format_table(rows, header)
     if job["ranking"] and "logme_prior_only" in job["ranking"][0]:
         table += f"\nLogME of the label-prior-only baseline: {job['ranking'][0]['logme_prior_only']:.4f}"
+    for entry in job["ranking"]:
+        if entry.get("error"):
+            table += f"\n{entry['model']} could not be scored: {entry['error']}"
     return table
 
 

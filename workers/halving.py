@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from workers.pipeline import (DatasetSpec, ModelSpec, Progress, RankedModel, bootstrap_metric, load_dataset,
-                              model_features, ranking_targets)
+from workers.pipeline import (CandidatesFailed, DatasetSpec, ModelSpec, Progress, RankedModel, bootstrap_metric,
+                              failed_model, load_dataset, model_features, ranking_targets)
 
 
 @dataclass
@@ -181,13 +181,21 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
         new_texts = [texts[i] for i in new_rows]
         tag = _rows_tag(dataset.sha256, new_rows)
         round_forward = 0.0
+        failed_now: list[str] = []
         for k, model_id in enumerate(survivors):
             model = by_id[model_id]
             stage = f"round {r + 1}/{len(sizes)} ({size} rows), features {k + 1}/{len(survivors)}: {model.name}"
             report(stage, min(0.99, done_units / worst_case))
-            result, from_cache = model_features(model, new_texts, tag, cache_root=cache_root,
-                                                hf_cache_dir=hf_cache_dir, max_length=max_length,
-                                                batch_size=batch_size, device=device)
+            try:
+                result, from_cache = model_features(model, new_texts, tag, cache_root=cache_root,
+                                                    hf_cache_dir=hf_cache_dir, max_length=max_length,
+                                                    batch_size=batch_size, device=device)
+            except Exception as exc:  # one unusable candidate must not sink the others (see pipeline.rank)
+                failure = failed_model(model, [metric], exc, size, 0.0)["details"]["error"]
+                dropped[model_id] = {"round": r, "rows": size, "reason": "failed", "error": failure, "score": None,
+                                     "prior": None}
+                failed_now.append(model_id)
+                continue
             chunks[model_id].append(np.asarray(result.features))  # float32 until scored: half the memory
             prob_chunks[model_id].append(result.source_probs)
             done_units += len(new_rows)
@@ -197,6 +205,10 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
                 feature_seconds[model_id] += float(result.total_seconds)
                 rows_models += len(new_rows)
         total_forward += round_forward
+        survivors = [m for m in survivors if m not in failed_now]
+        if not survivors:
+            raise CandidatesFailed({by_id[m].name: dropped[m]["error"] for m in dropped
+                                    if dropped[m]["reason"] == "failed"})
 
         # score on the rows seen so far, in dataset order (the full round is then exactly rank()'s input)
         seen = order[:size]
@@ -262,9 +274,11 @@ def _final_ranking(models: list[ModelSpec], survivors: list[str], last_scores: d
     last_rows = rounds[-1].rows
     alive = sorted((m for m in survivors if m in last_scores), key=lambda m: -float(last_scores[m]))  # type: ignore[arg-type]
     # later eliminations first; within one round by the score they had there; not-applicable ones last
-    out = sorted((m for m in dropped if dropped[m]["reason"] != "not applicable"),
+    unscored = ("not applicable", "failed")
+    out = sorted((m for m in dropped if dropped[m]["reason"] not in unscored),
                  key=lambda m: (-dropped[m]["round"], -float(dropped[m]["score"])))
     out += [m for m in dropped if dropped[m]["reason"] == "not applicable"]
+    out += [m for m in dropped if dropped[m]["reason"] == "failed"]
 
     ranked: list[RankedModel] = []
     intervals = last_boot.get("intervals", {})
@@ -276,7 +290,9 @@ def _final_ranking(models: list[ModelSpec], survivors: list[str], last_scores: d
             details: dict[str, Any] = {"eliminated": True, "eliminated_round": info["round"],
                                        "eliminated_at_rows": info["rows"], "rows": info["rows"],
                                        "reason": info["reason"]}
-            if info["reason"] != "not applicable":
+            if info["reason"] == "failed":
+                details["error"] = info["error"]
+            elif info["reason"] != "not applicable":
                 details.update(intervals={metric: info["interval"]}, p_leader_better=info["p_leader_better"],
                                leader=info["leader"])
             score, prior = info["score"], info["prior"]

@@ -204,6 +204,25 @@ def bootstrap_metric(metric: str, scored: dict[str, np.ndarray], labels: np.ndar
     return bootstrap_scores(metric_fn, scored, labels, n_boot=n_boot, seed=seed), n_boot
 
 
+class CandidatesFailed(RuntimeError):
+    """Every candidate model failed before it could be scored; the message names each one and why."""
+
+    def __init__(self, failures: dict[str, str]) -> None:
+        super().__init__("no candidate model could be scored: "
+                         + "; ".join(f"{name}: {error}" for name, error in failures.items()))
+        self.failures = failures
+
+
+def failed_model(model: ModelSpec, metrics: list[str], exc: Exception, rows: int, seconds: float) -> dict[str, Any]:
+    """The ranking record of a candidate that could not be loaded or run (no tokenizer, not a text model, out of
+    memory...): no scores, ranked last, its error shown to the user instead of failing the whole job."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    error = f"{type(exc).__name__}: {message}"[:500]
+    return {"scores": dict.fromkeys(metrics), "notes": {}, "score_seconds": dict.fromkeys(metrics, 0.0),
+            "source_probs": None, "feature_seconds": 0.0,
+            "details": {"rows": rows, "error": error, "features_cached": False, "wall_seconds": seconds}}
+
+
 def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, cache_root: Path,
          hf_cache_dir: Path, sample_size: int | None = None, seed: int = 0, max_length: int = 128,
          batch_size: int = 32, device: str | None = None, bootstrap_samples: int = 200,
@@ -227,12 +246,27 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, c
         report(stage, start)
         began = time.perf_counter()
 
-        def on_batch(done: int, total: int, stage: str = stage, start: float = start, span: float = span) -> None:
-            report(stage, start + span * done / max(total, 1))
+        interrupted: list[BaseException] = []  # raised by the progress callback: cancel, lost lease
 
-        result, from_cache = model_features(model, texts, cache_tag, cache_root=cache_root,
-                                            hf_cache_dir=hf_cache_dir, max_length=max_length,
-                                            batch_size=batch_size, device=device, on_batch=on_batch)
+        def on_batch(done: int, total: int, stage: str = stage, start: float = start, span: float = span,
+                     interrupted: list[BaseException] = interrupted) -> None:
+            try:
+                report(stage, start + span * done / max(total, 1))
+            except BaseException as exc:
+                interrupted.append(exc)
+                raise
+
+        try:
+            result, from_cache = model_features(model, texts, cache_tag, cache_root=cache_root,
+                                                hf_cache_dir=hf_cache_dir, max_length=max_length,
+                                                batch_size=batch_size, device=device, on_batch=on_batch)
+        except Exception as exc:
+            if interrupted:
+                raise
+            # One unusable candidate (no tokenizer, not a text model, out of memory) must not sink the others.
+            log.warning("model %s (%s) failed: %r", model.name, model.id, exc)
+            per_model[model.id] = failed_model(model, metrics, exc, len(texts), time.perf_counter() - began)
+            continue
         features = np.asarray(result.features, dtype=np.float64)
         features_by_model[model.id] = features
         scores, scoring = score_model(metrics, features, labels, dataset.task, result.source_probs)
@@ -245,9 +279,13 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, c
                         "wall_seconds": time.perf_counter() - began},
         }
 
+    failures = {m.name: per_model[m.id]["details"]["error"] for m in models if "error" in per_model[m.id]["details"]}
+    if len(failures) == len(models):
+        raise CandidatesFailed(failures)
     report("scoring", 0.9)
     primary = metrics[0]
-    order = sorted(models, key=lambda m: -np.inf if per_model[m.id]["scores"][primary] is None
+    # highest first; a model without a primary score (not applicable, or failed) after every scored one
+    order = sorted(models, key=lambda m: np.inf if per_model[m.id]["scores"][primary] is None
                    else -per_model[m.id]["scores"][primary])
     intervals: dict[str, dict[str, list[float]]] = {m.id: {} for m in models}
     p_better: dict[str, dict[str, float | None]] = {m.id: {} for m in models}

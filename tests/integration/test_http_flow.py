@@ -59,7 +59,7 @@ def wait_for(client: httpx.Client, job_id: str, stack: Stack, timeout: float = 2
     raise AssertionError(f"job {job_id} stuck at {job['status']}/{job['stage']}\n{stack.log_text()}")
 
 
-def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path]) -> None:
+def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path: Path) -> None:
     key = stack.create_key("alice")
     other = stack.create_key("bob")
     stack.start_worker()
@@ -160,6 +160,22 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path]) -> None:
     assert reg_job["status"] == "succeeded", (reg_job, stack.log_text())
     assert all(-1.5 < r["logme_prior_only"] < -1.41 for r in reg_job["ranking"])
     assert all(math.isfinite(r["scores"]["logme"]) for r in reg_job["ranking"])
+
+    # Catalog: an image model is recorded but is never a candidate of a text job; a text model needs its tokenizer.
+    vision = tmp_path / "vision"
+    vision.mkdir()
+    (vision / "config.json").write_text(json.dumps({"model_type": "vit", "image_size": 32, "num_channels": 3,
+                                                    "hidden_size": 32}))
+    image_model = alice.post("/v1/models", json={"source": "local", "path": str(vision)})
+    assert image_model.status_code == 201 and image_model.json()["modality"] == "image", image_model.text
+    refused = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "candidates": [image_model.json()["id"]]})
+    assert refused.status_code == 422 and refused.json()["field"] == "candidates[0]"
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 10, "hidden_size": 8}))
+    no_tokenizer = alice.post("/v1/models", json={"source": "local", "path": str(bare)})
+    assert no_tokenizer.status_code == 422 and no_tokenizer.json()["title"] == "no tokenizer"
+    assert no_tokenizer.json()["field"] == "path"
 
 
 def test_too_large_upload_is_413(tmp_path: Path) -> None:

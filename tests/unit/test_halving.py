@@ -208,3 +208,43 @@ def test_stops_at_min_models(setup: dict, tmp_path: Path) -> None:
         run(setup, tmp_path / "cache", growth=1.0)
     with pytest.raises(ValueError):
         run(setup, tmp_path / "cache", bootstrap_samples=0)
+
+
+def test_rank_puts_a_candidate_that_cannot_run_last_with_its_error(setup: dict, tmp_path: Path) -> None:
+    """A candidate that cannot be loaded (here: a truncated weights file) does not sink the ranking: the others are
+    ranked, the broken one is listed last with no scores and the reason, and only when no candidate can be scored
+    does the job fail, naming each one."""
+    import shutil
+
+    from workers.pipeline import CandidatesFailed
+
+    broken = tmp_path / "truncated-weights"
+    shutil.copytree(Path(next(m.locator for m in setup["models"] if m.id == "a")), broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    broken_spec = ModelSpec("broken", "truncated-weights", "local", str(broken), "")
+    good = [m for m in setup["models"] if m.id in ("a", "b")]
+    ranking = rank(setup["dataset"], [broken_spec, *good], ["logme", "hscore"], cache_root=tmp_path / "cache",
+                   hf_cache_dir=setup["root"] / "hf", bootstrap_samples=20)
+    assert [r.model_id for r in ranking] == ["a", "b", "broken"] and [r.rank for r in ranking] == [1, 2, 3]
+    last = ranking[-1]
+    assert last.scores == {"logme": None, "hscore": None} and last.details["beats_prior"] is False
+    assert last.details["error"].split(":")[0].endswith(("Error", "Exception"))
+    assert "intervals" in ranking[0].details and ranking[0].details["intervals"]["logme"]
+    with pytest.raises(CandidatesFailed, match="truncated-weights"):
+        rank(setup["dataset"], [broken_spec], ["logme"], cache_root=tmp_path / "cache",
+             hf_cache_dir=setup["root"] / "hf")
+
+
+def test_halving_drops_a_candidate_that_cannot_run_and_lists_it_last(setup: dict, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "truncated-weights"
+    shutil.copytree(Path(next(m.locator for m in setup["models"] if m.id == "a")), broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    models = [ModelSpec("broken", "truncated-weights", "local", str(broken), ""), *setup["models"]]
+    result = rank_successive_halving(setup["dataset"], models, cache_root=tmp_path / "cache",
+                                     hf_cache_dir=setup["root"] / "hf", initial_rows=32)
+    assert result.ranking[0].model_id == "a"
+    last = result.ranking[-1]
+    assert last.model_id == "broken" and last.scores == {"logme": None} and last.details["reason"] == "failed"
+    assert last.details["error"] and last.rank == len(models)

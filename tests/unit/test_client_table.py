@@ -1,0 +1,21 @@
+"""The CLI's ranking table (service.client.ranking_table): scores with intervals, n/a, and failed candidates."""
+
+from service.client import ranking_table
+
+
+def test_table_shows_intervals_not_applicable_and_failures() -> None:
+    job = {"metrics": ["logme", "leep"], "ranking": [
+        {"rank": 1, "model": "good", "scores": {"logme": 0.25, "leep": None}, "intervals": {"logme": [0.2, 0.3]},
+         "p_better_than_next": {"logme": 0.97}, "logme_prior_only": -0.5, "beats_prior": True,
+         "feature_seconds": 1.25},
+        {"rank": 2, "model": "broken", "scores": {"logme": None, "leep": None}, "intervals": {},
+         "p_better_than_next": {}, "logme_prior_only": -0.5, "beats_prior": False, "feature_seconds": 0.0,
+         "error": "OSError: no tokenizer"},
+    ]}
+    table = ranking_table(job)
+    lines = table.splitlines()
+    assert lines[0].split()[:4] == ["rank", "model", "logme", "[95%"]
+    assert "0.2500 [0.200, 0.300]" in lines[2] and "n/a" in lines[2] and "0.97" in lines[2] and "yes" in lines[2]
+    assert lines[3].split()[:4] == ["2", "broken", "n/a", "n/a"]
+    assert "LogME of the label-prior-only baseline: -0.5000" in table
+    assert table.endswith("broken could not be scored: OSError: no tokenizer")
