@@ -74,10 +74,14 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
     with sessions() as session:
         rows = session.execute(select(RankingEntry, HubModel).join(HubModel, HubModel.id == RankingEntry.model_id)
                                .where(RankingEntry.job_id == job.id).order_by(RankingEntry.rank)).all()
-    ranked = [model for _, model in rows]
+    # candidates that could not be run during ranking (details["error"]) are not tuned either
+    failed = {model.id: (entry.details or {})["error"] for entry, model in rows if (entry.details or {}).get("error")}
+    ranked = [model for _, model in rows if model.id not in failed]
     scores = {model.id: entry.scores for entry, model in rows}
     if not ranked:
         raise ValueError("the job has no ranking to tune from")
+    if spec.get("target") in failed:
+        raise ValueError(f"the tuning target could not be run while ranking: {failed[spec['target']]}")
     by_id = {m.id: m for m in ranked}
     strategy, top_k = spec["strategy"], spec["top_k"]
     regularizer = spec["regularizer"]["name"]
