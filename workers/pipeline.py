@@ -93,8 +93,8 @@ def load_dataset(spec: DatasetSpec) -> tuple[list[str], np.ndarray]:
 
 
 def ranking_targets(labels: np.ndarray, task: str) -> np.ndarray:
-    """The labels the estimators score: regression targets standardised (mean 0, unit variance per column), the
-    others as they are.
+    """The labels the estimators score: regression targets standardised (mean 0, unit variance per column),
+    multi-label targets without the labels that never occur, classification labels as they are.
 
     LogME has no bias term (as published), so on a raw target with a non-zero mean most of a model's evidence is
     whether its features can represent a constant: on 600 Austen lines with y = log(characters), mean 4.19 and
@@ -102,6 +102,13 @@ def ranking_targets(labels: np.ndarray, task: str) -> np.ndarray:
     followed the models' mean feature vectors. Centred, the mean is the baseline's business and the models are
     compared on what they explain; the scale only shifts every model's score by the same -log(std) and is removed
     so that scores read alike across datasets."""
+    if task == "multilabel":
+        # A label with no positive row among those ranked (its rows were repeats, or not sampled) says nothing
+        # about any model, and LogME of an all-zero target is unbounded: score the labels that occur.
+        present = np.asarray(labels).any(axis=0)
+        if not present.any():
+            raise ValueError("no label occurs in the rows ranked; nothing can be scored")
+        return labels if present.all() else labels[:, present]
     if task != "regression":
         return labels
     values = np.asarray(labels, dtype=np.float64)

@@ -91,3 +91,12 @@ def test_regression_targets_are_standardised_so_a_target_offset_cannot_decide_th
     assert ranking_targets(labels, "classification") is labels
     with pytest.raises(ValueError, match="constant"):
         ranking_targets(np.full(5, 1.5), "regression")
+
+
+def test_multilabel_targets_drop_labels_that_never_occur() -> None:
+    y = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0]], dtype=float)
+    assert ranking_targets(y, "multilabel").tolist() == [[1, 0], [0, 1], [1, 1]]
+    full = np.array([[1, 0], [0, 1]], dtype=float)
+    assert ranking_targets(full, "multilabel") is full
+    with pytest.raises(ValueError, match="no label"):
+        ranking_targets(np.zeros((4, 2)), "multilabel")

@@ -156,3 +156,26 @@ def test_when_n_is_below_d_equal_models_are_not_called_certain():
             certain[method] += out["p_better_than_next"][out["order"][0]] >= 0.95
     assert certain["influence"] >= trials // 2  # the failure this guards against
     assert certain["auto"] <= trials // 4
+
+
+def test_multilabel_rare_label_missing_from_a_resample_keeps_its_full_data_evidence():
+    """Multi-label resamples are not stratified; with N <= D each replicate refits, and a resample that misses a
+    label seen once would make that target all zero (unbounded evidence). It keeps its full-data evidence there."""
+    rng = np.random.default_rng(0)
+    n = 60
+    y = np.zeros((n, 3))
+    y[:, 0] = rng.integers(0, 2, n)
+    y[:, 1] = rng.integers(0, 2, n)
+    y[5, 2] = 1.0  # a label on one row only
+    wide, narrow = rng.normal(size=(n, 100)), rng.normal(size=(n, 16))
+    metric = LogMEMetric("multilabel")
+    boot = bootstrap_scores(metric, {"wide": wide, "narrow": narrow}, y, n_boot=40, seed=0)
+    for name in ("wide", "narrow"):
+        assert np.all(np.isfinite(boot["replicates"][name]))
+        low, high = boot["intervals"][name]
+        assert low < boot["point"][name] < high
+    # the replicate rule itself, on one subsample without row 5
+    rows = np.setdiff1d(np.arange(n), [5, 7, 9])
+    full = logme(wide, y, "multilabel").evidence_per_target
+    expected = np.mean([*logme(wide[rows], y[rows][:, :2], "multilabel").evidence_per_target, full[2]])
+    assert metric._subsample_score(wide[rows], y[rows], full) == pytest.approx(expected, rel=1e-12)

@@ -49,6 +49,19 @@ class LogMEMetric:
     def __call__(self, features: np.ndarray, labels: np.ndarray) -> float:
         return logme(features, labels, self.task, num_classes=self.num_classes, compute_weights=False).score
 
+    def _subsample_score(self, features: np.ndarray, labels: np.ndarray, full_per_target: np.ndarray) -> float:
+        """LogME of a subsample. A multi-label resample (not stratified: labels overlap) can miss a rare label
+        altogether, and LogME of an all-zero target is unbounded: such a target keeps its full-data evidence in
+        this replicate (it adds no spread), the others are refitted."""
+        if self.task == "multilabel":
+            present = np.asarray(labels).any(axis=0)
+            if not present.all():
+                per_target = full_per_target.copy()
+                refit = logme(features, np.asarray(labels)[:, present], "multilabel", compute_weights=False)
+                per_target[present] = refit.evidence_per_target
+                return float(per_target.mean())
+        return self(features, labels)
+
     def replicates(self, features: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> tuple[float, np.ndarray]:
         """Point score and the (B,) replicate scores for count matrix counts (B, N)."""
         n = features.shape[0]
@@ -57,12 +70,13 @@ class LogMEMetric:
             score, psi = logme_influence(features, labels, self.task, num_classes=self.num_classes)
             return score, score + (counts - 1.0) @ psi / n
         if method == "subsample":
-            score = self(features, labels)
+            full = logme(features, labels, self.task, num_classes=self.num_classes, compute_weights=False)
+            score = full.score
             reps = np.empty(len(counts))
             scale = np.empty(len(counts))
             for b, c in enumerate(counts):
                 rows = np.flatnonzero(c > 0)
-                reps[b] = self(features[rows], labels[rows])
+                reps[b] = self._subsample_score(features[rows], labels[rows], full.evidence_per_target)
                 scale[b] = np.sqrt(len(rows) / max(n - len(rows), 1))
             return score, score + scale * (reps - reps.mean())
         score = self(features, labels)
