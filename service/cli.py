@@ -53,12 +53,20 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         print(f"HubTune: worker child process pid {worker.pid}", file=sys.stderr)
 
     def stop_worker() -> None:
-        if worker is not None and worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
+        if worker is None:
+            return
+        if worker.poll() is None:
+            # SIGTERM to Celery's main process only: its warm shutdown stops the pool children itself (signalling
+            # the whole group made Celery log the pool child's SIGTERM as an ERROR at every clean stop).
+            worker.send_signal(signal.SIGTERM)
             try:
                 worker.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
+                pass  # a task still running: it is killed below; its job's lease expires and it is re-queued
+        try:
+            os.killpg(worker.pid, signal.SIGKILL)  # whatever is left of the worker's process group
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def on_signal(signum: int, _frame: object) -> None:
         stop_worker()

@@ -266,8 +266,14 @@ def test_serve_stops_its_worker_child_on_sigterm(tmp_path: Path) -> None:
                 break
         except httpx.HTTPError:
             time.sleep(0.3)
+    while time.time() < deadline:  # the worker's own log (inherited stderr): its pool is up
+        if " ready." in serve.stderr.readline():
+            break
     serve.send_signal(signal.SIGTERM)
     serve.wait(timeout=40)
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):
         os.kill(worker_pid, 0)
+    with pytest.raises(ProcessLookupError):  # the pool children too
+        os.killpg(worker_pid, 0)
+    assert "ERROR" not in serve.stderr.read()  # a clean stop logs no error (the pool child is not signalled)
