@@ -23,6 +23,7 @@ Usage: python -m benchmarks.occam [--sizes 25,50,100,200,400] [--seeds 5] [--hub
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import platform
 import tempfile
@@ -34,6 +35,16 @@ import numpy as np
 from workers.features import extract_features
 from workers.pipeline import distinct_examples, sample_rows
 from workers.ranking import LogMEMetric, bootstrap_scores, logme, logme_projected, prior_only_evidence
+
+
+def read_text_label_csv(path: Path, rows: int | None = None) -> tuple[list[str], list[str], np.ndarray]:
+    """Texts, sorted class names and class indices of a text,label CSV: each text once, as a rank job reads a
+    dataset (repeats make LogME's evidence unbounded when N <= D), the first `rows` of them."""
+    with path.open(encoding="utf-8") as fh:
+        records = list(csv.DictReader(fh))
+    records = [records[i] for i in distinct_examples([r["text"] for r in records])][:rows]
+    names = sorted({r["label"] for r in records})
+    return [r["text"] for r in records], names, np.array([names.index(r["label"]) for r in records])
 
 
 def main() -> None:
@@ -50,15 +61,7 @@ def main() -> None:
                         "bbc_news.csv)")
     args = parser.parse_args()
 
-    import csv
-
-    with (args.data or args.hub / "bbc_news.csv").open(encoding="utf-8") as fh:
-        records = list(csv.DictReader(fh))
-    # each text once, as a rank job reads a dataset (repeats make LogME's evidence unbounded when N <= D)
-    records = [records[i] for i in distinct_examples([r["text"] for r in records])][: args.rows]
-    texts = [r["text"] for r in records]
-    names = sorted({r["label"] for r in records})
-    labels = np.array([names.index(r["label"]) for r in records])
+    texts, names, labels = read_text_label_csv(args.data or args.hub / "bbc_news.csv", args.rows)
 
     features: dict[str, np.ndarray] = {}
     began = time.perf_counter()

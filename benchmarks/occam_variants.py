@@ -18,7 +18,6 @@ all-MiniLM-L6-v2,paraphrase-MiniLM-L3-v2,all-mpnet-base-v2,random-init-32d`.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 from pathlib import Path
@@ -26,8 +25,9 @@ from typing import Callable
 
 import numpy as np
 
+from benchmarks.occam import read_text_label_csv
 from workers.features import extract_features
-from workers.pipeline import distinct_examples, sample_rows
+from workers.pipeline import sample_rows
 from workers.ranking import logme, prior_only_evidence
 
 RANDOM = "random-init-32d"
@@ -43,12 +43,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     args = parser.parse_args()
 
-    with args.data.open(encoding="utf-8") as fh:
-        records = list(csv.DictReader(fh))
-    records = [records[i] for i in distinct_examples([r["text"] for r in records])]
-    texts = [r["text"] for r in records]
-    names = sorted({r["label"] for r in records})
-    labels = np.array([names.index(r["label"]) for r in records])
+    texts, names, labels = read_text_label_csv(args.data)
     classes = len(names)
     pretrained = args.models.split(",")
     features = {m: extract_features(args.hub / m, texts, max_length=args.max_length).features.astype(np.float64)

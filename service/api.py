@@ -94,7 +94,7 @@ def model_modality(config: dict[str, Any]) -> str:
     text_config = config.get("text_config") or {}
     if "vocab_size" in config or "vocab_size" in text_config:
         return "text"
-    vision_keys = ("image_size", "num_channels", "patch_size", "pixel_values")
+    vision_keys = ("image_size", "num_channels", "patch_size")
     if any(key in config for key in vision_keys) or "vision_config" in config:
         return "image"
     return "text"

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from workers.pipeline import (CandidatesFailed, DatasetSpec, ModelSpec, Progress, RankedModel, bootstrap_metric,
-                              failed_model, load_dataset, model_features, ranking_targets)
+                              describe_failure, load_dataset, model_features, ranking_targets)
 
 
 @dataclass
@@ -191,9 +191,8 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
                                                     hf_cache_dir=hf_cache_dir, max_length=max_length,
                                                     batch_size=batch_size, device=device)
             except Exception as exc:  # one unusable candidate must not sink the others (see pipeline.rank)
-                failure = failed_model(model, [metric], exc, size, 0.0)["details"]["error"]
-                dropped[model_id] = {"round": r, "rows": size, "reason": "failed", "error": failure, "score": None,
-                                     "prior": None}
+                dropped[model_id] = {"round": r, "rows": size, "reason": "failed", "error": describe_failure(exc),
+                                     "score": None, "prior": None}
                 failed_now.append(model_id)
                 continue
             chunks[model_id].append(np.asarray(result.features))  # float32 until scored: half the memory

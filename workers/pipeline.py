@@ -220,14 +220,19 @@ class CandidatesFailed(RuntimeError):
         self.failures = failures
 
 
-def failed_model(model: ModelSpec, metrics: list[str], exc: Exception, rows: int, seconds: float) -> dict[str, Any]:
+def describe_failure(exc: Exception) -> str:
+    """One line for the user: the exception's type and the first line of its message."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {message}"[:500]
+
+
+def failed_model(metrics: list[str], exc: Exception, rows: int, seconds: float) -> dict[str, Any]:
     """The ranking record of a candidate that could not be loaded or run (no tokenizer, not a text model, out of
     memory...): no scores, ranked last, its error shown to the user instead of failing the whole job."""
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    error = f"{type(exc).__name__}: {message}"[:500]
     return {"scores": dict.fromkeys(metrics), "notes": {}, "score_seconds": dict.fromkeys(metrics, 0.0),
             "source_probs": None, "feature_seconds": 0.0,
-            "details": {"rows": rows, "error": error, "features_cached": False, "wall_seconds": seconds}}
+            "details": {"rows": rows, "error": describe_failure(exc), "features_cached": False,
+                        "wall_seconds": seconds}}
 
 
 def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, cache_root: Path,
@@ -272,7 +277,7 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, c
                 raise
             # One unusable candidate (no tokenizer, not a text model, out of memory) must not sink the others.
             log.warning("model %s (%s) failed: %r", model.name, model.id, exc)
-            per_model[model.id] = failed_model(model, metrics, exc, len(texts), time.perf_counter() - began)
+            per_model[model.id] = failed_model(metrics, exc, len(texts), time.perf_counter() - began)
             continue
         features = np.asarray(result.features, dtype=np.float64)
         features_by_model[model.id] = features
