@@ -51,9 +51,12 @@ PROBE_STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 # ------------------------------------------------------------------------------------------------------ data
 
 
-def load_dataset(path: Path, task: str, text_column: str, label_column: str) -> tuple[list[str], np.ndarray,
-                                                                                      list[str] | None]:
-    """Texts, labels as the tuning loop wants them (class ids, multi-hot rows, floats), label names."""
+def load_dataset(path: Path, task: str, text_column: str, label_column: str, *, distinct: bool = True
+                 ) -> tuple[list[str], np.ndarray, list[str] | None]:
+    """Texts, labels as the tuning loop wants them (class ids, multi-hot rows, floats), label names.
+
+    distinct: read each text once, as rank and tune jobs do; False keeps every row (the split of runs recorded
+    before jobs did so)."""
     from service.datasets import detect_format, parse_dataset
     from workers.pipeline import distinct_examples
 
@@ -68,7 +71,7 @@ def load_dataset(path: Path, task: str, text_column: str, label_column: str) -> 
         labels = np.asarray(parsed.labels, dtype=np.float32)
     else:
         labels = np.asarray(parsed.labels, dtype=np.int64)
-    keep = distinct_examples(parsed.texts)  # as a rank or tune job reads it
+    keep = distinct_examples(parsed.texts) if distinct else list(range(parsed.rows))
     return [parsed.texts[i] for i in keep], labels[keep], parsed.label_names
 
 
@@ -273,8 +276,11 @@ def report(stored: dict[str, Any]) -> list[str]:
     truth = [statistics.fmean(tuned[m]) for m in models]
     lines = [f"## {meta['dataset']}: {len(models)} models, {task}, {meta['train_rows']} train / "
              f"{meta['val_rows']} validation rows", ""]
-    lines += [f"Command: `{meta['command']}`  ",
-              f"Machine: {meta['machine']}; fine-tuning: epochs {meta['epochs']}, lr {meta['lr']}, batch "
+    lines += [f"Command: `{meta['command']}`  "]
+    if meta.get("rescored_by"):
+        lines += [f"Features, estimators and probe recomputed on the same split (fine-tuning runs kept): "
+                  f"`{meta['rescored_by']}`  "]
+    lines += [f"Machine: {meta['machine']}; fine-tuning: epochs {meta['epochs']}, lr {meta['lr']}, batch "
               f"{meta['batch_size']}, max_length {meta['max_length']}, seeds {meta['seeds']} (plain fine-tuning, "
               "AdamW, 10% warmup, library defaults otherwise; the same budget for every model). Estimators on "
               "the train split's mean-pooled features; fine-tuned quality on the validation split.", ""]
@@ -339,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "rank_vs_finetune.md")
     parser.add_argument("--max-minutes", type=float, default=0, help="stop starting new runs after this (0: no cap)")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--rescore", action="store_true",
+                        help="recompute features, estimators and the probe; keep the stored fine-tuning runs")
+    parser.add_argument("--keep-duplicates", action="store_true",
+                        help="keep repeated texts when reading --data (reproduces the split of runs recorded before "
+                        "rank and tune jobs read each text once); refused if the train split then repeats a text")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -357,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         from demo.prepare_hub import write_bbc_csv
 
         write_bbc_csv(data_path, rows=0)
-    texts, labels, names = load_dataset(data_path, args.task, args.text_column, args.label_column)
+    texts, labels, names = load_dataset(data_path, args.task, args.text_column, args.label_column,
+                                        distinct=not args.keep_duplicates)
     picked = subsample(labels if args.task == "classification" else np.zeros(len(labels)), args.task, args.rows,
                        args.data_seed)
     texts, labels = [texts[i] for i in picked], labels[picked]
@@ -366,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     train_idx, val_idx = split_rows(labels, args.task, args.validation_fraction, args.data_seed)
     train = ([texts[i] for i in train_idx], labels[train_idx])
     val = ([texts[i] for i in val_idx], labels[val_idx])
+    if args.keep_duplicates and len(set(train[0])) < len(train[0]):
+        # a rank job would score fewer rows than these: estimator scores would not be what a user gets
+        parser.error(f"--keep-duplicates: the train split repeats {len(train[0]) - len(set(train[0]))} text(s)")
     digest = hashlib.sha256(json.dumps([train[0], val[0], labels.tolist()]).encode()).hexdigest()[:16]
 
     store_path = args.json or args.out.with_suffix(".json")
@@ -376,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                                               "validation_fraction", "data_seed")}
     if stored.get("key") != [digest, settings]:
         stored = {"key": [digest, settings], "scores": {}, "finetune": {}}  # other data or budget: start over
+    if args.rescore and not args.report_only:
+        stored["scores"] = {}  # same split and budget: the fine-tuning runs still stand
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -391,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
                       "machine": f"{machine}, torch {torch.__version__}, Python {platform.python_version()}",
                       "command": "python -m benchmarks.rank_vs_finetune " + " ".join(argv or sys.argv[1:])}
     if args.report_only and previous:  # a report describes the runs that made the numbers
-        stored["meta"].update(machine=previous["machine"], command=previous["command"])
+        stored["meta"].update({k: previous[k] for k in ("machine", "command", "rescored_by") if k in previous})
+    elif args.rescore and previous:  # the fine-tuning runs were made by the earlier command
+        stored["meta"].update(command=previous["command"], rescored_by=stored["meta"]["command"])
 
     def save() -> None:
         store_path.parent.mkdir(parents=True, exist_ok=True)
