@@ -356,3 +356,23 @@ def test_coinciding_rows_count_once_when_n_is_below_d():
     want = logme(merged_f, merged_y, task="regression")
     assert got.score == pytest.approx(want.score, rel=1e-8)
     assert np.allclose(got.weights, want.weights, rtol=1e-6, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_grid_start_lands_next_to_the_optimum_newton_finds(seed):
+    """The starting grid evaluates the profile evidence k/2 log lam - N/2 log E(lam) - 1/2 sum log(lam + s): where
+    the optimum is inside the grid, the start must be within one grid step of it (the profile is that function)."""
+    from workers.ranking.logme import _grid_start, _solve, _spectrum_numpy
+
+    rng = np.random.default_rng(seed)
+    n, d, c = (200, 40, 5) if seed % 2 else (60, 80, 3)  # both spectrum modes (gram_d, gram_n)
+    f, y = informative(n, d, c, seed=seed, scale=1.0)
+    f *= 10.0 ** rng.uniform(-2, 2)
+    sp, _ = _spectrum_numpy(f, onehot(y, c))
+    centre = float(np.log(sp.s[sp.s > 0].mean()))
+    lam, _, converged = _solve(sp, "newton", 1e-10, 1000)
+    assert converged
+    inside = np.abs(np.log(lam) - centre) < 15.0
+    assert inside.any()
+    start = _grid_start(sp, centre)
+    assert np.all(np.abs(start - np.log(lam))[inside] < 1.0)
