@@ -5,8 +5,8 @@ With few labelled examples, LogME's Occam factor charges every feature dimension
 score below a narrow randomly initialised one and even below the labels-only baseline. This script extracts real
 features once (BBC News, real pretrained models from the demo hub, plus a randomly initialised 32-d BERT as the
 model that should lose), then for growing numbers of examples reports, per model:
-  LogME, LogME of the label-prior-only baseline, and logme_projected (LogME with an intercept on the k leading
-  directions of [F, 1], k by max evidence).
+  LogME, LogME of the label-prior-only baseline, logme_projected (LogME with an intercept on the k leading
+  directions of [F, 1], k by max evidence), and ridge_loo (leave-one-out accuracy of a ridge probe).
 It counts how often the random model outranks a pretrained one under each score (mean over sample seeds).
 
 It also asks what a user would see: the paired bootstrap probability that the random model is really better
@@ -34,7 +34,7 @@ import numpy as np
 
 from workers.features import extract_features
 from workers.pipeline import distinct_examples, sample_rows
-from workers.ranking import LogMEMetric, bootstrap_scores, logme, logme_projected, prior_only_evidence
+from workers.ranking import LogMEMetric, bootstrap_scores, logme, logme_projected, prior_only_evidence, ridge_loo
 
 
 def read_text_label_csv(path: Path, rows: int | None = None) -> tuple[list[str], list[str], np.ndarray]:
@@ -79,15 +79,15 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {(args.data or Path('bbc_news.csv')).name}, "
           f"{len(texts)} docs, "
           f"{len(names)} classes; feature extraction {extraction:.0f}s; {args.seeds} sample seeds per size\n")
-    header = "| N | model | dim | LogME | prior-only | beats prior | logme_projected (k) |"
+    header = "| N | model | dim | LogME | prior-only | beats prior | logme_projected (k) | ridge_loo accuracy |"
     print(header)
-    print("|---|---|---|---|---|---|---|")
-    flips = {"logme": [], "logme_projected": []}
+    print("|---|---|---|---|---|---|---|---|")
+    flips = {"logme": [], "logme_projected": [], "ridge_loo": []}
     below_prior = {"logme": [], "logme_projected": []}
     # per size: [random first, ... with P >= 0.95, pretrained first, ... with P(random better) <= 0.05]
     confidence: dict[int, list[int]] = {}
     for size in sizes:
-        table: dict[str, list[tuple[float, float, float, int]]] = {m: [] for m in features}
+        table: dict[str, list[tuple[float, float, float, int, float]]] = {m: [] for m in features}
         for seed in range(args.seeds):
             rows = sample_rows(labels, "classification", size, seed)
             y = labels[rows]
@@ -95,7 +95,7 @@ def main() -> None:
             for model, f in features.items():
                 plain = logme(f[rows], y, num_classes=len(names), compute_weights=False).score
                 projected = logme_projected(f[rows], y, num_classes=len(names))
-                table[model].append((plain, prior, projected.score, projected.k))
+                table[model].append((plain, prior, projected.score, projected.k, ridge_loo(f[rows], y)))
             # What a rank job's paired bootstrap says about each random-vs-pretrained pair (LogME).
             counts = confidence.setdefault(size, [0, 0, 0, 0])
             for model in pretrained:
@@ -112,19 +112,23 @@ def main() -> None:
         for model, values in table.items():
             v = np.array(values, dtype=float)
             print(f"| {size} | {model} | {features[model].shape[1]} | {v[:, 0].mean():.3f} | {v[:, 1].mean():.3f} "
-                  f"| {np.mean(v[:, 0] > v[:, 1]):.0%} | {v[:, 2].mean():.3f} (k≈{np.median(v[:, 3]):.0f}) |")
-        for column, metric in ((0, "logme"), (2, "logme_projected")):
+                  f"| {np.mean(v[:, 0] > v[:, 1]):.0%} | {v[:, 2].mean():.3f} (k≈{np.median(v[:, 3]):.0f}) "
+                  f"| {v[:, 4].mean():.3f} |")
+        for column, metric in ((0, "logme"), (2, "logme_projected"), (4, "ridge_loo")):
             rand = np.array([x[column] for x in table["random-init-32d"]])
             beaten = np.mean([np.mean(rand > np.array([x[column] for x in table[m]])) for m in pretrained])
             flips[metric].append((size, beaten))
+            if metric == "ridge_loo":
+                continue  # an accuracy: no evidence baseline to compare with
             under = np.mean([np.mean(np.array([x[column] for x in table[m]]) <= np.array([x[1] for x in table[m]]))
                              for m in pretrained])
             below_prior[metric].append((size, under))
     print("\nShare of (pretrained model, seed) pairs in which the random 32-d model scores higher:")
-    print("| N | LogME | logme_projected |")
-    print("|---|---|---|")
-    for (size, plain), (_, projected) in zip(flips["logme"], flips["logme_projected"]):
-        print(f"| {size} | {plain:.0%} | {projected:.0%} |")
+    print("| N | LogME | logme_projected | ridge_loo |")
+    print("|---|---|---|---|")
+    for (size, plain), (_, projected), (_, probe) in zip(flips["logme"], flips["logme_projected"],
+                                                          flips["ridge_loo"]):
+        print(f"| {size} | {plain:.0%} | {projected:.0%} | {probe:.0%} |")
     print("\nShare of (pretrained model, seed) pairs scoring at or below the label-prior-only evidence:")
     print("| N | LogME | logme_projected |")
     print("|---|---|---|")

@@ -390,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: getattr(args, k) for k in ("task", "epochs", "lr", "batch_size", "max_length", "rows",
                                               "validation_fraction", "data_seed")}
     if stored.get("key") != [digest, settings]:
+        if args.rescore or args.report_only:
+            parser.error(f"{store_path}: its runs are for another split or budget than these arguments give "
+                         f"(stored {stored.get('key')}, now {[digest, settings]})")
         stored = {"key": [digest, settings], "scores": {}, "finetune": {}}  # other data or budget: start over
     if args.rescore and not args.report_only:
         stored["scores"] = {}  # same split and budget: the fine-tuning runs still stand

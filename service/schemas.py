@@ -8,9 +8,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 TASKS = ("classification", "multilabel", "regression")
-METRICS = ("logme", "logme_projected", "hscore", "hscore_shrinkage", "nleep", "gbc", "transrate", "sfda", "leep", "nce")
+METRICS = ("logme", "logme_projected", "ridge_loo", "hscore", "hscore_shrinkage", "nleep", "gbc", "transrate", "sfda", "leep", "nce")
 # Which tasks each metric is defined for; the rest are classification-only estimators.
-METRIC_TASKS: dict[str, tuple[str, ...]] = {"logme": TASKS, "logme_projected": TASKS}
+METRIC_TASKS: dict[str, tuple[str, ...]] = {"logme": TASKS, "logme_projected": TASKS, "ridge_loo": TASKS}
 REGULARIZERS = ("none", "l2sp", "mixout", "smart", "r3f", "vat", "sift", "lnsr", "hype", "nfm", "self_labeling")
 
 

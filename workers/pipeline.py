@@ -186,7 +186,7 @@ def bootstrap_metric(metric: str, scored: dict[str, np.ndarray], labels: np.ndar
                      ) -> tuple[dict[str, Any], int]:
     """Paired bootstrap of one metric over the models in `scored` (features, or source probabilities for LEEP/NCE):
     (bootstrap_scores' result, resamples used)."""
-    from workers.ranking import LogMEMetric, bootstrap_scores, logme_projected, score_metric
+    from workers.ranking import LogMEMetric, RidgeLOOMetric, bootstrap_scores, logme_projected, score_metric
 
     if metric in ("logme", "logme_projected"):
         if metric == "logme_projected":
@@ -200,6 +200,9 @@ def bootstrap_metric(metric: str, scored: dict[str, np.ndarray], labels: np.ndar
         n_rows = len(labels)
         refits = any(metric_fn.resolved_method(n_rows, values.shape[1]) != "influence" for values in scored.values())
         n_boot = bootstrap_count(requested, point_seconds) if refits else requested
+    elif metric == "ridge_loo":
+        metric_fn = RidgeLOOMetric(task)  # one fit per model: re-weighted held-out outcomes
+        n_boot = requested
     else:
         def metric_fn(values: np.ndarray, target: np.ndarray) -> float:
             if metric in ("leep", "nce"):

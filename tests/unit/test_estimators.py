@@ -192,7 +192,7 @@ def test_gmm_recovers_separated_blobs_and_nleep_orders_cases():
 
 
 def test_registry_and_not_applicable():
-    assert set(METRICS) == {"logme", "logme_projected", "hscore", "hscore_shrinkage", "nleep", "gbc", "transrate", "sfda", "leep", "nce"}
+    assert set(METRICS) == {"logme", "logme_projected", "ridge_loo", "hscore", "hscore_shrinkage", "nleep", "gbc", "transrate", "sfda", "leep", "nce"}
     assert METRICS["leep"].needs_source_head and METRICS["nce"].needs_source_head
     assert not METRICS["hscore"].needs_source_head
     assert METRICS["logme"].applies_to("regression") and not METRICS["gbc"].applies_to("regression")

@@ -179,3 +179,27 @@ def test_multilabel_rare_label_missing_from_a_resample_keeps_its_full_data_evide
     full = logme(wide, y, "multilabel").evidence_per_target
     expected = np.mean([*logme(wide[rows], y[rows][:, :2], "multilabel").evidence_per_target, full[2]])
     assert metric._subsample_score(wide[rows], y[rows], full) == pytest.approx(expected, rel=1e-12)
+
+
+def test_ridge_loo_bootstrap_reweights_held_out_outcomes_and_orders_separated_models():
+    from workers.pipeline import bootstrap_metric
+    from workers.ranking import RidgeLOOMetric
+    from workers.ranking.probe import ridge_loo_rows
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 150)
+    noise = rng.normal(size=(150, 10))
+    good = noise.copy()
+    good[:, 0] += 1.5 * y
+    counts = np.zeros((1, 150))
+    counts[0, :75] = 2.0  # a resample: the first half twice, the rest never
+    score, reps = RidgeLOOMetric().replicates(good, y, counts)
+    rows = ridge_loo_rows(good, y).rows
+    assert reps[0] == pytest.approx(rows[:75].mean())  # outcomes of the fit on all rows, re-weighted
+    assert score == pytest.approx(rows.mean())
+    res, n_boot = bootstrap_metric("ridge_loo", {"good": good, "noise": noise}, y, "classification",
+                                   num_classes=3, requested=200, point_seconds=0.01, seed=0)
+    assert n_boot == 200 and res["order"] == ["good", "noise"]
+    assert res["p_better_than_next"]["good"] > 0.99
+    low, high = res["intervals"]["good"]
+    assert low <= res["point"]["good"] <= high

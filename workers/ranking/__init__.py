@@ -11,7 +11,8 @@ from workers.ranking.logme import (
     make_targets,
     prior_only_evidence,
 )
-from workers.ranking.uncertainty import LogMEMetric, bootstrap_scores
+from workers.ranking.probe import ridge_loo
+from workers.ranking.uncertainty import LogMEMetric, RidgeLOOMetric, bootstrap_scores
 
 __all__ = [
     "METRICS",
@@ -19,6 +20,7 @@ __all__ = [
     "LogMEResult",
     "Metric",
     "ProjectedLogMEResult",
+    "RidgeLOOMetric",
     "bootstrap_scores",
     "logme",
     "logme_influence",
@@ -26,5 +28,6 @@ __all__ = [
     "logme_weighted",
     "make_targets",
     "prior_only_evidence",
+    "ridge_loo",
     "score_metric",
 ]

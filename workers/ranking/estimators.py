@@ -323,12 +323,21 @@ def _logme_projected_score(features: np.ndarray, labels: np.ndarray, task: str) 
     return logme_projected(features, labels, task).score
 
 
+def _ridge_loo_score(features: np.ndarray, labels: np.ndarray, task: str) -> float:
+    from workers.ranking.probe import ridge_loo
+
+    return ridge_loo(features, labels, task)
+
+
 _CLS = frozenset({"classification"})
 METRICS: dict[str, Metric] = {
     "logme": Metric("logme", frozenset({"classification", "multilabel", "regression"}), False, _logme_score),
     # LogME with an intercept on the leading k principal directions, k by maximum evidence (the few-examples fix).
     "logme_projected": Metric("logme_projected", frozenset({"classification", "multilabel", "regression"}), False,
                               _logme_projected_score),
+    # Exact leave-one-out accuracy / micro-F1 / R^2 of a ridge probe: what the Gaussian evidence misses on hard data.
+    "ridge_loo": Metric("ridge_loo", frozenset({"classification", "multilabel", "regression"}), False,
+                        _ridge_loo_score),
     "hscore": Metric("hscore", _CLS, False, hscore),
     "hscore_shrinkage": Metric("hscore_shrinkage", _CLS, False, hscore_shrinkage),
     "nleep": Metric("nleep", _CLS, False, nleep),
@@ -340,6 +349,9 @@ METRICS: dict[str, Metric] = {
 }
 
 
+_TASK_AWARE = ("logme", "logme_projected", "ridge_loo")  # take the task; the others are classification-only
+
+
 def score_metric(name: str, features: np.ndarray | None, labels: np.ndarray, task: str,
                  source_probs: np.ndarray | None = None) -> float | None:
     """Score one metric, or None when it does not apply (task, missing source head, < 2 classes)."""
@@ -348,7 +360,7 @@ def score_metric(name: str, features: np.ndarray | None, labels: np.ndarray, tas
         raise KeyError(f"unknown metric {name!r}; known: {sorted(METRICS)}")
     if not metric.applies_to(task):
         return None
-    if name in ("logme", "logme_projected"):
+    if name in _TASK_AWARE:
         return metric.fn(features, labels, task)
     if len(np.unique(np.asarray(labels))) < 2:
         return None

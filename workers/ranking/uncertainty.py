@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from workers.ranking.logme import logme, logme_influence, logme_weighted
+from workers.ranking.probe import quality_from_rows, ridge_loo, ridge_loo_rows
 
 
 class LogMEMetric:
@@ -83,6 +84,24 @@ class LogMEMetric:
         reps = np.array([logme_weighted(features, labels, c, self.task, num_classes=self.num_classes).score
                          for c in counts])
         return score, reps
+
+
+class RidgeLOOMetric:
+    """`ridge_loo` for the paired bootstrap: each row's leave-one-out outcome is computed once on all rows and the
+    replicates re-weight those outcomes by the resample's counts. Refitting on a resample would let a repeated row
+    predict itself from its copy (a leave-one-out of duplicated data is not held out)."""
+
+    method = "loo-rows"
+
+    def __init__(self, task: str = "classification"):
+        self.task = task
+
+    def __call__(self, features: np.ndarray, labels: np.ndarray) -> float:
+        return ridge_loo(features, labels, self.task)
+
+    def replicates(self, features: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> tuple[float, np.ndarray]:
+        fit = ridge_loo_rows(features, labels, self.task)
+        return fit.score, np.array([quality_from_rows(fit.rows, self.task, c) for c in counts])
 
 
 def _resample_counts(labels: np.ndarray | None, n: int, n_boot: int, rng: np.random.Generator,
