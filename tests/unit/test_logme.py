@@ -403,3 +403,19 @@ def test_finds_the_global_maximum_when_the_evidence_has_two(seed):
     res = logme(f, y, num_classes=3, compute_weights=False)
     for k in range(3):
         assert res.evidence_per_target[k] >= wide_profile_maximum(f, (y == k).astype(float)) - 1e-6
+
+
+@pytest.mark.parametrize("n,d", [(300, 20), (20, 60)])
+def test_many_classes_class_sum_path_equals_the_dense_targets(n, d):
+    """From SPARSE_ONE_HOT_CLASSES classes on, F^T Y is formed as per-class row sums; the same one-hot rows given as
+    multi-label targets take the dense product: the two must agree."""
+    from workers.ranking.logme import SPARSE_ONE_HOT_CLASSES
+
+    rng = np.random.default_rng(n)
+    c = SPARSE_ONE_HOT_CLASSES + 4
+    y = np.arange(n) % c  # every class present
+    f = rng.normal(size=(n, d)) + 0.5 * rng.normal(size=(c, d))[y]
+    sparse = logme(f, y, num_classes=c)
+    dense = logme(f, np.eye(c)[y], task="multilabel")
+    np.testing.assert_allclose(sparse.evidence_per_target, dense.evidence_per_target, rtol=1e-10)
+    np.testing.assert_allclose(sparse.weights, dense.weights, rtol=1e-8, atol=1e-12)

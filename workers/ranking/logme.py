@@ -52,21 +52,48 @@ class LogMEResult:
     converged: bool = True
 
 
+def class_codes(labels: Any, num_classes: int | None = None) -> tuple[np.ndarray, int]:
+    """Checked integer class ids (N,) and the number of classes C."""
+    y = np.asarray(labels)
+    if y.ndim != 1:
+        raise ValueError(f"classification labels must be shape (N,), got {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.all(np.mod(y, 1) == 0):
+            raise ValueError("classification labels must be integers 0..C-1")
+        y = y.astype(np.int64)
+    if y.size and y.min() < 0:
+        raise ValueError("classification labels must be >= 0")
+    c = int(y.max()) + 1 if num_classes is None else int(num_classes)
+    if y.size and y.max() >= c:
+        raise ValueError(f"label {int(y.max())} >= num_classes {c}")
+    return y, c
+
+
+# From this many classes on, F^T Y for one-hot Y is formed as per-class row sums (a sparse product, N*D additions)
+# instead of a dense N x D x C matrix product; below it the dense product is as fast.
+SPARSE_ONE_HOT_CLASSES = 8
+
+
+def one_hot_transposed(codes: np.ndarray, num_classes: int) -> Any:
+    """Y^T as a (C, N) CSR matrix: Y^T A is the per-class sum of A's rows."""
+    import scipy.sparse as sps
+
+    n = codes.shape[0]
+    return sps.csr_matrix((np.ones(n), (codes, np.arange(n))), shape=(num_classes, n))
+
+
+def _transpose_times(a: np.ndarray, y: Any) -> np.ndarray:
+    """A^T Y for dense targets Y (N, T), or for Y given as a sparse Y^T (T, N)."""
+    if isinstance(y, np.ndarray):
+        return a.T @ y
+    return np.asarray((y @ a).T)
+
+
 def make_targets(labels: Any, task: str = "classification", num_classes: int | None = None) -> np.ndarray:
     """Turn labels into the (N, T) float64 target matrix LogME fits, one column per target."""
     y = np.asarray(labels)
     if task == "classification":
-        if y.ndim != 1:
-            raise ValueError(f"classification labels must be shape (N,), got {y.shape}")
-        if not np.issubdtype(y.dtype, np.integer):
-            if not np.all(np.mod(y, 1) == 0):
-                raise ValueError("classification labels must be integers 0..C-1")
-            y = y.astype(np.int64)
-        if y.size and y.min() < 0:
-            raise ValueError("classification labels must be >= 0")
-        c = int(y.max()) + 1 if num_classes is None else int(num_classes)
-        if y.size and y.max() >= c:
-            raise ValueError(f"label {int(y.max())} >= num_classes {c}")
+        y, c = class_codes(y, num_classes)
         out = np.zeros((y.shape[0], c), dtype=np.float64)
         out[np.arange(y.shape[0]), y] = 1.0
         return out
@@ -270,7 +297,8 @@ def _evidence(sp: _Spectrum, lam: np.ndarray):
     return ev, alpha, beta
 
 
-def _spectrum_numpy(f: np.ndarray, y: np.ndarray, yy: np.ndarray | None = None):
+def _spectrum_numpy(f: np.ndarray, y: Any, yy: np.ndarray | None = None):
+    """y: targets (N, T), or a sparse (T, N) Y^T for one-hot targets (then yy must be given)."""
     n, d = f.shape
     if yy is None:
         yy = np.einsum("nt,nt->t", y, y)
@@ -278,7 +306,7 @@ def _spectrum_numpy(f: np.ndarray, y: np.ndarray, yy: np.ndarray | None = None):
         g = f.T @ f  # numpy dispatches A.T @ A to syrk
         s, v = np.linalg.eigh(g)
         s = np.maximum(s, 0.0)  # round-off can make zero eigenvalues slightly negative
-        proj = v.T @ (f.T @ y)  # (D, T)
+        proj = v.T @ _transpose_times(f, y)  # (D, T)
         sp = _Spectrum(s, proj, yy, "gram_d", n, d)
         return sp, v
     k = f @ f.T
@@ -286,7 +314,7 @@ def _spectrum_numpy(f: np.ndarray, y: np.ndarray, yy: np.ndarray | None = None):
     s = np.maximum(s, 0.0)
     keep = kept_sample_directions(s)
     s, u = s[keep], u[:, keep]
-    proj = u.T @ y  # (N', T)
+    proj = _transpose_times(u, y)  # (N', T)
     sp = _Spectrum(s, proj, np.einsum("kt,kt->t", proj, proj), "gram_n", int(keep.sum()), d)
     return sp, u
 
@@ -370,6 +398,12 @@ def logme(
             raise ValueError("classification labels must be integers 0..C-1, shape (N,)")
         c = int(lab.max()) + 1 if num_classes is None else int(num_classes)
         y = np.broadcast_to(np.zeros((1, 1)), (lab.shape[0], c))
+    elif backend == "numpy" and task == "classification":
+        codes, c = class_codes(labels, num_classes)
+        if c >= SPARSE_ONE_HOT_CLASSES:
+            y = one_hot_transposed(codes, c)  # (C, N)
+        else:
+            y = make_targets(codes, task, c)
     else:
         y = make_targets(labels, task, num_classes)
     if backend == "torch":
@@ -378,12 +412,13 @@ def logme(
         sp, ctx = spectrum_torch(features, y, device, np.asarray(labels) if task == "classification" else None)
     elif backend == "numpy":
         f = np.asarray(features, dtype=np.float64)
-        if f.ndim != 2 or f.shape[0] != y.shape[0]:
-            raise ValueError(f"features {f.shape} do not match {y.shape[0]} labels")
+        rows = y.shape[0] if isinstance(y, np.ndarray) else y.shape[1]
+        if f.ndim != 2 or f.shape[0] != rows:
+            raise ValueError(f"features {f.shape} do not match {rows} labels")
         # one-hot targets: ||y_c||^2 is the class count, no pass over the N x C matrix needed
         yy = y.sum(axis=0) if task == "multilabel" else None
         if task == "classification":
-            yy = np.bincount(np.asarray(labels).astype(np.int64), minlength=y.shape[1]).astype(np.float64)
+            yy = np.bincount(codes, minlength=c).astype(np.float64)
         sp, basis = _spectrum_numpy(f, y, yy)
     else:
         raise ValueError(f"unknown backend {backend!r}")
