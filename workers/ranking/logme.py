@@ -250,9 +250,14 @@ def _solve(sp: _Spectrum, solver: str, tol: float, max_iter: int, grad_tol: floa
                 step = np.where(outside, fallback - ti, step)
             prev2[sel] = prev1[sel]
             prev1[sel] = np.abs(step)
-            # Newton converges quadratically: a plain Newton step below 0.1 sqrt(tol) leaves an error
-            # far below tol, so stop after taking it instead of paying one more evaluation
-            quad_done = concave & ~outside & ~crawl & (np.abs(step) <= 0.1 * np.sqrt(tol))
+            # Newton converges quadratically: after a plain step h the error is about K h^2, so stop after
+            # taking it instead of paying one more evaluation when K h^2 <= tol. K is read off the last two
+            # steps (h / h_prev^2; about 0.1-0.2 on real spectra) and trusted up to 1: h <= sqrt(tol) then;
+            # without a previous step, h <= 0.1 sqrt(tol) assumes K <= 100.
+            size = np.abs(step)
+            contracting = np.isfinite(prev2[sel]) & (size <= prev2[sel] ** 2)
+            quad_done = concave & ~outside & ~crawl & (
+                (size <= 0.1 * np.sqrt(tol)) | (contracting & (size <= np.sqrt(tol))))
         t_new = np.clip(ti + step, t_lo, t_hi)
         # In the lam -> inf tail the evidence still to gain is about grad itself, so a gradient
         # below grad_tol (per sample) means the evidence is converged even if t is not.
