@@ -145,8 +145,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--torch", action="store_true", help="also time backend='torch'")
     ap.add_argument("--no-thuml", action="store_true")
+    ap.add_argument("--grid", help="N,D,C lists to time instead, e.g. '1000;384;100' or '1000,10000;384;2,100'")
+    ap.add_argument("--repeats", type=int, help="interleaved repeats per configuration (default: by size)")
     args = ap.parse_args()
     ns, ds, cs = ([1000, 10000], [384, 768], [2, 100]) if args.quick else ([1000, 10000, 50000], [384, 768, 2048], [2, 10, 100])
+    if args.grid:
+        ns, ds, cs = ([int(v) for v in part.split(",")] for part in args.grid.split(";"))
     tasks = ["classification", "regression"]
     print(f"# machine: {platform.node()} nproc={os.cpu_count()} cpu={cpu_model()!r} numpy={np.__version__}")
     if args.torch:
@@ -167,7 +171,7 @@ def main() -> None:
             noise = rng.standard_normal(size=(n, d))
             big = n * d * max(n, d) > 2e10
             # small floors (~20 ms) move by +-15% between repeats on this shared machine: take more of them
-            repeats = 2 if big else (15 if n * d * max(n, d) < 1e9 else 5)
+            repeats = args.repeats or (2 if big else (15 if n * d * max(n, d) < 1e9 else 5))
             for c in cs:
                 for task in tasks:
                     f, lab = make_data(noise, c, task, rng)
