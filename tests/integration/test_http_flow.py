@@ -78,7 +78,7 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
     model_ids = register_hub(alice, tiny_hub)
     assert {m["name"] for m in alice.get("/v1/models").json()["items"]} >= set(tiny_hub)
 
-    submitted = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "metrics": ["logme", "hscore"]})
+    submitted = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "metrics": ["logme", "hscore", "ridge_loo"]})
     assert submitted.status_code == 202, submitted.text
     assert submitted.headers["location"] == f"/v1/jobs/{submitted.json()['id']}"
     job = wait_for(alice, submitted.json()["id"], stack)
@@ -92,6 +92,8 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
         low, high = entry["intervals"]["logme"]
         assert low <= high
         assert isinstance(entry["beats_prior"], bool)
+        low, high = entry["intervals"]["ridge_loo"]  # a leave-one-out accuracy with its bootstrap interval
+        assert 0.0 <= low <= entry["scores"]["ridge_loo"] <= high <= 1.0
     assert 0.0 <= ranking[0]["p_better_than_next"]["logme"] <= 1.0
     # All local state lives in HUBTUNE_HOME (the filesystem broker's exchange tables included), none in the cwd.
     assert stack.cwd is not None and list(stack.cwd.iterdir()) == []

@@ -248,3 +248,13 @@ def test_halving_drops_a_candidate_that_cannot_run_and_lists_it_last(setup: dict
     last = result.ranking[-1]
     assert last.model_id == "broken" and last.scores == {"logme": None} and last.details["reason"] == "failed"
     assert last.details["error"] and last.rank == len(models)
+
+
+def test_halving_by_ridge_loo_ranks_by_held_out_accuracy(setup: dict, tmp_path: Path) -> None:
+    """Any metric with paired replicates drives the rounds: ridge_loo's re-weighted held-out outcomes included."""
+    result = run(setup, tmp_path / "cache", metric="ridge_loo")
+    assert result.metric == "ridge_loo"
+    ranking = result.ranking
+    assert ranking[0].model_id == "a" and ranking[-1].model_id == "d"
+    scores = [m.scores["ridge_loo"] for m in ranking if not m.details["eliminated"]]
+    assert all(0.0 <= s <= 1.0 for s in scores) and scores == sorted(scores, reverse=True)
