@@ -77,3 +77,12 @@ def test_quality_from_weighted_rows_counts_repeats():
     rows = np.array([1.0, 0.0, 1.0, 1.0])
     assert quality_from_rows(rows, "classification") == 0.75
     assert quality_from_rows(rows, "classification", np.array([0, 2, 1, 1])) == 0.5
+
+
+@pytest.mark.parametrize("task", ["classification", "multilabel", "regression"])
+def test_row_blocks_give_the_same_outcomes_as_one_block(task):
+    f, labels, _ = data(50, 6, task, seed=7)
+    whole = ridge_loo_rows(f, labels, task)
+    blocks = ridge_loo_rows(f, labels, task, block_rows=7)
+    assert blocks.score == whole.score and blocks.strength == whole.strength
+    np.testing.assert_allclose(blocks.rows, whole.rows)

@@ -57,9 +57,22 @@ def quality_from_rows(rows: np.ndarray, task: str, weights: np.ndarray | None = 
     return float(1.0 - sq_err / sq_dev) if sq_dev > 0 else 0.0
 
 
+def _outcomes(loo: np.ndarray, y: np.ndarray, yc: np.ndarray, task: str) -> np.ndarray:
+    """Per-row outcomes of leave-one-out predictions (see RidgeLOO.rows)."""
+    if task == "classification":
+        return (loo.argmax(axis=1) == y.argmax(axis=1)).astype(np.float64)
+    if task == "multilabel":
+        pred, true = loo > 0.5, y > 0.5
+        return np.stack([(pred & true).sum(1), (pred & ~true).sum(1), (~pred & true).sum(1)], 1).astype(float)
+    return np.stack([((loo - y) ** 2).sum(1), (yc ** 2).sum(1)], 1)
+
+
 def ridge_loo_rows(features: np.ndarray, labels: np.ndarray, task: str = "classification",
-                   relative_strengths: np.ndarray = RELATIVE_STRENGTHS) -> RidgeLOO:
-    """Exact leave-one-out quality of ridge regression (unpenalised intercept) at the best strength of a grid."""
+                   relative_strengths: np.ndarray = RELATIVE_STRENGTHS, block_rows: int = 4096) -> RidgeLOO:
+    """Exact leave-one-out quality of ridge regression (unpenalised intercept) at the best strength of a grid.
+
+    With N >= D the rows are processed in blocks of block_rows, so memory stays O(block_rows * D) however many
+    rows there are (a 50,000 x 2048 feature matrix would otherwise need two more copies of itself)."""
     f = np.asarray(features, dtype=np.float64)
     y = _targets(labels, task)
     n, d = f.shape
@@ -69,34 +82,32 @@ def ridge_loo_rows(features: np.ndarray, labels: np.ndarray, task: str = "classi
     y_mean = y.mean(axis=0)
     yc = y - y_mean
     if n >= d:
-        s, v = np.linalg.eigh(fc.T @ fc)
-        g = fc @ v  # (N, D): centred features in the eigenbasis
-        g2 = g * g
-        gy = g.T @ yc  # (D, T)
-        shrink = None
+        s, basis = np.linalg.eigh(fc.T @ fc)
+        gy = basis.T @ (fc.T @ yc)  # (D, T): targets in the eigenbasis of the centred features
     else:
-        s, u = np.linalg.eigh(fc @ fc.T)
-        g, g2, gy = u, u * u, u.T @ yc
-        shrink = s  # H = U diag(s / (s + lam)) U^T
+        s, basis = np.linalg.eigh(fc @ fc.T)  # H = U diag(s / (s + lam)) U^T
+        gy = basis.T @ yc
     s = np.maximum(s, 0.0)
     scale = float(s[s > s.max() * 1e-12].mean()) if s.max() > 0 else 1.0
+    lams = np.asarray(relative_strengths, dtype=np.float64) * scale
+    # the smoother's gain per eigen-direction for each strength, (J, k)
+    gains = 1.0 / (s[None, :] + lams[:, None]) if n >= d else s[None, :] / (s[None, :] + lams[:, None])
+    outcomes: list[list[np.ndarray]] = [[] for _ in lams]
+    for start in range(0, n, block_rows if n >= d else n):
+        rows = slice(start, min(start + block_rows, n) if n >= d else n)
+        g = fc[rows] @ basis if n >= d else basis  # (B, k): the block's rows in the eigenbasis
+        g2 = g * g
+        for j, gain in enumerate(gains):
+            fitted = g @ (gain[:, None] * gy) + y_mean
+            leverage = np.minimum(g2 @ gain + 1.0 / n, 1.0 - 1e-12)  # the intercept adds 1/N to every H_ii
+            loo = y_mean + (fitted - y_mean - leverage[:, None] * yc[rows]) / (1.0 - leverage)[:, None]
+            outcomes[j].append(_outcomes(loo, y[rows], yc[rows], task))
     best: RidgeLOO | None = None
-    for rel in relative_strengths:
-        lam = rel * scale
-        gain = 1.0 / (s + lam) if shrink is None else shrink / (shrink + lam)
-        fitted = g @ (gain[:, None] * gy) + y_mean
-        leverage = np.minimum(g2 @ gain + 1.0 / n, 1.0 - 1e-12)  # the intercept adds 1/N to every H_ii
-        loo = y_mean + (fitted - y_mean - leverage[:, None] * yc) / (1.0 - leverage)[:, None]
-        if task == "classification":
-            rows = (loo.argmax(axis=1) == y.argmax(axis=1)).astype(np.float64)
-        elif task == "multilabel":
-            pred, true = loo > 0.5, y > 0.5
-            rows = np.stack([(pred & true).sum(1), (pred & ~true).sum(1), (~pred & true).sum(1)], 1).astype(float)
-        else:
-            rows = np.stack([((loo - y) ** 2).sum(1), (yc ** 2).sum(1)], 1)
-        score = quality_from_rows(rows, task)
+    for lam, parts in zip(lams, outcomes):
+        per_row = np.concatenate(parts)
+        score = quality_from_rows(per_row, task)
         if best is None or score > best.score:
-            best = RidgeLOO(score, float(lam), rows, task)
+            best = RidgeLOO(score, float(lam), per_row, task)
     assert best is not None
     return best
 
