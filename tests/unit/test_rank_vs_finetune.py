@@ -40,3 +40,46 @@ def test_subsample_is_stratified_and_keeps_every_class():
     counts = np.bincount(labels[picked], minlength=3)
     assert counts[0] == 90 and counts[1] == 9 and counts[2] == 2
     assert len(np.unique(picked)) == len(picked)
+
+
+@pytest.mark.parametrize("task", ["classification", "multilabel", "regression"])
+def test_the_script_runs_end_to_end_for_every_task_and_rescores_without_refitting(task, tmp_path):
+    """'Works for any dataset a user uploads': a JSONL of each task through main(), two tiny models, one seed; then
+    --rescore recomputes the estimator scores and keeps the fine-tuning runs."""
+    import json
+
+    from benchmarks.rank_vs_finetune import main
+    from tests.tiny_models import make_tiny_bert
+
+    hub = tmp_path / "hub"
+    make_tiny_bert(hub / "tiny-a", hidden_size=32, num_layers=1, seed=0)
+    make_tiny_bert(hub / "tiny-b", hidden_size=16, num_layers=1, seed=1)
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+    rows = []
+    for i in range(60):
+        text = " ".join(rng.choice(words, size=6)) + f" item {i}"
+        label = {"classification": words[i % 3], "multilabel": [words[i % 3], words[3 + i % 2]],
+                 "regression": float(i % 7) + 0.5}[task]
+        rows.append({"body": text, "target": label})
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    args = ["--hub", str(hub), "--data", str(data), "--task", task, "--text-column", "body", "--label-column",
+            "target", "--rows", "0", "--seeds", "0", "--epochs", "1", "--max-length", "16", "--metrics",
+            "logme,ridge_loo", "--out", str(tmp_path / "out.md")]
+    assert main(args) == 0
+    stored = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
+    assert set(stored["scores"]) == {"tiny-a", "tiny-b"} and set(stored["finetune"]) == {"tiny-a/0", "tiny-b/0"}
+    for row in stored["scores"].values():
+        assert row["scores"]["logme"] is not None and row["scores"]["ridge_loo"] is not None
+    report = (tmp_path / "out.md").read_text(encoding="utf-8")
+    assert "| ridge_loo |" in report and "| logme |" in report
+    runs = stored["finetune"]
+    assert main(args + ["--rescore"]) == 0
+    again = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
+    assert again["finetune"] == runs and again["meta"]["rescored_by"].endswith("--rescore")
+    # a store made for another split is refused, not silently started over (that would re-run every fine-tuning)
+    other = [("30" if a == "0" and args[i - 1] == "--rows" else a) for i, a in enumerate(args)]
+    with pytest.raises(SystemExit):
+        main(other + ["--rescore"])
+    assert json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))["finetune"] == runs
