@@ -16,7 +16,9 @@ a local hub (a folder of Hugging Face model folders, e.g. the one `python -m dem
    R^2 (regression).
 
 Results are written to a JSON file as they finish and runs already there are skipped, so the benchmark can run in
-pieces (--max-minutes) and be reported with --report-only. The markdown report goes to --out.
+pieces (--max-minutes) and be reported with --report-only. The markdown report goes to --out. --rescore recomputes
+the estimators on the stored split and keeps the fine-tuning runs; --best-of adds the agreement with each model's
+best fine-tuned quality over stores run at other learning rates (one fixed lr favours the models it suits).
 
     python -m demo.prepare_hub --out /tmp/hub --models all-MiniLM-L6-v2,paraphrase-MiniLM-L3-v2,...
     python -m benchmarks.rank_vs_finetune --hub /tmp/hub                    # BBC News sample, CPU-sized defaults
@@ -318,6 +320,50 @@ def report(stored: dict[str, Any]) -> list[str]:
     return lines
 
 
+def best_of_lrs_report(stores: list[dict[str, Any]]) -> list[str]:
+    """Agreement with each model's best mean fine-tuned quality over learning rates: several stores of the same
+    split and budget that differ only in lr (a fixed lr favours the models it suits; practitioners tune it)."""
+    first = stores[0]
+    split, settings = first["key"]
+    for other in stores[1:]:
+        o_split, o_settings = other["key"]
+        same = {k: v for k, v in settings.items() if k != "lr"} == {k: v for k, v in o_settings.items() if k != "lr"}
+        if o_split != split or not same:
+            raise SystemExit("--best-of: the stores must share the split and every setting but the learning rate")
+    lrs = [s["key"][1]["lr"] for s in stores]
+    means: list[dict[str, float]] = []
+    for store in stores:
+        runs: dict[str, list[float]] = {}
+        for run in store["finetune"].values():
+            runs.setdefault(run["model"], []).append(run["quality"])
+        means.append({m: statistics.fmean(v) for m, v in runs.items()})
+    rows = {r["model"]: r for r in first["scores"].values()}
+    models = [m for m in first["meta"]["models"] if m in rows and all(m in mean for mean in means)]
+    truth = [max(mean[m] for mean in means) for m in models]
+    q = QUALITY[first["meta"]["task"]]
+    lines = ["", f"### Against the best learning rate per model (lr in {lrs}; the same split, seeds and epochs)", "",
+             "| model | " + " | ".join(f"fine-tuned {q} at lr {lr}" for lr in lrs) + " | best |",
+             "|---|" + "---|" * (len(lrs) + 1)]
+    for m, t in zip(models, truth):
+        lines.append(f"| {m} | " + " | ".join(f"{mean[m]:.3f}" for mean in means) + f" | {t:.3f} |")
+    lines += ["", "| estimator | weighted τ | Pearson r | Kendall τ | Rel@1 | top-1 |", "|---|---|---|---|---|---|"]
+    for name in first["meta"]["metrics"] + ["linear_probe"]:
+        vals = ([rows[m]["linear_probe"] for m in models] if name == "linear_probe"
+                else [rows[m]["scores"].get(name) for m in models])
+        if any(v is None for v in vals):
+            continue
+        a = agreement(vals, truth)
+        if a["top1"] is None:
+            lines.append(f"| {name} | cannot rank (saturated) | | | | |")
+            continue
+        label = "linear probe (baseline, trained)" if name == "linear_probe" else name
+        lines.append(f"| {label} | {fmt(a['weightedtau'])} | {fmt(a['pearson'])} | {fmt(a['kendall'])} | "
+                     f"{fmt(a['rel1'])} | {'yes' if a['top1'] else 'no'} |")
+    order = sorted(models, key=lambda m: -truth[models.index(m)])
+    lines += ["", "Best-lr fine-tuned order: " + " > ".join(order) + "."]
+    return lines
+
+
 # ------------------------------------------------------------------------------------------------------ main
 
 
@@ -347,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--rescore", action="store_true",
                         help="recompute features, estimators and the probe; keep the stored fine-tuning runs")
+    parser.add_argument("--best-of", default="",
+                        help="comma-separated result stores (.json) of the same split run at other learning rates: "
+                        "the report adds the agreement with each model's best fine-tuned quality over them")
     parser.add_argument("--keep-duplicates", action="store_true",
                         help="keep repeated texts when reading --data (reproduces the split of runs recorded before "
                         "rank and tune jobs read each text once); refused if the train split then repeats a text")
@@ -447,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
     save()
     lines = report(stored)
+    if args.best_of:
+        others = [json.loads(Path(p).read_text(encoding="utf-8")) for p in args.best_of.split(",") if p]
+        lines += best_of_lrs_report([stored] + others)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("# Does the ranking predict fine-tuning? (`benchmarks/rank_vs_finetune.py`)\n\n"
                         + "\n".join(lines) + "\n", encoding="utf-8")

@@ -83,3 +83,25 @@ def test_the_script_runs_end_to_end_for_every_task_and_rescores_without_refittin
     with pytest.raises(SystemExit):
         main(other + ["--rescore"])
     assert json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))["finetune"] == runs
+
+
+def test_best_of_learning_rates_takes_each_models_best_and_refuses_other_splits(tmp_path):
+    from benchmarks.rank_vs_finetune import best_of_lrs_report
+
+    def store(lr, quality, split="s1"):
+        settings = {"task": "classification", "epochs": 3, "lr": lr, "rows": 400}
+        return {"key": [split, settings],
+                "meta": {"task": "classification", "models": ["a", "b", "c"], "metrics": ["logme"]},
+                "scores": {m: {"model": m, "scores": {"logme": score}, "linear_probe": score}
+                           for m, score in (("a", 3.0), ("b", 2.0), ("c", 1.0))},
+                "finetune": {f"{m}/{seed}": {"model": m, "quality": q + 0.001 * seed}
+                             for m, q in quality.items() for seed in (0, 1)}}
+
+    low = store(5e-5, {"a": 0.60, "b": 0.80, "c": 0.50})  # a trains badly at the low lr: LogME looks wrong
+    high = store(2e-4, {"a": 0.90, "b": 0.70, "c": 0.40})
+    lines = best_of_lrs_report([low, high])
+    text = "\n".join(lines)
+    assert "| a | 0.601 | 0.901 | 0.901 |" in text  # each model's best mean over the learning rates
+    assert "| logme | 1.000 |" in text and "Best-lr fine-tuned order: a > b > c." in text
+    with pytest.raises(SystemExit):
+        best_of_lrs_report([low, store(2e-4, {"a": 0.9, "b": 0.7, "c": 0.4}, split="s2")])
