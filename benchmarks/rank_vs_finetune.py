@@ -191,7 +191,7 @@ def model_scores(folder: Path, task: str, train: tuple[list[str], np.ndarray], v
 
     began = time.perf_counter()
     feats = extract_features(folder, train[0] + val[0], max_length=args.max_length, batch_size=args.feature_batch,
-                             device=args.device)
+                             device=args.device, pooling=args.pooling)
     feature_seconds = time.perf_counter() - began
     x = feats.features.astype(np.float64)
     x_train, x_val = x[: len(train[0])], x[len(train[0]):]
@@ -285,7 +285,8 @@ def report(stored: dict[str, Any]) -> list[str]:
     lines += [f"Machine: {meta['machine']}; fine-tuning: epochs {meta['epochs']}, lr {meta['lr']}, batch "
               f"{meta['batch_size']}, max_length {meta['max_length']}, seeds {meta['seeds']} (plain fine-tuning, "
               "AdamW, 10% warmup, library defaults otherwise; the same budget for every model). Estimators on "
-              "the train split's mean-pooled features; fine-tuned quality on the validation split.", ""]
+              f"the train split's {'mean-pooled features' if meta.get('pooling', 'mean') == 'mean' else 'features of the token the classification head reads (last for decoders, first for encoders)'}; "
+              "fine-tuned quality on the validation split.", ""]
     lines += [f"| model | D | params | feature s | prior-only | linear probe {q} | fine-tuned {q} (mean ± std) | "
               "FT wall s/run | " + " | ".join(meta["metrics"]) + " |",
               "|---|---|---|---|---|---|---|---|" + "---|" * len(meta["metrics"])]
@@ -393,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--rescore", action="store_true",
                         help="recompute features, estimators and the probe; keep the stored fine-tuning runs")
+    parser.add_argument("--pooling", default="mean", choices=["mean", "head"],
+                        help="features the estimators and the probe see: mean-pooled (what rank jobs use) or the token "
+                        "a sequence-classification head reads (last for decoders, first for encoders)")
     parser.add_argument("--best-of", default="",
                         help="comma-separated result stores (.json) of the same split run at other learning rates: "
                         "the report adds the agreement with each model's best fine-tuned quality over them")
@@ -456,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     stored["meta"] = {"dataset": data_path.name, "task": args.task, "models": [f.name for f in folders],
                       "metrics": metrics, "train_rows": len(train[0]), "val_rows": len(val[0]),
                       "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-                      "max_length": args.max_length, "seeds": seeds,
+                      "max_length": args.max_length, "seeds": seeds, "pooling": args.pooling,
                       "machine": f"{machine}, torch {torch.__version__}, Python {platform.python_version()}",
                       "command": "python -m benchmarks.rank_vs_finetune " + " ".join(argv or sys.argv[1:])}
     if args.report_only and previous:  # a report describes the runs that made the numbers

@@ -361,7 +361,7 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
                                   "tuning uses the whole dataset; rank on a sample in a separate job",
                                   field="sample_size")
         job = Job(owner=who, dataset_id=dataset.id, candidates=candidates, metrics=list(dict.fromkeys(body.metrics)),
-                  options={"sample_size": body.sample_size, "seed": body.seed,
+                  options={"sample_size": body.sample_size, "seed": body.seed, "pooling": body.pooling,
                            "successive_halving": body.successive_halving.model_dump()
                            if body.successive_halving else None},
                   tune=body.tune.model_dump() if body.tune else None)

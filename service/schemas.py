@@ -77,5 +77,8 @@ class JobCreate(BaseModel):
     metrics: list[str] = Field(default_factory=lambda: ["logme"], min_length=1)
     sample_size: int | None = Field(default=None, ge=10, description="rank on a stratified sample of this many rows")
     seed: int = 0
+    pooling: Literal["mean", "head"] = Field(
+        default="mean", description="features the estimators see: mean over tokens, or the token a "
+        "sequence-classification head reads (the last for decoder-only models, the first for encoders)")
     successive_halving: HalvingSpec | None = Field(default=None, description="rank many candidates on growing samples")
     tune: TuneSpec | None = None

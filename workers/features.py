@@ -22,6 +22,17 @@ from typing import Any
 import numpy as np
 
 POOLING = "mean"
+POOLINGS = ("mean", "head")
+
+
+def is_decoder_only(config: Any) -> bool:
+    """A causal language model (Llama, Gemma, GPT-2, ...), whose sequence-classification head reads the last token:
+    a model type with a causal-LM class and no masked-LM one (BERT and MPNet have both)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    kind = getattr(config, "model_type", None)
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 # Part of every cache key: bump when what extract_features computes (or the entry layout) changes.
 CACHE_FORMAT = 3  # 3: datasets are read with each text once (workers.pipeline.distinct_examples)
 
@@ -175,7 +186,7 @@ def extract_features(model_dir: Path, texts: list[str], *, max_length: int = 128
                      device: str | None = None, on_batch: Callable[[int, int], None] | None = None,
                      should_cancel: Callable[[], bool] | None = None,
                      max_tokens: int | None = None, bucket_by_length: bool = True,
-                     pad_to_multiple_of: int | None = None) -> FeatureResult:
+                     pad_to_multiple_of: int | None = None, pooling: str = POOLING) -> FeatureResult:
     """Mean-pooled last hidden states of `texts` (one row per text, in order) from the model in `model_dir`.
 
     max_length truncates each text (capped by what the model accepts); batches hold up to batch_size texts of
@@ -185,6 +196,9 @@ def extract_features(model_dir: Path, texts: list[str], *, max_length: int = 128
     on_batch(done, total) after each batch; should_cancel() is checked before each batch and raises
     FeatureExtractionCancelled.
     If the folder is a *ForSequenceClassification model with id2label, source_probs holds its head's softmax.
+    pooling "mean" (what rank jobs use) averages the last hidden states over the attention mask; "head" takes the
+    token a Hugging Face sequence-classification head reads: the last real token of a decoder-only model (a config
+    whose architectures name a *ForCausalLM), the first token otherwise.
     """
     import torch
 
@@ -192,7 +206,10 @@ def extract_features(model_dir: Path, texts: list[str], *, max_length: int = 128
         raise ValueError("extract_features needs at least one text")
     began = time.perf_counter()
     device = pick_device(device)
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     tokenizer, model, has_head = _load(Path(model_dir), device)
+    last_token = pooling == "head" and is_decoder_only(model.config)
     load_seconds = time.perf_counter() - began
     max_length = _length_limit(tokenizer, model, max_length)
     encoded = encode(tokenizer, texts, max_length)
@@ -238,8 +255,12 @@ def extract_features(model_dir: Path, texts: list[str], *, max_length: int = 128
             with torch.inference_mode(), torch.autocast("cuda", dtype=amp_dtype, enabled=on_cuda):
                 out = model(input_ids=input_ids, attention_mask=mask)
                 hidden = captured.pop("hidden") if has_head else out.last_hidden_state
-                weights = mask.unsqueeze(-1).to(torch.float32)
-                pooled = (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+                if pooling == "mean":
+                    weights = mask.unsqueeze(-1).to(torch.float32)
+                    pooled = (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+                else:  # batches are right-padded: the last real token sits at length - 1
+                    at = mask.sum(1) - 1 if last_token else torch.zeros_like(mask[:, 0])
+                    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), at].float()
                 batch_probs = torch.softmax(out.logits.float(), dim=-1) if has_head else None
             if on_cuda:
                 torch.cuda.synchronize()

@@ -126,7 +126,8 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
                             initial_rows: int = 256, growth: float = 2.0, confidence: float = 0.95,
                             min_models: int = 1, seed: int = 0, cache_root: Path, hf_cache_dir: Path,
                             max_length: int = 128, batch_size: int = 32, device: str | None = None,
-                            bootstrap_samples: int = 200, progress: Progress | None = None) -> HalvingResult:
+                            bootstrap_samples: int = 200, progress: Progress | None = None,
+                            pooling: str = "mean") -> HalvingResult:
     """Rank `models` for `dataset` by `metric`, eliminating candidates confidently behind the leader on growing
     nested samples (initial_rows, ×growth, ... up to all rows) until the full data are scored or at most
     min_models remain.
@@ -189,7 +190,7 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
             try:
                 result, from_cache = model_features(model, new_texts, tag, cache_root=cache_root,
                                                     hf_cache_dir=hf_cache_dir, max_length=max_length,
-                                                    batch_size=batch_size, device=device)
+                                                    batch_size=batch_size, device=device, pooling=pooling)
             except Exception as exc:  # one unusable candidate must not sink the others (see pipeline.rank)
                 dropped[model_id] = {"round": r, "rows": size, "reason": "failed", "error": describe_failure(exc),
                                      "score": None, "prior": None}

@@ -137,7 +137,7 @@ def sample_rows(labels: np.ndarray, task: str, size: int | None, seed: int) -> n
 
 def model_features(model: ModelSpec, texts: list[str], cache_tag: str, *, cache_root: Path, hf_cache_dir: Path,
                    max_length: int, batch_size: int, device: str | None,
-                   on_batch: Callable[[int, int], None] | None = None) -> tuple[Any, bool]:
+                   on_batch: Callable[[int, int], None] | None = None, pooling: str = "mean") -> tuple[Any, bool]:
     """Features for one model, from the artifact cache when this (data, model, revision, pooling, length) was seen."""
     from workers.features import FeatureCache, extract_features
     from workers.hub import resolve_model
@@ -148,12 +148,12 @@ def model_features(model: ModelSpec, texts: list[str], cache_tag: str, *, cache_
     # The resolved revision: a hub commit hash, or a local folder's content hash recomputed now, so a folder
     # changed after registration does not get its old features back.
     cache = FeatureCache(cache_root)
-    key = cache.key(cache_tag, model.id, resolved.revision, "mean", max_length)
+    key = cache.key(cache_tag, model.id, resolved.revision, pooling, max_length)
     cached = cache.load(key)
     if cached is not None:
         return cached, True
     result = extract_features(resolved.path, texts, max_length=max_length, batch_size=batch_size, device=device,
-                              on_batch=on_batch)
+                              on_batch=on_batch, pooling=pooling)
     cache.save(key, result)
     return result, False
 
@@ -241,7 +241,7 @@ def failed_model(metrics: list[str], exc: Exception, rows: int, seconds: float) 
 def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, cache_root: Path,
          hf_cache_dir: Path, sample_size: int | None = None, seed: int = 0, max_length: int = 128,
          batch_size: int = 32, device: str | None = None, bootstrap_samples: int = 200,
-         progress: Progress | None = None) -> list[RankedModel]:
+         progress: Progress | None = None, pooling: str = "mean") -> list[RankedModel]:
     """Rank `models` for `dataset` by the first metric; every score comes with an interval and, against the next
     model down, the probability that the higher-ranked one is really better (paired bootstrap over rows)."""
     from workers.ranking import prior_only_evidence
@@ -274,7 +274,8 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, c
         try:
             result, from_cache = model_features(model, texts, cache_tag, cache_root=cache_root,
                                                 hf_cache_dir=hf_cache_dir, max_length=max_length,
-                                                batch_size=batch_size, device=device, on_batch=on_batch)
+                                                batch_size=batch_size, device=device, on_batch=on_batch,
+                                                pooling=pooling)
         except Exception as exc:
             if interrupted:
                 raise

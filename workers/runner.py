@@ -94,6 +94,7 @@ def _rank_phase(sessions: sessionmaker, job: Job, dataset: Dataset, models: list
     model_specs = [pipeline.ModelSpec(m.id, m.name, m.source, m.locator, m.revision) for m in models]
     common = dict(cache_root=settings.features_dir, hf_cache_dir=settings.hf_cache_dir,
                   seed=job.options.get("seed", 0), max_length=settings.feature_max_length,
+                  pooling=job.options.get("pooling", "mean"),
                   batch_size=feature_batch_size(settings), device=settings.device,
                   bootstrap_samples=settings.bootstrap_samples, progress=progress)
     summary = None

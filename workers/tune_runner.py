@@ -105,7 +105,7 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
                 pipeline.ModelSpec(model.id, model.name, model.source, model.locator, model.revision), texts,
                 dataset.sha256, cache_root=settings.features_dir, hf_cache_dir=settings.hf_cache_dir,
                 max_length=settings.feature_max_length, batch_size=feature_batch_size(settings),
-                device=settings.device)
+                device=settings.device, pooling=job.options.get("pooling", "mean"))
             train_features[model.id] = np.asarray(result.features, dtype=np.float64)[train_idx]
         fits = {mid: logme(f, train_set[1], task="classification",
                            num_classes=len(dataset.label_names or [])) for mid, f in train_features.items()}

@@ -111,6 +111,15 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
     assert again["status"] == "succeeded"
     assert all(r["features_cached"] and r["feature_seconds"] == 0.0 for r in again["ranking"])
     assert alice.get("/v1/jobs", params={"limit": 1}).json()["total"] == 2
+    # pooling="head" ranks other features (the token a classification head reads): computed anew, scored differently
+    head = wait_for(alice, alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "pooling": "head"}).json()["id"],
+                    stack)
+    assert head["status"] == "succeeded" and head["options"]["pooling"] == "head"
+    assert not any(r["features_cached"] for r in head["ranking"])
+    mean_scores = {r["model_id"]: r["scores"]["logme"] for r in again["ranking"]}
+    assert any(abs(r["scores"]["logme"] - mean_scores[r["model_id"]]) > 1e-6 for r in head["ranking"])
+    bad_pooling = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "pooling": "max"})
+    assert bad_pooling.status_code == 422 and bad_pooling.json()["field"] == "pooling"
     # Successive halving: nested samples, one metric, the rounds recorded on the job.
     halving = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "metrics": ["logme"],
                                            "successive_halving": {"initial_rows": 30, "confidence": 0.9}})

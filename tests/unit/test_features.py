@@ -250,3 +250,24 @@ def test_cuda_autocast_features_match_float32_cpu(bert_dir: Path, llama_dir: Pat
         assert cos.min() > 0.99  # bf16 (or fp16) autocast: close to float32, not equal
         assert gpu.tokens == cpu.tokens
         assert gpu.padded_tokens >= cpu.padded_tokens and gpu.padded_tokens % 8 == 0  # widths rounded up to 8
+
+
+@pytest.mark.parametrize("which,position", [("bert_dir", "first"), ("llama_dir", "last")])
+def test_head_pooling_takes_the_token_a_classification_head_reads(which: str, position: str,
+                                                                  request: pytest.FixtureRequest) -> None:
+    """pooling="head": the last real token of a decoder (in batches with padding after it), the first of an encoder,
+    each equal to that token's hidden state with the text fed alone."""
+    folder = request.getfixturevalue(which)
+    texts = mixed_texts(9, seed=3)  # mixed lengths: padded batches
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    expected = []
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, truncation=True, max_length=128, return_tensors="pt")["input_ids"]
+            hidden = model(input_ids=ids).last_hidden_state[0]
+            expected.append((hidden[-1] if position == "last" else hidden[0]).numpy())
+    got = extract_features(folder, texts, batch_size=4, pooling="head").features
+    np.testing.assert_allclose(got, np.stack(expected), atol=1e-5)
+    with pytest.raises(ValueError):
+        extract_features(folder, texts, pooling="max")
