@@ -142,6 +142,8 @@ def _job_body(args: argparse.Namespace) -> dict[str, Any]:
         body["candidates"] = args.model
     if args.sample_size:
         body["sample_size"] = args.sample_size
+    if args.pooling != "mean":
+        body["pooling"] = args.pooling
     if getattr(args, "tune", None):
         body["tune"] = __import__("json").loads(args.tune)
     return body
@@ -249,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", action="append", help="candidate model id (repeat); default all")
         p.add_argument("--metric", action="append", help="metric name (repeat); default logme")
         p.add_argument("--sample-size", type=int)
+        p.add_argument("--pooling", choices=["mean", "head"], default="mean",
+                       help="features to rank: mean over tokens (default) or the token a classification head reads")
         p.add_argument("--no-watch", action="store_true")
 
     rank = with_client(sub.add_parser("rank", help="submit a rank job and watch it"))

@@ -19,3 +19,13 @@ def test_table_shows_intervals_not_applicable_and_failures() -> None:
     assert lines[3].split()[:4] == ["2", "broken", "n/a", "n/a"]
     assert "LogME of the label-prior-only baseline: -0.5000" in table
     assert table.endswith("broken could not be scored: OSError: no tokenizer")
+
+
+def test_rank_command_sends_the_job_options_it_was_given() -> None:
+    from service.cli import _job_body, build_parser
+
+    args = build_parser().parse_args(["rank", "ds1", "--metric", "logme", "--metric", "ridge_loo", "--pooling",
+                                      "head", "--sample-size", "50"])
+    assert _job_body(args) == {"dataset_id": "ds1", "metrics": ["logme", "ridge_loo"], "sample_size": 50,
+                               "pooling": "head"}
+    assert "pooling" not in _job_body(build_parser().parse_args(["rank", "ds1"]))
