@@ -46,6 +46,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+POOLED = {"mean": "mean-pooled features",
+          "head": "features of the token the classification head reads (last for decoders, first for encoders)"}
 QUALITY = {"classification": "accuracy", "multilabel": "micro_f1", "regression": "r2"}
 PROBE_STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -265,15 +267,40 @@ def fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def runs_by_model(stored: dict[str, Any], field: str) -> dict[str, list[float]]:
+    """One field of every stored fine-tuning run, grouped by model."""
+    out: dict[str, list[float]] = {}
+    for run in stored["finetune"].values():
+        out.setdefault(run["model"], []).append(run[field])
+    return out
+
+
+def agreement_rows(metrics: list[str], rows: dict[str, dict[str, Any]], models: list[str],
+                   truth: list[float]) -> list[str]:
+    """Markdown rows of every estimator's (and the linear probe's) agreement with the fine-tuned quality."""
+    lines = []
+    for name in metrics + ["linear_probe"]:
+        vals = ([rows[m]["linear_probe"] for m in models] if name == "linear_probe"
+                else [rows[m]["scores"].get(name) for m in models])
+        if any(v is None for v in vals):
+            lines.append(f"| {name} | not applicable | | | | |")
+            continue
+        a = agreement(vals, truth)
+        if a["top1"] is None:
+            lines.append(f"| {name} | cannot rank: the same score for every model (saturated) | | | | |")
+            continue
+        label = "linear probe (baseline, trained)" if name == "linear_probe" else name
+        lines.append(f"| {label} | {fmt(a['weightedtau'])} | {fmt(a['pearson'])} | {fmt(a['kendall'])} | "
+                     f"{fmt(a['rel1'])} | {'yes' if a['top1'] else 'no'} |")
+    return lines
+
+
 def report(stored: dict[str, Any]) -> list[str]:
     meta, task = stored["meta"], stored["meta"]["task"]
     q = QUALITY[task]
     rows = {r["model"]: r for r in stored["scores"].values()}
-    tuned: dict[str, list[float]] = {}
-    walls: dict[str, list[float]] = {}
-    for run in stored["finetune"].values():
-        tuned.setdefault(run["model"], []).append(run["quality"])
-        walls.setdefault(run["model"], []).append(run["wall_seconds"])
+    tuned = runs_by_model(stored, "quality")
+    walls = runs_by_model(stored, "wall_seconds")
     models = [m for m in meta["models"] if m in rows and m in tuned]
     truth = [statistics.fmean(tuned[m]) for m in models]
     lines = [f"## {meta['dataset']}: {len(models)} models, {task}, {meta['train_rows']} train / "
@@ -285,7 +312,7 @@ def report(stored: dict[str, Any]) -> list[str]:
     lines += [f"Machine: {meta['machine']}; fine-tuning: epochs {meta['epochs']}, lr {meta['lr']}, batch "
               f"{meta['batch_size']}, max_length {meta['max_length']}, seeds {meta['seeds']} (plain fine-tuning, "
               "AdamW, 10% warmup, library defaults otherwise; the same budget for every model). Estimators on "
-              f"the train split's {'mean-pooled features' if meta.get('pooling', 'mean') == 'mean' else 'features of the token the classification head reads (last for decoders, first for encoders)'}; "
+              f"the train split's {POOLED[meta.get('pooling', 'mean')]}; "
               "fine-tuned quality on the validation split.", ""]
     lines += [f"| model | D | params | feature s | prior-only | linear probe {q} | fine-tuned {q} (mean ± std) | "
               "FT wall s/run | " + " | ".join(meta["metrics"]) + " |",
@@ -301,21 +328,7 @@ def report(stored: dict[str, Any]) -> list[str]:
               "scipy.stats.weightedtau, hyperbolic weights on rank; Rel@1: fine-tuned quality of the estimator's "
               "top model / the best; top-1: it picked the best):", "",
               "| estimator | weighted τ | Pearson r | Kendall τ | Rel@1 | top-1 |", "|---|---|---|---|---|---|"]
-    for name in meta["metrics"] + ["linear_probe"]:
-        if name == "linear_probe":
-            vals = [rows[m]["linear_probe"] for m in models]
-        else:
-            vals = [rows[m]["scores"].get(name) for m in models]
-        if any(v is None for v in vals):
-            lines.append(f"| {name} | not applicable | | | | |")
-            continue
-        a = agreement(vals, truth)
-        if a["top1"] is None:
-            lines.append(f"| {name} | cannot rank: the same score for every model (saturated) | | | | |")
-            continue
-        label = "linear probe (baseline, trained)" if name == "linear_probe" else name
-        lines.append(f"| {label} | {fmt(a['weightedtau'])} | {fmt(a['pearson'])} | {fmt(a['kendall'])} | "
-                     f"{fmt(a['rel1'])} | {'n/a' if a['top1'] is None else 'yes' if a['top1'] else 'no'} |")
+    lines += agreement_rows(meta["metrics"], rows, models, truth)
     order = sorted(models, key=lambda m: -statistics.fmean(tuned[m]))
     lines += ["", "Fine-tuned order: " + " > ".join(order) + "."]
     return lines
@@ -332,12 +345,7 @@ def best_of_lrs_report(stores: list[dict[str, Any]]) -> list[str]:
         if o_split != split or not same:
             raise SystemExit("--best-of: the stores must share the split and every setting but the learning rate")
     lrs = [s["key"][1]["lr"] for s in stores]
-    means: list[dict[str, float]] = []
-    for store in stores:
-        runs: dict[str, list[float]] = {}
-        for run in store["finetune"].values():
-            runs.setdefault(run["model"], []).append(run["quality"])
-        means.append({m: statistics.fmean(v) for m, v in runs.items()})
+    means = [{m: statistics.fmean(v) for m, v in runs_by_model(store, "quality").items()} for store in stores]
     rows = {r["model"]: r for r in first["scores"].values()}
     models = [m for m in first["meta"]["models"] if m in rows and all(m in mean for mean in means)]
     truth = [max(mean[m] for mean in means) for m in models]
@@ -348,18 +356,7 @@ def best_of_lrs_report(stores: list[dict[str, Any]]) -> list[str]:
     for m, t in zip(models, truth):
         lines.append(f"| {m} | " + " | ".join(f"{mean[m]:.3f}" for mean in means) + f" | {t:.3f} |")
     lines += ["", "| estimator | weighted τ | Pearson r | Kendall τ | Rel@1 | top-1 |", "|---|---|---|---|---|---|"]
-    for name in first["meta"]["metrics"] + ["linear_probe"]:
-        vals = ([rows[m]["linear_probe"] for m in models] if name == "linear_probe"
-                else [rows[m]["scores"].get(name) for m in models])
-        if any(v is None for v in vals):
-            continue
-        a = agreement(vals, truth)
-        if a["top1"] is None:
-            lines.append(f"| {name} | cannot rank (saturated) | | | | |")
-            continue
-        label = "linear probe (baseline, trained)" if name == "linear_probe" else name
-        lines.append(f"| {label} | {fmt(a['weightedtau'])} | {fmt(a['pearson'])} | {fmt(a['kendall'])} | "
-                     f"{fmt(a['rel1'])} | {'yes' if a['top1'] else 'no'} |")
+    lines += agreement_rows(first["meta"]["metrics"], rows, models, truth)
     order = sorted(models, key=lambda m: -truth[models.index(m)])
     lines += ["", "Best-lr fine-tuned order: " + " > ".join(order) + "."]
     return lines
@@ -464,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
                       "machine": f"{machine}, torch {torch.__version__}, Python {platform.python_version()}",
                       "command": "python -m benchmarks.rank_vs_finetune " + " ".join(argv or sys.argv[1:])}
     if args.report_only and previous:  # a report describes the runs that made the numbers
-        stored["meta"].update({k: previous[k] for k in ("machine", "command", "rescored_by") if k in previous})
+        kept = ("machine", "command", "rescored_by", "pooling")
+        stored["meta"].update({k: previous[k] for k in kept if k in previous})
     elif args.rescore and previous:  # the fine-tuning runs were made by the earlier command
         stored["meta"].update(command=previous["command"], rescored_by=stored["meta"]["command"])
 

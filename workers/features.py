@@ -23,16 +23,6 @@ import numpy as np
 
 POOLING = "mean"
 POOLINGS = ("mean", "head")
-
-
-def is_decoder_only(config: Any) -> bool:
-    """A causal language model (Llama, Gemma, GPT-2, ...), whose sequence-classification head reads the last token:
-    a model type with a causal-LM class and no masked-LM one (BERT and MPNet have both)."""
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-
-    kind = getattr(config, "model_type", None)
-    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 # Part of every cache key: bump when what extract_features computes (or the entry layout) changes.
 CACHE_FORMAT = 3  # 3: datasets are read with each text once (workers.pipeline.distinct_examples)
 
@@ -63,6 +53,16 @@ class FeatureResult:
     def flops_per_second(self) -> float:
         """Achieved useful FLOP/s of the forward passes (padding counts as wasted time, not as work)."""
         return self.flops_estimate / self.forward_seconds if self.forward_seconds > 0 else 0.0
+
+
+def is_decoder_only(config: Any) -> bool:
+    """A causal language model (Llama, Gemma, GPT-2, ...), whose sequence-classification head reads the last token:
+    a model type with a causal-LM class and no masked-LM one (BERT and MPNet have both)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    kind = getattr(config, "model_type", None)
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def pick_device(device: str | None = None) -> str:
@@ -197,8 +197,8 @@ def extract_features(model_dir: Path, texts: list[str], *, max_length: int = 128
     FeatureExtractionCancelled.
     If the folder is a *ForSequenceClassification model with id2label, source_probs holds its head's softmax.
     pooling "mean" (what rank jobs use) averages the last hidden states over the attention mask; "head" takes the
-    token a Hugging Face sequence-classification head reads: the last real token of a decoder-only model (a config
-    whose architectures name a *ForCausalLM), the first token otherwise.
+    token a Hugging Face sequence-classification head reads: the last real token of a decoder-only model
+    (`is_decoder_only`), the first token otherwise.
     """
     import torch
 

@@ -396,16 +396,11 @@ def logme(
         else:
             f0 = np.asarray(features, dtype=np.float64)
             features = np.hstack([f0, np.ones((f0.shape[0], 1))])
-    if backend == "torch" and task == "classification":
-        # the one-hot matrix is built on the device; here only its shape is needed
-        lab = np.asarray(labels)
-        if lab.ndim != 1 or (lab.size and (lab.min() < 0 or not np.all(np.mod(lab, 1) == 0))):
-            raise ValueError("classification labels must be integers 0..C-1, shape (N,)")
-        c = int(lab.max()) + 1 if num_classes is None else int(num_classes)
-        y = np.broadcast_to(np.zeros((1, 1)), (lab.shape[0], c))
-    elif backend == "numpy" and task == "classification":
+    if task == "classification":
         codes, c = class_codes(labels, num_classes)
-        if c >= SPARSE_ONE_HOT_CLASSES:
+        if backend == "torch":
+            y = np.broadcast_to(np.zeros((1, 1)), (codes.shape[0], c))  # built on the device; only its shape here
+        elif c >= SPARSE_ONE_HOT_CLASSES:
             y = one_hot_transposed(codes, c)  # (C, N)
         else:
             y = make_targets(codes, task, c)
@@ -414,7 +409,7 @@ def logme(
     if backend == "torch":
         from workers.ranking.logme_torch import spectrum_torch, weights_torch
 
-        sp, ctx = spectrum_torch(features, y, device, np.asarray(labels) if task == "classification" else None)
+        sp, ctx = spectrum_torch(features, y, device, codes if task == "classification" else None)
     elif backend == "numpy":
         f = np.asarray(features, dtype=np.float64)
         rows = y.shape[0] if isinstance(y, np.ndarray) else y.shape[1]

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from workers.ranking.logme import make_targets
+
 # Ridge strengths tried, as multiples of the mean non-zero eigenvalue of the centred Gram matrix.
 RELATIVE_STRENGTHS = 10.0 ** np.arange(-4.0, 3.5, 1.0)
 
@@ -37,12 +39,10 @@ class RidgeLOO:
 
 
 def _targets(labels: np.ndarray, task: str) -> np.ndarray:
-    y = np.asarray(labels)
+    """LogME's (N, T) target matrix; class labels of any kind are first mapped to the classes present."""
     if task == "classification":
-        _, codes = np.unique(y.reshape(-1), return_inverse=True)
-        return (codes[:, None] == np.arange(codes.max() + 1)[None, :]).astype(np.float64)
-    out = np.asarray(y, dtype=np.float64)
-    return out[:, None] if out.ndim == 1 else out
+        labels = np.unique(np.asarray(labels).reshape(-1), return_inverse=True)[1]
+    return make_targets(labels, task)
 
 
 def quality_from_rows(rows: np.ndarray, task: str, weights: np.ndarray | None = None) -> float:
