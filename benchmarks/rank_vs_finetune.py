@@ -75,8 +75,8 @@ def load_dataset(path: Path, task: str, text_column: str, label_column: str, *, 
         labels = np.asarray(parsed.labels, dtype=np.float32)
     else:
         labels = np.asarray(parsed.labels, dtype=np.int64)
-    keep = distinct_examples(parsed.texts) if distinct else list(range(parsed.rows))
-    return [parsed.texts[i] for i in keep], labels[keep], parsed.label_names
+    keep = distinct_examples(parsed.examples) if distinct else list(range(parsed.rows))
+    return [parsed.examples[i] for i in keep], labels[keep], parsed.label_names
 
 
 def subsample(labels: np.ndarray, task: str, rows: int, seed: int) -> np.ndarray:

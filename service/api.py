@@ -73,24 +73,32 @@ def read_model_config(folder: Path) -> dict[str, Any]:
     hidden = next((c.get(k) for c in (config, text_config) for k in ("hidden_size", "d_model", "n_embd", "dim")
                    if isinstance(c.get(k), int)), None)
     architectures = config.get("architectures") or []
-    has_head = any(a.endswith("ForSequenceClassification") for a in architectures) and bool(config.get("id2label"))
+    has_head = any(a.endswith(SOURCE_HEADS) for a in architectures) and bool(config.get("id2label"))
     modality = model_modality(config)
     if modality == "text" and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise Problem(422, "no tokenizer", f"{folder} holds a text model but no tokenizer files (one of "
                       f"{', '.join(TOKENIZER_FILES)}); save it beside the weights: tokenizer.save_pretrained(folder)",
                       field="path")
+    if modality == "image" and not (folder / IMAGE_PROCESSOR_FILE).is_file():
+        raise Problem(422, "no image processor", f"{folder} holds an image model but no {IMAGE_PROCESSOR_FILE} "
+                      "(how images are resized and normalised for it); save it beside the weights: "
+                      "image_processor.save_pretrained(folder)", field="path")
     return {"model_type": config.get("model_type"), "architecture": architectures[0] if architectures else None,
             "hidden_size": hidden, "has_source_head": has_head, "modality": modality}
 
 
+# Classification heads whose softmax LEEP and NCE read (with an id2label in the config).
+SOURCE_HEADS = ("ForSequenceClassification", "ForImageClassification")
+# What AutoImageProcessor.from_pretrained(folder) reads.
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 # Any one of these lets AutoTokenizer.from_pretrained(folder) build a tokenizer without a hub.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
 
 
 def model_modality(config: dict[str, Any]) -> str:
-    """"text" for a model that reads token ids (a vocabulary), "image" for one that reads pixels only. Ranking reads
-    text datasets, so only text models are candidates; an image model is catalogued but never picked."""
+    """"text" for a model that reads token ids (a vocabulary), "image" for one that reads pixels only. A job's
+    candidates are the models of its dataset's modality."""
     text_config = config.get("text_config") or {}
     if "vocab_size" in config or "vocab_size" in text_config:
         return "text"
@@ -108,8 +116,9 @@ def paginate(session: Any, query: Any, limit: int, offset: int, render: Any) -> 
 
 
 def dataset_json(d: Dataset) -> dict[str, Any]:
-    return {"id": d.id, "filename": d.filename, "format": d.format, "task": d.task, "rows": d.rows,
-            "text_column": d.text_column, "label_column": d.label_column, "label_names": d.label_names,
+    return {"id": d.id, "filename": d.filename, "format": d.format, "task": d.task, "modality": d.modality,
+            "rows": d.rows, "text_column": d.text_column, "image_column": d.image_column,
+            "label_column": d.label_column, "label_names": d.label_names,
             "class_counts": d.class_counts, "sha256": d.sha256, "size_bytes": d.size_bytes,
             "created_at": d.created_at.isoformat()}
 
@@ -162,7 +171,7 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
     @app.exception_handler(dataset_files.DatasetProblem)
     async def _dataset_problem(request: Request, exc: dataset_files.DatasetProblem) -> JSONResponse:
         return problem_response(exc.status, exc.title, exc.detail, str(request.url.path), field=exc.field,
-                                row=exc.row)
+                                row=exc.row, path=exc.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -213,6 +222,7 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
     @app.post("/v1/datasets", status_code=201)
     async def upload_dataset(request: Request, file: UploadFile = File(...), task: str = Form(...),
                              text_column: str = Form("text"), label_column: str = Form("label"),
+                             image_column: str | None = Form(None),
                              who: str = Depends(owner)) -> dict[str, Any]:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes + 1024 * 1024:
@@ -228,13 +238,17 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
                 head = fh.read(8)
             fmt = dataset_files.detect_format(file.filename or "", file.content_type, head)
             parsed = await run_in_threadpool(dataset_files.parse_dataset, scratch, fmt, task, text_column,
-                                             label_column)
+                                             label_column, image_column=image_column,
+                                             max_image_bytes=settings.max_upload_bytes)
             final_dir.mkdir(parents=True)
             data_path = final_dir / "data.parquet"
             await run_in_threadpool(dataset_files.write_normalized, parsed, task, data_path)
             with sessions.begin() as session:
+                images = parsed.modality == "image"
                 dataset = Dataset(id=dataset_id, owner=who, filename=file.filename or "upload", format=fmt,
-                                  task=task, text_column=text_column, label_column=label_column, rows=parsed.rows,
+                                  task=task, modality=parsed.modality, text_column=None if images else text_column,
+                                  image_column=parsed.image_column,
+                                  label_column=None if parsed.labels_from_folders else label_column, rows=parsed.rows,
                                   label_names=parsed.label_names, class_counts=parsed.class_counts, sha256=sha256,
                                   size_bytes=size, storage_path=str(data_path))
                 session.add(dataset)
@@ -318,11 +332,11 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
                                   f"{metric} is defined for classification only; this dataset is {dataset.task}",
                                   field=f"metrics[{i}]")
             if body.candidates is None:
-                candidates = list(session.execute(select(HubModel.id).where(HubModel.modality == "text")
+                candidates = list(session.execute(select(HubModel.id).where(HubModel.modality == dataset.modality)
                                                   .order_by(HubModel.created_at)).scalars())
                 if not candidates:
-                    raise Problem(422, "no candidate models", "register models with POST /v1/models first",
-                                  field="candidates")
+                    raise Problem(422, "no candidate models", f"no {dataset.modality} model is registered; register "
+                                  "models with POST /v1/models first", field="candidates")
             else:
                 if not body.candidates:
                     raise Problem(422, "no candidate models", "candidates is empty", field="candidates")
@@ -330,9 +344,11 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
                     candidate = session.get(HubModel, model_id)
                     if candidate is None:
                         raise Problem(422, "unknown model", f"no model {model_id}", field=f"candidates[{i}]")
-                    if candidate.modality != "text":
-                        raise Problem(422, "not a text model", f"{candidate.name} reads {candidate.modality}s; "
-                                      "datasets here are text", field=f"candidates[{i}]")
+                    if candidate.modality != dataset.modality:
+                        raise Problem(422, f"not an {dataset.modality} model" if dataset.modality == "image"
+                                      else f"not a {dataset.modality} model",
+                                      f"{candidate.name} reads {candidate.modality}s; this dataset holds "
+                                      f"{dataset.modality}s", field=f"candidates[{i}]")
                 candidates = list(dict.fromkeys(body.candidates))
             if body.successive_halving is not None:
                 if len(body.metrics) != 1:
@@ -344,6 +360,9 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
             if body.tune is not None:
                 from workers.tuning.params import resolve_regularizer  # plain data, no torch
 
+                if dataset.modality != "text":
+                    raise Problem(422, "tuning reads text datasets only", "image datasets can be ranked; tuning "
+                                  "image models is not implemented yet", field="tune")
                 try:
                     resolve_regularizer(body.tune.regularizer.name, body.tune.regularizer.params,
                                         where="tune.regularizer")

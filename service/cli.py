@@ -111,7 +111,8 @@ def cmd_datasets(args: argparse.Namespace, _settings: Settings) -> int:
 
     client = _client(args)
     if args.action == "upload":
-        print_json(client.upload(Path(args.file), args.task, args.text_column, args.label_column))
+        print_json(client.upload(Path(args.file), args.task, args.text_column, args.label_column,
+                                 args.image_column))
     elif args.action == "list":
         items = client.get("/v1/datasets", limit=args.limit)["items"]
         print(format_table([[d["id"], d["filename"], d["task"], d["rows"], ",".join(d["label_names"] or [])]
@@ -230,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--task", default="classification", choices=["classification", "multilabel", "regression"])
     up.add_argument("--text-column", default="text")
     up.add_argument("--label-column", default="label")
+    up.add_argument("--image-column", default=None,
+                    help="image datasets: the Parquet column of image bytes, or the column of a zip's metadata.csv "
+                    "naming each image file (default file_name); a zip of class folders needs neither")
     ls = with_client(datasets.add_parser("list"))
     ls.add_argument("--limit", type=int, default=50)
     show = with_client(datasets.add_parser("show"))

@@ -40,11 +40,13 @@ class Client:
     def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
         return self._check(self.http.post(path, json=body or {}))
 
-    def upload(self, file: Path, task: str, text_column: str, label_column: str) -> dict[str, Any]:
+    def upload(self, file: Path, task: str, text_column: str, label_column: str,
+               image_column: str | None = None) -> dict[str, Any]:
+        form = {"task": task, "text_column": text_column, "label_column": label_column}
+        if image_column is not None:
+            form["image_column"] = image_column
         with file.open("rb") as fh:
-            response = self.http.post("/v1/datasets", files={"file": (file.name, fh)},
-                                      data={"task": task, "text_column": text_column, "label_column": label_column},
-                                      timeout=None)
+            response = self.http.post("/v1/datasets", files={"file": (file.name, fh)}, data=form, timeout=None)
         return self._check(response)
 
     def add_model(self, path: str | None = None, repo_id: str | None = None, revision: str | None = None,

@@ -23,6 +23,8 @@ Rules (every rejection is a `DatasetProblem` the API renders as RFC 9457 problem
   encoded as sorted lists of distinct class indices; at least two classes over the dataset.
 - regression: labels must parse as finite floats ("abc", NaN and inf are rejected), and not all be equal (a
   constant target cannot rank or train anything).
+- Images: a zip, or Parquet with `image_column`; service.image_datasets holds their rules. Labels follow the rules
+  above.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ if TYPE_CHECKING:  # the API passes a Starlette UploadFile; typing only, so this
     from starlette.datastructures import UploadFile
 
 TASKS = ("classification", "multilabel", "regression")
-FORMATS = ("csv", "jsonl", "parquet")
+FORMATS = ("csv", "jsonl", "parquet", "zip")
 MULTILABEL_SEPARATORS = ("|", ";", ",")
 CSV_DELIMITERS = (",", "\t", ";")
 
@@ -55,14 +57,17 @@ _EXTENSIONS: dict[str, str] = {
     ".csv": "csv", ".tsv": "csv", ".tab": "csv",
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
     ".parquet": "parquet", ".pq": "parquet",
+    ".zip": "zip",
 }
 _CONTENT_TYPES: dict[str, str] = {
     "text/csv": "csv", "application/csv": "csv", "text/tab-separated-values": "csv",
     "application/jsonl": "jsonl", "application/x-jsonlines": "jsonl", "application/jsonlines": "jsonl",
     "application/x-ndjson": "jsonl", "application/ndjson": "jsonl", "application/json": "jsonl",
     "application/vnd.apache.parquet": "parquet", "application/x-parquet": "parquet", "application/parquet": "parquet",
+    "application/zip": "zip", "application/x-zip-compressed": "zip",
 }
 _PARQUET_MAGIC = b"PAR1"
+_ZIP_MAGIC = b"PK\x03\x04"
 _BOM = codecs.BOM_UTF8
 _INT_RE = re.compile(r"[+-]?\d+")
 _MISSING = object()  # a key absent from a JSON object / a cell absent from a short CSV row
@@ -72,18 +77,22 @@ class DatasetProblem(Exception):
     """A rejected upload: status 413 (too large), 415 (unsupported type) or 422 (invalid content)."""
 
     def __init__(self, status: int, title: str, detail: str = "", field: str | None = None,
-                 row: int | None = None) -> None:
+                 row: int | None = None, path: str | None = None) -> None:
         super().__init__(f"{title}: {detail}" if detail else title)
         self.status, self.title, self.detail, self.field, self.row = status, title, detail, field, row
+        self.path = path  # the file inside an uploaded zip at fault, if any
 
 
 @dataclass
 class ParsedDataset:
-    texts: list[str]
+    examples: list[Any]  # texts (str), or encoded image files (bytes) when modality is "image"
     labels: list[Any]  # classification: int; multilabel: sorted list[int]; regression: float
     label_names: list[str] | None  # None for regression
     class_counts: dict[str, int] | None  # rows per label name (multilabel: rows containing it); None for regression
     rows: int
+    modality: str = "text"  # "text" | "image"
+    image_column: str | None = None  # the column that named or held the images (None for class folders)
+    labels_from_folders: bool = False  # a zip of class folders: no label column
 
 
 # ---- upload ---------------------------------------------------------------------------------------------------
@@ -110,8 +119,9 @@ async def stream_upload_to_disk(upload: UploadFile, dest: Path, max_bytes: int,
     return size, digest.hexdigest()
 
 
-def detect_format(filename: str, content_type: str | None, head: bytes) -> Literal["csv", "jsonl", "parquet"]:
-    """The file's format from its extension, else its declared content type, else the Parquet magic bytes."""
+def detect_format(filename: str, content_type: str | None,
+                  head: bytes) -> Literal["csv", "jsonl", "parquet", "zip"]:
+    """The file's format from its extension, else its declared content type, else the Parquet or zip magic bytes."""
     suffix = Path(filename or "").suffix.lower()
     if suffix in _EXTENSIONS:
         return _EXTENSIONS[suffix]  # type: ignore[return-value]
@@ -120,20 +130,32 @@ def detect_format(filename: str, content_type: str | None, head: bytes) -> Liter
         return _CONTENT_TYPES[media]  # type: ignore[return-value]
     if head.startswith(_PARQUET_MAGIC):
         return "parquet"
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
     raise DatasetProblem(415, "unsupported file type",
                          f"cannot read {filename or 'the upload'!r} ({content_type or 'no content type'}); send CSV "
-                         "(.csv, .tsv), JSON lines (.jsonl, .ndjson, .json) or Parquet (.parquet)", field="file")
+                         "(.csv, .tsv), JSON lines (.jsonl, .ndjson, .json), Parquet (.parquet) or a zip of images "
+                         "(.zip)", field="file")
 
 
 # ---- parsing --------------------------------------------------------------------------------------------------
 def parse_dataset(path: Path, fmt: str, task: str, text_column: str, label_column: str,
-                  min_rows: int = 2) -> ParsedDataset:
-    """Validate the file against the task and columns; return texts and encoded labels (see the module rules)."""
+                  min_rows: int = 2, image_column: str | None = None,
+                  max_image_bytes: int | None = None) -> ParsedDataset:
+    """Validate the file against the task and columns; return examples and encoded labels (see the module rules).
+
+    A zip is an image dataset (service.image_datasets); so is Parquet with `image_column` set. max_image_bytes caps
+    the images' uncompressed bytes (a zip's members can expand far beyond the upload)."""
     if task not in TASKS:
         raise DatasetProblem(422, "unknown task", f"task must be one of {', '.join(TASKS)}; got {task!r}",
                              field="task")
     if fmt not in FORMATS:
         raise DatasetProblem(415, "unsupported file type", f"unknown format {fmt!r}", field="file")
+    if fmt == "zip" or image_column is not None:
+        from service import image_datasets
+
+        return image_datasets.parse_images(path, fmt, task, label_column, image_column=image_column,
+                                           min_rows=min_rows, max_bytes=max_image_bytes)
     if text_column == label_column:
         raise DatasetProblem(422, "same column for text and label", f"both are {text_column!r}",
                              field="label_column")
@@ -151,12 +173,20 @@ def parse_dataset(path: Path, fmt: str, task: str, text_column: str, label_colum
         texts.append(_check_text(text, row, text_column))
         raw_labels.append(label)
         row_numbers.append(row)
-    if not texts:
-        raise DatasetProblem(422, "no rows", "the file has a header or columns but no data rows", field="file")
-    if len(texts) < min_rows:
-        raise DatasetProblem(422, "too few rows", f"{len(texts)} row(s); at least {min_rows} are needed",
-                             field="file")
+    check_row_count(len(texts), min_rows)
+    return encode_labels(texts, raw_labels, row_numbers, task, label_column)
 
+
+def check_row_count(rows: int, min_rows: int) -> None:
+    if not rows:
+        raise DatasetProblem(422, "no rows", "the file has a header or columns but no data rows", field="file")
+    if rows < min_rows:
+        raise DatasetProblem(422, "too few rows", f"{rows} row(s); at least {min_rows} are needed", field="file")
+
+
+def encode_labels(examples: list[Any], raw_labels: list[Any], row_numbers: list[int], task: str,
+                  label_column: str, modality: str = "text") -> ParsedDataset:
+    """The parsed dataset: labels parsed and encoded for the task (the module rules), errors naming their row."""
     if task == "classification":
         names = [_class_label(v, r, label_column) for v, r in zip(raw_labels, row_numbers)]
         label_names = _sort_names(set(names))
@@ -166,7 +196,7 @@ def parse_dataset(path: Path, fmt: str, task: str, text_column: str, label_colum
         counts = dict.fromkeys(label_names, 0)
         for name in names:
             counts[name] += 1
-        return ParsedDataset(texts, labels, label_names, counts, len(texts))
+        return ParsedDataset(examples, labels, label_names, counts, len(examples), modality)
     if task == "multilabel":
         separator = _pick_separator(raw_labels)
         sets = [_multi_labels(v, r, label_column, separator) for v, r in zip(raw_labels, row_numbers)]
@@ -178,12 +208,12 @@ def parse_dataset(path: Path, fmt: str, task: str, text_column: str, label_colum
         for s in sets:
             for name in s:
                 counts[name] += 1
-        return ParsedDataset(texts, labels, label_names, counts, len(texts))
+        return ParsedDataset(examples, labels, label_names, counts, len(examples), modality)
     labels = [_number_label(v, r, label_column) for v, r in zip(raw_labels, row_numbers)]
     if len(set(labels)) < 2:
         raise DatasetProblem(422, "constant target", f"every value in {label_column!r} is {labels[0]!r}; a "
                              "regression target needs at least two distinct values", field="label_column")
-    return ParsedDataset(texts, labels, None, None, len(texts))
+    return ParsedDataset(examples, labels, None, None, len(examples), modality)
 
 
 def _check_text(value: Any, row: int, column: str) -> str:
@@ -503,16 +533,19 @@ def _arrow_values(column: Any, field: str) -> list[Any]:
 
 # ---- normalised storage ---------------------------------------------------------------------------------------
 def write_normalized(parsed: ParsedDataset, task: str, dest: Path) -> None:
-    """Write columns text and label (int64 | list<int64> | float64) to `dest`, atomically (temp file + rename)."""
+    """Write the examples (column text: string, or image: binary, the encoded file as uploaded) and label
+    (int64 | list<int64> | float64) to `dest`, atomically (temp file + rename)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     label_types = {"classification": pa.int64(), "multilabel": pa.list_(pa.int64()), "regression": pa.float64()}
     if task not in label_types:
         raise ValueError(f"unknown task {task!r}")
-    metadata = {"hubtune.task": task, "hubtune.label_names": json.dumps(parsed.label_names)}
-    schema = pa.schema([("text", pa.string()), ("label", label_types[task])], metadata=metadata)
-    table = pa.Table.from_pydict({"text": parsed.texts, "label": parsed.labels}, schema=schema)
+    column, column_type = ("image", pa.binary()) if parsed.modality == "image" else ("text", pa.string())
+    metadata = {"hubtune.task": task, "hubtune.label_names": json.dumps(parsed.label_names),
+                "hubtune.modality": parsed.modality}
+    schema = pa.schema([(column, column_type), ("label", label_types[task])], metadata=metadata)
+    table = pa.Table.from_pydict({column: parsed.examples, "label": parsed.labels}, schema=schema)
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
     try:
         with tmp.open("wb") as fh:
@@ -524,9 +557,12 @@ def write_normalized(parsed: ParsedDataset, task: str, dest: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def read_normalized(path: Path) -> tuple[list[str], list[Any]]:
-    """Texts and labels as written by `write_normalized` (ints, lists of ints, or floats)."""
+def read_normalized(path: Path) -> tuple[list[Any], list[Any]]:
+    """Examples (texts, or image files as bytes) and labels (ints, lists of ints, or floats) as written by
+    `write_normalized`."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path, columns=["text", "label"])
-    return table.column("text").to_pylist(), table.column("label").to_pylist()
+    names = pq.read_schema(path).names
+    column = "image" if "image" in names else "text"
+    table = pq.read_table(path, columns=[column, "label"])
+    return table.column(column).to_pylist(), table.column("label").to_pylist()

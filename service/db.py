@@ -67,8 +67,12 @@ class Dataset(Base):
     filename: Mapped[str] = mapped_column(String(500))
     format: Mapped[str] = mapped_column(String(16))
     task: Mapped[str] = mapped_column(String(16))
-    text_column: Mapped[str] = mapped_column(String(200))
-    label_column: Mapped[str] = mapped_column(String(200))
+    modality: Mapped[str] = mapped_column(String(16), default="text")  # "text" | "image"
+    # text datasets: text_column; image datasets: image_column (None for a zip of class folders, whose labels
+    # are folder names and whose label_column is None too).
+    text_column: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    image_column: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    label_column: Mapped[str | None] = mapped_column(String(200), nullable=True)
     rows: Mapped[int] = mapped_column(Integer)
     label_names: Mapped[list | None] = mapped_column(JSON, nullable=True)
     class_counts: Mapped[dict | None] = mapped_column(JSON, nullable=True)

@@ -83,3 +83,53 @@ def make_tiny_llama(folder: Path, hidden_size: int = 32, num_layers: int = 2, se
     torch.manual_seed(seed)
     LlamaModel(config).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def _save_image_processor(folder: Path, kind: str, image_size: int) -> None:
+    import transformers
+
+    # The plain class names resolve to the PIL-based processors when torchvision is absent (as here).
+    if kind == "vit":
+        processor = transformers.ViTImageProcessor(size={"height": image_size, "width": image_size})
+    else:
+        processor = transformers.MobileNetV2ImageProcessor(size={"shortest_edge": image_size + 8},
+                                                           crop_size={"height": image_size, "width": image_size})
+    processor.save_pretrained(folder)
+
+
+def make_tiny_vit(folder: Path, hidden_size: int = 32, image_size: int = 32, seed: int = 0,
+                  num_labels: int | None = None) -> Path:
+    """A randomly initialised 2-layer ViT on 32×32 images (8×8 patches), with its image processor; with
+    num_labels, a ViTForImageClassification whose config carries id2label (a source head for LEEP/NCE)."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_image_processor(folder, "vit", image_size)
+    config = ViTConfig(image_size=image_size, patch_size=8, hidden_size=hidden_size, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=2 * hidden_size)
+    torch.manual_seed(seed)
+    if num_labels is None:
+        model = ViTModel(config)
+    else:
+        config.num_labels = num_labels
+        config.id2label = {i: f"source-{i}" for i in range(num_labels)}
+        config.label2id = {v: k for k, v in config.id2label.items()}
+        model = ViTForImageClassification(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_tiny_mobilenet(folder: Path, image_size: int = 32, seed: int = 0) -> Path:
+    """A randomly initialised MobileNetV2 at depth multiplier 0.35 (a CNN: 4-D feature maps, 1280 channels)."""
+    import torch
+    from transformers import MobileNetV2Config, MobileNetV2Model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_image_processor(folder, "mobilenet_v2", image_size)
+    torch.manual_seed(seed)
+    MobileNetV2Model(MobileNetV2Config(image_size=image_size, depth_multiplier=0.35)).save_pretrained(
+        folder, safe_serialization=True)
+    return folder

@@ -1,5 +1,8 @@
 """Feature extraction: batched forward passes, mean pooling over the attention mask, and a feature cache.
 
+Images (encoded files as bytes) go through the model folder's own image processor and are pooled over positions
+(`extract_image_features`); the rest of this docstring is about texts.
+
 Texts are tokenised once (fast tokenizer, no padding), sorted by length and cut into batches of similar length, so
 padding stays small; features come back in the caller's order. Mean pooling over the attention mask of the last
 hidden state, for encoders and decoders alike (decoders are padded on the right, so under a causal mask padding
@@ -182,12 +185,15 @@ def encode(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]
     return ids
 
 
-def extract_features(model_dir: Path, texts: list[str], *, max_length: int = 128, batch_size: int = 32,
-                     device: str | None = None, on_batch: Callable[[int, int], None] | None = None,
+def extract_features(model_dir: Path, texts: list[str] | list[bytes], *, max_length: int = 128,
+                     batch_size: int = 32, device: str | None = None,
+                     on_batch: Callable[[int, int], None] | None = None,
                      should_cancel: Callable[[], bool] | None = None,
                      max_tokens: int | None = None, bucket_by_length: bool = True,
                      pad_to_multiple_of: int | None = None, pooling: str = POOLING) -> FeatureResult:
     """Mean-pooled last hidden states of `texts` (one row per text, in order) from the model in `model_dir`.
+
+    Encoded image files (bytes) instead of texts go to `extract_image_features` (the length options do not apply).
 
     max_length truncates each text (capped by what the model accepts); batches hold up to batch_size texts of
     similar length and, with max_tokens, at most that many padded tokens (bucket_by_length=False keeps the texts'
@@ -204,6 +210,9 @@ def extract_features(model_dir: Path, texts: list[str], *, max_length: int = 128
 
     if not texts:
         raise ValueError("extract_features needs at least one text")
+    if isinstance(texts[0], (bytes, bytearray)):
+        return extract_image_features(model_dir, texts, batch_size=batch_size, device=device,  # type: ignore[arg-type]
+                                      on_batch=on_batch, should_cancel=should_cancel, pooling=pooling)
     began = time.perf_counter()
     device = pick_device(device)
     if pooling not in POOLINGS:
@@ -286,6 +295,131 @@ def extract_features(model_dir: Path, texts: list[str], *, max_length: int = 128
                          padded_tokens=padded,
                          num_parameters=sum(p.numel() for p in model.parameters()), flops_estimate=flops,
                          device=device, load_seconds=load_seconds)
+
+
+def _load_image_model(model_dir: Path, device: str) -> tuple[Any, Any, bool]:
+    import torch
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
+
+    config = AutoConfig.from_pretrained(model_dir)
+    # PIL-based processing unless torchvision is installed (it is not beside this torch build).
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    has_head = any(a.endswith("ForImageClassification") for a in (config.architectures or [])) \
+        and bool(getattr(config, "id2label", None))
+    loader = AutoModelForImageClassification if has_head else AutoModel
+    model = loader.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval().to(device)
+    return processor, model, has_head
+
+
+def decode_images(images: list[bytes], mode: str = "RGB") -> list[Any]:
+    """PIL images from encoded files, converted to `mode` (grayscale and palette images become RGB)."""
+    import io
+
+    from PIL import Image
+
+    decoded = []
+    for data in images:
+        with Image.open(io.BytesIO(data)) as image:
+            decoded.append(image.convert(mode))  # convert() loads the pixels: the file can close
+    return decoded
+
+
+def pool_image_output(output: Any, pooling: str) -> Any:
+    """One vector per image from a vision backbone's output.
+
+    Feature maps (B, C, H, W), as CNNs return: "mean" averages over the positions; "head" takes pooler_output (what
+    their image-classification heads read: the global average, after ConvNeXt's layer norm) when there is one.
+    Token sequences (B, T, D), as ViTs return: "mean" averages over the tokens; "head" takes the first ([CLS]) token,
+    which ViTForImageClassification reads (its pooler_output is an untrained dense + tanh in most checkpoints)."""
+    hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+    if hidden.ndim == 4:
+        pooled = getattr(output, "pooler_output", None) if pooling == "head" else None
+        if pooled is None:
+            return hidden.float().mean(dim=(2, 3))
+        return pooled.float().flatten(1)
+    if hidden.ndim == 3:
+        return hidden[:, 0].float() if pooling == "head" else hidden.float().mean(dim=1)
+    raise ValueError(f"cannot pool a last hidden state of shape {tuple(hidden.shape)}")
+
+
+def extract_image_features(model_dir: Path, images: list[bytes], *, batch_size: int = 32, device: str | None = None,
+                           on_batch: Callable[[int, int], None] | None = None,
+                           should_cancel: Callable[[], bool] | None = None,
+                           pooling: str = POOLING) -> FeatureResult:
+    """Pooled last hidden states (see pool_image_output) of encoded image files, in order, from the vision model in
+    `model_dir`, each image resized and normalised by the folder's own image processor. If the folder is an
+    *ForImageClassification model with id2label, source_probs holds its head's softmax. Token counts are image
+    counts (nothing is padded); flops_estimate is the forward FLOPs of one image, counted by torch's
+    FlopCounterMode, times the number of images. float32 on CPU, bf16 autocast on CUDA."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if not images:
+        raise ValueError("extract_image_features needs at least one image")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    began = time.perf_counter()
+    device = pick_device(device)
+    processor, model, has_head = _load_image_model(Path(model_dir), device)
+    load_seconds = time.perf_counter() - began
+    mode = "L" if getattr(model.config, "num_channels", 3) == 1 else "RGB"
+    on_cuda = device.startswith("cuda")
+    amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
+
+    captured: dict[str, Any] = {}
+    base = getattr(model, model.base_model_prefix, model) if has_head else model
+    hook = None
+    if has_head:
+        def keep(_module: Any, _args: Any, output: Any) -> None:
+            captured["output"] = output
+        hook = base.register_forward_hook(keep)
+
+    def pixels(rows: list[bytes]) -> Any:
+        batch = processor(images=decode_images(rows, mode), return_tensors="pt")["pixel_values"]
+        return batch.to(device, non_blocking=True)
+
+    features: np.ndarray | None = None
+    probs: np.ndarray | None = None
+    forward_seconds = 0.0
+    batches = [list(range(i, min(i + batch_size, len(images)))) for i in range(0, len(images), batch_size)]
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            model(pixel_values=pixels([images[0]]))
+        captured.clear()
+        per_image_flops = float(counter.get_total_flops())
+        for done, rows in enumerate(batches, start=1):
+            if should_cancel is not None and should_cancel():
+                raise FeatureExtractionCancelled(f"cancelled after {done - 1} of {len(batches)} batches")
+            pixel_values = pixels([images[i] for i in rows])
+            if on_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.inference_mode(), torch.autocast("cuda", dtype=amp_dtype, enabled=on_cuda):
+                out = model(pixel_values=pixel_values)
+                pooled = pool_image_output(captured.pop("output") if has_head else out, pooling)
+                batch_probs = torch.softmax(out.logits.float(), dim=-1) if has_head else None
+            if on_cuda:
+                torch.cuda.synchronize()
+            forward_seconds += time.perf_counter() - start
+            pooled_np = pooled.cpu().numpy()
+            if features is None:
+                features = np.empty((len(images), pooled_np.shape[1]), dtype=np.float32)
+            features[rows] = pooled_np
+            if batch_probs is not None:
+                if probs is None:
+                    probs = np.empty((len(images), batch_probs.shape[1]), dtype=np.float32)
+                probs[rows] = batch_probs.cpu().numpy()
+            if on_batch is not None:
+                on_batch(done, len(batches))
+    finally:
+        if hook is not None:
+            hook.remove()
+    assert features is not None
+    return FeatureResult(features=features, source_probs=probs, forward_seconds=forward_seconds,
+                         total_seconds=time.perf_counter() - began, tokens=len(images), padded_tokens=len(images),
+                         num_parameters=sum(p.numel() for p in model.parameters()),
+                         flops_estimate=per_image_flops * len(images), device=device, load_seconds=load_seconds)
 
 
 _META_FIELDS = [f.name for f in fields(FeatureResult) if f.name not in ("features", "source_probs")]

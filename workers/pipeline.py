@@ -53,7 +53,7 @@ class RankedModel:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def distinct_examples(texts: list[str]) -> np.ndarray:
+def distinct_examples(texts: list[str] | list[bytes]) -> np.ndarray:
     """Indices of the first occurrence of each text, in order.
 
     A repeated example is no new evidence, and for LogME it is worse than that: rows with identical features give a
@@ -72,9 +72,9 @@ def distinct_examples(texts: list[str]) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
-def load_dataset(spec: DatasetSpec) -> tuple[list[str], np.ndarray]:
-    """Texts and a label array in the form the estimators take (ints, N×C multi-hot, or floats), each distinct
-    text once (see distinct_examples)."""
+def load_dataset(spec: DatasetSpec) -> tuple[list[str] | list[bytes], np.ndarray]:
+    """Examples (texts, or encoded image files) and a label array in the form the estimators take (ints, N×C
+    multi-hot, or floats), each distinct example once (see distinct_examples: for images, byte-identical files)."""
     from service.datasets import read_normalized
 
     texts, raw_labels = read_normalized(spec.path)

@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.integration.conftest import Stack
+from tests.tiny_models import make_tiny_mobilenet, make_tiny_vit
 
 TOPICS = {
     "business": "market shares bank profit company economy growth price",
@@ -173,10 +175,7 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
     assert all(math.isfinite(r["scores"]["logme"]) for r in reg_job["ranking"])
 
     # Catalog: an image model is recorded but is never a candidate of a text job; a text model needs its tokenizer.
-    vision = tmp_path / "vision"
-    vision.mkdir()
-    (vision / "config.json").write_text(json.dumps({"model_type": "vit", "image_size": 32, "num_channels": 3,
-                                                    "hidden_size": 32}))
+    vision = make_tiny_vit(tmp_path / "vision")
     image_model = alice.post("/v1/models", json={"source": "local", "path": str(vision)})
     assert image_model.status_code == 201 and image_model.json()["modality"] == "image", image_model.text
     refused = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "candidates": [image_model.json()["id"]]})
@@ -187,6 +186,75 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
     no_tokenizer = alice.post("/v1/models", json={"source": "local", "path": str(bare)})
     assert no_tokenizer.status_code == 422 and no_tokenizer.json()["title"] == "no tokenizer"
     assert no_tokenizer.json()["field"] == "path"
+
+
+def class_folder_zip(per_class: int, seed: int = 0, broken: str | None = None) -> bytes:
+    """Three colour classes of noisy 32×32 PNGs, one folder per class, inside a top folder (as zipping a folder
+    gives), with the junk a Mac adds; `broken` names a member written truncated."""
+    import zipfile
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    tints = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        archive.writestr("__MACOSX/shapes/._red", b"\0")
+        for label, tint in tints.items():
+            for i in range(per_class):
+                pixels = np.clip(np.array(tint) + rng.normal(0, 60, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+                png = io.BytesIO()
+                Image.fromarray(pixels).save(png, format="PNG")
+                name = f"shapes/{label}/{i:03d}.png"
+                archive.writestr(name, png.getvalue()[:50] if name == broken else png.getvalue())
+    return out.getvalue()
+
+
+def test_image_rank_flow(stack: Stack, tiny_hub: dict[str, Path], tmp_path: Path) -> None:
+    """A zip of class folders ranks the image models only; LEEP reads a ViT classifier's own head."""
+    key = stack.create_key("images")
+    stack.start_worker()
+    client = httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    register_hub(client, tiny_hub)  # text models: never candidates of an image job
+    image_hub = {"vit-head": make_tiny_vit(tmp_path / "vit-head", num_labels=5, seed=4),
+                 "mobilenet": make_tiny_mobilenet(tmp_path / "mobilenet", seed=5)}
+    image_ids = register_hub(client, image_hub)
+    assert all(m["modality"] == "image" for m in client.get("/v1/models").json()["items"] if m["id"] in image_ids)
+
+    broken = client.post("/v1/datasets", data={"task": "classification"},
+                         files={"file": ("shapes.zip", class_folder_zip(4, broken="shapes/green/002.png"))})
+    assert broken.status_code == 422, broken.text
+    assert (broken.json()["title"], broken.json()["path"], broken.json()["row"]) == ("unreadable image",
+                                                                                     "green/002.png", 7)
+    assert list((stack.home / "artifacts" / "datasets").iterdir()) == []  # nothing half-written
+
+    created = client.post("/v1/datasets", files={"file": ("shapes.zip", class_folder_zip(12))},
+                          data={"task": "classification"})
+    assert created.status_code == 201, created.text
+    dataset = created.json()
+    assert (dataset["modality"], dataset["format"], dataset["rows"]) == ("image", "zip", 36)
+    assert dataset["label_names"] == ["blue", "green", "red"] and dataset["class_counts"]["red"] == 12
+    assert dataset["text_column"] is None and dataset["label_column"] is None and dataset["image_column"] is None
+
+    tune = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "tune": {"strategy": "finetune"}})
+    assert tune.status_code == 422 and tune.json()["field"] == "tune", tune.text
+    text_model = client.get("/v1/models").json()["items"][0]
+    wrong = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "candidates": [text_model["id"]]})
+    assert wrong.status_code == 422 and wrong.json()["field"] == "candidates[0]", wrong.text
+
+    job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "metrics": ["logme", "leep", "ridge_loo"]})
+    assert job.status_code == 202, job.text
+    assert sorted(job.json()["candidates"]) == sorted(image_ids)
+    done = wait_for(client, job.json()["id"], stack)
+    assert done["status"] == "succeeded", (done, stack.log_text())
+    ranking = {r["model"]: r for r in done["ranking"]}
+    assert set(ranking) == set(image_hub)
+    assert ranking["vit-head"]["scores"]["leep"] is not None and ranking["mobilenet"]["scores"]["leep"] is None
+    assert ranking["mobilenet"]["feature_dim"] == 1280 and ranking["vit-head"]["feature_dim"] == 32
+    for entry in ranking.values():
+        assert math.isfinite(entry["scores"]["logme"]) and 0.0 <= entry["scores"]["ridge_loo"] <= 1.0
+        low, high = entry["intervals"]["logme"]
+        assert low <= entry["scores"]["logme"] <= high
 
 
 def test_too_large_upload_is_413(tmp_path: Path) -> None:

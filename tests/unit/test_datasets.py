@@ -48,12 +48,13 @@ def problem(path: Path, fmt: str, task: str = "classification", text: str = "tex
     ("upload", "text/csv; charset=utf-8", b"", "csv"), ("x.txt", "application/x-ndjson", b"", "jsonl"),
     ("blob", "application/octet-stream", b"PAR1\x15\x04", "parquet"),
     ("a.csv", "application/octet-stream", b"PAR1", "csv"),  # the extension wins over the content
+    ("a.zip", None, b"", "zip"), ("blob", "application/zip", b"", "zip"), ("blob", None, b"PK\x03\x04", "zip"),
 ])
 def test_detect_format(name: str, content_type: str | None, head: bytes, expected: str) -> None:
     assert detect_format(name, content_type, head) == expected
 
 
-@pytest.mark.parametrize("name, content_type", [("a.xlsx", None), ("a.zip", "application/zip"),
+@pytest.mark.parametrize("name, content_type", [("a.xlsx", None), ("a.rar", "application/x-rar"),
                                                  ("notes.txt", "text/plain"), ("", None)])
 def test_unsupported_type_is_415(name: str, content_type: str | None) -> None:
     with pytest.raises(DatasetProblem) as info:
@@ -66,7 +67,7 @@ def test_csv_quoted_commas_newlines_and_numeric_class_order(tmp_path: Path) -> N
     path = write(tmp_path, "d.csv", 'id,text,label\n1,"hello, world",10\n2,"two\nlines, ""quoted""",2\n'
                  '3,plain,10\n')
     parsed = parse_dataset(path, "csv", "classification", "text", "label")
-    assert parsed.texts == ["hello, world", 'two\nlines, "quoted"', "plain"]
+    assert parsed.examples == ["hello, world", 'two\nlines, "quoted"', "plain"]
     assert parsed.label_names == ["2", "10"]  # numeric order, not "10" < "2"
     assert parsed.labels == [1, 0, 1]
     assert parsed.class_counts == {"2": 1, "10": 2}
@@ -83,7 +84,7 @@ def test_csv_string_labels_sorted_and_stripped(tmp_path: Path) -> None:
 
 def test_tsv_and_semicolon_delimiters(tmp_path: Path) -> None:
     tsv = write(tmp_path, "d.tsv", "text\tlabel\nhello, there\ta\nbye\tb\n")
-    assert parse_dataset(tsv, "csv", "classification", "text", "label").texts == ["hello, there", "bye"]
+    assert parse_dataset(tsv, "csv", "classification", "text", "label").examples == ["hello, there", "bye"]
     semi = write(tmp_path, "s.csv", "text;label\nx;a\ny;b\n")
     assert parse_dataset(semi, "csv", "classification", "text", "label").label_names == ["a", "b"]
 
@@ -91,7 +92,7 @@ def test_tsv_and_semicolon_delimiters(tmp_path: Path) -> None:
 def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
     path = write(tmp_path, "d.csv", b"\xef\xbb\xbftext,label\ncaf\xc3\xa9,a\nb,b\n")
     parsed = parse_dataset(path, "csv", "classification", "text", "label")
-    assert parsed.texts == ["café", "b"]  # the header's first name is "text", not "\ufefftext"
+    assert parsed.examples == ["café", "b"]  # the header's first name is "text", not "\ufefftext"
     bom_jsonl = write(tmp_path, "d.jsonl", b'\xef\xbb\xbf{"text": "x", "label": "a"}\n{"text": "y", "label": "b"}\n')
     assert parse_dataset(bom_jsonl, "jsonl", "classification", "text", "label").rows == 2
 
@@ -329,7 +330,7 @@ def test_normalized_round_trip(tmp_path: Path, task: str, labels: list[Any], arr
     parsed = ParsedDataset(["x", "y, \"z\"", "é"], labels, names, None, 3)
     dest = tmp_path / "data.parquet"
     write_normalized(parsed, task, dest)
-    assert read_normalized(dest) == (parsed.texts, labels)
+    assert read_normalized(dest) == (parsed.examples, labels)
     schema = pq.read_schema(dest)
     assert schema.field("text").type == pa.string() and schema.field("label").type == arrow_type
     assert json.loads(schema.metadata[b"hubtune.label_names"]) == names

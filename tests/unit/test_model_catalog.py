@@ -39,5 +39,10 @@ def test_registration_reads_the_config_and_needs_a_tokenizer_for_text(tmp_path: 
     with pytest.raises(Problem) as info:
         read_model_config(folder_with(tmp_path / "b", bert))  # weights saved, tokenizer forgotten
     assert (info.value.status, info.value.title, info.value.field) == (422, "no tokenizer", "path")
-    vit = {"model_type": "vit", "image_size": 32, "num_channels": 3, "hidden_size": 32}
-    assert read_model_config(folder_with(tmp_path / "c", vit))["modality"] == "image"  # no tokenizer needed
+    vit = {"model_type": "vit", "image_size": 32, "num_channels": 3, "hidden_size": 32,
+           "architectures": ["ViTForImageClassification"], "id2label": {"0": "cat", "1": "dog"}}
+    described = read_model_config(folder_with(tmp_path / "c", vit, "preprocessor_config.json"))  # no tokenizer
+    assert described["modality"] == "image" and described["has_source_head"]
+    with pytest.raises(Problem) as info:
+        read_model_config(folder_with(tmp_path / "d", vit))  # an image model needs its image processor
+    assert (info.value.status, info.value.title, info.value.field) == (422, "no image processor", "path")

@@ -60,7 +60,7 @@ def test_repeated_examples_are_read_once_and_logme_counts_coinciding_rows_once(t
 
     path = tmp_path / "normalized.parquet"
     names = ["a", "b", "c"]
-    write_normalized(ParsedDataset(texts=texts, labels=[int(y) for y in labels], label_names=names,
+    write_normalized(ParsedDataset(examples=texts, labels=[int(y) for y in labels], label_names=names,
                                    class_counts=None, rows=len(texts)), "classification", path)
     read_texts, read_labels = load_dataset(DatasetSpec(path, "0" * 64, "classification", names))
     assert read_texts == [texts[i] for i in keep]

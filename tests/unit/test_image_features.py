@@ -1,0 +1,124 @@
+"""Image feature extraction against features computed by hand: pixels normalised in numpy, one image at a time."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+Image = pytest.importorskip("PIL.Image")
+
+from tests.tiny_models import make_tiny_mobilenet, make_tiny_vit  # noqa: E402
+from workers.features import extract_features, extract_image_features  # noqa: E402
+
+
+def encoded(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format=fmt)
+    return out.getvalue()
+
+
+def random_images(count: int, seed: int, size: int = 32) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_vit(tmp_path_factory.mktemp("vit"))
+
+
+@pytest.fixture(scope="module")
+def vit_classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_vit(tmp_path_factory.mktemp("vitclf"), num_labels=4, seed=2)
+
+
+@pytest.fixture(scope="module")
+def mobilenet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_mobilenet(tmp_path_factory.mktemp("mnv2"))
+
+
+def by_hand(folder: Path, arrays: list[np.ndarray], token: str) -> np.ndarray:
+    """ViT's last hidden state for each 32×32 image alone, its pixels scaled to [-1, 1] by hand (the processor's
+    resize is the identity at this size), pooled over tokens ("mean") or taking [CLS] ("first")."""
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    rows = []
+    with torch.no_grad():
+        for array in arrays:
+            pixels = torch.from_numpy((array.astype(np.float32) / 255.0 - 0.5) / 0.5).permute(2, 0, 1)[None]
+            hidden = model(pixel_values=pixels).last_hidden_state[0]
+            rows.append((hidden.mean(0) if token == "mean" else hidden[0]).numpy())
+    return np.stack(rows)
+
+
+def test_vit_features_match_one_image_at_a_time(vit_dir: Path) -> None:
+    arrays = random_images(7, seed=0)
+    result = extract_features(vit_dir, [encoded(a) for a in arrays], batch_size=3)  # bytes: the image path
+    assert result.features.shape == (7, 32) and result.features.dtype == np.float32
+    np.testing.assert_allclose(result.features, by_hand(vit_dir, arrays, "mean"), atol=1e-5)
+    assert result.source_probs is None
+    assert result.tokens == result.padded_tokens == 7 and result.padding_waste == 0.0
+    assert result.flops_estimate > 0 and result.forward_seconds > 0
+    head = extract_image_features(vit_dir, [encoded(a) for a in arrays], batch_size=4, pooling="head")
+    np.testing.assert_allclose(head.features, by_hand(vit_dir, arrays, "first"), atol=1e-5)
+    with pytest.raises(ValueError):
+        extract_image_features(vit_dir, [encoded(arrays[0])], pooling="max")
+
+
+def test_grayscale_and_jpeg_files_are_read_as_rgb(vit_dir: Path) -> None:
+    gray = np.random.default_rng(1).integers(0, 256, size=(32, 32), dtype=np.uint8)
+    got = extract_image_features(vit_dir, [encoded(gray)]).features
+    np.testing.assert_allclose(got, by_hand(vit_dir, [np.repeat(gray[:, :, None], 3, axis=2)], "mean"), atol=1e-5)
+    jpeg = encoded(random_images(1, seed=2)[0], "JPEG")
+    assert np.isfinite(extract_image_features(vit_dir, [jpeg]).features).all()
+
+
+def test_source_head_gives_probabilities_and_base_features(vit_classifier_dir: Path) -> None:
+    arrays = random_images(5, seed=3)
+    result = extract_image_features(vit_classifier_dir, [encoded(a) for a in arrays], batch_size=2)
+    assert result.source_probs is not None and result.source_probs.shape == (5, 4)
+    np.testing.assert_allclose(result.source_probs.sum(1), 1.0, atol=1e-5)
+    # The features are the backbone's, as for a folder without a head.
+    classifier = transformers.AutoModelForImageClassification.from_pretrained(vit_classifier_dir).eval()
+    with torch.no_grad():
+        pixels = torch.stack([torch.from_numpy((a.astype(np.float32) / 255.0 - 0.5) / 0.5).permute(2, 0, 1)
+                              for a in arrays])
+        out = classifier(pixel_values=pixels, output_hidden_states=True)
+        hidden = classifier.vit.layernorm(out.hidden_states[-1])
+    np.testing.assert_allclose(result.features, hidden.mean(1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(result.source_probs, torch.softmax(out.logits, -1).numpy(), atol=1e-5)
+
+
+def test_cnn_feature_maps_are_averaged_over_positions(mobilenet_dir: Path) -> None:
+    """MobileNetV2 returns (B, 1280, H, W): "mean" averages the positions, "head" reads pooler_output (what its
+    classifier reads: the same global average)."""
+    arrays = random_images(4, seed=4, size=40)  # resized to 40 on the short side, cropped to 32
+    files = [encoded(a) for a in arrays]
+    processor = transformers.AutoImageProcessor.from_pretrained(mobilenet_dir)
+    model = transformers.AutoModel.from_pretrained(mobilenet_dir).eval()
+    with torch.no_grad():
+        pixels = processor(images=[Image.fromarray(a) for a in arrays], return_tensors="pt")["pixel_values"]
+        assert pixels.shape == (4, 3, 32, 32)
+        maps = model(pixel_values=pixels).last_hidden_state
+    expected = maps.mean(dim=(2, 3)).numpy()
+    mean = extract_image_features(mobilenet_dir, files, batch_size=3).features
+    head = extract_image_features(mobilenet_dir, files, batch_size=3, pooling="head").features
+    assert mean.shape == (4, 1280)
+    np.testing.assert_allclose(mean, expected, atol=1e-5)
+    np.testing.assert_allclose(head, expected, atol=1e-5)
+
+
+def test_progress_and_cancel(vit_dir: Path) -> None:
+    from workers.features import FeatureExtractionCancelled
+
+    files = [encoded(a) for a in random_images(5, seed=5)]
+    seen: list[tuple[int, int]] = []
+    extract_image_features(vit_dir, files, batch_size=2, on_batch=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    with pytest.raises(FeatureExtractionCancelled):
+        extract_image_features(vit_dir, files, batch_size=2, should_cancel=lambda: len(seen) > 3,
+                               on_batch=lambda done, total: seen.append((done, total)))
