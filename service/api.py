@@ -72,6 +72,8 @@ def read_model_config(folder: Path) -> dict[str, Any]:
     text_config = config.get("text_config") or {}
     hidden = next((c.get(k) for c in (config, text_config) for k in ("hidden_size", "d_model", "n_embd", "dim")
                    if isinstance(c.get(k), int)), None)
+    if hidden is None and isinstance(config.get("hidden_sizes"), list) and config["hidden_sizes"]:
+        hidden = config["hidden_sizes"][-1]  # CNNs (ResNet, ConvNeXt): the last stage's channels
     architectures = config.get("architectures") or []
     has_head = any(a.endswith(SOURCE_HEADS) for a in architectures) and bool(config.get("id2label"))
     modality = model_modality(config)
@@ -360,9 +362,16 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
             if body.tune is not None:
                 from workers.tuning.params import resolve_regularizer  # plain data, no torch
 
-                if dataset.modality != "text":
-                    raise Problem(422, "tuning reads text datasets only", "image datasets can be ranked; tuning "
-                                  "image models is not implemented yet", field="tune")
+                from workers.tuning.params import IMAGE_REGULARIZERS
+
+                if dataset.modality == "image" and body.tune.strategy == "btuning":
+                    raise Problem(422, "btuning tunes text models only", "use strategy finetune for images",
+                                  field="tune.strategy")
+                if dataset.modality == "image" and body.tune.regularizer.name not in IMAGE_REGULARIZERS:
+                    raise Problem(422, "regularizer needs a text model",
+                                  f"{body.tune.regularizer.name} acts on token embeddings or Transformer layers; "
+                                  f"image models take one of {', '.join(IMAGE_REGULARIZERS)}",
+                                  field="tune.regularizer.name")
                 try:
                     resolve_regularizer(body.tune.regularizer.name, body.tune.regularizer.params,
                                         where="tune.regularizer")

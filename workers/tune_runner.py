@@ -86,8 +86,6 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
     strategy, top_k = spec["strategy"], spec["top_k"]
     regularizer = spec["regularizer"]["name"]
 
-    if dataset.modality != "text":  # the API refuses these; a job from an older API must not crash the loop
-        raise ValueError("tuning reads text datasets only; image datasets can be ranked")
     dataset_spec = pipeline.DatasetSpec(Path(dataset.storage_path), dataset.sha256, dataset.task, dataset.label_names)
     texts, labels = pipeline.load_dataset(dataset_spec)
     train_idx, val_idx = split_rows(labels, dataset.task, spec["validation_fraction"], spec["seed"])

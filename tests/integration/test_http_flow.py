@@ -236,8 +236,10 @@ def test_image_rank_flow(stack: Stack, tiny_hub: dict[str, Path], tmp_path: Path
     assert dataset["label_names"] == ["blue", "green", "red"] and dataset["class_counts"]["red"] == 12
     assert dataset["text_column"] is None and dataset["label_column"] is None and dataset["image_column"] is None
 
-    tune = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "tune": {"strategy": "finetune"}})
-    assert tune.status_code == 422 and tune.json()["field"] == "tune", tune.text
+    for tune, field in (({"regularizer": {"name": "smart"}}, "tune.regularizer.name"),
+                        ({"strategy": "btuning"}, "tune.strategy")):
+        refused = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "tune": tune})
+        assert refused.status_code == 422 and refused.json()["field"] == field, refused.text
     text_model = client.get("/v1/models").json()["items"][0]
     wrong = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "candidates": [text_model["id"]]})
     assert wrong.status_code == 422 and wrong.json()["field"] == "candidates[0]", wrong.text
@@ -255,6 +257,18 @@ def test_image_rank_flow(stack: Stack, tiny_hub: dict[str, Path], tmp_path: Path
         assert math.isfinite(entry["scores"]["logme"]) and 0.0 <= entry["scores"]["ridge_loo"] <= 1.0
         low, high = entry["intervals"]["logme"]
         assert low <= entry["scores"]["logme"] <= high
+
+    # Rank, then fine-tune the ViT (its 5-class source head replaced by a 3-class one) with L2-SP.
+    tune = {"strategy": "finetune", "target": image_ids[0], "regularizer": {"name": "l2sp"}, "epochs": 2,
+            "lr": 3e-3, "batch_size": 8}
+    tuned = wait_for(client, client.post("/v1/jobs", json={"dataset_id": dataset["id"], "tune": tune}).json()["id"],
+                     stack)
+    assert tuned["status"] == "succeeded", (tuned, stack.log_text())
+    (checkpoint,) = client.get(f"/v1/jobs/{tuned['id']}/checkpoints").json()
+    files = {f["path"] for f in checkpoint["files"]}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= files
+    config_file = client.get(f"/v1/jobs/{tuned['id']}/checkpoints/{checkpoint['name']}/files/config.json").json()
+    assert config_file["id2label"] == {"0": "blue", "1": "green", "2": "red"}
 
 
 def test_too_large_upload_is_413(tmp_path: Path) -> None:

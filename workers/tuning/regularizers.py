@@ -203,7 +203,7 @@ class StepContext:
         self.total_steps = max(1, total_steps)
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.want_hidden = want_hidden
-        self.device = batch["input_ids"].device
+        self.device = next(iter(batch.values())).device
         self.rng_state = get_rng_state(self.device)  # taken before the clean forward: replayed by forward()
         self.logits: Tensor | None = None
         self.hidden: Tensor | None = None  # last hidden state of the clean forward when want_hidden
@@ -225,6 +225,10 @@ class StepContext:
     @property
     def mask(self) -> Tensor:
         return self.batch["attention_mask"]
+
+    @property
+    def is_image(self) -> bool:
+        return "pixel_values" in self.batch
 
     def forward(self, perturb: Callable[[Tensor], Tensor] | None = None, *, attention_mask: Tensor | None = None,
                 want_hidden: bool = False, replay: bool = True) -> tuple[Tensor, Tensor | None]:
@@ -250,6 +254,11 @@ class StepContext:
         return logits, hidden
 
     def _run(self, perturb, attention_mask, want_hidden, capture: bool) -> tuple[Tensor, Tensor | None]:
+        if self.is_image:  # image models: no token embeddings to capture or perturb
+            if perturb is not None or attention_mask is not None:
+                raise ValueError("this regularizer perturbs token embeddings: it needs a text model")
+            out = self.model(pixel_values=self.batch["pixel_values"], output_hidden_states=want_hidden)
+            return out.logits, (out.hidden_states[-1] if want_hidden else None)
         embedding = self.model.get_input_embeddings()
 
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
