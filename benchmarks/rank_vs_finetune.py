@@ -1,6 +1,7 @@
 """Does the ranking predict fine-tuning? Every estimator's scores against fine-tuned validation quality.
 
-For one labelled dataset (any CSV / JSONL / Parquet a user would upload, parsed by the service's own validator) and
+For one labelled dataset (any CSV / JSONL / Parquet / zip of images a user would upload, parsed by the service's
+own validator) and
 a local hub (a folder of Hugging Face model folders, e.g. the one `python -m demo.prepare_hub` builds):
 
 1. split the rows once into train / validation (stratified for classification, the tune jobs' own split);
@@ -434,7 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep_duplicates and len(set(train[0])) < len(train[0]):
         # a rank job would score fewer rows than these: estimator scores would not be what a user gets
         parser.error(f"--keep-duplicates: the train split repeats {len(train[0]) - len(set(train[0]))} text(s)")
-    digest = hashlib.sha256(json.dumps([train[0], val[0], labels.tolist()]).encode()).hexdigest()[:16]
+    def listed(examples: list[Any]) -> list[str]:  # images (bytes) by their sha256; texts as they are
+        return [hashlib.sha256(e).hexdigest() if isinstance(e, bytes) else e for e in examples]
+
+    digest = hashlib.sha256(json.dumps([listed(train[0]), listed(val[0]), labels.tolist()]).encode()).hexdigest()[:16]
 
     store_path = args.json or args.out.with_suffix(".json")
     stored: dict[str, Any] = {}

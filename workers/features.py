@@ -313,15 +313,16 @@ def _load_image_model(model_dir: Path, device: str) -> tuple[Any, Any, bool]:
 
 
 def decode_images(images: list[bytes], mode: str = "RGB") -> list[Any]:
-    """PIL images from encoded files, converted to `mode` (grayscale and palette images become RGB)."""
+    """PIL images from encoded files, turned upright by their EXIF orientation (a phone's portrait photo is stored
+    sideways with a tag saying so) and converted to `mode` (grayscale and palette images become RGB)."""
     import io
 
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     decoded = []
     for data in images:
         with Image.open(io.BytesIO(data)) as image:
-            decoded.append(image.convert(mode))  # convert() loads the pixels: the file can close
+            decoded.append(ImageOps.exif_transpose(image).convert(mode))  # loads the pixels: the file can close
     return decoded
 
 

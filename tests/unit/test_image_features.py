@@ -122,3 +122,15 @@ def test_progress_and_cancel(vit_dir: Path) -> None:
     with pytest.raises(FeatureExtractionCancelled):
         extract_image_features(vit_dir, files, batch_size=2, should_cancel=lambda: len(seen) > 3,
                                on_batch=lambda done, total: seen.append((done, total)))
+
+
+def test_exif_orientation_is_applied() -> None:
+    """A JPEG stored 32 wide and 16 high with orientation 6 ("rotate 90° clockwise to display") is a portrait."""
+    from workers.features import decode_images
+
+    out = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (32, 16), (10, 200, 30)).save(out, format="JPEG", exif=exif)
+    (upright,) = decode_images([out.getvalue()])
+    assert upright.size == (16, 32) and upright.mode == "RGB"
