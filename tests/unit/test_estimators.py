@@ -229,7 +229,7 @@ def test_projected_logme_projects_new_rows_with_its_own_intercept_value() -> Non
     labels = rng.integers(0, 3, 80)
     features = 1e-3 * (rng.normal(size=(80, 40)) + np.eye(3)[labels] @ rng.normal(size=(3, 40)))
     fit = logme_projected(features, labels)
-    assert fit.intercept_value == pytest.approx(np.sqrt(np.mean(features ** 2)))
+    assert fit.intercept_value == pytest.approx(np.sqrt(np.mean((features ** 2).sum(1))))
     # the chosen k coordinates reproduce the score through plain LogME on the projection
     from workers.ranking import logme
 

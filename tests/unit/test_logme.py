@@ -308,7 +308,7 @@ def test_projected_logme_keeps_cases_logme_already_gets_right():
     assert logme(good, y).score > logme(weak, y).score and pg.score > pw.score
     for f, p in ((good, pg), (weak, pw)):
         # full width plus the constant column (the features' root-mean-square entry) is a candidate
-        with_ones = logme(np.hstack([f, np.full((n, 1), np.sqrt(np.mean(f ** 2)))]), y).score
+        with_ones = logme(np.hstack([f, np.full((n, 1), np.sqrt(np.mean((f ** 2).sum(1))))]), y).score
         assert p.score >= with_ones - 1e-12
         assert p.scores_by_k[65] == pytest.approx(with_ones, rel=1e-9)
         bias_free = logme_projected(f, y, intercept=False)
