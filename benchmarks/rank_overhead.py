@@ -6,6 +6,7 @@ temporary HUBTUNE_HOME, registers real models, uploads a BBC News sample and tim
   cached seconds per model = second job's wall time / number of models
 Usage: python -m benchmarks.rank_overhead [--rows 400] [--models all-MiniLM-L6-v2,paraphrase-MiniLM-L3-v2]
        [--hub DIR (default $HUBTUNE_DEMO_HUB or ~/.hubtune/demo-hub)] [--out benchmarks/results/rank_overhead.md]
+       [--data FILE (any upload instead of the BBC sample, e.g. a zip of images; --rows is then ignored)]
 """
 
 from __future__ import annotations
@@ -68,12 +69,13 @@ def main() -> None:
     parser.add_argument("--hub", type=Path,
                         default=Path(os.environ.get("HUBTUNE_DEMO_HUB", Path("~/.hubtune/demo-hub").expanduser())))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "rank_overhead.md")
+    parser.add_argument("--data", type=Path, default=None, help="upload this file instead of a BBC News sample")
     args = parser.parse_args()
     began = time.perf_counter()
     folders = model_folders(args.models.split(","), args.hub)
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
-        data = bbc_sample(args.rows, home / "bbc.csv")
+        data = args.data or bbc_sample(args.rows, home / "bbc.csv")
         port = 18765
         env = dict(os.environ, HUBTUNE_HOME=str(home), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
@@ -103,7 +105,8 @@ def main() -> None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
     lines = [f"Command: `python -m benchmarks.rank_overhead {' '.join(sys.argv[1:])}`  ",
-             f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared); rows={args.rows}; "
+             f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared); "
+             f"{f'data={args.data.name}' if args.data else f'rows={args.rows}'}; "
              f"models={[f.name for f in folders]}; metrics=[logme]; wall {time.perf_counter() - began:.0f}s "
              "for the whole script (service start, uploads, both jobs)", "",
              "| job | wall s | feature extraction s (load+tokenise+forward) | forward s | wall / forward | "
