@@ -489,7 +489,14 @@ def _parquet_records(path: Path, text_column: str, label_column: str) -> Iterato
         raise DatasetProblem(422, "duplicate column names",
                              f"the file repeats {', '.join(repr(d) for d in duplicates)}", field="file")
     if text_column not in names:
-        raise _unknown_column("text", text_column, names)
+        problem = _unknown_column("text", text_column, names)
+        schema = parquet.schema_arrow
+        binary = [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)
+                  or (pa.types.is_struct(f.type) and f.type.get_field_index("bytes") >= 0)]
+        if binary:  # most likely an image dataset sent without image_column
+            problem.detail += (f"; {binary[0]!r} holds binary data: for an image dataset send "
+                               f"image_column={binary[0]}")
+        raise problem
     if label_column not in names:
         raise _unknown_column("label", label_column, names)
     try:

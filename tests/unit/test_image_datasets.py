@@ -144,6 +144,10 @@ def test_parquet_image_columns(tmp_path: Path) -> None:
     pq.write_table(pa.table({"image": structs, "label": [1, 2, 1]}), hf)
     assert parse_dataset(hf, "parquet", "classification", "text", "label", image_column="image").examples == images
 
+    # sent without image_column, it is read as text: the 422 says which column to name
+    forgot = rejected(hf, "parquet")
+    assert forgot.field == "text_column" and "image_column=image" in forgot.detail
+
     paths_only = tmp_path / "paths.parquet"
     pq.write_table(pa.table({"image": ["/home/me/1.png", "/home/me/2.png"], "label": [0, 1]}), paths_only)
     assert rejected(paths_only, "parquet", image_column="image").title == "not an image column"
