@@ -258,3 +258,31 @@ def test_halving_by_ridge_loo_ranks_by_held_out_accuracy(setup: dict, tmp_path: 
     assert ranking[0].model_id == "a" and ranking[-1].model_id == "d"
     scores = [m.scores["ridge_loo"] for m in ranking if not m.details["eliminated"]]
     assert all(0.0 <= s <= 1.0 for s in scores) and scores == sorted(scores, reverse=True)
+
+
+def test_image_datasets_rank_through_successive_halving(tmp_path: Path) -> None:
+    """Nested samples of encoded images: the same halving code reads them and ranks the image models."""
+    import io
+
+    from PIL import Image
+
+    from tests.tiny_models import make_tiny_mobilenet, make_tiny_vit
+
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for i in range(64):
+        tint = np.array([(200, 40, 40), (40, 40, 200)][i % 2])
+        out = io.BytesIO()
+        Image.fromarray(np.clip(tint + rng.normal(0, 60, (32, 32, 3)), 0, 255).astype(np.uint8)).save(out, "PNG")
+        images.append(out.getvalue())
+        labels.append(i % 2)
+    path = tmp_path / "images.parquet"
+    write_normalized(ParsedDataset(images, labels, ["red", "blue"], None, 64, modality="image"), "classification",
+                     path)
+    models = [ModelSpec("vit", "vit", "local", str(make_tiny_vit(tmp_path / "vit")), ""),
+              ModelSpec("cnn", "cnn", "local", str(make_tiny_mobilenet(tmp_path / "cnn")), "")]
+    result = rank_successive_halving(DatasetSpec(path, "e" * 64, "classification", ["red", "blue"]), models,
+                                     cache_root=tmp_path / "cache", hf_cache_dir=tmp_path / "hf", initial_rows=16)
+    assert [r.rows for r in result.rounds][0] == 16
+    assert sorted(m.model_id for m in result.ranking) == ["cnn", "vit"]
+    assert all(np.isfinite(m.scores["logme"]) for m in result.ranking)
