@@ -67,6 +67,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from tests.tiny_models import make_tiny_vit
+    from workers.features import extract_image_features
     from workers.pipeline import sample_rows
     from workers.ranking import score_metric
 
@@ -93,7 +94,8 @@ def main() -> None:
     for name, folder in folders.items():
         result, speed[name] = features_of(folder, pool_files, args.batch_size)
         pooled[name], probs[name] = result.features.astype(np.float64), result.source_probs
-        test_features[name] = features_of(folder, test_files, args.batch_size)[0].features.astype(np.float64)
+        test_features[name] = extract_image_features(folder, test_files, batch_size=args.batch_size,
+                                                     device="cpu").features.astype(np.float64)
         print(f"[features] {name}: {pooled[name].shape[1]}-d, {speed[name]['images_per_s']:.0f} images/s, "
               f"{speed[name]['fraction']:.2f} of matmul, wall/forward {speed[name]['wall_over_forward']:.2f}",
               flush=True)

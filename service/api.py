@@ -360,9 +360,7 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
                     raise Problem(422, "sample_size cannot be combined with successive_halving",
                                   "successive halving chooses its own samples", field="sample_size")
             if body.tune is not None:
-                from workers.tuning.params import resolve_regularizer  # plain data, no torch
-
-                from workers.tuning.params import IMAGE_REGULARIZERS
+                from workers.tuning.params import IMAGE_REGULARIZERS, resolve_regularizer  # plain data, no torch
 
                 if dataset.modality == "image" and body.tune.strategy == "btuning":
                     raise Problem(422, "btuning tunes text models only", "use strategy finetune for images",

@@ -31,8 +31,8 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from service.datasets import (DatasetProblem, ParsedDataset, _csv_records, _json_records, _show, check_row_count,
-                              encode_labels)
+from service.datasets import (DatasetProblem, ParsedDataset, _arrow_values, _csv_records, _json_records, _show,
+                              _unknown_column, check_row_count, encode_labels)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
@@ -234,8 +234,6 @@ def _parse_parquet(path: Path, task: str, label_column: str, image_column: str, 
                    max_bytes: int | None) -> ParsedDataset:
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from service.datasets import _arrow_values, _unknown_column
 
     if image_column == label_column:
         raise DatasetProblem(422, "same column for image and label", f"both are {image_column!r}",

@@ -185,6 +185,60 @@ def encode(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]
     return ids
 
 
+class _BaseOutput:
+    """The backbone's own output when the model is a classifier (its head gives source_probs): a forward hook on
+    the base model, removed on exit. Without a head the model is the backbone and nothing is hooked."""
+
+    def __init__(self, model: Any, has_head: bool) -> None:
+        self.base = getattr(model, model.base_model_prefix, model) if has_head else model
+        self.has_head = has_head
+        self.output: Any = None
+        self._hook: Any = None
+
+    def __enter__(self) -> "_BaseOutput":
+        if self.has_head:
+            self._hook = self.base.register_forward_hook(self._keep)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+
+    def _keep(self, _module: Any, _args: Any, output: Any) -> None:
+        self.output = output
+
+    def take(self, out: Any) -> Any:
+        """The backbone output of the forward that returned `out`."""
+        if not self.has_head:
+            return out
+        output, self.output = self.output, None
+        return output
+
+
+def _last_hidden(output: Any) -> Any:
+    return output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+
+class _Rows:
+    """Pooled features (and source-head probabilities) written batch by batch into arrays in the caller's order."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.features: np.ndarray | None = None
+        self.probs: np.ndarray | None = None
+
+    def put(self, rows: Any, pooled: Any, probs: Any | None) -> None:
+        pooled_np = pooled.cpu().numpy()
+        if self.features is None:
+            self.features = np.empty((self.count, pooled_np.shape[1]), dtype=np.float32)
+        self.features[rows] = pooled_np
+        if probs is not None:
+            probs_np = probs.cpu().numpy()
+            if self.probs is None:
+                self.probs = np.empty((self.count, probs_np.shape[1]), dtype=np.float32)
+            self.probs[rows] = probs_np
+
+
 def extract_features(model_dir: Path, texts: list[str] | list[bytes], *, max_length: int = 128,
                      batch_size: int = 32, device: str | None = None,
                      on_batch: Callable[[int, int], None] | None = None,
@@ -233,18 +287,9 @@ def extract_features(model_dir: Path, texts: list[str] | list[bytes], *, max_len
     amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
 
     # The base model's last hidden state, also when the model is a classifier (its head gives source_probs).
-    captured: dict[str, Any] = {}
-    base = getattr(model, model.base_model_prefix, model) if has_head else model
-    hook = None
-    if has_head:
-        def keep(_module: Any, _args: Any, output: Any) -> None:
-            captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-        hook = base.register_forward_hook(keep)
-
-    features: np.ndarray | None = None
-    probs: np.ndarray | None = None
+    collected = _Rows(len(texts))
     forward_seconds, padded = 0.0, 0
-    try:
+    with _BaseOutput(model, has_head) as backbone:
         for done, rows in enumerate(batches, start=1):
             if should_cancel is not None and should_cancel():
                 raise FeatureExtractionCancelled(f"cancelled after {done - 1} of {len(batches)} batches")
@@ -263,7 +308,7 @@ def extract_features(model_dir: Path, texts: list[str] | list[bytes], *, max_len
             start = time.perf_counter()
             with torch.inference_mode(), torch.autocast("cuda", dtype=amp_dtype, enabled=on_cuda):
                 out = model(input_ids=input_ids, attention_mask=mask)
-                hidden = captured.pop("hidden") if has_head else out.last_hidden_state
+                hidden = _last_hidden(backbone.take(out))
                 if pooling == "mean":
                     weights = mask.unsqueeze(-1).to(torch.float32)
                     pooled = (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
@@ -274,23 +319,13 @@ def extract_features(model_dir: Path, texts: list[str] | list[bytes], *, max_len
             if on_cuda:
                 torch.cuda.synchronize()
             forward_seconds += time.perf_counter() - start
-            pooled_np = pooled.cpu().numpy()
-            if features is None:
-                features = np.empty((len(texts), pooled_np.shape[1]), dtype=np.float32)
-            features[rows] = pooled_np
-            if batch_probs is not None:
-                if probs is None:
-                    probs = np.empty((len(texts), batch_probs.shape[1]), dtype=np.float32)
-                probs[rows] = batch_probs.cpu().numpy()
+            collected.put(rows, pooled, batch_probs)
             if on_batch is not None:
                 on_batch(done, len(batches))
-    finally:
-        if hook is not None:
-            hook.remove()
-    assert features is not None
+    assert collected.features is not None
 
-    flops = _useful_flops(base, model.config, lengths)
-    return FeatureResult(features=features, source_probs=probs, forward_seconds=forward_seconds,
+    flops = _useful_flops(backbone.base, model.config, lengths)
+    return FeatureResult(features=collected.features, source_probs=collected.probs, forward_seconds=forward_seconds,
                          total_seconds=time.perf_counter() - began, tokens=int(lengths.sum()),
                          padded_tokens=padded,
                          num_parameters=sum(p.numel() for p in model.parameters()), flops_estimate=flops,
@@ -333,7 +368,7 @@ def pool_image_output(output: Any, pooling: str) -> Any:
     their image-classification heads read: the global average, after ConvNeXt's layer norm) when there is one.
     Token sequences (B, T, D), as ViTs return: "mean" averages over the tokens; "head" takes the first ([CLS]) token,
     which ViTForImageClassification reads (its pooler_output is an untrained dense + tanh in most checkpoints)."""
-    hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+    hidden = _last_hidden(output)
     if hidden.ndim == 4:
         pooled = getattr(output, "pooler_output", None) if pooling == "head" else None
         if pooled is None:
@@ -368,26 +403,16 @@ def extract_image_features(model_dir: Path, images: list[bytes], *, batch_size: 
     on_cuda = device.startswith("cuda")
     amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
 
-    captured: dict[str, Any] = {}
-    base = getattr(model, model.base_model_prefix, model) if has_head else model
-    hook = None
-    if has_head:
-        def keep(_module: Any, _args: Any, output: Any) -> None:
-            captured["output"] = output
-        hook = base.register_forward_hook(keep)
-
     def pixels(rows: list[bytes]) -> Any:
         batch = processor(images=decode_images(rows, mode), return_tensors="pt")["pixel_values"]
         return batch.to(device, non_blocking=True)
 
-    features: np.ndarray | None = None
-    probs: np.ndarray | None = None
+    collected = _Rows(len(images))
     forward_seconds = 0.0
     batches = [list(range(i, min(i + batch_size, len(images)))) for i in range(0, len(images), batch_size)]
-    try:
+    with _BaseOutput(model, has_head) as backbone:
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-            model(pixel_values=pixels([images[0]]))
-        captured.clear()
+            backbone.take(model(pixel_values=pixels([images[0]])))
         per_image_flops = float(counter.get_total_flops())
         for done, rows in enumerate(batches, start=1):
             if should_cancel is not None and should_cancel():
@@ -398,26 +423,16 @@ def extract_image_features(model_dir: Path, images: list[bytes], *, batch_size: 
             start = time.perf_counter()
             with torch.inference_mode(), torch.autocast("cuda", dtype=amp_dtype, enabled=on_cuda):
                 out = model(pixel_values=pixel_values)
-                pooled = pool_image_output(captured.pop("output") if has_head else out, pooling)
+                pooled = pool_image_output(backbone.take(out), pooling)
                 batch_probs = torch.softmax(out.logits.float(), dim=-1) if has_head else None
             if on_cuda:
                 torch.cuda.synchronize()
             forward_seconds += time.perf_counter() - start
-            pooled_np = pooled.cpu().numpy()
-            if features is None:
-                features = np.empty((len(images), pooled_np.shape[1]), dtype=np.float32)
-            features[rows] = pooled_np
-            if batch_probs is not None:
-                if probs is None:
-                    probs = np.empty((len(images), batch_probs.shape[1]), dtype=np.float32)
-                probs[rows] = batch_probs.cpu().numpy()
+            collected.put(rows, pooled, batch_probs)
             if on_batch is not None:
                 on_batch(done, len(batches))
-    finally:
-        if hook is not None:
-            hook.remove()
-    assert features is not None
-    return FeatureResult(features=features, source_probs=probs, forward_seconds=forward_seconds,
+    assert collected.features is not None
+    return FeatureResult(features=collected.features, source_probs=collected.probs, forward_seconds=forward_seconds,
                          total_seconds=time.perf_counter() - began, tokens=len(images), padded_tokens=len(images),
                          num_parameters=sum(p.numel() for p in model.parameters()),
                          flops_estimate=per_image_flops * len(images), device=device, load_seconds=load_seconds)
