@@ -69,14 +69,15 @@ def read_model_config(folder: Path) -> dict[str, Any]:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise Problem(422, "unreadable config.json", str(exc), field="path") from exc
-    text_config = config.get("text_config") or {}
-    hidden = next((c.get(k) for c in (config, text_config) for k in ("hidden_size", "d_model", "n_embd", "dim")
+    modality = model_modality(config)
+    # the width of the tower that is ranked: a dual encoder's vision tower, a vision-language model's language model
+    tower = (config.get("vision_config") if modality == "image" else config.get("text_config")) or {}
+    hidden = next((c.get(k) for c in (config, tower) for k in ("hidden_size", "d_model", "n_embd", "dim", "hidden_dim")
                    if isinstance(c.get(k), int)), None)
     if hidden is None and isinstance(config.get("hidden_sizes"), list) and config["hidden_sizes"]:
         hidden = config["hidden_sizes"][-1]  # CNNs (ResNet, ConvNeXt): the last stage's channels
     architectures = config.get("architectures") or []
     has_head = any(a.endswith(SOURCE_HEADS) for a in architectures) and bool(config.get("id2label"))
-    modality = model_modality(config)
     if modality == "text" and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise Problem(422, "no tokenizer", f"{folder} holds a text model but no tokenizer files (one of "
                       f"{', '.join(TOKENIZER_FILES)}); save it beside the weights: tokenizer.save_pretrained(folder)",
@@ -98,14 +99,26 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
                    "spiece.model", "sentencepiece.bpe.model")
 
 
+# Contrastive image-text dual encoders: catalogued as image models, ranked and tuned through their vision tower
+# (the common use of CLIP-like checkpoints as image backbones); their text tower is not offered for text datasets.
+DUAL_ENCODERS = frozenset({"clip", "siglip", "siglip2", "align", "altclip", "chinese_clip", "metaclip_2"})
+# Keys only a model that reads pixels has at the top of its config.
+VISION_KEYS = ("image_size", "num_channels", "patch_size")
+
+
 def model_modality(config: dict[str, Any]) -> str:
-    """"text" for a model that reads token ids (a vocabulary), "image" for one that reads pixels only. A job's
-    candidates are the models of its dataset's modality."""
+    """"text" for a model that reads token ids (a vocabulary), "image" for one that reads pixels. A job's candidates
+    are the models of its dataset's modality.
+
+    Vision keys at the top level win over a vocabulary: BEiT and Data2VecVision carry a vocab_size for masked image
+    modelling. A vision-language model (text_config and vision_config: LLaVA, Gemma 3, Qwen2-VL) is a text model
+    (its language model reads the text); a contrastive dual encoder (DUAL_ENCODERS) is an image model."""
+    if config.get("model_type") in DUAL_ENCODERS or any(key in config for key in VISION_KEYS):
+        return "image"
     text_config = config.get("text_config") or {}
     if "vocab_size" in config or "vocab_size" in text_config:
         return "text"
-    vision_keys = ("image_size", "num_channels", "patch_size")
-    if any(key in config for key in vision_keys) or "vision_config" in config:
+    if "vision_config" in config:
         return "image"
     return "text"
 

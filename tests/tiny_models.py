@@ -133,3 +133,36 @@ def make_tiny_mobilenet(folder: Path, image_size: int = 32, seed: int = 0) -> Pa
     MobileNetV2Model(MobileNetV2Config(image_size=image_size, depth_multiplier=0.35)).save_pretrained(
         folder, safe_serialization=True)
     return folder
+
+
+def make_tiny_t5(folder: Path, hidden_size: int = 32, seed: int = 0, encoder_only: bool = False) -> Path:
+    """A randomly initialised encoder-decoder T5 (or, encoder_only, a T5EncoderModel as sentence-T5 ships)."""
+    import torch
+    from transformers import T5Config, T5EncoderModel, T5Model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_tokenizer(folder)
+    config = T5Config(vocab_size=_vocab_size(folder), d_model=hidden_size, d_kv=hidden_size // 2,
+                      d_ff=2 * hidden_size, num_layers=2, num_heads=2, decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(seed)
+    (T5EncoderModel if encoder_only else T5Model)(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_tiny_clip(folder: Path, hidden_size: int = 32, image_size: int = 32, seed: int = 0) -> Path:
+    """A randomly initialised CLIP dual encoder (text and vision towers) with its image processor and tokenizer."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_tokenizer(folder)
+    CLIPImageProcessor(size={"shortest_edge": image_size},
+                       crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    tower = dict(hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden_size)
+    config = CLIPConfig(text_config=dict(vocab_size=_vocab_size(folder), **tower),
+                        vision_config=dict(image_size=image_size, patch_size=8, **tower), projection_dim=16)
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -124,6 +124,7 @@ def _useful_flops(base: Any, config: Any, lengths: np.ndarray) -> float:
 
 def _load(model_dir: Path, device: str) -> tuple[Any, Any, bool]:
     import torch
+    import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -133,8 +134,16 @@ def _load(model_dir: Path, device: str) -> tuple[Any, Any, bool]:
     tokenizer.padding_side = "right"
     has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])) \
         and bool(getattr(config, "id2label", None))
-    loader = AutoModelForSequenceClassification if has_head else AutoModel
+    loader: Any = AutoModelForSequenceClassification if has_head else AutoModel
+    architecture = (config.architectures or [""])[0]
+    if not has_head and architecture.endswith("EncoderModel") and hasattr(transformers, architecture):
+        # T5EncoderModel (sentence-T5, Flan-T5 encoders): AutoModel would build the whole T5Model around it
+        loader = getattr(transformers, architecture)
     model = loader.from_pretrained(model_dir, dtype=torch.float32)
+    if not has_head and getattr(config, "is_encoder_decoder", False):
+        # T5, BART, mT5: the encoder's states are the text's features (the decoder would need a target sequence,
+        # and BART's own forward feeds it the shifted input, giving decoder states of the input instead).
+        model = model.get_encoder()
     if has_head and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # decoder heads read the last non-pad token
     model.eval().to(device)
@@ -343,8 +352,20 @@ def _load_image_model(model_dir: Path, device: str) -> tuple[Any, Any, bool]:
         and bool(getattr(config, "id2label", None))
     loader = AutoModelForImageClassification if has_head else AutoModel
     model = loader.from_pretrained(model_dir, dtype=torch.float32)
+    if not has_head and hasattr(config, "vision_config"):
+        model = vision_tower(model)
     model.eval().to(device)
     return processor, model, has_head
+
+
+def vision_tower(model: Any) -> Any:
+    """The image encoder of a model that has more than one (CLIP, SigLIP, ALIGN: a text and a vision tower)."""
+    for name in ("vision_model", "vision_tower", "visual"):
+        tower = getattr(model, name, None)
+        if tower is not None:
+            return tower
+    raise ValueError(f"{type(model).__name__} has a vision_config but no vision tower this service knows "
+                     "(vision_model, vision_tower or visual)")
 
 
 def decode_images(images: list[bytes], mode: str = "RGB") -> list[Any]:

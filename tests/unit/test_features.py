@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tests.tiny_models import make_tiny_bert, make_tiny_llama  # noqa: E402
+from tests.tiny_models import make_tiny_bert, make_tiny_llama, make_tiny_t5  # noqa: E402
 from workers import features as feat  # noqa: E402
 from workers.features import (  # noqa: E402
     FeatureCache,
@@ -271,3 +271,18 @@ def test_head_pooling_takes_the_token_a_classification_head_reads(which: str, po
     np.testing.assert_allclose(got, np.stack(expected), atol=1e-5)
     with pytest.raises(ValueError):
         extract_features(folder, texts, pooling="max")
+
+
+@pytest.mark.parametrize("encoder_only", [False, True])
+def test_encoder_decoder_models_give_their_encoders_states(encoder_only: bool, tmp_path: Path) -> None:
+    """T5 (and a T5EncoderModel folder, as sentence-T5 ships) is read through its encoder: AutoModel's T5Model
+    cannot run without a target sequence, and AutoModel on an encoder-only folder would build a whole T5Model."""
+    folder = make_tiny_t5(tmp_path / "t5", encoder_only=encoder_only, seed=4)
+    texts = mixed_texts(7, seed=5, high=20)
+    got = extract_features(folder, texts, batch_size=3).features
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    encoder = transformers.T5EncoderModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        want = np.stack([encoder(input_ids=tokenizer(t, return_tensors="pt")["input_ids"]).last_hidden_state[0]
+                         .mean(0).numpy() for t in texts])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 
-from tests.tiny_models import make_tiny_mobilenet, make_tiny_vit  # noqa: E402
+from tests.tiny_models import make_tiny_clip, make_tiny_mobilenet, make_tiny_vit  # noqa: E402
 from workers.features import extract_features, extract_image_features  # noqa: E402
 
 
@@ -134,3 +134,19 @@ def test_exif_orientation_is_applied() -> None:
     Image.new("RGB", (32, 16), (10, 200, 30)).save(out, format="JPEG", exif=exif)
     (upright,) = decode_images([out.getvalue()])
     assert upright.size == (16, 32) and upright.mode == "RGB"
+
+
+def test_a_dual_encoder_is_read_through_its_vision_tower(tmp_path: Path) -> None:
+    """A CLIP folder (text and vision towers): AutoModel's CLIPModel needs token ids too; the features are the
+    vision tower's, the same as CLIPVisionModel loaded from the same folder gives."""
+    folder = make_tiny_clip(tmp_path / "clip", seed=6)
+    files = [encoded(a) for a in random_images(5, seed=7, size=40)]
+    got = {pooling: extract_image_features(folder, files, batch_size=2, pooling=pooling).features
+           for pooling in ("mean", "head")}
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    tower = transformers.CLIPVisionModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        out = tower(pixel_values=processor(images=[Image.open(io.BytesIO(f)).convert("RGB") for f in files],
+                                           return_tensors="pt")["pixel_values"])
+    np.testing.assert_allclose(got["mean"], out.last_hidden_state.mean(1).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["head"], out.last_hidden_state[:, 0].numpy(), rtol=1e-4, atol=1e-5)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny_models import make_tiny_mobilenet, make_tiny_vit
+from tests.tiny_models import make_tiny_clip, make_tiny_mobilenet, make_tiny_vit
 from workers.tuning.loop import TextDataset, train
 from workers.tuning.params import TuneConfig
 
@@ -85,6 +85,19 @@ def test_cnn_with_l2sp_and_regression(tmp_path) -> None:
     regression = train(config(epochs=1), folder, brightness, TextDataset(VAL.texts, VAL.labels - 1.0), "regression",
                        None, tmp_path / "r" / "ckpt", tmp_path / "r" / "state")
     assert np.isfinite(regression.metrics["rmse"])
+
+
+def test_a_dual_encoder_tunes_its_vision_tower(tmp_path) -> None:
+    """A CLIP folder tunes as CLIPForImageClassification (vision tower + a new head; the text tower is dropped) and
+    its checkpoint is an image classifier."""
+    from transformers import AutoModelForImageClassification
+
+    folder = make_tiny_clip(tmp_path / "clip", seed=2)
+    result = train(config(epochs=2), folder, TRAIN, VAL, "classification", NAMES, tmp_path / "k" / "ckpt",
+                   tmp_path / "k" / "state")
+    assert result.metrics["accuracy"] >= 0.9, result.metrics
+    tuned = AutoModelForImageClassification.from_pretrained(tmp_path / "k" / "ckpt")
+    assert type(tuned).__name__ == "CLIPForImageClassification" and tuned.config.num_labels == 3
 
 
 @pytest.mark.parametrize("overrides, field", [({"regularizer": "smart"}, "regularizer"),
