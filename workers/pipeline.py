@@ -194,12 +194,10 @@ def bootstrap_metric(metric: str, scored: dict[str, np.ndarray], labels: np.ndar
             # resamples, whose repeated rows inflate low-k evidence, gave intervals far wider than the scores.
             scored = {model_id: logme_projected(values, labels, task, num_classes=num_classes).project(values)
                       for model_id, values in scored.items()}
-        # N > D: influence replicates, about two LogME fits per model whatever the number of resamples.
-        # N <= D: a refit per resample (see LogMEMetric), so as many as the time budget allows.
+        # Influence (N > D) or leave-one-out (N <= D) replicates: about two LogME fits per model whatever the
+        # number of resamples (see LogMEMetric).
         metric_fn: Any = LogMEMetric(task, num_classes=num_classes)
-        n_rows = len(labels)
-        refits = any(metric_fn.resolved_method(n_rows, values.shape[1]) != "influence" for values in scored.values())
-        n_boot = bootstrap_count(requested, point_seconds) if refits else requested
+        n_boot = requested
     elif metric == "ridge_loo":
         metric_fn = RidgeLOOMetric(task)  # one fit per model: re-weighted held-out outcomes
         n_boot = requested

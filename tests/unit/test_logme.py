@@ -420,3 +420,26 @@ def test_many_classes_class_sum_path_equals_the_dense_targets(n, d):
     dense = logme(f, np.eye(c)[y], task="multilabel")
     np.testing.assert_allclose(sparse.evidence_per_target, dense.evidence_per_target, rtol=1e-10)
     np.testing.assert_allclose(sparse.weights, dense.weights, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("n, d", [(40, 10), (30, 60)])
+def test_leave_one_out_terms_match_the_gaussian_process_at_the_optimum(n: int, d: int) -> None:
+    """Each row's LOO log predictive density, from LogME's eigen-data, against the textbook GP formulas with an
+    explicit inverse of C = F F^T / alpha + I / beta (mean y_i - [C^-1 y]_i / [C^-1]_ii, variance 1 / [C^-1]_ii),
+    both when N > D (F^T F route) and N < D (F F^T route)."""
+    from workers.ranking.logme import logme_loo_terms
+
+    rng = np.random.default_rng(n + d)
+    features = rng.standard_normal((n, d))
+    labels = np.arange(n) % 3
+    score, terms = logme_loo_terms(features, labels)
+    fit = logme(features, labels, compute_weights=False)
+    assert score == pytest.approx(fit.score, rel=1e-12)
+    targets = np.eye(3)[labels]
+    expected = []
+    for t in range(3):
+        inverse = np.linalg.inv(features @ features.T / fit.alpha[t] + np.eye(n) / fit.beta[t])
+        variance = 1.0 / np.diag(inverse)
+        residual = (inverse @ targets[:, t]) * variance
+        expected.append(-0.5 * np.log(2 * np.pi * variance) - 0.5 * residual**2 / variance)
+    np.testing.assert_allclose(terms, np.mean(expected, axis=0), rtol=1e-9, atol=1e-12)

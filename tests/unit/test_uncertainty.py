@@ -142,8 +142,8 @@ def test_repeated_rows_give_finite_scores_and_intervals_when_n_is_below_d():
 def test_when_n_is_below_d_equal_models_are_not_called_certain():
     """Two models of the same quality (independent noise, the same signal), N=25 < D=300: the features fit every
     target exactly and the influence replicates collapse, calling nearly every such pair certain. The default
-    (subsample refits when N <= D) keeps that to a few."""
-    certain = {"influence": 0, "auto": 0}
+    (leave-one-out replicates when N <= D) keeps that to a few, as the subsample refits do."""
+    certain = {"influence": 0, "auto": 0, "subsample": 0}
     trials = 12
     for seed in range(trials):
         rng = np.random.default_rng(seed)
@@ -155,11 +155,11 @@ def test_when_n_is_below_d_equal_models_are_not_called_certain():
             out = bootstrap_scores(LogMEMetric(method=method), {"a": a, "b": b}, y, n_boot=60, seed=seed)
             certain[method] += out["p_better_than_next"][out["order"][0]] >= 0.95
     assert certain["influence"] >= trials // 2  # the failure this guards against
-    assert certain["auto"] <= trials // 4
+    assert certain["auto"] <= trials // 4 and certain["subsample"] <= trials // 4
 
 
 def test_multilabel_rare_label_missing_from_a_resample_keeps_its_full_data_evidence():
-    """Multi-label resamples are not stratified; with N <= D each replicate refits, and a resample that misses a
+    """Multi-label resamples are not stratified; with method="subsample" each replicate refits, and one that misses a
     label seen once would make that target all zero (unbounded evidence). It keeps its full-data evidence there."""
     rng = np.random.default_rng(0)
     n = 60
@@ -168,12 +168,14 @@ def test_multilabel_rare_label_missing_from_a_resample_keeps_its_full_data_evide
     y[:, 1] = rng.integers(0, 2, n)
     y[5, 2] = 1.0  # a label on one row only
     wide, narrow = rng.normal(size=(n, 100)), rng.normal(size=(n, 16))
-    metric = LogMEMetric("multilabel")
-    boot = bootstrap_scores(metric, {"wide": wide, "narrow": narrow}, y, n_boot=40, seed=0)
-    for name in ("wide", "narrow"):
-        assert np.all(np.isfinite(boot["replicates"][name]))
-        low, high = boot["intervals"][name]
-        assert low < boot["point"][name] < high
+    metric = LogMEMetric("multilabel", method="subsample")
+    for method in ("subsample", "auto"):  # auto: leave-one-out replicates, no refit at all
+        boot = bootstrap_scores(LogMEMetric("multilabel", method=method), {"wide": wide, "narrow": narrow}, y,
+                                n_boot=40, seed=0)
+        for name in ("wide", "narrow"):
+            assert np.all(np.isfinite(boot["replicates"][name]))
+            low, high = boot["intervals"][name]
+            assert low < boot["point"][name] < high
     # the replicate rule itself, on one subsample without row 5
     rows = np.setdiff1d(np.arange(n), [5, 7, 9])
     full = logme(wide, y, "multilabel").evidence_per_target

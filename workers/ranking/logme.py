@@ -523,6 +523,45 @@ def logme_influence(features: Any, labels: Any, task: str = "classification", *,
     return res.score, psi.mean(axis=1)
 
 
+def logme_loo_terms(features: Any, labels: Any, task: str = "classification", *,
+                    num_classes: int | None = None) -> tuple[float, np.ndarray]:
+    """Score and each row's leave-one-out log predictive density (N,), averaged over targets, at LogME's optimum.
+
+    At the fitted alpha, beta the model is a Gaussian process y ~ N(0, C) with C = F F^T / alpha + I / beta, whose
+    leave-one-out predictive for row i is N(y_i - [C^-1 y]_i / [C^-1]_ii, 1 / [C^-1]_ii) in closed form. With the
+    eigen-data LogME already has ([C^-1]_ii = beta h_i and [C^-1 y]_i = beta g_i below) it costs O(N k T) more.
+    Unlike the influence psi_i these terms stay informative when N <= D: every row is then fitted almost exactly
+    (psi_i is about the same for all rows), but how well the others predict it still varies from row to row.
+    The constant part (log beta) is kept, so terms of one model sum to its LOO log-likelihood; a bootstrap that
+    re-weights rows by counts summing to N sees only their spread."""
+    y = make_targets(labels, task, num_classes)
+    f = np.asarray(features, dtype=np.float64)
+    sp, basis = _spectrum_numpy(f, y)
+    lam, iters, converged = _solve(sp, "newton", 1e-10, 1000)
+    res = _finish(sp, lam, iters, converged, np.empty((0, sp.d)))
+    shrink = lam[None, :] / (lam[None, :] + sp.s[:, None])  # (k, T): lam / (lam + s_j)
+    if sp.mode == "gram_n":
+        # C^-1 = beta [U diag(lam/(lam+s)) U^T + (I - U U^T)]; the second term lives on the null directions dropped
+        # as coinciding rows (see kept_sample_directions) and is zero when every direction was kept.
+        # Added only when directions were dropped: otherwise 1 - sum U^2 is round-off (1e-16) that would swamp
+        # h ~ lam at a near-interpolating optimum.
+        u2 = basis * basis
+        h = u2 @ shrink
+        g = basis @ (shrink * sp.proj)
+        if sp.n < f.shape[0]:
+            h += np.maximum(1.0 - u2.sum(axis=1), 0.0)[:, None]
+            g += y - basis @ sp.proj
+    else:
+        # N > D: [C^-1]_ii / beta = 1 - f_i^T (F^T F + lam)^-1 f_i, [C^-1 y]_i / beta = y_i - f_i^T m (ridge LOO)
+        rows = f @ basis  # (N, D): rows in the eigenbasis
+        inv = 1.0 / (lam[None, :] + sp.s[:, None])
+        h = 1.0 - (rows * rows) @ inv
+        g = y - rows @ (sp.proj * inv)
+    h = np.maximum(h, 1e-300)
+    terms = 0.5 * (np.log(res.beta / (2 * np.pi))[None, :] + np.log(h) - res.beta[None, :] * g * g / h)
+    return res.score, terms.mean(axis=1)
+
+
 @dataclass
 class ProjectedLogMEResult:
     score: float  # LogME score at the chosen dimension
