@@ -370,7 +370,8 @@ def vision_tower(model: Any) -> Any:
 
 def decode_images(images: list[bytes], mode: str = "RGB") -> list[Any]:
     """PIL images from encoded files, turned upright by their EXIF orientation (a phone's portrait photo is stored
-    sideways with a tag saying so) and converted to `mode` (grayscale and palette images become RGB)."""
+    sideways with a tag saying so), brought to 8 bits per channel (`eight_bit`) and converted to `mode` (grayscale
+    and palette images become RGB)."""
     import io
 
     from PIL import Image, ImageOps
@@ -378,8 +379,37 @@ def decode_images(images: list[bytes], mode: str = "RGB") -> list[Any]:
     decoded = []
     for data in images:
         with Image.open(io.BytesIO(data)) as image:
-            decoded.append(ImageOps.exif_transpose(image).convert(mode))  # loads the pixels: the file can close
+            upright = ImageOps.exif_transpose(image)  # loads the pixels: the file can close
+            decoded.append(eight_bit(upright).convert(mode))
     return decoded
+
+
+def eight_bit(image: Any) -> Any:
+    """An image whose pixels a pretrained model's processor reads as a picture: 8 bits per channel, no alpha.
+
+    PIL's convert("RGB") clips 16-bit and 32-bit grayscale (microscopy, medical and satellite PNG/TIFF) to 255, so
+    a 16-bit image came out almost white. Here "I;16" images, and "I" images within 0..65535, are scaled by the full
+    16-bit range (value / 257, as torchvision's convert_image_dtype does: relative brightness between images is
+    kept); float images within 0..1 by 255; other integer or float images are stretched from their own minimum to
+    their maximum. Transparent pixels (RGBA, LA, palette transparency) are laid over white, as a viewer shows them;
+    convert("RGB") would keep whatever colour hides under alpha 0, often black."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 65535):
+            scaled = values / 257.0
+        elif image.mode == "F" and low >= 0 and high <= 1:
+            scaled = values * 255.0
+        else:
+            scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+        return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image
 
 
 def pool_image_output(output: Any, pooling: str) -> Any:

@@ -150,3 +150,29 @@ def test_a_dual_encoder_is_read_through_its_vision_tower(tmp_path: Path) -> None
                                            return_tensors="pt")["pixel_values"])
     np.testing.assert_allclose(got["mean"], out.last_hidden_state.mean(1).numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got["head"], out.last_hidden_state[:, 0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_high_bit_depth_and_transparent_images_become_what_a_viewer_shows() -> None:
+    """A 16-bit grayscale PNG (microscopy, medical, satellite) was clipped to 255 by PIL's convert: a gradient came
+    out almost white. Transparent pixels kept the colour under alpha 0 (here black) instead of the white a viewer
+    shows."""
+    from workers.features import decode_images
+
+    gradient = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    decoded = np.asarray(decode_images([encoded(gradient)])[0], dtype=np.float64)
+    assert decoded.shape == (64, 64, 3)
+    np.testing.assert_allclose(decoded[..., 0], np.rint(gradient / 257.0), atol=1)  # the full 16-bit range
+    twelve_bit = (gradient // 16).astype(np.uint16)  # 0..4095 in a 16-bit file: dark, as in any viewer
+    assert np.asarray(decode_images([encoded(twelve_bit)])[0]).max() == 16
+
+    unit_float = Image.fromarray((gradient / 65535.0).astype(np.float32))  # float TIFF within 0..1
+    out = io.BytesIO()
+    unit_float.save(out, format="TIFF")
+    floats = np.asarray(decode_images([out.getvalue()])[0], dtype=np.float64)[..., 0]
+    np.testing.assert_allclose(floats, np.rint(gradient / 65535.0 * 255), atol=1)
+
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[:4] = (200, 30, 30, 255)  # opaque red top half, fully transparent black bottom half
+    pixels = np.asarray(decode_images([encoded(rgba)])[0])
+    assert (pixels[:4] == (200, 30, 30)).all() and (pixels[4:] == 255).all()
+    assert np.asarray(decode_images([encoded(rgba)], mode="L")[0])[4:].min() == 255
