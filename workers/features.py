@@ -27,7 +27,8 @@ import numpy as np
 POOLING = "mean"
 POOLINGS = ("mean", "head")
 # Part of every cache key: bump when what extract_features computes (or the entry layout) changes.
-CACHE_FORMAT = 3  # 3: datasets are read with each text once (workers.pipeline.distinct_examples)
+CACHE_FORMAT = 4  # 3: each text read once (workers.pipeline.distinct_examples); 4: encoder-decoders read through
+# their encoder (BART gave decoder states), images brought to 8 bits with transparency over white (eight_bit)
 
 
 class FeatureExtractionCancelled(Exception):
