@@ -176,3 +176,32 @@ def test_high_bit_depth_and_transparent_images_become_what_a_viewer_shows() -> N
     pixels = np.asarray(decode_images([encoded(rgba)])[0])
     assert (pixels[:4] == (200, 30, 30)).all() and (pixels[4:] == 255).all()
     assert np.asarray(decode_images([encoded(rgba)], mode="L")[0])[4:].min() == 255
+
+
+def test_batches_prepared_ahead_come_in_order_and_errors_surface_at_their_item() -> None:
+    import time
+
+    from workers.features import prepared_in_order
+
+    def slow_square(x: int) -> int:
+        time.sleep(0.01 * (x % 3))  # later items can finish first
+        if x == 7:
+            raise ValueError("corrupt batch 7")
+        return x * x
+
+    out = prepared_in_order(slow_square, list(range(10)), ahead=3)
+    assert [next(out) for _ in range(7)] == [x * x for x in range(7)]
+    with pytest.raises(ValueError, match="batch 7"):
+        next(out)
+    out.close()
+
+    started: list[int] = []
+
+    def record(x: int) -> int:
+        started.append(x)
+        return x
+
+    cancelled = prepared_in_order(record, list(range(100)), ahead=2)
+    assert next(cancelled) == 0
+    cancelled.close()  # a cancelled job: at most the batches already handed to the threads ran
+    assert sorted(started) == list(range(len(started))) and len(started) <= 3
