@@ -139,23 +139,25 @@ def test_repeated_rows_give_finite_scores_and_intervals_when_n_is_below_d():
     assert low <= score <= high and high - low < 0.5
 
 
-def test_when_n_is_below_d_equal_models_are_not_called_certain():
-    """Two models of the same quality (independent noise, the same signal), N=25 < D=300: the features fit every
+@pytest.mark.parametrize("n, resolved", [(25, "subsample"), (120, "loo")])
+def test_when_n_is_below_d_equal_models_are_not_called_certain(n: int, resolved: str):
+    """Two models of the same quality (independent noise, the same signal), N < D=300: the features fit every
     target exactly and the influence replicates collapse, calling nearly every such pair certain. The default
-    (leave-one-out replicates when N <= D) keeps that to a few, as the subsample refits do."""
-    certain = {"influence": 0, "auto": 0, "subsample": 0}
+    (subsample refits below 100 rows, leave-one-out replicates from there) keeps that to a few."""
+    assert LogMEMetric().resolved_method(n, 300) == resolved
+    certain = {"influence": 0, "auto": 0}
     trials = 12
     for seed in range(trials):
         rng = np.random.default_rng(seed)
-        y = rng.integers(0, 3, 25)
-        a, b = rng.normal(size=(25, 300)), rng.normal(size=(25, 300))
+        y = rng.integers(0, 3, n)
+        a, b = rng.normal(size=(n, 300)), rng.normal(size=(n, 300))
         a[:, :3] += 3 * np.eye(3)[y]
         b[:, :3] += 3 * np.eye(3)[y]
         for method in certain:
             out = bootstrap_scores(LogMEMetric(method=method), {"a": a, "b": b}, y, n_boot=60, seed=seed)
             certain[method] += out["p_better_than_next"][out["order"][0]] >= 0.95
     assert certain["influence"] >= trials // 2  # the failure this guards against
-    assert certain["auto"] <= trials // 4 and certain["subsample"] <= trials // 4
+    assert certain["auto"] <= trials // 4
 
 
 def test_multilabel_rare_label_missing_from_a_resample_keeps_its_full_data_evidence():
@@ -169,7 +171,7 @@ def test_multilabel_rare_label_missing_from_a_resample_keeps_its_full_data_evide
     y[5, 2] = 1.0  # a label on one row only
     wide, narrow = rng.normal(size=(n, 100)), rng.normal(size=(n, 16))
     metric = LogMEMetric("multilabel", method="subsample")
-    for method in ("subsample", "auto"):  # auto: leave-one-out replicates, no refit at all
+    for method in ("subsample", "loo"):
         boot = bootstrap_scores(LogMEMetric("multilabel", method=method), {"wide": wide, "narrow": narrow}, y,
                                 n_boot=40, seed=0)
         for name in ("wide", "narrow"):
