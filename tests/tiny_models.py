@@ -144,7 +144,8 @@ def make_tiny_t5(folder: Path, hidden_size: int = 32, seed: int = 0, encoder_onl
     folder.mkdir(parents=True, exist_ok=True)
     _save_tokenizer(folder)
     config = T5Config(vocab_size=_vocab_size(folder), d_model=hidden_size, d_kv=hidden_size // 2,
-                      d_ff=2 * hidden_size, num_layers=2, num_heads=2, decoder_start_token_id=0, pad_token_id=0)
+                      d_ff=2 * hidden_size, num_layers=2, num_heads=2, decoder_start_token_id=0, pad_token_id=0,
+                      eos_token_id=3)  # [SEP], which the tokenizer appends: T5 classifiers read the last EOS
     torch.manual_seed(seed)
     (T5EncoderModel if encoder_only else T5Model)(config).save_pretrained(folder, safe_serialization=True)
     return folder

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny_models import make_tiny_bert, make_tiny_llama
+from tests.tiny_models import make_tiny_bert, make_tiny_llama, make_tiny_t5
 from workers.tuning.btuning import BTuningTeacher
 from workers.tuning.checkpoint import list_files
 from workers.tuning.loop import STATE_FILE, TextDataset, TuningCancelled, train
@@ -152,6 +152,30 @@ def test_tiny_llama_trains_and_its_checkpoint_predicts(tmp_path):
     enc = tokenizer(VAL.texts[:4], padding=True, return_tensors="pt")
     with torch.no_grad():
         assert model(**enc).logits.shape == (4, 2)
+
+
+@pytest.mark.parametrize("regularizer", ["smart", "vat", "lnsr"])
+def test_an_encoder_decoder_tunes_with_embedding_and_layer_regularizers(tmp_path, regularizer):
+    """T5 (T5ForSequenceClassification) embeds tokens in its encoder with its own embed_tokens module, not the shared
+    one get_input_embeddings() returns: SMART's and VAT's hook never fired (an AssertionError at step 1). The
+    perturbation now reaches the encoder's input, once per forward (the decoder's inputs stay clean)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from workers.tuning.regularizers import StepContext
+
+    t5 = make_tiny_t5(tmp_path / "t5", seed=1)
+    result = train(config(epochs=1, lr=3e-3, regularizer=regularizer), t5, TRAIN, VAL, "classification", NAMES,
+                   tmp_path / "ckpt", tmp_path / "state")
+    assert np.isfinite(result.metrics["val_loss"])
+
+    model = AutoModelForSequenceClassification.from_pretrained(t5, num_labels=2).eval()
+    enc = AutoTokenizer.from_pretrained(t5)(VAL.texts[:3], padding=True, return_tensors="pt")
+    ctx = StepContext(model, {**enc, "labels": torch.tensor([0, 1, 0]), "index": torch.arange(3)}, "classification")
+    with torch.no_grad():
+        clean, _ = ctx.clean_forward()
+        assert ctx.embeds is not None and ctx.embeds.shape == (*enc["input_ids"].shape, 32)
+        shifted, _ = ctx.forward(perturb=lambda embeds: embeds + 0.5)
+    assert not torch.allclose(clean, shifted)
 
 
 def test_btuning_and_a_regularizer_run_through_the_loop(bert_dir, tmp_path):

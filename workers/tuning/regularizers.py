@@ -259,9 +259,13 @@ class StepContext:
                 raise ValueError("this regularizer perturbs token embeddings: it needs a text model")
             out = self.model(pixel_values=self.batch["pixel_values"], output_hidden_states=want_hidden)
             return out.logits, (out.hidden_states[-1] if want_hidden else None)
-        embedding = self.model.get_input_embeddings()
+        embedding = input_embedding(self.model)
+        calls = [0]
 
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+            calls[0] += 1
+            if calls[0] > 1:  # an encoder-decoder sharing one embedding: the decoder's inputs stay clean
+                return output
             if capture:
                 self.embeds = output.detach()
             return perturb(output) if perturb is not None else output
@@ -277,8 +281,23 @@ class StepContext:
             out = self.model(**kwargs)
         finally:
             handle.remove()
-        hidden = out.hidden_states[-1] if want_hidden else None
+        # encoder-decoder classifiers (T5, BART) report encoder_hidden_states: the encoder's, as ranking reads
+        states = getattr(out, "hidden_states", None) or getattr(out, "encoder_hidden_states", None)
+        hidden = states[-1] if want_hidden else None
         return out.logits, hidden
+
+
+def input_embedding(model: nn.Module) -> nn.Module:
+    """The module whose output are the token embeddings the model reads: for an encoder-decoder (T5, BART) the
+    encoder's own embed_tokens, a module apart from the shared one get_input_embeddings() returns (a hook there
+    never fires); otherwise get_input_embeddings()."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        base = model.base_model
+        encoder = base.get_encoder() if hasattr(base, "get_encoder") else None
+        tokens = getattr(encoder, "embed_tokens", None)
+        if tokens is not None:
+            return tokens
+    return model.get_input_embeddings()
 
 
 # ------------------------------------------------------------------------------------------------ the protocol
