@@ -20,6 +20,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -497,15 +498,16 @@ def extract_image_features(model_dir: Path, images: list[bytes], *, batch_size: 
     collected = _Rows(len(images))
     forward_seconds = 0.0
     batches = [list(range(i, min(i + batch_size, len(images)))) for i in range(0, len(images), batch_size)]
-    with _BaseOutput(model, has_head) as backbone:
+    with ExitStack() as stack:
+        backbone = stack.enter_context(_BaseOutput(model, has_head))
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             backbone.take(model(pixel_values=pixels([images[0]])))
         per_image_flops = float(counter.get_total_flops())
-        prepared = prepared_in_order(lambda rows: pixels([images[i] for i in rows]), batches,
-                                     ahead=decode_threads(on_cuda))
+        # closing(): a cancel or a failing forward stops the decoding threads at once, not when collected
+        prepared = stack.enter_context(closing(prepared_in_order(lambda rows: pixels([images[i] for i in rows]),
+                                                                 batches, ahead=decode_threads(on_cuda))))
         for done, (rows, pixel_values) in enumerate(zip(batches, prepared), start=1):
             if should_cancel is not None and should_cancel():
-                prepared.close()
                 raise FeatureExtractionCancelled(f"cancelled after {done - 1} of {len(batches)} batches")
             if on_cuda:
                 torch.cuda.synchronize()

@@ -194,8 +194,8 @@ def bootstrap_metric(metric: str, scored: dict[str, np.ndarray], labels: np.ndar
             # resamples, whose repeated rows inflate low-k evidence, gave intervals far wider than the scores.
             scored = {model_id: logme_projected(values, labels, task, num_classes=num_classes).project(values)
                       for model_id, values in scored.items()}
-        # Influence (N > D) or leave-one-out (N <= D) replicates: about two LogME fits per model whatever the
-        # number of resamples (see LogMEMetric).
+        # Leave-one-out replicates (about two LogME fits per model whatever the number of resamples), or below 100
+        # rows with N <= D refits of under 100 rows, which cost little (see LogMEMetric): no time budget needed.
         metric_fn: Any = LogMEMetric(task, num_classes=num_classes)
         n_boot = requested
     elif metric == "ridge_loo":

@@ -488,6 +488,17 @@ def logme_weighted(
     return _finish(sp, lam, iters, converged, np.empty((0, d)))
 
 
+def _dense_fit(features: Any, labels: Any, task: str, num_classes: int | None, *, compute_weights: bool):
+    """LogME on dense targets, keeping what the per-row functions below need: features, targets, spectrum, basis,
+    lam and the result (posterior means when compute_weights)."""
+    y = make_targets(labels, task, num_classes)
+    f = np.asarray(features, dtype=np.float64)
+    sp, basis = _spectrum_numpy(f, y)
+    lam, iters, converged = _solve(sp, "newton", 1e-10, 1000)
+    weights = _weights_numpy(f, sp, basis, lam) if compute_weights else np.empty((0, sp.d))
+    return f, y, sp, basis, lam, _finish(sp, lam, iters, converged, weights)
+
+
 def logme_influence(features: Any, labels: Any, task: str = "classification", *,
                     num_classes: int | None = None) -> tuple[float, np.ndarray]:
     """Score and per-row influence psi_i (N,) of the (un-normalised) maximised evidence.
@@ -500,11 +511,7 @@ def logme_influence(features: Any, labels: Any, task: str = "classification", *,
     of a resample with duplicated rows and D >= distinct rows is unbounded.
     Cost about one more LogME (the rows in the eigenbasis, N x D x D).
     """
-    y = make_targets(labels, task, num_classes)
-    f = np.asarray(features, dtype=np.float64)
-    sp, basis = _spectrum_numpy(f, y)
-    lam, iters, converged = _solve(sp, "newton", 1e-10, 1000)
-    res = _finish(sp, lam, iters, converged, _weights_numpy(f, sp, basis, lam))
+    f, y, sp, basis, lam, res = _dense_fit(features, labels, task, num_classes, compute_weights=True)
     n = sp.n  # rows, or the sample directions kept when N < D
     inv = 1.0 / (sp.s[:, None] + lam[None, :])  # (k, T): 1/(s_j + lam)
     if sp.mode == "gram_d":
@@ -534,17 +541,12 @@ def logme_loo_terms(features: Any, labels: Any, task: str = "classification", *,
     (psi_i is about the same for all rows), but how well the others predict it still varies from row to row.
     The constant part (log beta) is kept, so terms of one model sum to its LOO log-likelihood; a bootstrap that
     re-weights rows by counts summing to N sees only their spread."""
-    y = make_targets(labels, task, num_classes)
-    f = np.asarray(features, dtype=np.float64)
-    sp, basis = _spectrum_numpy(f, y)
-    lam, iters, converged = _solve(sp, "newton", 1e-10, 1000)
-    res = _finish(sp, lam, iters, converged, np.empty((0, sp.d)))
+    f, y, sp, basis, lam, res = _dense_fit(features, labels, task, num_classes, compute_weights=False)
     shrink = lam[None, :] / (lam[None, :] + sp.s[:, None])  # (k, T): lam / (lam + s_j)
     if sp.mode == "gram_n":
-        # C^-1 = beta [U diag(lam/(lam+s)) U^T + (I - U U^T)]; the second term lives on the null directions dropped
-        # as coinciding rows (see kept_sample_directions) and is zero when every direction was kept.
-        # Added only when directions were dropped: otherwise 1 - sum U^2 is round-off (1e-16) that would swamp
-        # h ~ lam at a near-interpolating optimum.
+        # C^-1 = beta [U diag(lam/(lam+s)) U^T + (I - U U^T)]. The second term lives on the null directions dropped
+        # as coinciding rows (see kept_sample_directions), so it is added only when some were: otherwise
+        # 1 - sum U^2 is round-off (1e-16) that would swamp h ~ lam at a near-interpolating optimum.
         u2 = basis * basis
         h = u2 @ shrink
         g = basis @ (shrink * sp.proj)
