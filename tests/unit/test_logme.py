@@ -362,7 +362,9 @@ def test_coinciding_rows_count_once_when_n_is_below_d():
 @pytest.mark.parametrize("seed", range(4))
 def test_grid_start_lands_next_to_the_optimum_newton_finds(seed):
     """The starting grid evaluates the profile evidence k/2 log lam - N/2 log E(lam) - 1/2 sum log(lam + s): where
-    the optimum is inside the grid, the start must be within one grid step of it (the profile is that function)."""
+    the optimum is inside the grid, the start must be within one grid step of it (the profile is that function).
+    Refined by the root of phi through three grid points it lands within a few hundredths, typically ~0.002 (a
+    parabola through the profile alone: 0.02-0.2, median 0.05), which is what saves Newton an evaluation."""
     from workers.ranking.logme import _grid_start, _solve, _spectrum_numpy
 
     rng = np.random.default_rng(seed)
@@ -376,7 +378,9 @@ def test_grid_start_lands_next_to_the_optimum_newton_finds(seed):
     inside = np.abs(np.log(lam) - centre) < 15.0
     assert inside.any()
     start = _grid_start(sp, centre)
-    assert np.all(np.abs(start - np.log(lam))[inside] < 1.0)
+    error = np.abs(start - np.log(lam))[inside]
+    assert np.all(error < 1.0)
+    assert np.all(error < 0.1) and np.median(error) < 0.02
 
 
 def wide_profile_maximum(f, yt, lo=-30.0, hi=30.0, points=241):
