@@ -375,9 +375,6 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
             if body.tune is not None:
                 from workers.tuning.params import IMAGE_REGULARIZERS, resolve_regularizer  # plain data, no torch
 
-                if dataset.modality == "image" and body.tune.strategy == "btuning":
-                    raise Problem(422, "btuning tunes text models only", "use strategy finetune for images",
-                                  field="tune.strategy")
                 if dataset.modality == "image" and body.tune.regularizer.name not in IMAGE_REGULARIZERS:
                     raise Problem(422, "regularizer needs a text model",
                                   f"{body.tune.regularizer.name} acts on token embeddings or Transformer layers; "

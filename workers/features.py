@@ -30,8 +30,9 @@ import numpy as np
 POOLING = "mean"
 POOLINGS = ("mean", "head")
 # Part of every cache key: bump when what extract_features computes (or the entry layout) changes.
-CACHE_FORMAT = 4  # 3: each text read once (workers.pipeline.distinct_examples); 4: encoder-decoders read through
-# their encoder (BART gave decoder states), images brought to 8 bits with transparency over white (eight_bit)
+CACHE_FORMAT = 5  # 3: each text read once (workers.pipeline.distinct_examples); 4: encoder-decoders read through
+# their encoder (BART gave decoder states), images brought to 8 bits with transparency over white (eight_bit);
+# 5: classifier checkpoints of encoder-decoders and dual encoders read through their backbone (`backbone`)
 
 
 class FeatureExtractionCancelled(Exception):
@@ -198,12 +199,28 @@ def encode(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]
     return ids
 
 
+def backbone(model: Any) -> Any:
+    """The module of a classifier whose output its head reads and whose states are the model's features, as they
+    are for the same weights without the head: the base model (`base_model_prefix`); the encoder of an
+    encoder-decoder (T5ForSequenceClassification's T5Model would report its decoder's states); the vision tower of
+    a dual encoder's image classifier (CLIPForImageClassification has no `clip` attribute)."""
+    import torch
+
+    base = getattr(model, model.base_model_prefix, None)
+    if not isinstance(base, torch.nn.Module) or base is model:
+        return vision_tower(model) if hasattr(model.config, "vision_config") else model
+    if getattr(base.config, "is_encoder_decoder", False) and hasattr(base, "get_encoder"):
+        return base.get_encoder()
+    return base
+
+
 class _BaseOutput:
     """The backbone's own output when the model is a classifier (its head gives source_probs): a forward hook on
-    the base model, removed on exit. Without a head the model is the backbone and nothing is hooked."""
+    the backbone (see `backbone`), removed on exit. Without a head the model is the backbone and nothing is
+    hooked."""
 
     def __init__(self, model: Any, has_head: bool) -> None:
-        self.base = getattr(model, model.base_model_prefix, model) if has_head else model
+        self.base = backbone(model) if has_head else model
         self.has_head = has_head
         self.output: Any = None
         self._hook: Any = None

@@ -112,7 +112,8 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
         teacher = BTuningTeacher(
             features=[train_features[m.id] for m in teachers], weights=[fits[m.id].weights for m in teachers],
             scores=[fits[m.id].score for m in teachers], student_weights=fits[target_ids[0]].weights,
-            temperature=spec["temperature"], names=[m.name for m in teachers])
+            temperature=spec["temperature"], names=[m.name for m in teachers],
+            pooling=job.options.get("pooling", "mean"))
     else:
         target_ids = [spec["target"]] if spec["target"] else [m.id for m in ranked[:top_k]]
 

@@ -286,3 +286,19 @@ def test_encoder_decoder_models_give_their_encoders_states(encoder_only: bool, t
         want = np.stack([encoder(input_ids=tokenizer(t, return_tensors="pt")["input_ids"]).last_hidden_state[0]
                          .mean(0).numpy() for t in texts])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_an_encoder_decoder_classifier_gives_its_encoders_states(tmp_path: Path) -> None:
+    """A T5ForSequenceClassification folder with id2label (a source head, as tuning writes) keeps its head's
+    probabilities, and its features are its encoder's, as without the head (its base T5Model reported the
+    decoder's states)."""
+    folder = make_tiny_t5(tmp_path / "t5", seed=6)
+    classifier = transformers.T5ForSequenceClassification.from_pretrained(folder, num_labels=2)
+    classifier.config.id2label = {0: "a", 1: "b"}
+    classifier.save_pretrained(tmp_path / "tuned")
+    transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(tmp_path / "tuned")
+    texts = mixed_texts(5, seed=6, high=12)
+    tuned = extract_features(tmp_path / "tuned", texts, batch_size=2)
+    assert tuned.source_probs is not None and tuned.source_probs.shape == (5, 2)
+    np.testing.assert_allclose(tuned.features, extract_features(folder, texts, batch_size=2).features,
+                               rtol=1e-4, atol=1e-5)

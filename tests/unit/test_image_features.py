@@ -152,6 +152,22 @@ def test_a_dual_encoder_is_read_through_its_vision_tower(tmp_path: Path) -> None
     np.testing.assert_allclose(got["head"], out.last_hidden_state[:, 0].numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_a_dual_encoder_image_classifier_ranks_like_its_vision_tower(tmp_path: Path) -> None:
+    """A CLIPForImageClassification folder with id2label (what HubTune's own tuning writes) is a source head; its
+    features are its vision tower's. It has no `clip` attribute (its base_model_prefix), so hooking "the base
+    model" took the whole classifier and failed."""
+    folder = make_tiny_clip(tmp_path / "clip", seed=7)
+    classifier = transformers.CLIPForImageClassification.from_pretrained(folder, num_labels=3)
+    classifier.config.id2label = {0: "a", 1: "b", 2: "c"}
+    classifier.save_pretrained(tmp_path / "tuned")
+    transformers.AutoImageProcessor.from_pretrained(folder).save_pretrained(tmp_path / "tuned")
+    images = [encoded(a) for a in random_images(3, seed=7)]
+    tuned = extract_image_features(tmp_path / "tuned", images, device="cpu")
+    plain = extract_image_features(folder, images, device="cpu")
+    assert tuned.source_probs is not None and tuned.source_probs.shape == (3, 3)
+    np.testing.assert_allclose(tuned.features, plain.features, rtol=1e-5, atol=1e-6)
+
+
 def test_high_bit_depth_and_transparent_images_become_what_a_viewer_shows() -> None:
     """A 16-bit grayscale PNG (microscopy, medical, satellite) was clipped to 255 by PIL's convert: a gradient came
     out almost white. Transparent pixels kept the colour under alpha 0 (here black) instead of the white a viewer

@@ -1,5 +1,6 @@
 """Fine-tuning image models with the same loop: it learns, it is reproducible, a source head of another size is
-replaced, the checkpoint loads offline as an image classifier, and text-only pieces are refused."""
+replaced, the checkpoint loads offline as an image classifier, B-Tuning distils through the features ranking read,
+and text-only pieces are refused."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from tests.tiny_models import make_tiny_clip, make_tiny_mobilenet, make_tiny_vit
+from workers.tuning.btuning import BTuningTeacher
 from workers.tuning.loop import TextDataset, train
 from workers.tuning.params import TuneConfig
 
@@ -100,8 +102,50 @@ def test_a_dual_encoder_tunes_its_vision_tower(tmp_path) -> None:
     assert type(tuned).__name__ == "CLIPForImageClassification" and tuned.config.num_labels == 3
 
 
-@pytest.mark.parametrize("overrides, field", [({"regularizer": "smart"}, "regularizer"),
-                                              ({"strategy": "btuning"}, "strategy")])
+@pytest.mark.parametrize("kind, pooling", [("vit", "mean"), ("vit", "head"), ("cnn", "mean"), ("cnn", "head"),
+                                           ("clip", "mean")])
+def test_training_features_are_the_features_ranking_read(kind, pooling, tmp_path) -> None:
+    """B-Tuning applies m_t, fitted by LogME on ranking's features, to the student's features during training: they
+    must be the same function of the image. hidden_states[-1] is not (a ViT's tokens before its final layer norm,
+    MobileNetV2's last stage before its 1x1 convolution)."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from workers.features import extract_image_features
+    from workers.tuning.loop import _Pixels
+    from workers.tuning.regularizers import StepContext, pooled_features
+
+    folder = {"vit": lambda: make_tiny_vit(tmp_path / "m", num_labels=5, seed=4),
+              "cnn": lambda: make_tiny_mobilenet(tmp_path / "m", seed=4),
+              "clip": lambda: make_tiny_clip(tmp_path / "m", seed=4)}[kind]()
+    images = VAL.texts[:6]
+    ranked = extract_image_features(folder, images, device="cpu", pooling=pooling).features
+    model = AutoModelForImageClassification.from_pretrained(folder, num_labels=3, ignore_mismatched_sizes=True)
+    batch = _Pixels(AutoImageProcessor.from_pretrained(folder), images, np.zeros(6, dtype=int), "RGB").batch(
+        torch.arange(6), torch.device("cpu"), "classification")
+    ctx = StepContext(model.eval(), batch, "classification", want_hidden=True)
+    ctx.clean_forward()
+    np.testing.assert_allclose(pooled_features(ctx, pooling).detach().numpy(), ranked, rtol=1e-4, atol=1e-5)
+
+
+def test_btuning_tunes_an_image_model(tmp_path) -> None:
+    """Teachers' LogME predictions on their image features, distilled into a ViT student through its own
+    ranking-pooled features: it learns, and the distillation term is in the loss."""
+    from workers.features import extract_image_features
+    from workers.ranking import logme
+
+    folders = [make_tiny_vit(tmp_path / "vit", seed=5), make_tiny_mobilenet(tmp_path / "cnn", seed=6)]
+    feats = [extract_image_features(f, TRAIN.texts, device="cpu").features.astype(np.float64) for f in folders]
+    fits = [logme(f, TRAIN.labels, num_classes=3) for f in feats]
+    teacher = BTuningTeacher(feats, [r.weights for r in fits], [r.score for r in fits],
+                             student_weights=fits[0].weights, names=["vit", "cnn"])
+    result = train(config(strategy="btuning", tradeoff=0.5, regularizer="l2sp"), folders[0], TRAIN, VAL,
+                   "classification", NAMES, tmp_path / "ckpt", tmp_path / "state", teacher=teacher)
+    assert result.metrics["accuracy"] >= 0.9, result.metrics
+    assert result.curve[-1]["train_total_loss"] > result.curve[-1]["train_loss"]
+    assert result.details["btuning"]["teachers"] == ["vit", "cnn"]
+
+
+@pytest.mark.parametrize("overrides, field", [({"regularizer": "smart"}, "regularizer")])
 def test_text_only_pieces_are_refused(vit_with_source_head, tmp_path, overrides, field) -> None:
     with pytest.raises(ValueError, match=field):
         train(config(**overrides), vit_with_source_head, TRAIN, VAL, "classification", NAMES, tmp_path / "ckpt",

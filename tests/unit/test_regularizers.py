@@ -503,7 +503,7 @@ def test_btuning_term_is_zero_when_the_student_prediction_equals_the_target():
         pass
 
     ctx = Ctx()
-    ctx.hidden, ctx.mask, ctx.batch = hidden, mask, {"index": torch.arange(n)}
+    ctx.hidden, ctx.mask, ctx.batch, ctx.is_image = hidden, mask, {"index": torch.arange(n)}, False
     assert float(piece.extra_loss(ctx)) < 1e-9
     # a known offset: every prediction off by 0.5 in each of C outputs -> 3.0 * C * 0.25
     shifted = torch.tensor(target + 0.5, dtype=torch.float32)

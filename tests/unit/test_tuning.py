@@ -194,6 +194,31 @@ def test_btuning_and_a_regularizer_run_through_the_loop(bert_dir, tmp_path):
               tmp_path / "sx")
 
 
+@pytest.mark.parametrize("kind, pooling", [("bert", "mean"), ("bert", "head"), ("llama", "head"), ("t5", "mean")])
+def test_training_features_are_the_features_ranking_read(kind, pooling, tmp_path):
+    """B-Tuning applies m_t, fitted by LogME on ranking's features, to the student's pooled features: with the
+    job's pooling "head" they are the [CLS] token (encoders) or the last real token (decoders), not the mean."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from workers.features import extract_features
+    from workers.tuning.loop import _Encoded
+    from workers.tuning.regularizers import StepContext, pooled_features
+
+    folder = {"bert": make_tiny_bert, "llama": make_tiny_llama, "t5": make_tiny_t5}[kind](tmp_path / kind, seed=3)
+    texts = ["game match", "market shares bank profit company", "win", "the team won the season goal again"]
+    ranked = extract_features(folder, texts, device="cpu", pooling=pooling, max_length=16).features
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2).eval()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    batch = _Encoded(tokenizer, texts, np.zeros(4, dtype=int), 16).batch(torch.arange(4), torch.device("cpu"),
+                                                                         "classification")
+    ctx = StepContext(model, batch, "classification", want_hidden=True)
+    ctx.clean_forward()
+    np.testing.assert_allclose(pooled_features(ctx, pooling).detach().numpy(), ranked, rtol=1e-4, atol=1e-5)
+
+
 def test_multilabel_and_regression_report_their_metrics(bert_dir, tmp_path):
     y_multi = np.stack([TRAIN.labels, 1 - TRAIN.labels, np.ones_like(TRAIN.labels)], 1)
     v_multi = np.stack([VAL.labels, 1 - VAL.labels, np.ones_like(VAL.labels)], 1)

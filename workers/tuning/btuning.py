@@ -8,7 +8,8 @@ posterior means m_k (C x D_k). Their weights are pi = softmax(LogME_k / T). The 
 is computed ONCE here, from cached features (teachers are frozen, so rerunning them each epoch, as the reference
 does, gives the same numbers). The target model t keeps its own m_t (C x D_t), computed by LogME on its pretrained
 features and then fixed, and maps its current pooled features phi_t(x) (mean over the attention mask of the last
-hidden state) to phi_t(x) m_t^T. Training loss:
+hidden state, or what the job's pooling takes; image models: their backbone's output pooled as ranking pools it,
+see workers.tuning.regularizers.pooled_features) to phi_t(x) m_t^T. Training loss:
 
     CE(head(x), y) + tradeoff * mean_batch ||phi_t(x) m_t^T - target(x)||^2
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from workers.tuning.regularizers import Regularizer, SetupInfo, StepContext, mean_pool
+from workers.tuning.regularizers import Regularizer, SetupInfo, StepContext, pooled_features
 
 
 def teacher_weights(scores: Sequence[float], temperature: float = 0.1) -> np.ndarray:
@@ -89,11 +90,14 @@ class BTuningTeacher:
     weights[k]:  (C, D_k) teacher k's LogME posterior means on those features.
     scores[k]:   teacher k's LogME score (per-example log evidence).
     student_weights: (C, D_t) the target model's LogME posterior means on its own pretrained features.
+    pooling: how those features were pooled ("mean" or "head", as the rank job's option); the student's features
+        are pooled the same way during training, or m_t would be applied to features it was not fitted on.
     """
 
     def __init__(self, features: Sequence[np.ndarray], weights: Sequence[np.ndarray], scores: Sequence[float],
                  student_weights: np.ndarray, temperature: float = 0.1,
-                 names: Sequence[str] | None = None) -> None:
+                 names: Sequence[str] | None = None, pooling: str = "mean") -> None:
+        self.pooling = pooling
         self.names = list(names) if names is not None else [f"teacher{k}" for k in range(len(features))]
         self.scores = [float(s) for s in scores]
         self.temperature = float(temperature)
@@ -106,9 +110,11 @@ class BTuningTeacher:
 
     @classmethod
     def from_target(cls, target: np.ndarray, student_weights: np.ndarray, scores: Sequence[float],
-                    temperature: float = 0.1, names: Sequence[str] | None = None) -> "BTuningTeacher":
+                    temperature: float = 0.1, names: Sequence[str] | None = None,
+                    pooling: str = "mean") -> "BTuningTeacher":
         """Rebuild from a stored combined prediction (N x C), e.g. one cached next to the features."""
         self = cls.__new__(cls)
+        self.pooling = pooling
         self.names = list(names) if names is not None else [f"teacher{k}" for k in range(len(scores))]
         self.scores = [float(s) for s in scores]
         self.temperature = float(temperature)
@@ -125,11 +131,12 @@ class BTuningTeacher:
 
     def describe(self) -> dict[str, Any]:
         return {"teachers": self.names, "scores": self.scores, "weights": self.pi.tolist(),
-                "temperature": self.temperature}
+                "temperature": self.temperature, "pooling": self.pooling}
 
 
 class BTuningLoss(Regularizer):
-    """The B-Tuning term as a training-loop piece: tradeoff * ||mean_pool(h_t) m_t^T - target[index]||^2."""
+    """The B-Tuning term as a training-loop piece: tradeoff * ||phi_t(x) m_t^T - target[index]||^2, phi_t the
+    student's current features pooled as the teacher's were (`pooled_features`)."""
 
     name = "btuning"
     needs_hidden_states = True
@@ -151,6 +158,6 @@ class BTuningLoss(Regularizer):
 
     def extra_loss(self, ctx: StepContext) -> Tensor:
         assert ctx.hidden is not None and self._target is not None and self._m_t is not None
-        phi = mean_pool(ctx.hidden.float(), ctx.mask)
+        phi = pooled_features(ctx, self.teacher.pooling)
         target = self._target[ctx.batch["index"].to(self._target.device)]
         return self.tradeoff * btuning_penalty(phi, self._m_t, target)

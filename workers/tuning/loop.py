@@ -159,6 +159,7 @@ def _fingerprint(config: TuneConfig, model_dir: Path, train: TextDataset, val: T
     if teacher is not None:
         h.update(np.ascontiguousarray(teacher.target).tobytes())
         h.update(np.ascontiguousarray(teacher.student_weights).tobytes())
+        h.update(teacher.pooling.encode())
     return h.hexdigest()
 
 
@@ -309,8 +310,6 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
     model_dir, checkpoint_dir, state_dir = Path(model_dir), Path(checkpoint_dir), Path(state_dir)
     train, val = TextDataset(*train), TextDataset(*val)
     images = holds_images(train)
-    if images and config.strategy == "btuning":
-        raise ValueError("strategy: B-Tuning distils pooled token features; it tunes text models only")
     if images and config.regularizer not in IMAGE_REGULARIZERS:
         raise ValueError(f"regularizer: {config.regularizer} acts on token embeddings or Transformer layers; an "
                          f"image model takes one of {', '.join(IMAGE_REGULARIZERS)}")

@@ -165,6 +165,35 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
+def _last_hidden_state(output: Any) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+
+def pooled_features(ctx: "StepContext", pooling: str = "mean") -> Tensor:
+    """The clean forward's features (B, D) pooled as ranking pools them (workers.features), so that a linear map
+    fitted on ranking's features applies to them: text "mean" averages the last hidden states over the attention
+    mask, "head" takes the token a sequence-classification head reads (the last real token of a decoder-only model,
+    the first otherwise; either padding side); images go through features.pool_image_output."""
+    from workers.features import is_decoder_only, pool_image_output
+
+    if ctx.is_image:
+        if ctx.backbone_output is None:
+            raise ValueError("pooled_features needs the clean forward run with want_hidden")
+        return pool_image_output(ctx.backbone_output, pooling)
+    if ctx.hidden is None:
+        raise ValueError("pooled_features needs the clean forward run with want_hidden")
+    hidden = ctx.hidden.float()
+    if pooling == "mean":
+        return mean_pool(hidden, ctx.mask)
+    mask = ctx.mask
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    if is_decoder_only(ctx.model.config):
+        at = (mask * positions).argmax(1)  # the last attended position
+    else:
+        at = mask.argmax(1)  # the first attended position
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), at]
+
+
 # -------------------------------------------------------------------------------------------------- step context
 
 
@@ -207,6 +236,7 @@ class StepContext:
         self.rng_state = get_rng_state(self.device)  # taken before the clean forward: replayed by forward()
         self.logits: Tensor | None = None
         self.hidden: Tensor | None = None  # last hidden state of the clean forward when want_hidden
+        self.backbone_output: Any = None  # image models: the backbone's output of the clean forward (want_hidden)
         self.embeds: Tensor | None = None  # clean input embeddings (detached)
 
     @property
@@ -257,8 +287,21 @@ class StepContext:
         if self.is_image:  # image models: no token embeddings to capture or perturb
             if perturb is not None or attention_mask is not None:
                 raise ValueError("this regularizer perturbs token embeddings: it needs a text model")
-            out = self.model(pixel_values=self.batch["pixel_values"], output_hidden_states=want_hidden)
-            return out.logits, (out.hidden_states[-1] if want_hidden else None)
+            if not want_hidden:
+                return self.model(pixel_values=self.batch["pixel_values"]).logits, None
+            # the backbone's own output, as ranking reads it (hidden_states[-1] can be a CNN's last stage before
+            # its final convolution, or a ViT's tokens before the final layer norm)
+            from workers.features import backbone
+
+            kept: list[Any] = []
+            handle = backbone(self.model).register_forward_hook(lambda _m, _a, output: kept.append(output))
+            try:
+                out = self.model(pixel_values=self.batch["pixel_values"])
+            finally:
+                handle.remove()
+            if capture:
+                self.backbone_output = kept[-1]
+            return out.logits, _last_hidden_state(kept[-1])
         embedding = input_embedding(self.model)
         calls = [0]
 
