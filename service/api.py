@@ -390,8 +390,6 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
                     raise Problem(422, "tune target is not a candidate", body.tune.target, field="tune.target")
                 if body.tune.strategy == "btuning" and "logme" not in body.metrics:
                     raise Problem(422, "btuning needs LogME", "add 'logme' to metrics", field="tune.strategy")
-                if dataset.task != "classification" and body.tune.strategy == "btuning":
-                    raise Problem(422, "btuning supports classification only", dataset.task, field="tune.strategy")
                 if body.sample_size is not None:
                     raise Problem(422, "sample_size cannot be combined with tune",
                                   "tuning uses the whole dataset; rank on a sample in a separate job",

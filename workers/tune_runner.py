@@ -107,8 +107,12 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
                 max_length=settings.feature_max_length, batch_size=feature_batch_size(settings),
                 device=settings.device, pooling=job.options.get("pooling", "mean"))
             train_features[model.id] = np.asarray(result.features, dtype=np.float64)[train_idx]
-        fits = {mid: logme(f, train_set[1], task="classification",
-                           num_classes=len(dataset.label_names or [])) for mid, f in train_features.items()}
+        # the targets as ranking scores them (regression standardised, multi-label labels that occur), so every
+        # model's posterior means predict the same thing: teachers' predictions and the student's readout compare
+        fit_targets = pipeline.ranking_targets(train_set[1], dataset.task)
+        classes = len(dataset.label_names or []) if dataset.task == "classification" else None
+        fits = {mid: logme(f, fit_targets, task=dataset.task, num_classes=classes)
+                for mid, f in train_features.items()}
         teacher = BTuningTeacher(
             features=[train_features[m.id] for m in teachers], weights=[fits[m.id].weights for m in teachers],
             scores=[fits[m.id].score for m in teachers], student_weights=fits[target_ids[0]].weights,

@@ -173,6 +173,13 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
     assert reg_job["status"] == "succeeded", (reg_job, stack.log_text())
     assert all(-1.5 < r["logme_prior_only"] < -1.41 for r in reg_job["ranking"])
     assert all(math.isfinite(r["scores"]["logme"]) for r in reg_job["ranking"])
+    # B-Tuning distils regression too: the teachers' LogME predictions of the standardised target.
+    reg_tune = {"strategy": "btuning", "top_k": 2, "epochs": 1, "lr": 1e-3, "batch_size": 16, "max_length": 32}
+    reg_tuned = wait_for(alice, alice.post("/v1/jobs", json={"dataset_id": reg.json()["id"], "tune": reg_tune}
+                                           ).json()["id"], stack)
+    assert reg_tuned["status"] == "succeeded", (reg_tuned, stack.log_text())
+    (student,) = reg_tuned["tuning"]["models"]
+    assert math.isfinite(student["metrics"]["rmse"]) and len(student["details"]["btuning"]["teachers"]) == 2
 
     # Catalog: an image model is recorded but is never a candidate of a text job; a text model needs its tokenizer.
     vision = make_tiny_vit(tmp_path / "vision")

@@ -194,29 +194,65 @@ def test_btuning_and_a_regularizer_run_through_the_loop(bert_dir, tmp_path):
               tmp_path / "sx")
 
 
-@pytest.mark.parametrize("kind, pooling", [("bert", "mean"), ("bert", "head"), ("llama", "head"), ("t5", "mean")])
-def test_training_features_are_the_features_ranking_read(kind, pooling, tmp_path):
-    """B-Tuning applies m_t, fitted by LogME on ranking's features, to the student's pooled features: with the
-    job's pooling "head" they are the [CLS] token (encoders) or the last real token (decoders), not the mean."""
+@pytest.mark.parametrize("task", ["regression", "multilabel"])
+def test_btuning_distils_regression_and_multilabel_targets(task, bert_dir, tmp_path):
+    """B-Tuning's teachers predict whatever LogME fits: standardised regression outputs or 0/1 labels, as ranking
+    scores them, and the student is pulled towards their combined prediction."""
+    from workers.features import extract_features
+    from workers.pipeline import ranking_targets
+    from workers.ranking import logme
+
+    if task == "regression":
+        y_train, y_val = TRAIN.labels * 4.0 + 10.0, VAL.labels * 4.0 + 10.0  # a mean and scale to standardise
+    else:
+        y_train = np.stack([TRAIN.labels, 1 - TRAIN.labels, np.ones_like(TRAIN.labels)], 1)
+        y_val = np.stack([VAL.labels, 1 - VAL.labels, np.ones_like(VAL.labels)], 1)
+    fit_targets = ranking_targets(y_train, task)
+    y2 = fit_targets.reshape(len(fit_targets), -1).astype(np.float64)
+    rng = np.random.default_rng(0)
+    # two informative teachers (features that carry the target) and the student's own pretrained features
+    feats = [y2 @ rng.normal(size=(y2.shape[1], 8)) + 0.1 * rng.normal(size=(len(y2), 8)) for _ in range(2)]
+    student = extract_features(bert_dir, TRAIN.texts, device="cpu", max_length=16).features.astype(np.float64)
+    fits = [logme(f, fit_targets, task) for f in feats]
+    teacher = BTuningTeacher(feats, [r.weights for r in fits], [r.score for r in fits],
+                             student_weights=logme(student, fit_targets, task).weights)
+    assert teacher.target.shape == (len(TRAIN.texts), fit_targets.shape[1] if fit_targets.ndim == 2 else 1)
+    result = train(config(strategy="btuning", epochs=4), bert_dir, TextDataset(TRAIN.texts, y_train),
+                   TextDataset(VAL.texts, y_val), task, None, tmp_path / "ckpt", tmp_path / "state", teacher=teacher)
+    # the distillation term (total - task loss) is in the loss and is what training reduces: with this random tiny
+    # BERT, AdamW's steps on the backbone follow it rather than the task (the head reads [CLS] through the pooler,
+    # not the mean-pooled features distilled), so the task itself is learnt only by fine-tuning here
+    distill = [p["train_total_loss"] - p["train_loss"] for p in result.curve]
+    assert distill[0] > 5 * distill[-1] > 0, result.curve
+    assert all(np.isfinite(v) for v in result.metrics.values() if v is not None), result.metrics
+
+
+@pytest.mark.parametrize("head", ["bert", "llama"])
+def test_regression_far_from_zero_trains_standardised_and_the_checkpoint_predicts_y(head, tmp_path):
+    """Targets around 1000: the loop trains on standardised targets, so the fit is the same as around 0, and the
+    checkpoint predicts y itself: folded into the head's weight and bias (BERT), or, for a bias-free decoder head
+    (Llama's `score`), into the weight with the mean in config.json as hubtune_target_offset."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from workers.features import extract_features
-    from workers.tuning.loop import _Encoded
-    from workers.tuning.regularizers import StepContext, pooled_features
-
-    folder = {"bert": make_tiny_bert, "llama": make_tiny_llama, "t5": make_tiny_t5}[kind](tmp_path / kind, seed=3)
-    texts = ["game match", "market shares bank profit company", "win", "the team won the season goal again"]
-    ranked = extract_features(folder, texts, device="cpu", pooling=pooling, max_length=16).features
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2).eval()
-    model.config.pad_token_id = tokenizer.pad_token_id
-    batch = _Encoded(tokenizer, texts, np.zeros(4, dtype=int), 16).batch(torch.arange(4), torch.device("cpu"),
-                                                                         "classification")
-    ctx = StepContext(model, batch, "classification", want_hidden=True)
-    ctx.clean_forward()
-    np.testing.assert_allclose(pooled_features(ctx, pooling).detach().numpy(), ranked, rtol=1e-4, atol=1e-5)
+    folder = make_tiny_bert(tmp_path / "bert") if head == "bert" else make_tiny_llama(tmp_path / "llama")
+    results = {}
+    for offset in (0.0, 1000.0):
+        y_train, y_val = TRAIN.labels * 4.0 + offset, VAL.labels * 4.0 + offset
+        results[offset] = train(config(epochs=6), folder, TextDataset(TRAIN.texts, y_train),
+                                TextDataset(VAL.texts, y_val), "regression", None, tmp_path / f"c{offset}",
+                                tmp_path / f"s{offset}")
+    near, far = results[0.0], results[1000.0]
+    assert far.metrics["r2"] > 0.9, far.metrics  # raw targets: R^2 about -60000 (the head starts at 0)
+    assert far.metrics["rmse"] == pytest.approx(near.metrics["rmse"], rel=1e-3, abs=1e-3)
+    tuned = AutoModelForSequenceClassification.from_pretrained(tmp_path / "c1000.0").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "c1000.0")
+    with torch.no_grad():
+        out = torch.cat([tuned(**tokenizer([t], return_tensors="pt")).logits for t in VAL.texts]).numpy()[:, 0]
+    out = out + np.asarray(getattr(tuned.config, "hubtune_target_offset", [0.0]))[0]
+    rmse = float(np.sqrt(np.mean((out - (VAL.labels * 4.0 + 1000.0)) ** 2)))
+    assert rmse == pytest.approx(far.metrics["rmse"], rel=1e-3, abs=1e-3)
+    assert far.details["target_scaling"]["folded"] == ("weight and bias" if head == "bert" else "weight")
+    assert hasattr(tuned.config, "hubtune_target_offset") == (head == "llama")
 
 
 def test_multilabel_and_regression_report_their_metrics(bert_dir, tmp_path):

@@ -17,6 +17,10 @@ see workers.tuning.regularizers.pooled_features) to phi_t(x) m_t^T. Training los
 is the reference's divided by C). Because every teacher's prediction lives in the C-dimensional label space,
 teachers of any width combine.
 
+C counts LogME's targets: classes (one-hot), labels (multi-label) or regression outputs (standardised, as rank jobs
+score them); the task loss is then the task's own (CE, BCE or MSE). The paper distils classification; the
+posterior predictive mean is defined the same way for the other targets, so they are distilled alike.
+
 Arrays in: the caller supplies features and m's (workers.ranking.logme(...).weights and the feature cache).
 """
 

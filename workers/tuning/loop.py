@@ -54,12 +54,13 @@ from workers.tuning.regularizers import (
     build_regularizer,
     per_example_loss,
 )
+from workers.tuning.target_scale import TargetScale, fold_into_head
 
 log = logging.getLogger("hubtune.tuning")
 
 STATE_FILE = "state.pt"
 RESULT_FILE = "result.json"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: regression trains on standardised targets (target_scale)
 
 
 class TextDataset(NamedTuple):
@@ -263,7 +264,9 @@ def _scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> tor
 
 
 def _evaluate(model: nn.Module, data: _Encoded | _Pixels, task: str, device: torch.device, batch_size: int,
-              autocast: Callable[[], Any]) -> dict[str, float | None]:
+              autocast: Callable[[], Any], scale: TargetScale | None = None) -> dict[str, float | None]:
+    """Validation loss and metrics; regression outputs read back on the targets' own scale when the model trains on
+    standardised ones (`scale`), so the loss is the MSE of y itself."""
     if len(data) == 0:
         return {"val_loss": None}
     model.eval()
@@ -275,6 +278,8 @@ def _evaluate(model: nn.Module, data: _Encoded | _Pixels, task: str, device: tor
             kwargs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
             with autocast():
                 logits = model(**kwargs).logits.float()
+            if scale is not None:
+                logits = scale.restore(logits)
             losses.append(per_example_loss(logits, batch["labels"], task).cpu())
             outputs.append(logits.cpu())
     out = torch.cat(outputs).numpy()
@@ -324,6 +329,9 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
     else:
         num_labels = len(label_names) if label_names else int(np.max(train.labels)) + 1
     y_train = _check_labels(task, train, num_labels if task == "classification" else None, "train")
+    # regression trains on standardised targets (a new head starts at 0, far from targets like prices or years)
+    scale = TargetScale.fit(y_train) if task == "regression" and len(y_train) else None
+    y_fit = scale.standardise(y_train) if scale is not None else y_train
     y_val = _check_labels(task, val, num_labels if task == "classification" else None, "val")
     if len(y_train) == 0:
         raise ValueError("train: no examples")
@@ -358,7 +366,7 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
             preprocessor = AutoImageProcessor.from_pretrained(model_dir)
             model = AutoModelForImageClassification.from_pretrained(model_dir, **head)
             mode = "L" if getattr(model.config, "num_channels", 3) == 1 else "RGB"
-            train_data = _Pixels(preprocessor, list(train.texts), y_train, mode)
+            train_data = _Pixels(preprocessor, list(train.texts), y_fit, mode)
             val_data = _Pixels(preprocessor, list(val.texts), y_val, mode)
         else:
             preprocessor = AutoTokenizer.from_pretrained(model_dir)
@@ -366,7 +374,7 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
                 preprocessor.pad_token = preprocessor.eos_token or preprocessor.unk_token
             model = AutoModelForSequenceClassification.from_pretrained(model_dir, **head)
             model.config.pad_token_id = preprocessor.pad_token_id
-            train_data = _Encoded(preprocessor, train.texts, y_train, config.max_length)
+            train_data = _Encoded(preprocessor, train.texts, y_fit, config.max_length)
             val_data = _Encoded(preprocessor, val.texts, y_val, config.max_length)
     model.to(device)
     n = len(train_data)
@@ -377,7 +385,7 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
     pieces: list[Regularizer] = [build_regularizer(config.regularizer, config.regularizer_params)]
     if config.strategy == "btuning":
         pieces.append(BTuningLoss(teacher, config.tradeoff))
-    train_labels = torch.as_tensor(y_train, dtype=torch.long if task == "classification" else torch.float32)
+    train_labels = torch.as_tensor(y_fit, dtype=torch.long if task == "classification" else torch.float32)
     info = SetupInfo(task=task, train_labels=train_labels, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     for piece in pieces:
         piece.setup(model, info)
@@ -479,7 +487,7 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
         progress: dict[str, Any] = {"step": step, "total_steps": total_steps, "epoch": step / steps_per_epoch,
                                     "train_loss": interval[0] / max(1, interval[2])}
         if at_eval:
-            last_eval = _evaluate(model, val_data, task, device, eval_batch, autocast)
+            last_eval = _evaluate(model, val_data, task, device, eval_batch, autocast, scale)
             point = {"step": step, "epoch": step / steps_per_epoch,
                      "train_loss": interval[0] / max(1, interval[2]),
                      "train_total_loss": interval[1] / max(1, interval[2]),
@@ -496,11 +504,18 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
             save_state()
 
     if last_eval is None:  # resumed exactly at the end: evaluate the restored weights
-        last_eval = _evaluate(model, val_data, task, device, eval_batch, autocast)
+        last_eval = _evaluate(model, val_data, task, device, eval_batch, autocast, scale)
     for piece in pieces:
         piece.teardown(model)
+    scaling = None
+    if scale is not None:  # the checkpoint predicts y itself (see target_scale)
+        probe_data = val_data if len(val_data) else train_data
+        probe = probe_data.batch(torch.arange(min(len(probe_data), eval_batch)), device, task)
+        scaling = fold_into_head(model, scale, {k: probe[k] for k in MODEL_INPUTS if k in probe})
 
     details: dict[str, Any] = {"device": str(device), "bf16": use_bf16}
+    if scaling is not None:
+        details["target_scaling"] = scaling
     for piece in pieces:
         if piece.name == "self_labeling":
             details["labels_changed"] = getattr(piece, "changed", 0)
@@ -516,6 +531,7 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
         "hyperparameters": config_dict, "seed": config.seed, "scores": last_eval, "steps": step,
         "wall_seconds": round(wall, 3), "device": str(device), "bf16": use_bf16,
         **({"btuning": details["btuning"]} if "btuning" in details else {}),
+        **({"target_scaling": scaling} if scaling is not None else {}),
     })
     model.eval()
     with _quiet_transformers():
