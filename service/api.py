@@ -373,13 +373,8 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
                     raise Problem(422, "sample_size cannot be combined with successive_halving",
                                   "successive halving chooses its own samples", field="sample_size")
             if body.tune is not None:
-                from workers.tuning.params import IMAGE_REGULARIZERS, resolve_regularizer  # plain data, no torch
+                from workers.tuning.params import resolve_regularizer  # plain data, no torch
 
-                if dataset.modality == "image" and body.tune.regularizer.name not in IMAGE_REGULARIZERS:
-                    raise Problem(422, "regularizer needs a text model",
-                                  f"{body.tune.regularizer.name} acts on token embeddings or Transformer layers; "
-                                  f"image models take one of {', '.join(IMAGE_REGULARIZERS)}",
-                                  field="tune.regularizer.name")
                 try:
                     resolve_regularizer(body.tune.regularizer.name, body.tune.regularizer.params,
                                         where="tune.regularizer")

@@ -306,8 +306,6 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
     from transformers import (AutoImageProcessor, AutoModelForImageClassification,
                               AutoModelForSequenceClassification, AutoTokenizer)
 
-    from workers.tuning.params import IMAGE_REGULARIZERS
-
     began = time.perf_counter()
     config = TuneConfig.from_dict(config if isinstance(config, dict) else asdict(config))  # a validated copy
     if task not in TASKS:
@@ -315,9 +313,6 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
     model_dir, checkpoint_dir, state_dir = Path(model_dir), Path(checkpoint_dir), Path(state_dir)
     train, val = TextDataset(*train), TextDataset(*val)
     images = holds_images(train)
-    if images and config.regularizer not in IMAGE_REGULARIZERS:
-        raise ValueError(f"regularizer: {config.regularizer} acts on token embeddings or Transformer layers; an "
-                         f"image model takes one of {', '.join(IMAGE_REGULARIZERS)}")
     if config.strategy == "btuning" and teacher is None:
         raise ValueError("teacher: B-Tuning needs the teachers' features and LogME weights (BTuningTeacher)")
 

@@ -15,8 +15,6 @@ from typing import Any
 
 TASKS = ("classification", "multilabel", "regression")
 STRATEGIES = ("finetune", "btuning")
-# Regularizers that act on weights, not on token embeddings or Transformer layers: the ones an image model can use.
-IMAGE_REGULARIZERS = ("none", "l2sp", "mixout")
 
 
 @dataclass(frozen=True)

@@ -254,6 +254,10 @@ class StepContext:
 
     @property
     def mask(self) -> Tensor:
+        """(B, L) attention mask; for images, ones over the pixel positions (B, H, W) of `embeds`."""
+        if self.is_image:
+            pixels = self.batch["pixel_values"]
+            return torch.ones((pixels.shape[0], *pixels.shape[2:]), dtype=torch.long, device=pixels.device)
         return self.batch["attention_mask"]
 
     @property
@@ -264,8 +268,10 @@ class StepContext:
                 want_hidden: bool = False, replay: bool = True) -> tuple[Tensor, Tensor | None]:
         """Run the model on this batch: (logits, last hidden state or None).
 
-        perturb maps the (B, L, H) input embeddings to the ones the model sees. replay=True reruns with the random
-        state the clean forward started from, then puts the generator back where it was.
+        perturb maps the (B, L, H) input embeddings to the ones the model sees; for an image model, the normalised
+        pixels seen channel-last, (B, H, W, C): the input space of adversarial training on images (VAT's), and one
+        that every vision architecture has. replay=True reruns with the random state the clean forward started
+        from, then puts the generator back where it was. attention_mask does not apply to images (ignored).
         """
         saved = get_rng_state(self.device) if replay else None
         if replay:
@@ -284,11 +290,15 @@ class StepContext:
         return logits, hidden
 
     def _run(self, perturb, attention_mask, want_hidden, capture: bool) -> tuple[Tensor, Tensor | None]:
-        if self.is_image:  # image models: no token embeddings to capture or perturb
-            if perturb is not None or attention_mask is not None:
-                raise ValueError("this regularizer perturbs token embeddings: it needs a text model")
+        if self.is_image:
+            pixels = self.batch["pixel_values"]
+            channels_last = pixels.permute(0, 2, 3, 1)
+            if capture:
+                self.embeds = channels_last.detach()
+            if perturb is not None:
+                pixels = perturb(channels_last).permute(0, 3, 1, 2)
             if not want_hidden:
-                return self.model(pixel_values=self.batch["pixel_values"]).logits, None
+                return self.model(pixel_values=pixels).logits, None
             # the backbone's own output, as ranking reads it (hidden_states[-1] can be a CNN's last stage before
             # its final convolution, or a ViT's tokens before the final layer norm)
             from workers.features import backbone
@@ -296,7 +306,7 @@ class StepContext:
             kept: list[Any] = []
             handle = backbone(self.model).register_forward_hook(lambda _m, _a, output: kept.append(output))
             try:
-                out = self.model(pixel_values=self.batch["pixel_values"])
+                out = self.model(pixel_values=pixels)
             finally:
                 handle.remove()
             if capture:
@@ -675,6 +685,7 @@ class LNSR(Regularizer):
         self._handles: list[Any] = []
         self._outputs: dict[int, Tensor] = {}
         self._noise: Tensor | None = None
+        self._input_shape: torch.Size | None = None
 
     def setup(self, model: nn.Module, info: SetupInfo | None = None) -> None:
         layers = transformer_layers(model)
@@ -682,7 +693,10 @@ class LNSR(Regularizer):
             raise ValueError(f"regularizer.params.layer: {self.layer} >= the model's {len(layers)} layers")
 
         def add_noise(h: Tensor) -> Tensor:
-            return h + self._noise.to(h.dtype) if self._noise is not None else h
+            if self._noise is None:
+                self._input_shape = h.shape  # the clean pass: the noise is drawn in this shape (a strided CNN
+                return h  # block's input is larger than its output)
+            return h + self._noise.to(h.dtype)
 
         self._handles.append(layers[self.layer].register_forward_pre_hook(_layer_input_hook(add_noise),
                                                                           with_kwargs=True))
@@ -692,12 +706,18 @@ class LNSR(Regularizer):
                     self._outputs[j] = _first_tensor(output)
             self._handles.append(layers[j].register_forward_hook(record))
 
-    def penalty(self, clean: dict[int, Tensor], noisy: dict[int, Tensor], mask: Tensor) -> Tensor:
+    def penalty(self, clean: dict[int, Tensor], noisy: dict[int, Tensor], mask: Tensor | None) -> Tensor:
+        """sum_j lambda_j * mean over positions of the squared change of each position's vector: tokens (B, L, H)
+        under the attention mask, or a CNN's feature maps (B, C, H, W) over their H x W positions (mask None)."""
         weight = self.lam / max(1, len(clean))
-        m = mask.to(torch.float32)
-        total = torch.zeros((), device=mask.device)
+        total = torch.zeros((), device=next(iter(clean.values())).device)
         for j, h in clean.items():
-            sq = ((noisy[j].float() - h.float()) ** 2).sum(-1)  # (B, L)
+            diff = noisy[j].float() - h.float()
+            if diff.dim() == 4:
+                total = total + weight * (diff ** 2).sum(1).mean()
+                continue
+            sq = (diff ** 2).sum(-1)  # (B, L)
+            m = torch.ones_like(sq) if mask is None or mask.shape != sq.shape else mask.to(torch.float32)
             total = total + weight * (sq * m).sum() / m.sum().clamp_min(1.0)
         return total
 
@@ -707,14 +727,15 @@ class LNSR(Regularizer):
             raise RuntimeError("lnsr: the clean forward recorded no layer outputs (model not in train mode?)")
         # Drawn before the replayed forward so the noisy pass consumes the random stream exactly as the clean one
         # did (same dropout masks everywhere).
-        self._noise = torch.randn_like(clean[self.layer], dtype=torch.float32) * self.sigma
+        like = clean[self.layer]
+        self._noise = torch.randn(self._input_shape or like.shape, dtype=torch.float32, device=like.device) * self.sigma
         try:
             ctx.forward()
         finally:
             self._noise = None
         noisy = dict(self._outputs)
         self._outputs.clear()
-        return self.penalty(clean, noisy, ctx.mask)
+        return self.penalty(clean, noisy, None if ctx.is_image else ctx.mask)
 
     def teardown(self, model: nn.Module) -> None:
         for handle in self._handles:
