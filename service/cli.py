@@ -1,4 +1,4 @@
-"""The `hubtune` command: server side (serve, worker, migrate, keys) and client side (datasets, models, rank, jobs)."""
+"""The `hubtune` command: server side (serve, worker, migrate, keys) and client side (datasets, models, rank, tune, jobs)."""
 
 from __future__ import annotations
 
