@@ -102,6 +102,27 @@ def test_a_dual_encoder_tunes_its_vision_tower(tmp_path) -> None:
     assert type(tuned).__name__ == "CLIPForImageClassification" and tuned.config.num_labels == 3
 
 
+def test_a_dual_encoders_vision_tower_saved_alone_tunes(tmp_path) -> None:
+    """A CLIPVisionModel folder has no image classifier of its own (AutoModelForImageClassification knows no
+    CLIPVisionConfig): it tunes as CLIPForImageClassification with the tower's weights."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, CLIPVisionModel
+
+    clip = make_tiny_clip(tmp_path / "clip", seed=2)
+    tower = tmp_path / "tower"
+    CLIPVisionModel.from_pretrained(clip).save_pretrained(tower)
+    AutoImageProcessor.from_pretrained(clip).save_pretrained(tower)
+    result = train(config(epochs=2), tower, TRAIN, VAL, "classification", NAMES, tmp_path / "k" / "ckpt",
+                   tmp_path / "k" / "state")
+    assert result.metrics["accuracy"] >= 0.9, result.metrics
+    tuned = AutoModelForImageClassification.from_pretrained(tmp_path / "k" / "ckpt")
+    assert type(tuned).__name__ == "CLIPForImageClassification" and tuned.config.num_labels == 3
+    from workers.tuning.loop import _image_classifier
+
+    start = _image_classifier(tower, {"num_labels": 3})  # what training starts from: the tower's weights
+    assert torch.equal(start.vision_model.embeddings.patch_embedding.weight,
+                       CLIPVisionModel.from_pretrained(tower).embeddings.patch_embedding.weight)
+
+
 @pytest.mark.parametrize("kind, pooling", [("vit", "mean"), ("vit", "head"), ("cnn", "mean"), ("cnn", "head"),
                                            ("clip", "mean")])
 def test_training_features_are_the_features_ranking_read(kind, pooling, tmp_path) -> None:

@@ -221,6 +221,25 @@ class _Encoded:
         return {k: v.to(device) for k, v in out.items()}
 
 
+def _image_classifier(model_dir: Path, head: dict[str, Any]) -> nn.Module:
+    """AutoModelForImageClassification of the folder, with `head` (num_labels, id2label, ...). A dual encoder's vision
+    tower saved alone (CLIPVisionModel, SiglipVisionModel: model_type "clip_vision_model", ...) has no image
+    classifier of its own: it becomes the parent's (CLIPForImageClassification), whose vision_model.* weights are
+    the tower's."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(model_dir)
+    kind = getattr(config, "model_type", "") or ""
+    parent = kind.removesuffix("_vision_model")
+    if parent != kind and parent in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
+        labels = {k: head[k] for k in ("num_labels", "problem_type", "id2label", "label2id") if k in head}
+        parent_config = AutoConfig.for_model(parent, vision_config=config.to_dict(), **labels)
+        rest = {k: v for k, v in head.items() if k not in labels}
+        return AutoModelForImageClassification.from_pretrained(model_dir, config=parent_config, **rest)
+    return AutoModelForImageClassification.from_pretrained(model_dir, **head)
+
+
 class _Pixels:
     """Encoded images, decoded and run through the model's image processor per batch (holding every image as
     224×224 floats would take 0.6 MB each)."""
@@ -359,7 +378,7 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
         if images:
             # a source head of another size (ImageNet's 1000 classes) is replaced by a new one
             preprocessor = AutoImageProcessor.from_pretrained(model_dir)
-            model = AutoModelForImageClassification.from_pretrained(model_dir, **head)
+            model = _image_classifier(model_dir, head)
             mode = "L" if getattr(model.config, "num_channels", 3) == 1 else "RGB"
             train_data = _Pixels(preprocessor, list(train.texts), y_fit, mode)
             val_data = _Pixels(preprocessor, list(val.texts), y_val, mode)
