@@ -102,25 +102,37 @@ def test_a_dual_encoder_tunes_its_vision_tower(tmp_path) -> None:
     assert type(tuned).__name__ == "CLIPForImageClassification" and tuned.config.num_labels == 3
 
 
-def test_a_dual_encoders_vision_tower_saved_alone_tunes(tmp_path) -> None:
-    """A CLIPVisionModel folder has no image classifier of its own (AutoModelForImageClassification knows no
-    CLIPVisionConfig): it tunes as CLIPForImageClassification with the tower's weights."""
-    from transformers import AutoImageProcessor, AutoModelForImageClassification, CLIPVisionModel
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_a_dual_encoders_vision_tower_saved_alone_tunes(kind, tmp_path) -> None:
+    """A CLIPVisionModel or SiglipVisionModel folder has no image classifier of its own (AutoModelForImageClassification
+    knows no CLIPVisionConfig): it tunes as CLIPForImageClassification / SiglipForImageClassification, starting from
+    the tower's own weights (the two write their keys with and without a vision_model. prefix)."""
+    import transformers
 
-    clip = make_tiny_clip(tmp_path / "clip", seed=2)
+    from workers.tuning.loop import _image_classifier
+
     tower = tmp_path / "tower"
-    CLIPVisionModel.from_pretrained(clip).save_pretrained(tower)
-    AutoImageProcessor.from_pretrained(clip).save_pretrained(tower)
+    if kind == "clip":
+        clip = make_tiny_clip(tmp_path / "clip", seed=2)
+        transformers.CLIPVisionModel.from_pretrained(clip).save_pretrained(tower)
+        transformers.AutoImageProcessor.from_pretrained(clip).save_pretrained(tower)
+    else:
+        torch.manual_seed(2)
+        transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64)).save_pretrained(tower)
+        transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tower)
+    plain = transformers.AutoModel.from_pretrained(tower)
+    plain = getattr(plain, "vision_model", plain)
+    start = _image_classifier(tower, {"num_labels": 3})  # what training starts from
+    assert torch.equal(start.vision_model.embeddings.patch_embedding.weight,
+                       plain.embeddings.patch_embedding.weight)
     result = train(config(epochs=2), tower, TRAIN, VAL, "classification", NAMES, tmp_path / "k" / "ckpt",
                    tmp_path / "k" / "state")
     assert result.metrics["accuracy"] >= 0.9, result.metrics
-    tuned = AutoModelForImageClassification.from_pretrained(tmp_path / "k" / "ckpt")
-    assert type(tuned).__name__ == "CLIPForImageClassification" and tuned.config.num_labels == 3
-    from workers.tuning.loop import _image_classifier
-
-    start = _image_classifier(tower, {"num_labels": 3})  # what training starts from: the tower's weights
-    assert torch.equal(start.vision_model.embeddings.patch_embedding.weight,
-                       CLIPVisionModel.from_pretrained(tower).embeddings.patch_embedding.weight)
+    tuned = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "k" / "ckpt")
+    assert type(tuned).__name__ == f"{'CLIP' if kind == 'clip' else 'Siglip'}ForImageClassification"
+    assert tuned.config.num_labels == 3
 
 
 @pytest.mark.parametrize("kind, pooling", [("vit", "mean"), ("vit", "head"), ("cnn", "mean"), ("cnn", "head"),

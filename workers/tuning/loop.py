@@ -229,15 +229,27 @@ def _image_classifier(model_dir: Path, head: dict[str, Any]) -> nn.Module:
     from transformers import AutoConfig, AutoModelForImageClassification
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
+    from transformers import AutoModel
+
+    from workers.features import vision_tower
+
     config = AutoConfig.from_pretrained(model_dir)
     kind = getattr(config, "model_type", "") or ""
     parent = kind.removesuffix("_vision_model")
-    if parent != kind and parent in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
-        labels = {k: head[k] for k in ("num_labels", "problem_type", "id2label", "label2id") if k in head}
-        parent_config = AutoConfig.for_model(parent, vision_config=config.to_dict(), **labels)
-        rest = {k: v for k, v in head.items() if k not in labels}
-        return AutoModelForImageClassification.from_pretrained(model_dir, config=parent_config, **rest)
-    return AutoModelForImageClassification.from_pretrained(model_dir, **head)
+    if parent == kind or parent not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
+        return AutoModelForImageClassification.from_pretrained(model_dir, **head)
+    labels = {k: head[k] for k in ("num_labels", "problem_type", "id2label", "label2id") if k in head}
+    classifier = AutoModelForImageClassification.from_config(
+        AutoConfig.for_model(parent, vision_config=config.to_dict(), **labels)).to(torch.float32)
+    # the tower's weights into the classifier's tower, module to module: the files' key prefixes differ between
+    # towers (CLIPVisionModel writes vision_model.*, SiglipVisionModel writes none)
+    tower = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
+    source = getattr(tower, "vision_model", tower)
+    missing, _ = vision_tower(classifier).load_state_dict(source.state_dict(), strict=False)
+    if missing:
+        raise ValueError(f"{model_dir}: the {kind} weights do not fill {parent}'s image classifier "
+                         f"(missing {missing[:3]})")
+    return classifier
 
 
 class _Pixels:
