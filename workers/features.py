@@ -30,9 +30,10 @@ import numpy as np
 POOLING = "mean"
 POOLINGS = ("mean", "head")
 # Part of every cache key: bump when what extract_features computes (or the entry layout) changes.
-CACHE_FORMAT = 5  # 3: each text read once (workers.pipeline.distinct_examples); 4: encoder-decoders read through
+CACHE_FORMAT = 6  # 3: each text read once (workers.pipeline.distinct_examples); 4: encoder-decoders read through
 # their encoder (BART gave decoder states), images brought to 8 bits with transparency over white (eight_bit);
-# 5: classifier checkpoints of encoder-decoders and dual encoders read through their backbone (`backbone`)
+# 5: classifier checkpoints of encoder-decoders and dual encoders read through their backbone (`backbone`);
+# 6: images' "head" pooling is the input of the architecture's image classifier (`_load_image_model`)
 
 
 class FeatureExtractionCancelled(Exception):
@@ -362,7 +363,11 @@ def extract_features(model_dir: Path, texts: list[str] | list[bytes], *, max_len
                          device=device, load_seconds=load_seconds)
 
 
-def _load_image_model(model_dir: Path, device: str) -> tuple[Any, Any, bool]:
+def _load_image_model(model_dir: Path, device: str, pooling: str = POOLING) -> tuple[Any, Any, bool, Any]:
+    """(processor, model, has_head, head_layer). has_head: the folder is an image classifier with its labels (its
+    softmax is a source head for LEEP/NCE). With pooling "head" the model is always an image classifier (a new head
+    when the folder has none: only its input is used) and head_layer is its last linear layer, whose input is the
+    feature; None where the architecture has no image-classification class."""
     import torch
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
@@ -371,12 +376,66 @@ def _load_image_model(model_dir: Path, device: str) -> tuple[Any, Any, bool]:
     processor = AutoImageProcessor.from_pretrained(model_dir)
     has_head = any(a.endswith("ForImageClassification") for a in (config.architectures or [])) \
         and bool(getattr(config, "id2label", None))
-    loader = AutoModelForImageClassification if has_head else AutoModel
-    model = loader.from_pretrained(model_dir, dtype=torch.float32)
-    if not has_head and hasattr(config, "vision_config"):
-        model = vision_tower(model)
+    head_layer = None
+    if has_head:
+        model = AutoModelForImageClassification.from_pretrained(model_dir, dtype=torch.float32)
+    elif pooling == "head":
+        try:
+            model = image_classifier(model_dir, {"num_labels": 2, "dtype": torch.float32})
+        except ValueError:  # no image-classification class for this architecture: pool its backbone instead
+            model = None
+    else:
+        model = None
+    if model is not None and pooling == "head":
+        head_layer = classifier_layer(model, model.config.num_labels)
+    if model is None:
+        model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
+        if hasattr(config, "vision_config"):
+            model = vision_tower(model)
     model.eval().to(device)
-    return processor, model, has_head
+    return processor, model, has_head, head_layer
+
+
+def image_classifier(model_dir: Path, head: dict[str, Any]) -> Any:
+    """AutoModelForImageClassification of the folder, with `head` (num_labels, id2label, ...). A dual encoder's vision
+    tower saved alone (CLIPVisionModel, SiglipVisionModel: model_type "clip_vision_model", ...) has no image
+    classifier of its own: it becomes the parent's (CLIPForImageClassification), whose vision_model.* weights are
+    the tower's."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(model_dir)
+    kind = getattr(config, "model_type", "") or ""
+    parent = kind.removesuffix("_vision_model")
+    if parent == kind or parent not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
+        return AutoModelForImageClassification.from_pretrained(model_dir, **head)
+    labels = {k: head[k] for k in ("num_labels", "problem_type", "id2label", "label2id") if k in head}
+    classifier = AutoModelForImageClassification.from_config(
+        AutoConfig.for_model(parent, vision_config=config.to_dict(), **labels)).to(torch.float32)
+    # the tower's weights into the classifier's tower, module to module: the files' key prefixes differ between
+    # towers (CLIPVisionModel writes vision_model.*, SiglipVisionModel writes none)
+    tower = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
+    source = getattr(tower, "vision_model", tower)
+    missing, _ = vision_tower(classifier).load_state_dict(source.state_dict(), strict=False)
+    if missing:
+        raise ValueError(f"{model_dir}: the {kind} weights do not fill {parent}'s image classifier "
+                         f"(missing {missing[:3]})")
+    return classifier
+
+
+def classifier_layer(model: Any, num_outputs: int) -> Any:
+    """The head's last nn.Linear with num_outputs outputs, outside the backbone: the layer producing the logits of
+    every Hugging Face *ForSequenceClassification / *ForImageClassification head (its input is what the head reads)."""
+    import torch
+
+    base = backbone(model)
+    inside = {id(m) for m in base.modules()} if base is not model else set()
+    found = None
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module) not in inside and module.out_features == num_outputs:
+            found = module
+    return found
 
 
 def vision_tower(model: Any) -> Any:
@@ -472,7 +531,9 @@ def pool_image_output(output: Any, pooling: str) -> Any:
     Feature maps (B, C, H, W), as CNNs return: "mean" averages over the positions; "head" takes pooler_output (what
     their image-classification heads read: the global average, after ConvNeXt's layer norm) when there is one.
     Token sequences (B, T, D), as ViTs return: "mean" averages over the tokens; "head" takes the first ([CLS]) token,
-    which ViTForImageClassification reads (its pooler_output is an untrained dense + tanh in most checkpoints)."""
+    which ViTForImageClassification reads (its pooler_output is an untrained dense + tanh in most checkpoints).
+    extract_image_features uses "head" here only for architectures without an image-classification class; the
+    others give the input of their classifier's last linear layer (see _load_image_model)."""
     hidden = _last_hidden(output)
     if hidden.ndim == 4:
         pooled = getattr(output, "pooler_output", None) if pooling == "head" else None
@@ -502,7 +563,7 @@ def extract_image_features(model_dir: Path, images: list[bytes], *, batch_size: 
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     began = time.perf_counter()
     device = pick_device(device)
-    processor, model, has_head = _load_image_model(Path(model_dir), device)
+    processor, model, has_head, head_layer = _load_image_model(Path(model_dir), device, pooling)
     load_seconds = time.perf_counter() - began
     mode = "L" if getattr(model.config, "num_channels", 3) == 1 else "RGB"
     on_cuda = device.startswith("cuda")
@@ -515,10 +576,15 @@ def extract_image_features(model_dir: Path, images: list[bytes], *, batch_size: 
     collected = _Rows(len(images))
     forward_seconds = 0.0
     batches = [list(range(i, min(i + batch_size, len(images)))) for i in range(0, len(images), batch_size)]
+    head_inputs: list[Any] = []
     with ExitStack() as stack:
         backbone = stack.enter_context(_BaseOutput(model, has_head))
+        if head_layer is not None:  # "head": the input of the classifier's last linear layer
+            hook = head_layer.register_forward_hook(lambda _m, args, _out: head_inputs.append(args[0]))
+            stack.callback(hook.remove)
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             backbone.take(model(pixel_values=pixels([images[0]])))
+        head_inputs.clear()
         per_image_flops = float(counter.get_total_flops())
         # closing(): a cancel or a failing forward stops the decoding threads at once, not when collected
         prepared = stack.enter_context(closing(prepared_in_order(lambda rows: pixels([images[i] for i in rows]),
@@ -531,7 +597,12 @@ def extract_image_features(model_dir: Path, images: list[bytes], *, batch_size: 
             start = time.perf_counter()
             with torch.inference_mode(), torch.autocast("cuda", dtype=amp_dtype, enabled=on_cuda):
                 out = model(pixel_values=pixel_values)
-                pooled = pool_image_output(backbone.take(out), pooling)
+                base_output = backbone.take(out)
+                if head_layer is not None:
+                    pooled = head_inputs.pop().float().flatten(1)
+                    head_inputs.clear()
+                else:
+                    pooled = pool_image_output(base_output, pooling)
                 batch_probs = torch.softmax(out.logits.float(), dim=-1) if has_head else None
             if on_cuda:
                 torch.cuda.synchronize()

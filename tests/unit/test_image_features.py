@@ -149,7 +149,8 @@ def test_a_dual_encoder_is_read_through_its_vision_tower(tmp_path: Path) -> None
         out = tower(pixel_values=processor(images=[Image.open(io.BytesIO(f)).convert("RGB") for f in files],
                                            return_tensors="pt")["pixel_values"])
     np.testing.assert_allclose(got["mean"], out.last_hidden_state.mean(1).numpy(), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(got["head"], out.last_hidden_state[:, 0].numpy(), rtol=1e-4, atol=1e-5)
+    # "head": what CLIPForImageClassification reads, the mean of the patch tokens without [CLS]
+    np.testing.assert_allclose(got["head"], out.last_hidden_state[:, 1:].mean(1).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_a_dual_encoder_image_classifier_ranks_like_its_vision_tower(tmp_path: Path) -> None:
@@ -221,3 +222,52 @@ def test_batches_prepared_ahead_come_in_order_and_errors_surface_at_their_item()
     assert next(cancelled) == 0
     cancelled.close()  # a cancelled job: at most the batches already handed to the threads ran
     assert sorted(started) == list(range(len(started))) and len(started) <= 3
+
+
+def _tiny_vision(folder: Path, kind: str) -> Path:
+    """Tiny headless Swin, DINOv2 and BEiT (mean pooling) folders on 32×32 images, the ViT processor beside them."""
+    torch.manual_seed(5)
+    t = transformers
+    model = {
+        "swin": lambda: t.SwinModel(t.SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 2],
+                                                 num_heads=[1, 2], window_size=4)),
+        "dinov2": lambda: t.Dinov2Model(t.Dinov2Config(image_size=32, patch_size=8, hidden_size=16,
+                                                       num_hidden_layers=2, num_attention_heads=2)),
+        "beit": lambda: t.BeitModel(t.BeitConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2,
+                                                 num_attention_heads=2, intermediate_size=32, use_mean_pooling=True)),
+    }[kind]()
+    model.save_pretrained(folder)
+    t.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["swin", "dinov2", "beit", "clip", "vit", "cnn"])
+def test_head_pooling_is_what_the_architectures_classifier_reads(kind: str, tmp_path: Path) -> None:
+    """"head" takes the input of the *ForImageClassification's last linear layer, computed here from the headless
+    model by each architecture's own rule: Swin and BEiT (mean pooling) their pooler output, DINOv2 [CLS] beside
+    the mean of the patch tokens (twice the width), CLIP the mean of the patch tokens without [CLS], ViT [CLS],
+    a CNN its pooled feature map. The first token, as before, was right for ViT only."""
+    folder = {"swin": lambda: _tiny_vision(tmp_path / "m", "swin"),
+              "dinov2": lambda: _tiny_vision(tmp_path / "m", "dinov2"),
+              "beit": lambda: _tiny_vision(tmp_path / "m", "beit"),
+              "clip": lambda: make_tiny_clip(tmp_path / "m", seed=5),
+              "vit": lambda: make_tiny_vit(tmp_path / "m", seed=5),
+              "cnn": lambda: make_tiny_mobilenet(tmp_path / "m", seed=5)}[kind]()
+    images = [encoded(a) for a in random_images(3, seed=9)]
+    got = extract_image_features(folder, images, device="cpu", pooling="head").features
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    from workers.features import decode_images
+
+    pixels = processor(images=decode_images(images), return_tensors="pt")["pixel_values"]
+    model = (transformers.CLIPVisionModel if kind == "clip" else transformers.AutoModel).from_pretrained(folder).eval()
+    with torch.no_grad():
+        out = model(pixel_values=pixels)
+    hidden = out.last_hidden_state
+    want = {"swin": lambda: out.pooler_output,
+            "beit": lambda: out.pooler_output,
+            "dinov2": lambda: torch.cat([hidden[:, 0], hidden[:, 1:].mean(1)], dim=1),
+            "clip": lambda: hidden[:, 1:].mean(1),
+            "vit": lambda: hidden[:, 0],
+            "cnn": lambda: out.pooler_output.flatten(1)}[kind]().numpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

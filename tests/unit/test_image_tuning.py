@@ -109,7 +109,7 @@ def test_a_dual_encoders_vision_tower_saved_alone_tunes(kind, tmp_path) -> None:
     the tower's own weights (the two write their keys with and without a vision_model. prefix)."""
     import transformers
 
-    from workers.tuning.loop import _image_classifier
+    from workers.features import image_classifier
 
     tower = tmp_path / "tower"
     if kind == "clip":
@@ -124,7 +124,7 @@ def test_a_dual_encoders_vision_tower_saved_alone_tunes(kind, tmp_path) -> None:
         transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tower)
     plain = transformers.AutoModel.from_pretrained(tower)
     plain = getattr(plain, "vision_model", plain)
-    start = _image_classifier(tower, {"num_labels": 3})  # what training starts from
+    start = image_classifier(tower, {"num_labels": 3})  # what training starts from
     assert torch.equal(start.vision_model.embeddings.patch_embedding.weight,
                        plain.embeddings.patch_embedding.weight)
     result = train(config(epochs=2), tower, TRAIN, VAL, "classification", NAMES, tmp_path / "k" / "ckpt",
@@ -136,7 +136,7 @@ def test_a_dual_encoders_vision_tower_saved_alone_tunes(kind, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("kind, pooling", [("vit", "mean"), ("vit", "head"), ("cnn", "mean"), ("cnn", "head"),
-                                           ("clip", "mean")])
+                                           ("clip", "mean"), ("clip", "head")])
 def test_training_features_are_the_features_ranking_read(kind, pooling, tmp_path) -> None:
     """B-Tuning applies m_t, fitted by LogME on ranking's features, to the student's features during training: they
     must be the same function of the image. hidden_states[-1] is not (a ViT's tokens before its final layer norm,

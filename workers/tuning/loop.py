@@ -221,37 +221,6 @@ class _Encoded:
         return {k: v.to(device) for k, v in out.items()}
 
 
-def _image_classifier(model_dir: Path, head: dict[str, Any]) -> nn.Module:
-    """AutoModelForImageClassification of the folder, with `head` (num_labels, id2label, ...). A dual encoder's vision
-    tower saved alone (CLIPVisionModel, SiglipVisionModel: model_type "clip_vision_model", ...) has no image
-    classifier of its own: it becomes the parent's (CLIPForImageClassification), whose vision_model.* weights are
-    the tower's."""
-    from transformers import AutoConfig, AutoModelForImageClassification
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
-
-    from transformers import AutoModel
-
-    from workers.features import vision_tower
-
-    config = AutoConfig.from_pretrained(model_dir)
-    kind = getattr(config, "model_type", "") or ""
-    parent = kind.removesuffix("_vision_model")
-    if parent == kind or parent not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
-        return AutoModelForImageClassification.from_pretrained(model_dir, **head)
-    labels = {k: head[k] for k in ("num_labels", "problem_type", "id2label", "label2id") if k in head}
-    classifier = AutoModelForImageClassification.from_config(
-        AutoConfig.for_model(parent, vision_config=config.to_dict(), **labels)).to(torch.float32)
-    # the tower's weights into the classifier's tower, module to module: the files' key prefixes differ between
-    # towers (CLIPVisionModel writes vision_model.*, SiglipVisionModel writes none)
-    tower = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
-    source = getattr(tower, "vision_model", tower)
-    missing, _ = vision_tower(classifier).load_state_dict(source.state_dict(), strict=False)
-    if missing:
-        raise ValueError(f"{model_dir}: the {kind} weights do not fill {parent}'s image classifier "
-                         f"(missing {missing[:3]})")
-    return classifier
-
-
 class _Pixels:
     """Encoded images, decoded and run through the model's image processor per batch (holding every image as
     224×224 floats would take 0.6 MB each)."""
@@ -334,8 +303,9 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
     card: extra fields for the model card, e.g. {"base_model", "base_revision", "dataset_sha256", "name"};
         strategy, regularizer, hyper-parameters, seed and scores are added here.
     """
-    from transformers import (AutoImageProcessor, AutoModelForImageClassification,
-                              AutoModelForSequenceClassification, AutoTokenizer)
+    from transformers import AutoImageProcessor, AutoModelForSequenceClassification, AutoTokenizer
+
+    from workers.features import image_classifier
 
     began = time.perf_counter()
     config = TuneConfig.from_dict(config if isinstance(config, dict) else asdict(config))  # a validated copy
@@ -390,7 +360,7 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
         if images:
             # a source head of another size (ImageNet's 1000 classes) is replaced by a new one
             preprocessor = AutoImageProcessor.from_pretrained(model_dir)
-            model = _image_classifier(model_dir, head)
+            model = image_classifier(model_dir, head)
             mode = "L" if getattr(model.config, "num_channels", 3) == 1 else "RGB"
             train_data = _Pixels(preprocessor, list(train.texts), y_fit, mode)
             val_data = _Pixels(preprocessor, list(val.texts), y_val, mode)

@@ -173,12 +173,15 @@ def pooled_features(ctx: "StepContext", pooling: str = "mean") -> Tensor:
     """The clean forward's features (B, D) pooled as ranking pools them (workers.features), so that a linear map
     fitted on ranking's features applies to them: text "mean" averages the last hidden states over the attention
     mask, "head" takes the token a sequence-classification head reads (the last real token of a decoder-only model,
-    the first otherwise; either padding side); images go through features.pool_image_output."""
+    the first otherwise; either padding side); images: "mean" through features.pool_image_output, "head" the input
+    of the classifier's last linear layer."""
     from workers.features import is_decoder_only, pool_image_output
 
     if ctx.is_image:
         if ctx.backbone_output is None:
             raise ValueError("pooled_features needs the clean forward run with want_hidden")
+        if pooling == "head" and ctx.head_input is not None:  # what the classifier reads, as ranking takes it
+            return ctx.head_input.float()
         return pool_image_output(ctx.backbone_output, pooling)
     if ctx.hidden is None:
         raise ValueError("pooled_features needs the clean forward run with want_hidden")
@@ -237,6 +240,7 @@ class StepContext:
         self.logits: Tensor | None = None
         self.hidden: Tensor | None = None  # last hidden state of the clean forward when want_hidden
         self.backbone_output: Any = None  # image models: the backbone's output of the clean forward (want_hidden)
+        self.head_input: Tensor | None = None  # image models: the input of the classifier's last linear layer
         self.embeds: Tensor | None = None  # clean input embeddings (detached)
 
     @property
@@ -301,16 +305,22 @@ class StepContext:
                 return self.model(pixel_values=pixels).logits, None
             # the backbone's own output, as ranking reads it (hidden_states[-1] can be a CNN's last stage before
             # its final convolution, or a ViT's tokens before the final layer norm)
-            from workers.features import backbone
+            from workers.features import backbone, classifier_layer
 
             kept: list[Any] = []
-            handle = backbone(self.model).register_forward_hook(lambda _m, _a, output: kept.append(output))
+            read: list[Tensor] = []
+            handles = [backbone(self.model).register_forward_hook(lambda _m, _a, output: kept.append(output))]
+            layer = classifier_layer(self.model, self.model.config.num_labels)
+            if layer is not None:
+                handles.append(layer.register_forward_hook(lambda _m, args, _out: read.append(args[0])))
             try:
                 out = self.model(pixel_values=pixels)
             finally:
-                handle.remove()
+                for handle in handles:
+                    handle.remove()
             if capture:
                 self.backbone_output = kept[-1]
+                self.head_input = read[-1].flatten(1) if read else None
             return out.logits, _last_hidden_state(kept[-1])
         embedding = input_embedding(self.model)
         calls = [0]

@@ -45,31 +45,19 @@ class TargetScale:
         return outputs * std + mean
 
 
-def output_layer(model: nn.Module, num_outputs: int) -> nn.Linear | None:
-    """The head's last nn.Linear with num_outputs outputs, outside the backbone (the layer producing the logits of
-    every Hugging Face *ForSequenceClassification / *ForImageClassification head)."""
-    from workers.features import backbone
-
-    base = backbone(model)
-    inside = {id(m) for m in base.modules()} if base is not model else set()
-    found = None
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and id(module) not in inside and module.out_features == num_outputs:
-            found = module
-    return found
-
-
 def fold_into_head(model: nn.Module, scale: TargetScale, probe: dict[str, Tensor]) -> dict[str, Any]:
     """Fold `scale` into the output layer so that the model predicts y; check it on one batch of model inputs.
 
     Returns what was done, for the model card: {"folded": "weight and bias" | "weight"} and, where the mean
     (or everything) could not be folded, the offset (and scale) written to model.config."""
+    from workers.features import classifier_layer
+
     num_outputs = int(scale.mean.shape[0])
     was_training = model.training
     model.eval()
     with torch.no_grad():
         want = scale.restore(model(**probe).logits.float())
-        layer = output_layer(model, num_outputs)
+        layer = classifier_layer(model, num_outputs)
         done: dict[str, Any] = {"target_mean": scale.mean.tolist(), "target_std": scale.std.tolist()}
         if layer is not None:
             std = torch.as_tensor(scale.std, device=layer.weight.device, dtype=layer.weight.dtype)
