@@ -159,7 +159,9 @@ def _load(model_dir: Path, device: str) -> tuple[Any, Any, bool]:
 _OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet", "data2vec-text", "longformer"}
 
 
-def _length_limit(tokenizer: Any, model: Any, max_length: int) -> int:
+def length_limit(tokenizer: Any, model: Any, max_length: int) -> int:
+    """max_length capped by what the model reads: the tokenizer's model_max_length and the position embeddings
+    (RoBERTa-like models start their positions after the padding index)."""
     limit = max_length
     if 0 < (tokenizer.model_max_length or 0) < 1_000_000:
         limit = min(limit, int(tokenizer.model_max_length))
@@ -305,7 +307,7 @@ def extract_features(model_dir: Path, texts: list[str] | list[bytes], *, max_len
     tokenizer, model, has_head = _load(Path(model_dir), device)
     last_token = pooling == "head" and is_decoder_only(model.config)
     load_seconds = time.perf_counter() - began
-    max_length = _length_limit(tokenizer, model, max_length)
+    max_length = length_limit(tokenizer, model, max_length)
     encoded = encode(tokenizer, texts, max_length)
     lengths = np.array([len(ids) for ids in encoded])
     if bucket_by_length:

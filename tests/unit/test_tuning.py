@@ -282,3 +282,13 @@ def test_cuda_training_learns_and_its_checkpoint_loads_on_cpu(bert_dir, tmp_path
     assert result.metrics["accuracy"] == 1.0
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt")  # saved float32, loads on CPU
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_max_length_beyond_the_models_positions_is_capped(bert_dir, tmp_path):
+    """The API accepts max_length up to 8192; a 256-position BERT fed 600-token texts at max_length 1024 overflowed
+    its position embeddings at the first step. The loop reads what the model can, as ranking does."""
+    texts = [" ".join(["game" if i % 2 else "bank"] * 600) for i in range(16)]
+    data = TextDataset(texts, np.arange(16) % 2)
+    result = train(config(epochs=1, max_length=1024), bert_dir, data, data, "classification", NAMES,
+                   tmp_path / "ckpt", tmp_path / "state")
+    assert result.details["max_length"] == 256 and np.isfinite(result.metrics["val_loss"])

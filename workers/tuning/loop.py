@@ -305,7 +305,7 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
     """
     from transformers import AutoImageProcessor, AutoModelForSequenceClassification, AutoTokenizer
 
-    from workers.features import image_classifier
+    from workers.features import image_classifier, length_limit
 
     began = time.perf_counter()
     config = TuneConfig.from_dict(config if isinstance(config, dict) else asdict(config))  # a validated copy
@@ -370,8 +370,10 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
                 preprocessor.pad_token = preprocessor.eos_token or preprocessor.unk_token
             model = AutoModelForSequenceClassification.from_pretrained(model_dir, **head)
             model.config.pad_token_id = preprocessor.pad_token_id
-            train_data = _Encoded(preprocessor, train.texts, y_fit, config.max_length)
-            val_data = _Encoded(preprocessor, val.texts, y_val, config.max_length)
+            # what the model can read: a longer max_length overflowed its position embeddings mid-training
+            max_length = length_limit(preprocessor, model, config.max_length)
+            train_data = _Encoded(preprocessor, train.texts, y_fit, max_length)
+            val_data = _Encoded(preprocessor, val.texts, y_val, max_length)
     model.to(device)
     n = len(train_data)
     steps_per_epoch = math.ceil(n / config.batch_size)
@@ -510,6 +512,8 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
         scaling = fold_into_head(model, scale, {k: probe[k] for k in MODEL_INPUTS if k in probe})
 
     details: dict[str, Any] = {"device": str(device), "bf16": use_bf16}
+    if not images:
+        details["max_length"] = max_length  # config.max_length capped by the model's positions
     if scaling is not None:
         details["target_scaling"] = scaling
     for piece in pieces:
