@@ -190,7 +190,8 @@ class _Encoded:
     """Texts tokenized once; batches padded on the fly (dynamic padding)."""
 
     def __init__(self, tokenizer: Any, texts: list[str], labels: np.ndarray, max_length: int) -> None:
-        enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+        # (no texts: a validation split can be empty when every class has one example; tokenizers fail on [])
+        enc = tokenizer(list(texts), truncation=True, max_length=max_length) if len(texts) else {"input_ids": []}
         self.input_ids = enc["input_ids"]
         self.token_type_ids = enc.get("token_type_ids")
         self.labels = labels
