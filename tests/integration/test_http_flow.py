@@ -261,6 +261,13 @@ def test_image_rank_flow(stack: Stack, tiny_hub: dict[str, Path], tmp_path: Path
         low, high = entry["intervals"]["logme"]
         assert low <= entry["scores"]["logme"] <= high
 
+    # "head" pooling: what each architecture's image classifier reads (for the headless MobileNetV2, through a
+    # classifier built around it in the worker): its pooled 1280 channels, and the ViT's [CLS].
+    headed = wait_for(client, client.post("/v1/jobs", json={"dataset_id": dataset["id"], "pooling": "head"}
+                                          ).json()["id"], stack)
+    assert headed["status"] == "succeeded", (headed, stack.log_text())
+    assert {r["model"]: r["feature_dim"] for r in headed["ranking"]} == {"vit-head": 32, "mobilenet": 1280}
+
     # Rank, then fine-tune the ViT (its 5-class source head replaced by a 3-class one) with L2-SP.
     tune = {"strategy": "finetune", "target": image_ids[0], "regularizer": {"name": "l2sp"}, "epochs": 2,
             "lr": 3e-3, "batch_size": 8}
