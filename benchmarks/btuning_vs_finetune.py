@@ -23,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
+from demo.run import wait_healthy
 from service.client import Client
 
 
@@ -32,16 +31,8 @@ def start_service(home: Path, port: int) -> subprocess.Popen:
     env = dict(os.environ, HUBTUNE_HOME=str(home), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    for _ in range(240):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None:
-            raise SystemExit("the service exited while starting")
-        time.sleep(0.5)
-    raise SystemExit("the service did not become healthy")
+    wait_healthy(f"http://127.0.0.1:{port}", server)
+    return server
 
 
 def main() -> None:
@@ -100,17 +91,19 @@ def main() -> None:
         return statistics.fmean(m[key] for _, s, m, _ in rows if s == strategy)
 
     diffs = [b[2]["accuracy"] - f[2]["accuracy"] for f, b in zip(rows[0::2], rows[1::2])]
+    described = zip(teachers["teachers"], teachers["weights"], teachers["scores"])
     lines = [f"Command: `python -m benchmarks.btuning_vs_finetune {' '.join(sys.argv[1:])}`  ",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared), CPU; data {args.data.name} "
              f"({dataset['rows']} rows, validation 20%, split by seed); target {target}; teachers "
-             f"{', '.join(f'{n} (π={w:.3f}, LogME {s:.3f})' for n, w, s in zip(teachers['teachers'], teachers['weights'], teachers['scores']))}; "
+             f"{', '.join(f'{n} (π={w:.3f}, LogME {s:.3f})' for n, w, s in described)}; "
              f"{args.epochs} epochs, lr {args.lr}, batch {args.batch_size}, tradeoff 1.0, temperature 0.1; "
              f"{time.perf_counter() - began:.0f} s in all.", "",
              "| seed | strategy | accuracy | macro-F1 | ECE | wall s |", "|---|---|---|---|---|---|"]
     for seed, strategy, metrics, wall in rows:
         lines.append(f"| {seed} | {strategy} | {metrics['accuracy']:.3f} | {metrics['macro_f1']:.3f} | "
                      f"{metrics['ece']:.3f} | {wall:.0f} |")
-    lines += ["", f"Mean accuracy: finetune {mean('finetune', 'accuracy'):.3f}, btuning {mean('btuning', 'accuracy'):.3f}; "
+    lines += ["", f"Mean accuracy: finetune {mean('finetune', 'accuracy'):.3f}, "
+              f"btuning {mean('btuning', 'accuracy'):.3f}; "
               f"paired difference (btuning − finetune) per seed: {', '.join(f'{d:+.3f}' for d in diffs)}."]
     print("\n".join(lines))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -378,18 +378,15 @@ def _load_image_model(model_dir: Path, device: str, pooling: str = POOLING) -> t
     processor = AutoImageProcessor.from_pretrained(model_dir)
     has_head = any(a.endswith("ForImageClassification") for a in (config.architectures or [])) \
         and bool(getattr(config, "id2label", None))
-    head_layer = None
+    model = None
     if has_head:
         model = AutoModelForImageClassification.from_pretrained(model_dir, dtype=torch.float32)
     elif pooling == "head":
         try:
             model = image_classifier(model_dir, {"num_labels": 2, "dtype": torch.float32})
         except ValueError:  # no image-classification class for this architecture: pool its backbone instead
-            model = None
-    else:
-        model = None
-    if model is not None and pooling == "head":
-        head_layer = classifier_layer(model, model.config.num_labels)
+            pass
+    head_layer = classifier_layer(model, model.config.num_labels) if model is not None and pooling == "head" else None
     if model is None:
         model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
         if hasattr(config, "vision_config"):

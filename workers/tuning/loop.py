@@ -326,12 +326,12 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
     else:
         num_labels = len(label_names) if label_names else int(np.max(train.labels)) + 1
     y_train = _check_labels(task, train, num_labels if task == "classification" else None, "train")
-    # regression trains on standardised targets (a new head starts at 0, far from targets like prices or years)
-    scale = TargetScale.fit(y_train) if task == "regression" and len(y_train) else None
-    y_fit = scale.standardise(y_train) if scale is not None else y_train
     y_val = _check_labels(task, val, num_labels if task == "classification" else None, "val")
     if len(y_train) == 0:
         raise ValueError("train: no examples")
+    # regression trains on standardised targets (a new head starts at 0, far from targets like prices or years)
+    scale = TargetScale.fit(y_train) if task == "regression" else None
+    y_fit = scale.standardise(y_train) if scale is not None else y_train
     if label_names and len(label_names) != num_labels and task != "regression":
         raise ValueError(f"label_names: {len(label_names)} names for {num_labels} labels")
     names = list(label_names) if label_names and task != "regression" else [f"LABEL_{i}" for i in range(num_labels)]

@@ -738,7 +738,8 @@ class LNSR(Regularizer):
         # Drawn before the replayed forward so the noisy pass consumes the random stream exactly as the clean one
         # did (same dropout masks everywhere).
         like = clean[self.layer]
-        self._noise = torch.randn(self._input_shape or like.shape, dtype=torch.float32, device=like.device) * self.sigma
+        shape = self._input_shape or like.shape
+        self._noise = torch.randn(shape, dtype=torch.float32, device=like.device) * self.sigma
         try:
             ctx.forward()
         finally:
