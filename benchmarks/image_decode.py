@@ -2,7 +2,7 @@
 
 extract_image_features decodes and resizes the next batches (Pillow, the model's image processor) in threads while
 the model runs (workers.features.prepared_in_order) when it expects a gain: beside a GPU, or on the CPU when torch
-leaves a core free (decode_threads). This times one thread ahead against the same extraction with the batches
+leaves a core free (threads_ahead). This times one thread ahead against the same extraction with the batches
 prepared inline, interleaved, in one run, and prints the ratio of the best times (below 1: the thread helps).
 `--torch-threads 1` leaves a core free, as a GPU machine has its CPU cores free for decoding.
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     with zipfile.ZipFile(args.data) as archive:
         names = [n for n in archive.namelist() if n.lower().endswith((".png", ".jpg", ".jpeg"))][: args.images]
         images = [archive.read(n) for n in names]
-    chosen = features.decode_threads(False)
+    chosen = features.threads_ahead(False)
     lines = [f"Data: {args.data.name}, {len(images)} images; torch threads {torch.get_num_threads()}; "
              f"{args.repeats} interleaved repeats, best of each. Machine: {platform.machine()}, "
              f"{os.cpu_count()} cores, {datetime.now():%Y-%m-%d %H:%M}; extract_image_features would use "

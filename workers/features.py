@@ -4,9 +4,12 @@ Images (encoded files as bytes) go through the model folder's own image processo
 (`extract_image_features`); the rest of this docstring is about texts.
 
 Texts are tokenised once (fast tokenizer, no padding), sorted by length and cut into batches of similar length, so
-padding stays small; features come back in the caller's order. Mean pooling over the attention mask of the last
-hidden state, for encoders and decoders alike (decoders are padded on the right, so under a causal mask padding
-never reaches a real token). float32 on CPU; bf16 autocast on CUDA (fp16 where bf16 is missing).
+padding stays small; features come back in the caller's order. Beside a GPU (or when torch leaves a core free) the
+texts are tokenised and padded in chunks by a thread ahead of the forward passes, each chunk sorted on its own
+(`text_chunks`): on a fast GPU tokenising bounds small models, and this way it overlaps the forward passes.
+Mean pooling over the attention mask of the last hidden state, for encoders and decoders alike (decoders are padded
+on the right, so under a causal mask padding never reaches a real token). float32 on CPU; bf16 autocast on CUDA
+(fp16 where bf16 is missing).
 """
 
 from __future__ import annotations
@@ -97,6 +100,67 @@ def length_batches(lengths: list[int] | np.ndarray, batch_size: int,
             rows = max(1, min(batch_size, max_tokens // max(int(lengths[order[start]]), 1)))
         batches.append(order[start:start + rows])
         start += rows
+    return batches
+
+
+TOKENIZE_CHUNK_BATCHES = 8  # batches per chunk tokenised ahead, once past the first chunks (1, 2, 4 batches)
+
+
+def text_chunks(texts: list[str], batch_size: int, ahead: bool, bucket_by_length: bool = True) -> list[np.ndarray]:
+    """Positions of the texts tokenised and bucketed together, in the order they are run. Inline (ahead False): one
+    chunk, so bucketing sorts every text. Ahead: chunks of 1, 2, 4, then TOKENIZE_CHUNK_BATCHES batches' worth of
+    texts, so the model waits for one batch's tokenising only and each later chunk is tokenised while the one before
+    runs. Ahead with bucketing, the texts are first ordered by character length, longest first (token counts are
+    not known before tokenising, and characters track them): a chunk then holds texts of similar length, so sorting
+    each chunk on its own pads almost as little as one global sort, and the longest batch still comes first."""
+    if not ahead:
+        return [np.arange(len(texts))]
+    if bucket_by_length:
+        order = np.argsort(-np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)), kind="stable")
+    else:
+        order = np.arange(len(texts))
+    chunks: list[np.ndarray] = []
+    start, batches = 0, 1
+    while start < len(texts):
+        chunks.append(order[start:start + batches * batch_size])
+        start, batches = start + len(chunks[-1]), min(2 * batches, TOKENIZE_CHUNK_BATCHES)
+    return chunks
+
+
+@dataclass
+class TokenBatch:
+    rows: np.ndarray  # positions of its texts in the caller's list
+    lengths: np.ndarray  # real tokens of each row
+    input_ids: Any  # (rows, width) torch.long, right-padded
+    attention_mask: Any  # (rows, width) torch.long
+
+
+def token_batches(tokenizer: Any, texts: list[str], chunk: np.ndarray, *, max_length: int, batch_size: int,
+                  max_tokens: int | None = None, bucket_by_length: bool = True, multiple: int = 1,
+                  pin_memory: bool = False) -> list[TokenBatch]:
+    """The texts at positions `chunk`, tokenised (`encode`), grouped by length (`length_batches`, or in order
+    with bucket_by_length=False) and padded on the right with the tokenizer's pad id to each batch's longest row,
+    rounded up to a multiple of `multiple` (never past max_length unless a row is longer)."""
+    import torch
+
+    encoded = encode(tokenizer, [texts[i] for i in chunk], max_length)
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    if bucket_by_length:
+        groups = length_batches(lengths, batch_size, max_tokens=max_tokens)
+    else:
+        groups = [np.arange(i, min(i + batch_size, len(encoded))) for i in range(0, len(encoded), batch_size)]
+    batches = []
+    for rows in groups:
+        width = int(lengths[rows].max())
+        width = min(-(-width // multiple) * multiple, max(max_length, width))
+        mask = np.arange(width) < lengths[rows, None]
+        ids = np.full((len(rows), width), tokenizer.pad_token_id, dtype=np.int64)
+        ids[mask] = np.fromiter((t for i in rows for t in encoded[i]), dtype=np.int64, count=int(mask.sum()))
+        input_ids, attention_mask = torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
+        if pin_memory:  # page-locked, so the copy to the GPU is asynchronous
+            input_ids, attention_mask = input_ids.pin_memory(), attention_mask.pin_memory()
+        batches.append(TokenBatch(rows=chunk[rows], lengths=lengths[rows], input_ids=input_ids,
+                                  attention_mask=attention_mask))
     return batches
 
 
@@ -277,7 +341,8 @@ def extract_features(model_dir: Path, texts: list[str] | list[bytes], *, max_len
                      on_batch: Callable[[int, int], None] | None = None,
                      should_cancel: Callable[[], bool] | None = None,
                      max_tokens: int | None = None, bucket_by_length: bool = True,
-                     pad_to_multiple_of: int | None = None, pooling: str = POOLING) -> FeatureResult:
+                     pad_to_multiple_of: int | None = None, pooling: str = POOLING,
+                     tokenize_ahead: bool | None = None) -> FeatureResult:
     """Mean-pooled last hidden states of `texts` (one row per text, in order) from the model in `model_dir`.
 
     Encoded image files (bytes) instead of texts go to `extract_image_features` (the length options do not apply).
@@ -286,7 +351,11 @@ def extract_features(model_dir: Path, texts: list[str] | list[bytes], *, max_len
     similar length and, with max_tokens, at most that many padded tokens (bucket_by_length=False keeps the texts'
     own order instead: only for measuring what bucketing saves). Batch widths are rounded up to pad_to_multiple_of
     (default 8 on CUDA: few distinct shapes, so kernels and attention plans are reused; 1 on CPU).
-    on_batch(done, total) after each batch; should_cancel() is checked before each batch and raises
+    tokenize_ahead: whether one thread tokenises chunks ahead of the model (`text_chunks`; False: every text
+    tokenised first, one sort; default: when `threads_ahead` would use a thread). One thread, because a fast
+    tokenizer already spreads a batch over the cores, and one tokenizer object is not safe to share between threads
+    (its truncation settings are set on each call). on_batch(done, total) after each batch (with max_tokens, total
+    can grow once a chunk is tokenised); should_cancel() is checked before each batch and raises
     FeatureExtractionCancelled.
     If the folder is a *ForSequenceClassification model with id2label, source_probs holds its head's softmax.
     pooling "mean" (what rank jobs use) averages the last hidden states over the attention mask; "head" takes the
@@ -308,53 +377,54 @@ def extract_features(model_dir: Path, texts: list[str] | list[bytes], *, max_len
     last_token = pooling == "head" and is_decoder_only(model.config)
     load_seconds = time.perf_counter() - began
     max_length = length_limit(tokenizer, model, max_length)
-    encoded = encode(tokenizer, texts, max_length)
-    lengths = np.array([len(ids) for ids in encoded])
-    if bucket_by_length:
-        batches = length_batches(lengths, batch_size, max_tokens=max_tokens)
-    else:
-        batches = [np.arange(i, min(i + batch_size, len(texts))) for i in range(0, len(texts), batch_size)]
-    pad_id = tokenizer.pad_token_id
     on_cuda = device.startswith("cuda")
+    ahead = threads_ahead(on_cuda) > 0 if tokenize_ahead is None else tokenize_ahead
+    chunks = text_chunks(texts, batch_size, ahead, bucket_by_length)  # type: ignore[arg-type]
     multiple = pad_to_multiple_of or (8 if on_cuda else 1)
     amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
 
+    def prepare(chunk: np.ndarray) -> list[TokenBatch]:
+        return token_batches(tokenizer, texts, chunk, max_length=max_length,  # type: ignore[arg-type]
+                             batch_size=batch_size, max_tokens=max_tokens, bucket_by_length=bucket_by_length,
+                             multiple=multiple, pin_memory=on_cuda)
+
+    # Batches per chunk are known once it is tokenised (max_tokens); until then a chunk counts as full batches.
+    total = sum(-(-len(chunk) // batch_size) for chunk in chunks)
+    lengths = np.zeros(len(texts), dtype=np.int64)
     # The base model's last hidden state, also when the model is a classifier (its head gives source_probs).
     collected = _Rows(len(texts))
-    forward_seconds, padded = 0.0, 0
-    with _BaseOutput(model, has_head) as backbone:
-        for done, rows in enumerate(batches, start=1):
-            if should_cancel is not None and should_cancel():
-                raise FeatureExtractionCancelled(f"cancelled after {done - 1} of {len(batches)} batches")
-            width = int(lengths[rows].max())
-            width = min(-(-width // multiple) * multiple, max(max_length, width))
-            padded += len(rows) * width
-            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                input_ids[r, :lengths[i]] = torch.tensor(encoded[i], dtype=torch.long)
-                mask[r, :lengths[i]] = 1
-            input_ids = input_ids.to(device, non_blocking=True)
-            mask = mask.to(device, non_blocking=True)
-            if on_cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            with torch.inference_mode(), torch.autocast("cuda", dtype=amp_dtype, enabled=on_cuda):
-                out = model(input_ids=input_ids, attention_mask=mask)
-                hidden = _last_hidden(backbone.take(out))
-                if pooling == "mean":
-                    weights = mask.unsqueeze(-1).to(torch.float32)
-                    pooled = (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-                else:  # batches are right-padded: the last real token sits at length - 1
-                    at = mask.sum(1) - 1 if last_token else torch.zeros_like(mask[:, 0])
-                    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), at].float()
-                batch_probs = torch.softmax(out.logits.float(), dim=-1) if has_head else None
-            if on_cuda:
-                torch.cuda.synchronize()
-            forward_seconds += time.perf_counter() - start
-            collected.put(rows, pooled, batch_probs)
-            if on_batch is not None:
-                on_batch(done, len(batches))
+    forward_seconds, padded, done = 0.0, 0, 0
+    with _BaseOutput(model, has_head) as backbone, \
+            closing(prepared_in_order(prepare, chunks, int(ahead))) as prepared:  # a failure stops the thread
+        for chunk, batches in zip(chunks, prepared):
+            total += len(batches) - -(-len(chunk) // batch_size)
+            for batch in batches:
+                if should_cancel is not None and should_cancel():
+                    raise FeatureExtractionCancelled(f"cancelled after {done} of {total} batches")
+                lengths[batch.rows] = batch.lengths
+                padded += batch.input_ids.numel()
+                input_ids = batch.input_ids.to(device, non_blocking=True)
+                mask = batch.attention_mask.to(device, non_blocking=True)
+                if on_cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                with torch.inference_mode(), torch.autocast("cuda", dtype=amp_dtype, enabled=on_cuda):
+                    out = model(input_ids=input_ids, attention_mask=mask)
+                    hidden = _last_hidden(backbone.take(out))
+                    if pooling == "mean":
+                        weights = mask.unsqueeze(-1).to(torch.float32)
+                        pooled = (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+                    else:  # batches are right-padded: the last real token sits at length - 1
+                        at = mask.sum(1) - 1 if last_token else torch.zeros_like(mask[:, 0])
+                        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), at].float()
+                    batch_probs = torch.softmax(out.logits.float(), dim=-1) if has_head else None
+                if on_cuda:
+                    torch.cuda.synchronize()
+                forward_seconds += time.perf_counter() - start
+                collected.put(batch.rows, pooled, batch_probs)
+                done += 1
+                if on_batch is not None:
+                    on_batch(done, total)
     assert collected.features is not None
 
     flops = _useful_flops(backbone.base, model.config, lengths)
@@ -447,10 +517,11 @@ def vision_tower(model: Any) -> Any:
                      "(vision_model, vision_tower or visual)")
 
 
-def decode_threads(on_cuda: bool) -> int:
-    """Threads decoding and resizing image batches ahead of the model (0: inline). Beside a GPU up to four, where
-    decoding would otherwise bound the job; on the CPU one only when torch leaves a core free: when torch's threads
-    take every core, a decoding thread slowed the forward passes by 5-14% (benchmarks/results/image_decode.md)."""
+def threads_ahead(on_cuda: bool) -> int:
+    """Threads preparing batches ahead of the model (decoding and resizing images, tokenising and padding texts;
+    0: inline). Beside a GPU up to four, where preparing would otherwise bound the job; on the CPU one only when
+    torch leaves a core free: when torch's threads take every core, a decoding thread slowed the forward passes by
+    5-14% (benchmarks/results/image_decode.md)."""
     import torch
 
     cores = os.cpu_count() or 1
@@ -587,7 +658,7 @@ def extract_image_features(model_dir: Path, images: list[bytes], *, batch_size: 
         per_image_flops = float(counter.get_total_flops())
         # closing(): a cancel or a failing forward stops the decoding threads at once, not when collected
         prepared = stack.enter_context(closing(prepared_in_order(lambda rows: pixels([images[i] for i in rows]),
-                                                                 batches, ahead=decode_threads(on_cuda))))
+                                                                 batches, ahead=threads_ahead(on_cuda))))
         for done, (rows, pixel_values) in enumerate(zip(batches, prepared), start=1):
             if should_cancel is not None and should_cancel():
                 raise FeatureExtractionCancelled(f"cancelled after {done - 1} of {len(batches)} batches")

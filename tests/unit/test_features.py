@@ -87,7 +87,7 @@ def test_padding_does_not_change_a_text_feature(which: str, request: pytest.Fixt
 
 def test_padded_waste_under_ten_percent_with_length_bucketing(bert_dir: Path) -> None:
     texts = mixed_texts(400, seed=3, low=1, high=120)
-    result = extract_features(bert_dir, texts, batch_size=16, max_length=128, device="cpu")
+    result = extract_features(bert_dir, texts, batch_size=16, max_length=128, device="cpu", tokenize_ahead=False)
     assert result.padding_waste < 0.10
     # Without bucketing (chunks in arrival order) the same texts waste far more: the bucketing is what helps.
     tokenizer = transformers.AutoTokenizer.from_pretrained(bert_dir)
@@ -96,6 +96,64 @@ def test_padded_waste_under_ten_percent_with_length_bucketing(bert_dir: Path) ->
     unsorted_waste = 1 - lengths.sum() / padded_tokens(lengths, arrival)
     assert unsorted_waste > 0.3
     assert result.padded_tokens == padded_tokens(lengths, length_batches(lengths, 16))
+    # Tokenised ahead, each chunk is sorted on its own: the padding is each chunk's bucketing, still under 10%.
+    ahead = extract_features(bert_dir, texts, batch_size=16, max_length=128, device="cpu", tokenize_ahead=True)
+    chunks = feat.text_chunks(texts, 16, ahead=True)
+    assert ahead.padded_tokens == sum(padded_tokens(lengths[c], length_batches(lengths[c], 16)) for c in chunks)
+    assert ahead.padding_waste < 0.10 and ahead.tokens == result.tokens
+
+
+def test_text_chunks_grow_to_eight_batches_longest_texts_first() -> None:
+    texts = [f"{i:03d}" + "x" * (i % 37) for i in range(150)]
+    assert [c.tolist() for c in feat.text_chunks(texts, 8, ahead=False)] == [list(range(150))]
+    chunks = feat.text_chunks(texts, 8, ahead=True)
+    assert [len(c) for c in chunks] == [8, 16, 32, 64, 30]  # 1, 2, 4, 8 batches, then the rest
+    order = np.concatenate(chunks)
+    assert sorted(order.tolist()) == list(range(150))
+    assert [len(texts[i]) for i in order] == sorted((len(t) for t in texts), reverse=True)
+    assert [len(c) for c in feat.text_chunks(texts * 2, 8, ahead=True)][-3:] == [64, 64, 52]  # at most 8 batches
+    unsorted = feat.text_chunks(texts, 8, ahead=True, bucket_by_length=False)
+    assert np.concatenate(unsorted).tolist() == list(range(150))
+
+
+@pytest.mark.parametrize("which", ["bert_dir", "llama_dir"])
+@pytest.mark.parametrize("pooling", ["mean", "head"])
+def test_tokenising_ahead_gives_the_features_of_tokenising_first(which: str, pooling: str,
+                                                                  request: pytest.FixtureRequest) -> None:
+    folder = request.getfixturevalue(which)
+    texts = mixed_texts(61, seed=4, low=1, high=90)
+    first = extract_features(folder, texts, batch_size=4, max_length=64, pooling=pooling, tokenize_ahead=False)
+    progress: list[tuple[int, int]] = []
+    ahead = extract_features(folder, texts, batch_size=4, max_length=64, pooling=pooling, tokenize_ahead=True,
+                             on_batch=lambda done, total: progress.append((done, total)))
+    np.testing.assert_allclose(ahead.features, first.features, atol=1e-5, rtol=1e-4)
+    assert ahead.tokens == first.tokens and ahead.padded_tokens >= first.padded_tokens
+    assert [done for done, _ in progress] == list(range(1, 17)) and progress[-1] == (16, 16)  # ceil(61 / 4) batches
+
+
+def test_token_batches_pad_on_the_right_and_name_caller_positions(bert_dir: Path) -> None:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(bert_dir)
+    texts = ["x"] * 5 + ["the team won", "the game was won by the team and the market grew", "film"]
+    batches = feat.token_batches(tokenizer, texts, np.arange(5, 8), max_length=32, batch_size=2, multiple=4)
+    assert [b.rows.tolist() for b in batches] == [[6, 5], [7]]  # longest first, positions in `texts`
+    for batch in batches:
+        for row, position in enumerate(batch.rows):
+            ids = tokenizer(texts[position])["input_ids"]
+            assert batch.input_ids.shape[1] % 4 == 0 and batch.lengths[row] == len(ids)
+            assert batch.input_ids[row, :len(ids)].tolist() == ids
+            assert set(batch.input_ids[row, len(ids):].tolist()) <= {tokenizer.pad_token_id}
+            assert batch.attention_mask[row].tolist() == [1] * len(ids) + [0] * (batch.input_ids.shape[1] - len(ids))
+
+
+def test_a_cancel_while_tokenising_ahead_stops_the_thread(bert_dir: Path) -> None:
+    import threading
+
+    before = threading.active_count()
+    calls: list[int] = []
+    with pytest.raises(FeatureExtractionCancelled):
+        extract_features(bert_dir, mixed_texts(200, seed=5), batch_size=2, tokenize_ahead=True,
+                         on_batch=lambda done, total: calls.append(done), should_cancel=lambda: len(calls) >= 3)
+    assert calls == [1, 2, 3] and threading.active_count() == before
 
 
 def test_prefix_tokenising_gives_the_same_ids_as_whole_texts(bert_dir: Path, llama_dir: Path) -> None:
