@@ -3,7 +3,7 @@
 On a fast GPU the forward passes of small models take less time than tokenising their texts on the CPU (H100,
 8900 BBC articles at 128 tokens: MiniLM-L3's forward passes 0.10 s, extract_features 1.27 s; benchmarks/RESULTS.md,
 feature_speed). extract_features therefore tokenises and pads chunks of texts in a thread while the model runs
-(workers.features.text_chunks, threads_ahead) beside a GPU, or on the CPU when torch leaves a core free.
+(workers.features.text_chunks) beside a GPU; `tokenize_ahead=True` forces it on the CPU, as here.
 
 No GPU here, so this emulates that regime on the CPU: each model's own tokenizer and architecture, narrowed
 (`--narrow HIDDEN,LAYERS`, random weights) until its forward passes take about as long as tokenising, with torch on

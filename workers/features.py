@@ -4,9 +4,9 @@ Images (encoded files as bytes) go through the model folder's own image processo
 (`extract_image_features`); the rest of this docstring is about texts.
 
 Texts are tokenised once (fast tokenizer, no padding), sorted by length and cut into batches of similar length, so
-padding stays small; features come back in the caller's order. Beside a GPU (or when torch leaves a core free) the
-texts are tokenised and padded in chunks by a thread ahead of the forward passes, each chunk sorted on its own
-(`text_chunks`): on a fast GPU tokenising bounds small models, and this way it overlaps the forward passes.
+padding stays small; features come back in the caller's order. Beside a GPU the texts are tokenised and padded in
+chunks by a thread ahead of the forward passes, each chunk sorted on its own (`text_chunks`): on a fast GPU
+tokenising bounds small models, and this way it overlaps the forward passes.
 Mean pooling over the attention mask of the last hidden state, for encoders and decoders alike (decoders are padded
 on the right, so under a causal mask padding never reaches a real token). float32 on CPU; bf16 autocast on CUDA
 (fp16 where bf16 is missing).
@@ -352,9 +352,10 @@ def extract_features(model_dir: Path, texts: list[str] | list[bytes], *, max_len
     own order instead: only for measuring what bucketing saves). Batch widths are rounded up to pad_to_multiple_of
     (default 8 on CUDA: few distinct shapes, so kernels and attention plans are reused; 1 on CPU).
     tokenize_ahead: whether one thread tokenises chunks ahead of the model (`text_chunks`; False: every text
-    tokenised first, one sort; default: when `threads_ahead` would use a thread). One thread, because a fast
-    tokenizer already spreads a batch over the cores, and one tokenizer object is not safe to share between threads
-    (its truncation settings are set on each call). on_batch(done, total) after each batch (with max_tokens, total
+    tokenised first, one sort; default: on CUDA only). One thread, because a fast tokenizer already spreads a batch
+    over the cores, and one tokenizer object is not safe to share between threads (its truncation settings are set
+    on each call). Not on the CPU: there tokenising is ~1-2% of a real model's forward time, and the tokenizer's
+    threads slowed torch's by 5-59% beside it (benchmarks/results/tokenize_ahead.md). on_batch(done, total) after each batch (with max_tokens, total
     can grow once a chunk is tokenised); should_cancel() is checked before each batch and raises
     FeatureExtractionCancelled.
     If the folder is a *ForSequenceClassification model with id2label, source_probs holds its head's softmax.
@@ -378,7 +379,7 @@ def extract_features(model_dir: Path, texts: list[str] | list[bytes], *, max_len
     load_seconds = time.perf_counter() - began
     max_length = length_limit(tokenizer, model, max_length)
     on_cuda = device.startswith("cuda")
-    ahead = threads_ahead(on_cuda) > 0 if tokenize_ahead is None else tokenize_ahead
+    ahead = on_cuda if tokenize_ahead is None else tokenize_ahead
     chunks = text_chunks(texts, batch_size, ahead, bucket_by_length)  # type: ignore[arg-type]
     multiple = pad_to_multiple_of or (8 if on_cuda else 1)
     amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
