@@ -6,7 +6,8 @@ Images (encoded files as bytes) go through the model folder's own image processo
 Texts are tokenised once (fast tokenizer, no padding), sorted by length and cut into batches of similar length, so
 padding stays small; features come back in the caller's order. Beside a GPU the texts are tokenised and padded in
 chunks by a thread ahead of the forward passes, each chunk sorted on its own (`text_chunks`): on a fast GPU
-tokenising bounds small models, and this way it overlaps the forward passes.
+tokenising bounds small models, and this way it overlaps the forward passes. A job's candidates that share a
+tokenizer reuse its ids (`TokenIdsCache`).
 Mean pooling over the attention mask of the last hidden state, for encoders and decoders alike (decoders are padded
 on the right, so under a causal mask padding never reaches a real token). float32 on CPU; bf16 autocast on CUDA
 (fp16 where bf16 is missing).
@@ -127,6 +128,55 @@ def text_chunks(texts: list[str], batch_size: int, ahead: bool, bucket_by_length
     return chunks
 
 
+# Files that decide how a folder's tokenizer maps text to ids (fast and slow formats, special-token settings).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+
+
+def tokenizer_fingerprint(model_dir: Path) -> str | None:
+    """sha256 over the folder's tokenizer files, names and bytes: folders that agree here tokenise alike. None when
+    the folder has none of them (a tokenizer from elsewhere: nothing to compare)."""
+    digest, found = hashlib.sha256(), False
+    for name in TOKENIZER_FILES:
+        path = Path(model_dir) / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+            found = True
+    return digest.hexdigest() if found else None
+
+
+class TokenIdsCache:
+    """Token ids of one job's texts per tokenizer, so candidates that share one (fine-tunes of a base model,
+    MiniLM-L3 and -L6) tokenise the texts once: beside a GPU tokenising costs as much as a small model's forward
+    passes. Keyed by `tokenizer_fingerprint` and max_length; holds at most max_tokens ids (int32, 4 bytes each), past
+    which it stops storing. Bound to one list of texts (its length is checked); used by one thread at a time."""
+
+    def __init__(self, count: int, max_tokens: int = 20_000_000) -> None:
+        self.count, self.max_tokens, self.stored = count, max_tokens, 0
+        self._ids: dict[str, list[np.ndarray | None]] = {}
+        self.reused = 0  # texts whose ids came from the cache
+
+    def encode(self, key: str, tokenizer: Any, texts: list[str], positions: np.ndarray,
+               max_length: int) -> list[np.ndarray]:
+        """`encode` of texts[positions], reusing the ids stored under key and storing the new ones."""
+        if len(texts) != self.count:
+            raise ValueError(f"TokenIdsCache holds {self.count} texts, got {len(texts)}")
+        entry = self._ids.setdefault(key, [None] * self.count)
+        missing = [int(i) for i in positions if entry[i] is None]
+        self.reused += len(positions) - len(missing)
+        fresh = [np.asarray(ids, dtype=np.int32)
+                 for ids in (encode(tokenizer, [texts[i] for i in missing], max_length) if missing else [])]
+        size = sum(len(ids) for ids in fresh)
+        if self.stored + size <= self.max_tokens:
+            self.stored += size
+            for i, ids in zip(missing, fresh):
+                entry[i] = ids
+            return [entry[int(i)] for i in positions]  # type: ignore[misc]
+        new = dict(zip(missing, fresh))
+        return [new[int(i)] if int(i) in new else entry[int(i)] for i in positions]  # type: ignore[misc]
+
+
 @dataclass
 class TokenBatch:
     rows: np.ndarray  # positions of its texts in the caller's list
@@ -137,13 +187,17 @@ class TokenBatch:
 
 def token_batches(tokenizer: Any, texts: list[str], chunk: np.ndarray, *, max_length: int, batch_size: int,
                   max_tokens: int | None = None, bucket_by_length: bool = True, multiple: int = 1,
-                  pin_memory: bool = False) -> list[TokenBatch]:
-    """The texts at positions `chunk`, tokenised (`encode`), grouped by length (`length_batches`, or in order
-    with bucket_by_length=False) and padded on the right with the tokenizer's pad id to each batch's longest row,
-    rounded up to a multiple of `multiple` (never past max_length unless a row is longer)."""
+                  pin_memory: bool = False, token_ids: tuple[TokenIdsCache, str] | None = None) -> list[TokenBatch]:
+    """The texts at positions `chunk`, tokenised (`encode`, or through token_ids: a cache and its key), grouped by
+    length (`length_batches`, or in order with bucket_by_length=False) and padded on the right with the tokenizer's
+    pad id to each batch's longest row, rounded up to a multiple of `multiple` (never past max_length unless a row
+    is longer)."""
     import torch
 
-    encoded = encode(tokenizer, [texts[i] for i in chunk], max_length)
+    if token_ids is None:
+        encoded: list[Any] = encode(tokenizer, [texts[i] for i in chunk], max_length)
+    else:
+        encoded = token_ids[0].encode(token_ids[1], tokenizer, texts, chunk, max_length)
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
     if bucket_by_length:
         groups = length_batches(lengths, batch_size, max_tokens=max_tokens)
@@ -155,7 +209,7 @@ def token_batches(tokenizer: Any, texts: list[str], chunk: np.ndarray, *, max_le
         width = min(-(-width // multiple) * multiple, max(max_length, width))
         mask = np.arange(width) < lengths[rows, None]
         ids = np.full((len(rows), width), tokenizer.pad_token_id, dtype=np.int64)
-        ids[mask] = np.fromiter((t for i in rows for t in encoded[i]), dtype=np.int64, count=int(mask.sum()))
+        ids[mask] = np.concatenate([np.asarray(encoded[i], dtype=np.int64) for i in rows])
         input_ids, attention_mask = torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
         if pin_memory:  # page-locked, so the copy to the GPU is asynchronous
             input_ids, attention_mask = input_ids.pin_memory(), attention_mask.pin_memory()
@@ -342,7 +396,7 @@ def extract_features(model_dir: Path, texts: list[str] | list[bytes], *, max_len
                      should_cancel: Callable[[], bool] | None = None,
                      max_tokens: int | None = None, bucket_by_length: bool = True,
                      pad_to_multiple_of: int | None = None, pooling: str = POOLING,
-                     tokenize_ahead: bool | None = None) -> FeatureResult:
+                     tokenize_ahead: bool | None = None, token_ids: TokenIdsCache | None = None) -> FeatureResult:
     """Mean-pooled last hidden states of `texts` (one row per text, in order) from the model in `model_dir`.
 
     Encoded image files (bytes) instead of texts go to `extract_image_features` (the length options do not apply).
@@ -355,7 +409,8 @@ def extract_features(model_dir: Path, texts: list[str] | list[bytes], *, max_len
     tokenised first, one sort; default: on CUDA only). One thread, because a fast tokenizer already spreads a batch
     over the cores, and one tokenizer object is not safe to share between threads (its truncation settings are set
     on each call). Not on the CPU: there tokenising is ~1-2% of a real model's forward time, and the tokenizer's
-    threads slowed torch's by 5-59% beside it (benchmarks/results/tokenize_ahead.md). on_batch(done, total) after each batch (with max_tokens, total
+    threads slowed torch's by 6-51% beside it (benchmarks/results/tokenize_ahead.md). token_ids: a cache shared by
+    the candidates of one job (the same `texts`), so a tokenizer met before is not run again. on_batch(done, total) after each batch (with max_tokens, total
     can grow once a chunk is tokenised); should_cancel() is checked before each batch and raises
     FeatureExtractionCancelled.
     If the folder is a *ForSequenceClassification model with id2label, source_probs holds its head's softmax.
@@ -384,10 +439,13 @@ def extract_features(model_dir: Path, texts: list[str] | list[bytes], *, max_len
     multiple = pad_to_multiple_of or (8 if on_cuda else 1)
     amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
 
+    fingerprint = None if token_ids is None else tokenizer_fingerprint(Path(model_dir))
+    shared = None if token_ids is None or fingerprint is None else (token_ids, f"{fingerprint}-{max_length}")
+
     def prepare(chunk: np.ndarray) -> list[TokenBatch]:
         return token_batches(tokenizer, texts, chunk, max_length=max_length,  # type: ignore[arg-type]
                              batch_size=batch_size, max_tokens=max_tokens, bucket_by_length=bucket_by_length,
-                             multiple=multiple, pin_memory=on_cuda)
+                             multiple=multiple, pin_memory=on_cuda, token_ids=shared)
 
     # Batches per chunk are known once it is tokenised (max_tokens); until then a chunk counts as full batches.
     total = sum(-(-len(chunk) // batch_size) for chunk in chunks)

@@ -137,6 +137,7 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
     each with the round and sample size at which it was dropped. With confidence >= 1 nothing is dropped and the
     last round scores all rows in dataset order with `seed`, so the ranking is that of `pipeline.rank`.
     """
+    from workers.features import TokenIdsCache
     from workers.ranking import prior_only_evidence, score_metric
 
     if not models:
@@ -180,6 +181,7 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
         start = sizes[r - 1] if r else 0
         new_rows = order[start:size]
         new_texts = [texts[i] for i in new_rows]
+        token_ids = TokenIdsCache(len(new_texts)) if new_texts and isinstance(new_texts[0], str) else None
         tag = _rows_tag(dataset.sha256, new_rows)
         round_forward = 0.0
         failed_now: list[str] = []
@@ -190,7 +192,8 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
             try:
                 result, from_cache = model_features(model, new_texts, tag, cache_root=cache_root,
                                                     hf_cache_dir=hf_cache_dir, max_length=max_length,
-                                                    batch_size=batch_size, device=device, pooling=pooling)
+                                                    batch_size=batch_size, device=device, pooling=pooling,
+                                                    token_ids=token_ids)
             except Exception as exc:  # one unusable candidate must not sink the others (see pipeline.rank)
                 dropped[model_id] = {"round": r, "rows": size, "reason": "failed", "error": describe_failure(exc),
                                      "score": None, "prior": None}

@@ -137,8 +137,10 @@ def sample_rows(labels: np.ndarray, task: str, size: int | None, seed: int) -> n
 
 def model_features(model: ModelSpec, texts: list[str], cache_tag: str, *, cache_root: Path, hf_cache_dir: Path,
                    max_length: int, batch_size: int, device: str | None,
-                   on_batch: Callable[[int, int], None] | None = None, pooling: str = "mean") -> tuple[Any, bool]:
-    """Features for one model, from the artifact cache when this (data, model, revision, pooling, length) was seen."""
+                   on_batch: Callable[[int, int], None] | None = None, pooling: str = "mean",
+                   token_ids: Any | None = None) -> tuple[Any, bool]:
+    """Features for one model, from the artifact cache when this (data, model, revision, pooling, length) was seen.
+    token_ids: the job's `features.TokenIdsCache` for `texts`, so candidates sharing a tokenizer tokenise once."""
     from workers.features import FeatureCache, extract_features
     from workers.hub import resolve_model
 
@@ -153,7 +155,7 @@ def model_features(model: ModelSpec, texts: list[str], cache_tag: str, *, cache_
     if cached is not None:
         return cached, True
     result = extract_features(resolved.path, texts, max_length=max_length, batch_size=batch_size, device=device,
-                              on_batch=on_batch, pooling=pooling)
+                              on_batch=on_batch, pooling=pooling, token_ids=token_ids)
     cache.save(key, result)
     return result, False
 
@@ -242,6 +244,7 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, c
          progress: Progress | None = None, pooling: str = "mean") -> list[RankedModel]:
     """Rank `models` for `dataset` by the first metric; every score comes with an interval and, against the next
     model down, the probability that the higher-ranked one is really better (paired bootstrap over rows)."""
+    from workers.features import TokenIdsCache
     from workers.ranking import prior_only_evidence
 
     report = progress or (lambda stage, fraction: None)
@@ -249,6 +252,8 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, c
     rows = sample_rows(labels, dataset.task, sample_size, seed)
     texts, labels = [texts[i] for i in rows], ranking_targets(labels[rows], dataset.task)
     cache_tag = dataset.sha256 if sample_size is None else f"{dataset.sha256}-sample{sample_size}-seed{seed}"
+    # Candidates sharing a tokenizer (fine-tunes of one base model) tokenise the texts once per job.
+    token_ids = TokenIdsCache(len(texts)) if texts and isinstance(texts[0], str) else None
 
     features_by_model: dict[str, np.ndarray] = {}
     per_model: dict[str, dict[str, Any]] = {}
@@ -273,7 +278,7 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, c
             result, from_cache = model_features(model, texts, cache_tag, cache_root=cache_root,
                                                 hf_cache_dir=hf_cache_dir, max_length=max_length,
                                                 batch_size=batch_size, device=device, on_batch=on_batch,
-                                                pooling=pooling)
+                                                pooling=pooling, token_ids=token_ids)
         except Exception as exc:
             if interrupted:
                 raise

@@ -156,6 +156,52 @@ def test_a_cancel_while_tokenising_ahead_stops_the_thread(bert_dir: Path) -> Non
     assert calls == [1, 2, 3] and threading.active_count() == before
 
 
+def test_candidates_sharing_a_tokenizer_tokenise_the_texts_once(bert_dir: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    other = make_tiny_bert(tmp_path / "other-weights", seed=7)  # same tokenizer files, other weights
+    assert feat.tokenizer_fingerprint(other) == feat.tokenizer_fingerprint(bert_dir) is not None
+    texts = mixed_texts(50, seed=8, low=1, high=80)
+    alone = {ahead: extract_features(other, texts, batch_size=8, max_length=48, tokenize_ahead=ahead)
+             for ahead in (True, False)}
+    tokenised: list[int] = []
+    real_encode = feat.encode
+    monkeypatch.setattr(feat, "encode", lambda tok, batch, length: tokenised.append(len(batch)) or
+                        real_encode(tok, batch, length))
+    token_ids = feat.TokenIdsCache(len(texts))
+    for ahead in (True, False):
+        first = extract_features(bert_dir, texts, batch_size=8, max_length=48, token_ids=token_ids,
+                                 tokenize_ahead=ahead)
+        assert sum(tokenised) == len(texts) and token_ids.stored == first.tokens  # tokenised once, the first time
+        shared = extract_features(other, texts, batch_size=8, max_length=48, token_ids=token_ids,
+                                  tokenize_ahead=ahead)
+        assert sum(tokenised) == len(texts) and token_ids.reused >= len(texts)
+        np.testing.assert_array_equal(shared.features, alone[ahead].features)  # same ids, same batches
+        assert shared.tokens == alone[ahead].tokens
+        tokenised.clear()
+        token_ids = feat.TokenIdsCache(len(texts))
+    # Another max_length is another entry; another tokenizer file (one setting changed) another fingerprint.
+    extract_features(other, texts, batch_size=8, max_length=16, token_ids=token_ids)
+    assert sum(tokenised) == len(texts)
+    settings = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**settings, "do_lower_case": False}))
+    assert feat.tokenizer_fingerprint(other) != feat.tokenizer_fingerprint(bert_dir)
+    assert feat.tokenizer_fingerprint(tmp_path) is None  # no tokenizer files: nothing to share
+
+
+def test_token_ids_cache_stops_storing_at_its_cap_and_checks_its_texts(bert_dir: Path) -> None:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(bert_dir)
+    texts = mixed_texts(10, seed=9, low=5, high=20)
+    expected = feat.encode(tokenizer, texts, 32)
+    small = feat.TokenIdsCache(len(texts), max_tokens=len(expected[0]) + len(expected[1]))
+    first = small.encode("k", tokenizer, texts, np.arange(2), 32)
+    assert [ids.tolist() for ids in first] == expected[:2] and small.stored == len(expected[0]) + len(expected[1])
+    rest = small.encode("k", tokenizer, texts, np.arange(10), 32)  # over the cap: returned, not stored
+    assert [ids.tolist() for ids in rest] == expected and small.stored == len(expected[0]) + len(expected[1])
+    assert small.reused == 2
+    with pytest.raises(ValueError, match="holds 10 texts"):
+        small.encode("k", tokenizer, texts[:3], np.arange(3), 32)
+
+
 def test_prefix_tokenising_gives_the_same_ids_as_whole_texts(bert_dir: Path, llama_dir: Path) -> None:
     texts = mixed_texts(30, seed=9, low=1, high=400) + [
         "", "short", "team " * 300, "x" * 5000, ("a" * 300 + " ") * 20, "http://example.com/" + "abc/" * 800,

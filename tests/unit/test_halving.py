@@ -199,6 +199,18 @@ def test_confidence_one_eliminates_nothing_and_equals_full_rank(setup: dict, tmp
         assert mine.details["logme_prior_only"] == pytest.approx(theirs.details["logme_prior_only"], rel=1e-12)
 
 
+def test_a_rank_job_tokenises_each_text_once_for_candidates_sharing_a_tokenizer(
+        setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tokenised: list[int] = []
+    real_encode = features_module.encode
+    monkeypatch.setattr(features_module, "encode",
+                        lambda tok, texts, length: tokenised.append(len(texts)) or real_encode(tok, texts, length))
+    ranking = rank(setup["dataset"], setup["models"], ["logme"], cache_root=tmp_path / "cache",
+                   hf_cache_dir=setup["root"] / "hf")
+    assert len(ranking) == len(setup["models"]) >= 3  # three folders, one tokenizer
+    assert sum(tokenised) == ROWS
+
+
 def test_stops_at_min_models(setup: dict, tmp_path: Path) -> None:
     result = run(setup, tmp_path / "cache", confidence=0.6, min_models=2)
     survivors = [m for m in result.ranking if not m.details["eliminated"]]
