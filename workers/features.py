@@ -135,14 +135,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def tokenizer_fingerprint(model_dir: Path) -> str | None:
-    """sha256 over the folder's tokenizer files, names and bytes: folders that agree here tokenise alike. None when
-    the folder has none of them (a tokenizer from elsewhere: nothing to compare)."""
+    """sha256 over the folder's tokenizer files, names and bytes, and the config's model_type and tokenizer_class
+    (which pick the tokenizer class when tokenizer_config.json does not: BERT and MPNet read the same vocab.txt with
+    other special tokens): folders that agree here tokenise alike. None when the folder has no tokenizer file (a
+    tokenizer from elsewhere: nothing to compare)."""
     digest, found = hashlib.sha256(), False
     for name in TOKENIZER_FILES:
         path = Path(model_dir) / name
         if path.is_file():
             digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
             found = True
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    if isinstance(config, dict):
+        digest.update(json.dumps([config.get("model_type"), config.get("tokenizer_class")]).encode())
     return digest.hexdigest() if found else None
 
 

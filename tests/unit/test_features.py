@@ -186,6 +186,11 @@ def test_candidates_sharing_a_tokenizer_tokenise_the_texts_once(bert_dir: Path, 
     (other / "tokenizer_config.json").write_text(json.dumps({**settings, "do_lower_case": False}))
     assert feat.tokenizer_fingerprint(other) != feat.tokenizer_fingerprint(bert_dir)
     assert feat.tokenizer_fingerprint(tmp_path) is None  # no tokenizer files: nothing to share
+    # The same files under another architecture may load another tokenizer class (MPNet reads BERT's vocab.txt).
+    mpnet_like = make_tiny_bert(tmp_path / "mpnet-like", seed=7)
+    config = json.loads((mpnet_like / "config.json").read_text())
+    (mpnet_like / "config.json").write_text(json.dumps({**config, "model_type": "mpnet"}))
+    assert feat.tokenizer_fingerprint(mpnet_like) != feat.tokenizer_fingerprint(bert_dir)
 
 
 def test_token_ids_cache_stops_storing_at_its_cap_and_checks_its_texts(bert_dir: Path) -> None:
