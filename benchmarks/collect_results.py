@@ -9,6 +9,13 @@ HERE = Path(__file__).resolve().parent
 ORDER = ["logme_speed", "feature_speed", "tokenize_ahead", "rank_overhead", "rank_overhead_images", "halving", "occam", "rank_vs_finetune", "rank_vs_finetune_lr2e-4", "rank_vs_finetune_headpool", "rank_vs_finetune_kaomoji", "rank_vs_finetune_austen", "image_ranking", "rank_vs_finetune_fashion", "image_decode", "logme_intervals", "tune_compare", "btuning_text", "btuning_vs_finetune"]
 
 
+def append_run(path: Path, title: str, command: str, text: str) -> None:
+    """Add one run (its command and output) to a benchmark's results file, below the runs already there; a new
+    file starts with `title`."""
+    previous = path.read_text(encoding="utf-8") if path.is_file() else f"# {title}\n"
+    path.write_text(previous.rstrip() + f"\n\nCommand: `{command}`  \n{text}\n", encoding="utf-8")
+
+
 def main() -> None:
     parts = [(HERE / "results" / "_summary.md").read_text(encoding="utf-8").rstrip() + "\n"]
     names = [n for n in ORDER if (HERE / "results" / f"{n}.md").is_file()]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import workers.features as features
+from benchmarks.collect_results import append_run
 
 
 ORIGINAL = features.prepared_in_order
@@ -71,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         command = f"python -m benchmarks.image_decode --data {args.data} --models {args.models} " \
                   f"--images {args.images} --repeats {args.repeats} --torch-threads {args.torch_threads}"
-        block = f"Command: `{command}`  \n{text}\n"
-        previous = args.out.read_text(encoding="utf-8") if args.out.is_file() else \
-            "# Decoding image batches ahead in a thread (`benchmarks/image_decode.py`)\n"
-        args.out.write_text(previous.rstrip() + "\n\n" + block, encoding="utf-8")
+        append_run(args.out, "Decoding image batches ahead in a thread (`benchmarks/image_decode.py`)", command, text)
     return 0
 
 

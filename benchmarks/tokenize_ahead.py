@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.collect_results import append_run
 from benchmarks.feature_speed import cpu_model, load_texts
 
 
@@ -114,10 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         command = " ".join(["python -m benchmarks.tokenize_ahead", *(sys.argv[1:] if argv is None else argv)])
-        block = f"Command: `{command}`  \n{text}\n"
-        previous = args.out.read_text(encoding="utf-8") if args.out.is_file() else \
-            "# Tokenising text chunks ahead in a thread (`benchmarks/tokenize_ahead.py`)\n"
-        args.out.write_text(previous.rstrip() + "\n\n" + block, encoding="utf-8")
+        append_run(args.out, "Tokenising text chunks ahead in a thread (`benchmarks/tokenize_ahead.py`)", command, text)
     return 0
 
 

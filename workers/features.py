@@ -418,9 +418,9 @@ def extract_features(model_dir: Path, texts: list[str] | list[bytes], *, max_len
     over the cores, and one tokenizer object is not safe to share between threads (its truncation settings are set
     on each call). Not on the CPU: there tokenising is ~1-2% of a real model's forward time, and the tokenizer's
     threads slowed torch's by 6-51% beside it (benchmarks/results/tokenize_ahead.md). token_ids: a cache shared by
-    the candidates of one job (the same `texts`), so a tokenizer met before is not run again. on_batch(done, total) after each batch (with max_tokens, total
-    can grow once a chunk is tokenised); should_cancel() is checked before each batch and raises
-    FeatureExtractionCancelled.
+    the candidates of one job (the same `texts`), so a tokenizer met before is not run again.
+    on_batch(done, total) after each batch (with max_tokens, total can grow once a chunk is tokenised);
+    should_cancel() is checked before each batch and raises FeatureExtractionCancelled.
     If the folder is a *ForSequenceClassification model with id2label, source_probs holds its head's softmax.
     pooling "mean" (what rank jobs use) averages the last hidden states over the attention mask; "head" takes the
     token a Hugging Face sequence-classification head reads: the last real token of a decoder-only model
@@ -455,8 +455,11 @@ def extract_features(model_dir: Path, texts: list[str] | list[bytes], *, max_len
                              batch_size=batch_size, max_tokens=max_tokens, bucket_by_length=bucket_by_length,
                              multiple=multiple, pin_memory=on_cuda, token_ids=shared)
 
+    def full_batches(chunk: np.ndarray) -> int:
+        return -(-len(chunk) // batch_size)
+
     # Batches per chunk are known once it is tokenised (max_tokens); until then a chunk counts as full batches.
-    total = sum(-(-len(chunk) // batch_size) for chunk in chunks)
+    total = sum(map(full_batches, chunks))
     lengths = np.zeros(len(texts), dtype=np.int64)
     # The base model's last hidden state, also when the model is a classifier (its head gives source_probs).
     collected = _Rows(len(texts))
@@ -464,7 +467,7 @@ def extract_features(model_dir: Path, texts: list[str] | list[bytes], *, max_len
     with _BaseOutput(model, has_head) as backbone, \
             closing(prepared_in_order(prepare, chunks, int(ahead))) as prepared:  # a failure stops the thread
         for chunk, batches in zip(chunks, prepared):
-            total += len(batches) - -(-len(chunk) // batch_size)
+            total += len(batches) - full_batches(chunk)
             for batch in batches:
                 if should_cancel is not None and should_cancel():
                     raise FeatureExtractionCancelled(f"cancelled after {done} of {total} batches")

@@ -181,7 +181,7 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
         start = sizes[r - 1] if r else 0
         new_rows = order[start:size]
         new_texts = [texts[i] for i in new_rows]
-        token_ids = TokenIdsCache(len(new_texts)) if new_texts and isinstance(new_texts[0], str) else None
+        token_ids = TokenIdsCache(len(new_texts))
         tag = _rows_tag(dataset.sha256, new_rows)
         round_forward = 0.0
         failed_now: list[str] = []

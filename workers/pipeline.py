@@ -252,8 +252,7 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, c
     rows = sample_rows(labels, dataset.task, sample_size, seed)
     texts, labels = [texts[i] for i in rows], ranking_targets(labels[rows], dataset.task)
     cache_tag = dataset.sha256 if sample_size is None else f"{dataset.sha256}-sample{sample_size}-seed{seed}"
-    # Candidates sharing a tokenizer (fine-tunes of one base model) tokenise the texts once per job.
-    token_ids = TokenIdsCache(len(texts)) if texts and isinstance(texts[0], str) else None
+    token_ids = TokenIdsCache(len(texts))  # candidates sharing a tokenizer tokenise once (images do not use it)
 
     features_by_model: dict[str, np.ndarray] = {}
     per_model: dict[str, dict[str, Any]] = {}
