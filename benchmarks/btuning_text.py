@@ -7,10 +7,12 @@ seeds and settings):
 
     none            plain fine-tuning
     mean@T          B-Tuning with tradeoff T, the student's features mean-pooled (what a rank job with the default
-                    pooling gives; T = 1 is the default)
+                    pooling gives; T = 1 was the default before jobs chose it)
     head@T          the same with the student's features its head token ([CLS] for encoders), m_t fitted on those
+    mean@auto       T chosen as a tune job chooses it by default (workers.tuning.selection: one trial per value of
+                    the grid on 80% of the training texts, judged on the other 20%; the validation texts unseen)
 
-    python -m benchmarks.btuning_text --hub /tmp/hub --variants none,mean@1,mean@0.1,mean@0.01,head@1
+    python -m benchmarks.btuning_text --hub /tmp/hub --variants none,mean@1,mean@0.1,mean@0.01,head@1,mean@auto
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +38,7 @@ def main() -> None:
     parser.add_argument("--hub", type=Path, required=True)
     parser.add_argument("--student", default="all-MiniLM-L6-v2")
     parser.add_argument("--teachers", default="all-MiniLM-L6-v2,all-mpnet-base-v2,SmolLM2-135M-Instruct")
-    parser.add_argument("--variants", default="none,mean@1,mean@0.1,mean@0.01,head@1")
+    parser.add_argument("--variants", default="none,mean@1,mean@0.1,mean@0.01,head@1,mean@auto")
     parser.add_argument("--train", type=int, default=96)
     parser.add_argument("--val", type=int, default=96)
     parser.add_argument("--max-length", type=int, default=32)
@@ -51,9 +54,10 @@ def main() -> None:
     from benchmarks.tune_compare import load_bbc
     from workers.features import extract_features
     from workers.ranking import logme
-    from workers.tuning.btuning import BTuningTeacher
+    from workers.tuning.btuning import fit_teacher
     from workers.tuning.loop import train
     from workers.tuning.params import TuneConfig
+    from workers.tuning.selection import TRADEOFF_GRID, choose_tradeoff
 
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
@@ -66,10 +70,18 @@ def main() -> None:
         return extract_features(args.hub / model, train_set.texts, max_length=args.max_length, device="cpu",
                                 pooling=pooling).features.astype(np.float64)
 
-    fits = {t: (f, logme(f, train_set.labels, num_classes=classes)) for t, f in ((t, features(t)) for t in teachers)}
-    student_fit = {p: logme(features(args.student, p), train_set.labels, num_classes=classes)
-                   for p in ("mean", "head")}
+    teacher_features = {t: features(t) for t in teachers}
+    fits = {t: logme(f, train_set.labels, num_classes=classes) for t, f in teacher_features.items()}
+    student_features = {p: features(args.student, p) for p in ("mean", "head")}
+    student_fit = {p: logme(f, train_set.labels, num_classes=classes) for p, f in student_features.items()}
+    labels = np.asarray(train_set.labels)
+
+    def make_teacher(pooling: str, rows: np.ndarray) -> Any:
+        return fit_teacher([teacher_features[t][rows] for t in teachers], student_features[pooling][rows], labels[rows],
+                           "classification", num_classes=classes, names=teachers, pooling=pooling)
+
     rows: list[tuple[str, float, float, float]] = []
+    chosen: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for variant in [v for v in args.variants.split(",") if v]:
             accuracy, task_loss, distill = [], [], []
@@ -77,14 +89,18 @@ def main() -> None:
                 config = dict(epochs=args.epochs, lr=args.lr, batch_size=16, max_length=args.max_length, seed=seed,
                               device="cpu", save_every_steps=0)
                 teacher = None
+                run = Path(tmp) / f"{variant}-{seed}"
                 if variant != "none":
                     pooling, _, weight = variant.partition("@")
-                    teacher = BTuningTeacher([fits[t][0] for t in teachers], [fits[t][1].weights for t in teachers],
-                                             [fits[t][1].score for t in teachers],
-                                             student_weights=student_fit[pooling].weights, pooling=pooling,
-                                             names=teachers)
-                    config.update(strategy="btuning", tradeoff=float(weight or 1.0))
-                run = Path(tmp) / f"{variant}-{seed}"
+                    teacher = make_teacher(pooling, np.arange(len(labels)))
+                    config.update(strategy="btuning", tradeoff=1.0 if weight == "auto" else float(weight or 1.0))
+                    if weight == "auto":
+                        picked = choose_tradeoff(TuneConfig(**config), args.hub / args.student, train_set,
+                                                 "classification", names, lambda r, p=pooling: make_teacher(p, r),
+                                                 TRADEOFF_GRID, run / "selection")
+                        config["tradeoff"] = picked["chosen"]
+                        chosen.setdefault(variant, []).append(picked["chosen"])
+                        print(variant, seed, "trials", picked["trials"], flush=True)
                 result = train(TuneConfig(**config), args.hub / args.student, train_set, val_set, "classification",
                                names, run / "ckpt", run / "state", teacher=teacher)
                 accuracy.append(result.metrics["accuracy"])
@@ -98,8 +114,10 @@ def main() -> None:
              f"BBC News {args.train} train / {args.val} validation texts, max_length {args.max_length}, "
              f"{args.epochs} epochs, lr {args.lr}, batch 16, seeds {args.seeds}; student {args.student} "
              f"(LogME mean {student_fit['mean'].score:.3f}, head {student_fit['head'].score:.3f}); teachers "
-             + ", ".join(f"{t} (LogME {fits[t][1].score:.3f})" for t in teachers)
-             + f"; {time.perf_counter() - began:.0f} s in all.", "",
+             + ", ".join(f"{t} (LogME {fits[t].score:.3f})" for t in teachers)
+             + f"; {time.perf_counter() - began:.0f} s in all."
+             + "".join(f" {v}: tradeoff chosen per seed {', '.join(f'{c:g}' for c in cs)} from "
+                       f"{', '.join(f'{g:g}' for g in TRADEOFF_GRID)}." for v, cs in chosen.items()), "",
              "| variant | val accuracy | task loss, last epoch | distillation term, last epoch |", "|---|---|---|---|"]
     for variant, mean, spread, loss, term in rows:
         lines.append(f"| {variant} | {mean:.3f} ± {spread:.3f} | {loss:.3f} | {term:.4f} |")

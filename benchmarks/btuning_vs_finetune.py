@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from demo.run import wait_healthy
 from service.client import Client
@@ -48,6 +49,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=0, help="B-Tuning teachers (default: all models)")
+    parser.add_argument("--tradeoff", default="auto",
+                        help='B-Tuning tradeoff: a number, comma-separated values to choose among, or "auto"')
     parser.add_argument("--port", type=int, default=18775)
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).resolve().parent / "results" / "btuning_vs_finetune.md")
@@ -68,12 +71,16 @@ def main() -> None:
             with args.data.open("rb") as fh:
                 dataset = client._check(client.http.post("/v1/datasets", files={"file": (args.data.name, fh)},
                                                          data=form, timeout=None))
+            tradeoff: Any = args.tradeoff if args.tradeoff == "auto" else [float(v) for v in args.tradeoff.split(",")]
+            tradeoff = tradeoff[0] if isinstance(tradeoff, list) and len(tradeoff) == 1 else tradeoff
+            chosen: list[Any] = []
             common = {"target": ids[target], "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
             for seed in seeds:
                 for strategy in ("finetune", "btuning"):
                     tune = {"strategy": strategy, "seed": seed, **common}
                     if strategy == "btuning":
                         tune["top_k"] = args.top_k or len(names)
+                        tune["tradeoff"] = tradeoff
                     job = client.post("/v1/jobs", {"dataset_id": dataset["id"], "metrics": ["logme"], "tune": tune})
                     job = client.watch(job["id"], interval=1.0, out=open(os.devnull, "w"))
                     if job["status"] != "succeeded":
@@ -83,6 +90,7 @@ def main() -> None:
                     print(seed, strategy, model["metrics"], f"{model['wall_seconds']:.0f}s", flush=True)
                     if strategy == "btuning":
                         teachers = model["details"]["btuning"]
+                        chosen.append(model["details"].get("tradeoff_selection", {}).get("chosen", tradeoff))
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=60)
@@ -96,7 +104,7 @@ def main() -> None:
              f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared), CPU; data {args.data.name} "
              f"({dataset['rows']} rows, validation 20%, split by seed); target {target}; teachers "
              f"{', '.join(f'{n} (π={w:.3f}, LogME {s:.3f})' for n, w, s in described)}; "
-             f"{args.epochs} epochs, lr {args.lr}, batch {args.batch_size}, tradeoff 1.0, temperature 0.1; "
+             f"{args.epochs} epochs, lr {args.lr}, batch {args.batch_size}, tradeoff {args.tradeoff} (used, by seed: {', '.join(f'{c:g}' for c in chosen)}), temperature 0.1; "
              f"{time.perf_counter() - began:.0f} s in all.", "",
              "| seed | strategy | accuracy | macro-F1 | ECE | wall s |", "|---|---|---|---|---|---|"]
     for seed, strategy, metrics, wall in rows:

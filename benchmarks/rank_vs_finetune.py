@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     picked = subsample(labels if args.task == "classification" else np.zeros(len(labels)), args.task, args.rows,
                        args.data_seed)
     texts, labels = [texts[i] for i in picked], labels[picked]
-    from workers.tune_runner import split_rows
+    from workers.tuning.selection import split_rows
 
     train_idx, val_idx = split_rows(labels, args.task, args.validation_fraction, args.data_seed)
     train = ([texts[i] for i in train_idx], labels[train_idx])

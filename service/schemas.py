@@ -3,9 +3,10 @@ these names by tests (tests/unit/test_names.py), so the two cannot drift apart."
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 TASKS = ("classification", "multilabel", "regression")
 METRICS = ("logme", "logme_projected", "ridge_loo", "hscore", "hscore_shrinkage", "nleep", "gbc", "transrate", "sfda", "leep", "nce")
@@ -41,6 +42,10 @@ class RegularizerSpec(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+# B-Tuning's tradeoff given as a list: each value costs one trial run
+MAX_TRADEOFF_TRIALS = 8
+
+
 class TuneSpec(BaseModel):
     """Tuning options; every default is documented in README.md (Tuning)."""
 
@@ -49,7 +54,9 @@ class TuneSpec(BaseModel):
     top_k: int = Field(default=1, ge=1, le=20, description="finetune: tune the top-k; btuning: number of teachers")
     target: str | None = Field(default=None, description="model id to tune; default the top-ranked")
     regularizer: RegularizerSpec = Field(default_factory=RegularizerSpec)
-    tradeoff: float = Field(default=1.0, ge=0, description="btuning: weight of the distillation term")
+    tradeoff: float | list[float] | Literal["auto"] = Field(
+        default="auto", description="btuning: weight of the distillation term; \"auto\" (or a list of values) "
+        "picks it by held-out accuracy on the training split, one trial run per value")
     temperature: float = Field(default=0.1, gt=0, description="btuning: teacher weights softmax(LogME/T)")
     epochs: int = Field(default=3, ge=1, le=100)
     lr: float = Field(default=2e-5, gt=0, le=1.0)
@@ -57,6 +64,20 @@ class TuneSpec(BaseModel):
     max_length: int = Field(default=128, ge=8, le=8192)
     seed: int = 0
     validation_fraction: float = Field(default=0.2, gt=0, lt=0.9)
+
+    @field_validator("tradeoff", mode="before")
+    @classmethod
+    def _tradeoff(cls, value: Any) -> Any:
+        """One message for the three forms (pydantic's union would report a failure per form)."""
+        def number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+        if value == "auto" or number(value):
+            return value
+        if isinstance(value, list) and 1 <= len(value) <= MAX_TRADEOFF_TRIALS and all(number(v) for v in value):
+            return value
+        raise ValueError(f'expected a number >= 0, a list of 1 to {MAX_TRADEOFF_TRIALS} such numbers, or "auto"; '
+                         f"got {value!r}")
 
 
 class HalvingSpec(BaseModel):

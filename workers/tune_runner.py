@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,25 +18,7 @@ from sqlalchemy.orm import sessionmaker
 from service import jobs as job_states
 from service.db import Checkpoint, Dataset, HubModel, Job, RankingEntry, utcnow
 from service.settings import Settings
-
-
-def split_rows(labels: np.ndarray, task: str, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train/validation row indices; stratified by class for classification so every class is validated."""
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    if task == "classification":
-        val: list[int] = []
-        for cls in np.unique(labels):
-            members = rng.permutation(np.flatnonzero(labels == cls))
-            take = int(round(len(members) * validation_fraction))
-            if len(members) > 1:
-                take = min(max(take, 1), len(members) - 1)
-            val.extend(members[:take].tolist())
-        val_idx = np.sort(np.asarray(val, dtype=np.int64))
-    else:
-        val_idx = np.sort(rng.permutation(n)[: max(1, int(round(n * validation_fraction)))])
-    train_idx = np.setdiff1d(np.arange(n), val_idx)
-    return train_idx, val_idx
+from workers.tuning.selection import choose_tradeoff, split_rows, tradeoff_grid
 
 
 def file_listing(folder: Path) -> list[dict[str, Any]]:
@@ -66,9 +49,9 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
                settings: Settings) -> None:
     from workers import pipeline
     from workers.hub import resolve_model
-    from workers.ranking import logme
     from workers.runner import feature_batch_size
-    from workers.tuning import BTuningTeacher, TextDataset, TuneConfig, TuningCancelled, train
+    from workers.tuning import TextDataset, TuneConfig, TuningCancelled, train
+    from workers.tuning.btuning import fit_teacher
 
     spec = job.tune or {}
     with sessions() as session:
@@ -93,6 +76,7 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
     val_set = TextDataset([texts[i] for i in val_idx], labels[val_idx])
 
     teacher = None
+    make_teacher = None
     if strategy == "btuning":
         by_logme = sorted(ranked, key=lambda m: -(scores[m.id].get("logme") or -np.inf))
         target_ids = [spec["target"] or by_logme[0].id]
@@ -107,17 +91,17 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
                 max_length=settings.feature_max_length, batch_size=feature_batch_size(settings),
                 device=settings.device, pooling=job.options.get("pooling", "mean"))
             train_features[model.id] = np.asarray(result.features, dtype=np.float64)[train_idx]
-        # the targets as ranking scores them (regression standardised, multi-label labels that occur), so every
-        # model's posterior means predict the same thing: teachers' predictions and the student's readout compare
-        fit_targets = pipeline.ranking_targets(train_set[1], dataset.task)
         classes = len(dataset.label_names or []) if dataset.task == "classification" else None
-        fits = {mid: logme(f, fit_targets, task=dataset.task, num_classes=classes)
-                for mid, f in train_features.items()}
-        teacher = BTuningTeacher(
-            features=[train_features[m.id] for m in teachers], weights=[fits[m.id].weights for m in teachers],
-            scores=[fits[m.id].score for m in teachers], student_weights=fits[target_ids[0]].weights,
-            temperature=spec["temperature"], names=[m.name for m in teachers],
-            pooling=job.options.get("pooling", "mean"))
+
+        def make_teacher(rows: np.ndarray) -> Any:
+            # the targets as ranking scores them (regression standardised, multi-label labels that occur), so
+            # every model's posterior means predict the same thing: teachers' predictions and the student's compare
+            return fit_teacher([train_features[m.id][rows] for m in teachers], train_features[target_ids[0]][rows],
+                               pipeline.ranking_targets(train_set.labels[rows], dataset.task), dataset.task,
+                               num_classes=classes, temperature=spec["temperature"], names=[m.name for m in teachers],
+                               pooling=job.options.get("pooling", "mean"))
+
+        teacher = make_teacher(np.arange(len(train_idx)))
     else:
         target_ids = [spec["target"]] if spec["target"] else [m.id for m in ranked[:top_k]]
 
@@ -135,20 +119,36 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
                                  revision=model.revision if model.source == "hf" else None,
                                  path=model.locator if model.source == "local" else None,
                                  cache_dir=settings.hf_cache_dir)
+        # B-Tuning with a tradeoff to choose ("auto" or a list): one trial run per value, each ~80% of the final
+        # run's steps; a number is used as given (finetune ignores it)
+        grid = tradeoff_grid(spec["tradeoff"]) if make_teacher is not None else None
+        fixed = spec["tradeoff"] if isinstance(spec["tradeoff"], (int, float)) else 1.0
         config = TuneConfig(strategy=strategy, regularizer=regularizer,
                             regularizer_params=spec["regularizer"]["params"], epochs=spec["epochs"], lr=spec["lr"],
                             batch_size=spec["batch_size"], max_length=spec["max_length"], seed=spec["seed"],
-                            tradeoff=spec["tradeoff"], temperature=spec["temperature"],
+                            tradeoff=fixed, temperature=spec["temperature"],
                             device=settings.device).validate()
+        runs = 1 + (len(grid) if grid is not None and len(grid) > 1 else 0)
+        selection = None
+        if grid is not None and make_teacher is not None:
+            def on_trial(trial: int, point: dict[str, Any], name: str = model.name, grid: list[float] = grid) -> None:
+                fraction = (trial + point["step"] / max(point["total_steps"], 1)) / runs
+                progress(f"choosing the B-Tuning tradeoff: {name} with {grid[trial]:g} "
+                         f"({trial + 1}/{len(grid)})", min(fraction, 0.99))
+
+            selection = choose_tradeoff(config, resolved.path, train_set, dataset.task, dataset.label_names,
+                                        make_teacher, grid, job_dir / "train-state" / name, on_progress=on_trial)
+            config = replace(config, tradeoff=selection["chosen"]).validate()
         stage = f"tuning {index + 1}/{len(target_ids)}: {model.name}"
 
-        def on_progress(point: dict[str, Any], stage: str = stage, index: int = index) -> None:
-            fraction = (index + point["step"] / max(point["total_steps"], 1)) / len(target_ids)
+        def on_progress(point: dict[str, Any], stage: str = stage, index: int = index, runs: int = runs) -> None:
+            fraction = (index + (runs - 1 + point["step"] / max(point["total_steps"], 1)) / runs) / len(target_ids)
             progress(stage, min(fraction, 0.99))
 
         card = {"dataset_sha256": dataset.sha256, "base_model": model.name, "base_model_source": model.source,
                 "base_model_locator": model.locator, "base_model_revision": model.revision, "job_id": job.id,
-                "ranking_scores": scores.get(model.id), "tune": spec}
+                "ranking_scores": scores.get(model.id), "tune": spec,
+                **({"tradeoff_selection": selection} if selection is not None else {})}
         try:
             outcome = train(config, resolved.path, train_set, val_set, dataset.task, dataset.label_names,
                             checkpoint_dir=checkpoint_dir, state_dir=job_dir / "train-state" / name,
@@ -156,6 +156,8 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
         except TuningCancelled as exc:
             raise job_states.JobCancelled(job.id) from exc
         summary = {"model": model.name, "model_id": model.id, "checkpoint": name, **outcome.to_dict()}
+        if selection is not None:
+            summary["details"]["tradeoff_selection"] = selection
         _write_json_atomic(result_path, summary)
         results[name] = summary
 

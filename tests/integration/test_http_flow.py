@@ -180,6 +180,11 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
     assert reg_tuned["status"] == "succeeded", (reg_tuned, stack.log_text())
     (student,) = reg_tuned["tuning"]["models"]
     assert math.isfinite(student["metrics"]["rmse"]) and len(student["details"]["btuning"]["teachers"]) == 2
+    # the default tradeoff is chosen by trial runs, judged here by the held-out squared error
+    selection = student["details"]["tradeoff_selection"]
+    assert [t["tradeoff"] for t in selection["trials"]] == [0.01, 0.1, 1.0, 10.0]
+    assert all(math.isfinite(t["rmse"]) and math.isfinite(t["val_loss"]) for t in selection["trials"])
+    assert student["config"]["tradeoff"] == selection["chosen"] and selection["metric"] == "rmse"
 
     # Catalog: an image model is recorded but is never a candidate of a text job; a text model needs its tokenizer.
     vision = make_tiny_vit(tmp_path / "vision")
@@ -289,6 +294,7 @@ def test_image_rank_flow(stack: Stack, tiny_hub: dict[str, Path], tmp_path: Path
     assert distilled["status"] == "succeeded", (distilled, stack.log_text())
     (student,) = distilled["tuning"]["models"]
     assert sorted(student["details"]["btuning"]["teachers"]) == sorted(image_hub)
+    assert len(student["details"]["tradeoff_selection"]["trials"]) == 4  # images choose the tradeoff alike
 
 
 def test_too_large_upload_is_413(tmp_path: Path) -> None:

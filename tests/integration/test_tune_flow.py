@@ -29,8 +29,11 @@ def test_btuning_and_finetune_checkpoints(stack: Stack, client_and_dataset, tmp_
     bad = client.post("/v1/jobs", json={"dataset_id": dataset["id"],
                                         "tune": {"regularizer": {"name": "l2sp", "params": {"alpha": -1}}}})
     assert bad.status_code == 422 and bad.json()["field"] == "tune.regularizer.params.alpha", bad.text
+    bad = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "tune": {"strategy": "btuning", "tradeoff": "big"}})
+    assert bad.status_code == 422 and bad.json()["field"] == "tune.tradeoff" and "auto" in bad.json()["detail"]
+    # the tradeoff chosen between two values by trial runs on the training split
     tune = {"strategy": "btuning", "top_k": 2, "epochs": 1, "lr": 1e-3, "batch_size": 16, "max_length": 32,
-            "tradeoff": 1.0, "seed": 0}
+            "tradeoff": [0.1, 1.0], "seed": 0}
     job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "tune": tune}).json()
     job = wait_for(client, job["id"], stack, timeout=300)
     assert job["status"] == "succeeded", (job, stack.log_text())
@@ -41,6 +44,10 @@ def test_btuning_and_finetune_checkpoints(stack: Stack, client_and_dataset, tmp_
     for name in ("accuracy", "macro_f1", "ece", "val_loss"):
         assert metrics[name] is not None
     assert tuned[0]["curve"] and tuned[0]["wall_seconds"] > 0
+    selection = tuned[0]["details"]["tradeoff_selection"]
+    assert [t["tradeoff"] for t in selection["trials"]] == [0.1, 1.0]
+    assert selection["chosen"] in (0.1, 1.0) and tuned[0]["config"]["tradeoff"] == selection["chosen"]
+    assert sum(selection["rows"].values()) == 96  # the training split (80% of 120 rows); validation rows unseen
 
     checkpoints = client.get(f"/v1/jobs/{job['id']}/checkpoints").json()
     assert len(checkpoints) == 1

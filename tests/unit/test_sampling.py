@@ -5,7 +5,7 @@ import pytest
 
 from workers.pipeline import ranking_targets, sample_rows
 from workers.ranking import logme, prior_only_evidence
-from workers.tune_runner import split_rows
+from workers.tuning.selection import split_rows
 
 
 def test_stratified_sample_keeps_class_proportions_and_is_reproducible() -> None:

@@ -138,6 +138,22 @@ class BTuningTeacher:
                 "temperature": self.temperature, "pooling": self.pooling}
 
 
+def fit_teacher(teacher_features: Sequence[np.ndarray], student_features: np.ndarray, targets: np.ndarray, task: str,
+                num_classes: int | None = None, temperature: float = 0.1, names: Sequence[str] | None = None,
+                pooling: str = "mean") -> BTuningTeacher:
+    """Fit LogME on each teacher's and the student's features of the training rows and combine the teachers.
+
+    targets: what LogME scores (workers.pipeline.ranking_targets of the training labels), so every m predicts the
+    same columns; features in the order of those rows."""
+    from workers.ranking.logme import logme
+
+    fits = [logme(f, targets, task=task, num_classes=num_classes) for f in teacher_features]
+    student = logme(student_features, targets, task=task, num_classes=num_classes)
+    return BTuningTeacher(features=list(teacher_features), weights=[f.weights for f in fits],
+                          scores=[f.score for f in fits], student_weights=student.weights, temperature=temperature,
+                          names=names, pooling=pooling)
+
+
 class BTuningLoss(Regularizer):
     """The B-Tuning term as a training-loop piece: tradeoff * ||phi_t(x) m_t^T - target[index]||^2, phi_t the
     student's current features pooled as the teacher's were (`pooled_features`)."""

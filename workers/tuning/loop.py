@@ -293,7 +293,7 @@ def _evaluate(model: nn.Module, data: _Encoded | _Pixels, task: str, device: tor
 
 
 def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextDataset, task: str,
-          label_names: list[str] | None, checkpoint_dir: Path, state_dir: Path,
+          label_names: list[str] | None, checkpoint_dir: Path | None, state_dir: Path | None,
           on_progress: Callable[[dict], None] | None = None, should_cancel: Callable[[], bool] | None = None,
           teacher: BTuningTeacher | None = None, *, card: dict[str, Any] | None = None) -> TuneResult:
     """Tune the model in `model_dir` (a Hugging Face folder) on `train`, evaluate on `val`, and write a checkpoint
@@ -301,6 +301,8 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
 
     label_names: class (or label) names for id2label/label2id; None gives "LABEL_i" (regression: ignored).
     teacher: required when config.strategy == "btuning" (rows in the order of `train`).
+    checkpoint_dir, state_dir: None for a trial run that only reports its validation metrics (choosing B-Tuning's
+        tradeoff): nothing is written, and it neither resumes nor can be resumed.
     card: extra fields for the model card, e.g. {"base_model", "base_revision", "dataset_sha256", "name"};
         strategy, regularizer, hyper-parameters, seed and scores are added here.
     """
@@ -312,7 +314,11 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
     config = TuneConfig.from_dict(config if isinstance(config, dict) else asdict(config))  # a validated copy
     if task not in TASKS:
         raise ValueError(f"task: must be one of {list(TASKS)}, got {task!r}")
-    model_dir, checkpoint_dir, state_dir = Path(model_dir), Path(checkpoint_dir), Path(state_dir)
+    model_dir = Path(model_dir)
+    if checkpoint_dir is None or state_dir is None:
+        checkpoint_dir = state_dir = None  # a trial run
+    else:
+        checkpoint_dir, state_dir = Path(checkpoint_dir), Path(state_dir)
     train, val = TextDataset(*train), TextDataset(*val)
     images = holds_images(train)
     if config.strategy == "btuning" and teacher is None:
@@ -337,13 +343,15 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
     names = list(label_names) if label_names and task != "regression" else [f"LABEL_{i}" for i in range(num_labels)]
 
     fingerprint = _fingerprint(config, model_dir, train, val, task, label_names, teacher)
-    result_path = state_dir / RESULT_FILE
-    state_path = state_dir / STATE_FILE
-    if result_path.exists() and checkpoint_dir.exists():
-        done = json.loads(result_path.read_text(encoding="utf-8"))
-        if done.get("fingerprint") == fingerprint:
-            return TuneResult.from_dict(done["result"])
-    discard_partial(checkpoint_dir)
+    result_path = state_path = None
+    if checkpoint_dir is not None and state_dir is not None:
+        result_path = state_dir / RESULT_FILE
+        state_path = state_dir / STATE_FILE
+        if result_path.exists() and checkpoint_dir.exists():
+            done = json.loads(result_path.read_text(encoding="utf-8"))
+            if done.get("fingerprint") == fingerprint:
+                return TuneResult.from_dict(done["result"])
+        discard_partial(checkpoint_dir)
 
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     use_bf16 = bool(config.bf16 and device.type == "cuda")  # revisited once the pieces are known
@@ -398,7 +406,7 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
     curve: list[dict[str, Any]] = []
     interval = [0.0, 0.0, 0]  # task loss sum, total loss sum, steps since the last curve point
     elapsed_before = 0.0
-    state = load_state(state_path, map_location=device) if state_path.exists() else None
+    state = load_state(state_path, map_location=device) if state_path is not None and state_path.exists() else None
     if state is not None and state.get("fingerprint") == fingerprint and state.get("version") == STATE_VERSION:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -499,7 +507,8 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
             progress["val_loss"] = last_eval.get("val_loss")
         if on_progress is not None:
             on_progress(progress)
-        if config.save_every_steps > 0 and step % config.save_every_steps == 0 and step < total_steps:
+        if state_path is not None and config.save_every_steps > 0 and step % config.save_every_steps == 0 \
+                and step < total_steps:
             save_state()
 
     if last_eval is None:  # resumed exactly at the end: evaluate the restored weights
@@ -507,7 +516,7 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
     for piece in pieces:
         piece.teardown(model)
     scaling = None
-    if scale is not None:  # the checkpoint predicts y itself (see target_scale)
+    if scale is not None and checkpoint_dir is not None:  # the checkpoint predicts y itself (see target_scale)
         probe_data = val_data if len(val_data) else train_data
         probe = probe_data.batch(torch.arange(min(len(probe_data), eval_batch)), device, task)
         scaling = fold_into_head(model, scale, {k: probe[k] for k in MODEL_INPUTS if k in probe})
@@ -534,12 +543,15 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
         **({"btuning": details["btuning"]} if "btuning" in details else {}),
         **({"target_scaling": scaling} if scaling is not None else {}),
     })
+    result = TuneResult(task=task, metrics=last_eval, curve=curve, wall_seconds=wall, steps=step,
+                        total_steps=total_steps, resumed_from_step=resumed_from,
+                        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir is not None else "",
+                        config=config_dict, details=details)
+    if checkpoint_dir is None or state_dir is None or result_path is None or state_path is None:
+        return result  # a trial run: nothing to keep (all four are None together; spelt out for type checkers)
     model.eval()
     with _quiet_transformers():
         write_checkpoint(model, preprocessor, checkpoint_dir, record)
-    result = TuneResult(task=task, metrics=last_eval, curve=curve, wall_seconds=wall, steps=step,
-                        total_steps=total_steps, resumed_from_step=resumed_from, checkpoint_dir=str(checkpoint_dir),
-                        config=config_dict, details=details)
     state_dir.mkdir(parents=True, exist_ok=True)
     tmp = result_path.with_name(RESULT_FILE + ".tmp")
     tmp.write_text(json.dumps({"fingerprint": fingerprint, "result": result.to_dict()}, default=float),

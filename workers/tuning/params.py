@@ -190,7 +190,8 @@ class TuneConfig:
     warmup_ratio: linear warmup over this fraction of the steps, then linear decay to 0.
     max_grad_norm: gradient clipping (0 turns it off).
     tradeoff: B-Tuning's lambda (thuml/LogME b_tuning.py uses 100 on a mean over N x C; ours is a mean over
-        examples of a squared norm over C, so 100/C there is about 1 here). Data-dependent: pick by validation.
+        examples of a squared norm over C, so the reference's 100 is 100/C here). Data-dependent: a tune job picks
+        it by validation unless given (workers.tuning.selection); this loop takes the number.
     temperature: B-Tuning's T in the teacher weights softmax(LogME_k / T) (paper and reference: 0.1).
     save_every_steps: write the full training state for resuming every this many optimiser steps (0: never).
     eval_every_steps: also evaluate every this many steps (0: only at the end of each epoch).
