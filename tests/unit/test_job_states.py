@@ -102,3 +102,46 @@ def test_api_process_never_imports_torch() -> None:
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_json_columns_store_nan_and_infinity_as_null(kind: str, tmp_path: Path) -> None:
+    """A diverged training run reports NaN losses; PostgreSQL's json type rejects NaN (the job would fail while
+    recording its results) and the API's responses refuse it, so JSON columns write null instead."""
+    import math
+    import uuid
+
+    from tests.integration.conftest import PG_ADMIN_URL, postgres_available
+
+    database = None
+    if kind == "postgres":
+        if not postgres_available():
+            pytest.skip("PostgreSQL not reachable")
+        import psycopg
+
+        database = f"hubtune_test_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f"CREATE DATABASE {database}")
+        url = f"postgresql://postgres@127.0.0.1:5432/{database}"
+    else:
+        url = f"sqlite:///{tmp_path / 'nan.db'}"
+    try:
+        upgrade(url)
+        factory = session_factory(url)
+        tuning = {"models": [{"metrics": {"val_loss": math.nan, "accuracy": 0.5},
+                              "trials": [{"tradeoff": 10.0, "val_loss": math.inf}, (1.0, -math.inf)]}]}
+        with factory.begin() as session:
+            session.add(Dataset(id="d1", owner="o", filename="f.csv", format="csv", task="classification",
+                                text_column="text", label_column="label", rows=2, sha256="0" * 64, size_bytes=1,
+                                storage_path="/nowhere"))
+            session.add(Job(id="j1", owner="o", dataset_id="d1", candidates=["m"], metrics=["logme"], tuning=tuning))
+        with factory() as session:
+            stored = session.get(Job, "j1").tuning
+        assert stored == {"models": [{"metrics": {"val_loss": None, "accuracy": 0.5},
+                                      "trials": [{"tradeoff": 10.0, "val_loss": None}, [1.0, None]]}]}
+    finally:
+        if database:
+            import psycopg
+
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+                admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")

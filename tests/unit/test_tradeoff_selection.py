@@ -143,3 +143,31 @@ def test_the_api_takes_a_number_a_list_or_auto_with_one_message(value, ok) -> No
     (error,) = info.value.errors()
     assert error["loc"] == ("tradeoff",) and '"auto"' in error["msg"]
     assert TuneSpec().tradeoff == "auto"
+
+
+def test_a_worker_killed_while_choosing_reruns_only_the_unfinished_trials(bert_dir, tmp_path, monkeypatch):
+    real_train = loop.train
+    calls: list[float] = []
+
+    def dies_on_the_second(cfg, *args, **kwargs):
+        calls.append(cfg.tradeoff)
+        if len(calls) == 2:
+            raise RuntimeError("worker killed")
+        return real_train(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train", dies_on_the_second)
+    with pytest.raises(RuntimeError, match="killed"):
+        choose_tradeoff(config(strategy="btuning", epochs=1), bert_dir, TRAIN, "classification", NAMES,
+                        misleading_teacher, [0.0, 1000.0], tmp_path)
+    kept = json.loads((tmp_path / SELECTION_FILE).read_text())
+    assert kept["selection"] is None and [t["tradeoff"] for t in kept["trials"]] == [0.0]
+
+    def counted(cfg, *args, **kwargs):
+        calls.append(cfg.tradeoff)
+        return real_train(cfg, *args, **kwargs)
+
+    calls.clear()
+    monkeypatch.setattr(loop, "train", counted)
+    selection = choose_tradeoff(config(strategy="btuning", epochs=1), bert_dir, TRAIN, "classification", NAMES,
+                                misleading_teacher, [0.0, 1000.0], tmp_path)
+    assert calls == [1000.0] and [t["tradeoff"] for t in selection["trials"]] == [0.0, 1000.0]

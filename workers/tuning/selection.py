@@ -90,21 +90,30 @@ def choose_tradeoff(config: Any, model_dir: Path, train_set: Any, task: str, lab
 
     config: the job's TuneConfig (strategy "btuning"); each trial runs it with another tradeoff, nothing saved.
     make_teacher(rows): the BTuningTeacher fitted on those rows of `train_set` only (features in that row order).
-    work_dir: the choice is kept in work_dir/tradeoff.json and read back for the same grid and settings, so a worker
-        that dies after choosing does not train the trials again.
+    work_dir: each finished trial, then the choice, is kept in work_dir/tradeoff.json and read back for the same grid
+        and settings, so a worker that dies while choosing trains only the trials it had not finished.
     on_progress(trial_index, point): the training loop's progress points of each trial (a cancel raises there).
-    Returns {"chosen", "grid", "criterion", "metric", "trials": [{tradeoff, <metric>, val_loss, steps}], "rows": {train,
-    validation}} or, when no row can be held out, the fallback with a "reason".
-    """
+    Returns {"chosen", "grid", "criterion", "metric", "trials": [{tradeoff, <metric>, val_loss, steps,
+    wall_seconds}], "rows": {train, validation}} or, when no row can be held out, the fallback with a "reason"."""
     from workers.tuning.loop import TextDataset, train
 
     grid = sorted({float(v) for v in grid})
     key = {"grid": grid, "config": {k: v for k, v in config.to_dict().items() if k not in ("tradeoff", "device")}}
+    key = json.loads(json.dumps(key))  # as read back from the file (tuples become lists)
     record_path = Path(work_dir) / SELECTION_FILE
+    done: dict[float, dict[str, Any]] = {}
     if record_path.is_file():
         stored = json.loads(record_path.read_text(encoding="utf-8"))
-        if stored.get("key") == json.loads(json.dumps(key)):
-            return stored["selection"]
+        if stored.get("key") == key:
+            if stored.get("selection") is not None:
+                return stored["selection"]
+            done = {float(t["tradeoff"]): t for t in stored.get("trials", [])}
+
+    def keep(record: dict[str, Any]) -> None:
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record_path.with_name(SELECTION_FILE + ".tmp")
+        tmp.write_text(json.dumps({"key": key, **record}, default=float), encoding="utf-8")
+        os.replace(tmp, record_path)
 
     labels = np.asarray(train_set.labels)
     fit_rows, held_rows = split_rows(labels, task, TRIAL_VALIDATION_FRACTION, config.seed)
@@ -121,17 +130,19 @@ def choose_tradeoff(config: Any, model_dir: Path, train_set: Any, task: str, lab
         teacher = make_teacher(fit_rows)
         trials = []
         for index, value in enumerate(grid):
+            if value in done:  # finished before a restart
+                trials.append(done[value])
+                continue
             trial_config = replace(config, tradeoff=value, save_every_steps=0)
             progress = None if on_progress is None else (lambda point, index=index: on_progress(index, point))
             result = train(trial_config, model_dir, subset(fit_rows), subset(held_rows), task, label_names,
                            checkpoint_dir=None, state_dir=None, on_progress=progress, teacher=teacher)
             trials.append({"tradeoff": value, metric: result.metrics.get(metric),
-                           "val_loss": result.metrics.get("val_loss"), "steps": result.steps})
+                           "val_loss": result.metrics.get("val_loss"), "steps": result.steps,
+                           "wall_seconds": round(result.wall_seconds, 3)})
+            keep({"trials": trials, "selection": None})
         selection = {"chosen": best_trial(trials, task)["tradeoff"], "grid": grid, "criterion": "val_loss",
                      "metric": metric,
                      "trials": trials, "rows": {"train": int(len(fit_rows)), "validation": int(len(held_rows))}}
-    record_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record_path.with_name(SELECTION_FILE + ".tmp")
-    tmp.write_text(json.dumps({"key": key, "selection": selection}, default=float), encoding="utf-8")
-    os.replace(tmp, record_path)
+    keep({"selection": selection})
     return selection
