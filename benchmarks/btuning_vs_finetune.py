@@ -19,7 +19,6 @@ import os
 import platform
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,16 +26,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from demo.run import wait_healthy
+from demo.run import start_service
 from service.client import Client
-
-
-def start_service(home: Path, port: int) -> subprocess.Popen:
-    env = dict(os.environ, HUBTUNE_HOME=str(home), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_healthy(f"http://127.0.0.1:{port}", server)
-    return server
 
 
 def main() -> None:
@@ -64,9 +55,9 @@ def main() -> None:
     began = time.perf_counter()
     rows: list[tuple[int, str, dict, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_service(Path(tmp), args.port)
+        server, url = start_service(Path(tmp), args.port, quiet=True)
         try:
-            client = Client(f"http://127.0.0.1:{args.port}")
+            client = Client(url)
             ids = {name: client.add_model(path=str(args.hub / name), name=name)["id"] for name in names}
             form = {"task": "classification"}
             if args.data.suffix != ".zip":

@@ -17,15 +17,13 @@ import importlib.util
 import os
 import platform
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 
-import httpx
-
+from demo.run import start_service
 from service.client import Client
 
 
@@ -76,18 +74,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         data = args.data or bbc_sample(args.rows, home / "bbc.csv")
-        port = 18765
-        env = dict(os.environ, HUBTUNE_HOME=str(home), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        server, url = start_service(home, 18765, quiet=True)
         try:
-            url = f"http://127.0.0.1:{port}"
-            for _ in range(120):
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.5)
             client = Client(url)
             for folder in folders:
                 client.add_model(path=str(folder), name=folder.name if folder.name != "model" else "all-MiniLM-L6-v2")

@@ -45,6 +45,24 @@ def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> No
     raise SystemExit("the service did not become healthy")
 
 
+def start_service(home: Path, preferred_port: int, quiet: bool = False) -> tuple[subprocess.Popen, str]:
+    """`hubtune serve` on its embedded default (SQLite, filesystem broker, worker child) with HUBTUNE_HOME=home, on
+    preferred_port or, when that is taken, a free one: a service already holding the port would answer the health
+    check and take the jobs. Returns the process (its own session: stop it with os.killpg) and its URL, healthy."""
+    port = free_port(preferred_port)
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, HUBTUNE_HOME=str(home), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    output = subprocess.DEVNULL if quiet else None
+    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port",
+                               str(port)], env=env, stdout=output, stderr=output, start_new_session=True)
+    try:
+        wait_healthy(url, server)
+    except BaseException:
+        os.killpg(server.pid, signal.SIGTERM)
+        raise
+    return server, url
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=400, help="BBC News sample size (stratified)")
@@ -62,14 +80,10 @@ def main(argv: list[str] | None = None) -> int:
                    check=True)
     prepared = time.perf_counter()
 
-    port = free_port(args.port)
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, HUBTUNE_HOME=str(settings.home_dir), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    print(f"[demo] starting `hubtune serve --port {port}` (SQLite + filesystem broker + worker child)", flush=True)
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port",
-                               str(port)], env=env, start_new_session=True)
+    print("[demo] starting `hubtune serve` (SQLite + filesystem broker + worker child)", flush=True)
+    server, url = start_service(settings.home_dir, args.port)
+    print(f"[demo] serving on {url}", flush=True)
     try:
-        wait_healthy(url, server)
         client = Client(url)
         wanted = {m for m in args.models.split(",") if m}
         folders = sorted(p for p in hub_dir.iterdir() if (p / "config.json").is_file()

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
     val_set = TextDataset([texts[i] for i in val_idx], labels[val_idx])
 
     teacher = None
-    make_teacher = None
+    make_teacher: Callable[[np.ndarray], Any] | None = None  # B-Tuning: the teacher fitted on given training rows
     if strategy == "btuning":
         by_logme = sorted(ranked, key=lambda m: -(scores[m.id].get("logme") or -np.inf))
         target_ids = [spec["target"] or by_logme[0].id]
@@ -93,7 +94,7 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
             train_features[model.id] = np.asarray(result.features, dtype=np.float64)[train_idx]
         classes = len(dataset.label_names or []) if dataset.task == "classification" else None
 
-        def make_teacher(rows: np.ndarray) -> Any:
+        def fit_on(rows: np.ndarray) -> Any:
             # the targets as ranking scores them (regression standardised, multi-label labels that occur), so
             # every model's posterior means predict the same thing: teachers' predictions and the student's compare
             return fit_teacher([train_features[m.id][rows] for m in teachers], train_features[target_ids[0]][rows],
@@ -101,7 +102,8 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
                                num_classes=classes, temperature=spec["temperature"], names=[m.name for m in teachers],
                                pooling=job.options.get("pooling", "mean"))
 
-        teacher = make_teacher(np.arange(len(train_idx)))
+        make_teacher = fit_on
+        teacher = fit_on(np.arange(len(train_idx)))
     else:
         target_ids = [spec["target"]] if spec["target"] else [m.id for m in ranked[:top_k]]
 
