@@ -56,7 +56,7 @@ class TuneSpec(BaseModel):
     regularizer: RegularizerSpec = Field(default_factory=RegularizerSpec)
     tradeoff: float | list[float] | Literal["auto"] = Field(
         default="auto", description="btuning: weight of the distillation term; \"auto\" (or a list of values) "
-        "picks it by held-out accuracy on the training split, one trial run per value")
+        "picks it by the held-out loss of trial runs on the training split, one per value")
     temperature: float = Field(default=0.1, gt=0, description="btuning: teacher weights softmax(LogME/T)")
     epochs: int = Field(default=3, ge=1, le=100)
     lr: float = Field(default=2e-5, gt=0, le=1.0)
