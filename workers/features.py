@@ -588,10 +588,10 @@ def vision_tower(model: Any) -> Any:
 
 
 def threads_ahead(on_cuda: bool) -> int:
-    """Threads preparing batches ahead of the model (decoding and resizing images, tokenising and padding texts;
-    0: inline). Beside a GPU up to four, where preparing would otherwise bound the job; on the CPU one only when
-    torch leaves a core free: when torch's threads take every core, a decoding thread slowed the forward passes by
-    5-14% (benchmarks/results/image_decode.md)."""
+    """Threads decoding and resizing image batches ahead of the model (0: inline). Beside a GPU up to four, where
+    decoding would otherwise bound the job; on the CPU one only when torch leaves a core free: when torch's threads
+    take every core, a decoding thread slowed the forward passes by 5-14% (benchmarks/results/image_decode.md).
+    Texts are tokenised ahead in one thread at most, and by default only beside a GPU (see extract_features)."""
     import torch
 
     cores = os.cpu_count() or 1

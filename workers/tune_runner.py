@@ -3,9 +3,7 @@ record metrics and checkpoints in one transaction."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -19,31 +17,13 @@ from sqlalchemy.orm import sessionmaker
 from service import jobs as job_states
 from service.db import Checkpoint, Dataset, HubModel, Job, RankingEntry, utcnow
 from service.settings import Settings
+from workers.tuning.checkpoint import list_files, write_json_atomic
 from workers.tuning.selection import choose_tradeoff, split_rows, tradeoff_grid
-
-
-def file_listing(folder: Path) -> list[dict[str, Any]]:
-    entries = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        entries.append({"path": str(path.relative_to(folder)), "size": path.stat().st_size,
-                        "sha256": digest.hexdigest()})
-    return entries
 
 
 def checkpoint_name(model_name: str, strategy: str, regularizer: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-") or "model"
     return f"{safe}-{strategy}" + (f"-{regularizer}" if strategy == "finetune" and regularizer != "none" else "")
-
-
-def _write_json_atomic(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
 
 
 def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, progress: Any,
@@ -160,7 +140,7 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
         summary = {"model": model.name, "model_id": model.id, "checkpoint": name, **outcome.to_dict()}
         if selection is not None:
             summary["details"]["tradeoff_selection"] = selection
-        _write_json_atomic(result_path, summary)
+        write_json_atomic(result_path, summary)
         results[name] = summary
 
     progress("recording checkpoints", 0.99)
@@ -169,6 +149,6 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
         for name, summary in results.items():
             folder = job_dir / "checkpoints" / name
             session.add(Checkpoint(job_id=job.id, name=name, model_id=summary["model_id"], path=str(folder),
-                                   files=file_listing(folder)))
+                                   files=list_files(folder)))
         job_states.finish(session, job.id, token, status="succeeded", stage="done", progress=1.0,
                           tuning={"strategy": strategy, "models": list(results.values())}, finished_at=utcnow())

@@ -137,6 +137,15 @@ def list_files(checkpoint_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+def write_json_atomic(path: Path, value: Any) -> None:
+    """JSON to `path.tmp`, then os.replace: a reader (a restarted worker) sees the old file or the new, never half.
+    numpy scalars are written as floats."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=float), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def save_state_atomic(state: dict[str, Any], path: Path) -> None:
     """torch.save to `path.tmp`, fsync, then os.replace: a reader sees the old state or the new, never half."""
     import torch

@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -44,7 +43,13 @@ import torch
 from torch import Tensor, nn
 
 from workers.tuning.btuning import BTuningLoss, BTuningTeacher
-from workers.tuning.checkpoint import discard_partial, load_state, save_state_atomic, write_checkpoint
+from workers.tuning.checkpoint import (
+    discard_partial,
+    load_state,
+    save_state_atomic,
+    write_checkpoint,
+    write_json_atomic,
+)
 from workers.tuning.metrics import MAIN_METRIC, task_metrics
 from workers.tuning.params import TASKS, TuneConfig
 from workers.tuning.regularizers import (
@@ -533,6 +538,12 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
             details["btuning"] = piece.teacher.describe()
     wall = elapsed_before + time.perf_counter() - began
     config_dict = config.to_dict()
+    result = TuneResult(task=task, metrics=last_eval, curve=curve, wall_seconds=wall, steps=step,
+                        total_steps=total_steps, resumed_from_step=resumed_from,
+                        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir is not None else "",
+                        config=config_dict, details=details)
+    if checkpoint_dir is None or state_dir is None or result_path is None or state_path is None:
+        return result  # a trial run: nothing to keep (all four are None together)
     record = dict(card or {})
     record.update({
         "task": task, "modality": "image" if images else "text",
@@ -543,20 +554,10 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
         **({"btuning": details["btuning"]} if "btuning" in details else {}),
         **({"target_scaling": scaling} if scaling is not None else {}),
     })
-    result = TuneResult(task=task, metrics=last_eval, curve=curve, wall_seconds=wall, steps=step,
-                        total_steps=total_steps, resumed_from_step=resumed_from,
-                        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir is not None else "",
-                        config=config_dict, details=details)
-    if checkpoint_dir is None or state_dir is None or result_path is None or state_path is None:
-        return result  # a trial run: nothing to keep (all four are None together; spelt out for type checkers)
     model.eval()
     with _quiet_transformers():
         write_checkpoint(model, preprocessor, checkpoint_dir, record)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = result_path.with_name(RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, "result": result.to_dict()}, default=float),
-                   encoding="utf-8")
-    os.replace(tmp, result_path)
+    write_json_atomic(result_path, {"fingerprint": fingerprint, "result": result.to_dict()})
     if state_path.exists():
         state_path.unlink()
     return result

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from workers.tuning.checkpoint import write_json_atomic
 
 # The default grid (tradeoff "auto"): one value per decade from nearly plain fine-tuning up to 10. The reference's 100
 # on a mean over N x C is 100/C on our per-example sum over C (1 for 100 classes, 50 for 2); four values keep a job
@@ -111,12 +112,6 @@ def choose_tradeoff(config: Any, model_dir: Path, train_set: Any, task: str, lab
                 return stored["selection"]
             done = {float(t["tradeoff"]): t for t in stored.get("trials", [])}
 
-    def keep(record: dict[str, Any]) -> None:
-        record_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record_path.with_name(SELECTION_FILE + ".tmp")
-        tmp.write_text(json.dumps({"key": key, **record}, default=float), encoding="utf-8")
-        os.replace(tmp, record_path)
-
     labels = np.asarray(train_set.labels)
     fit_rows, held_rows = split_rows(labels, task, TRIAL_VALIDATION_FRACTION, config.seed)
     metric = SELECTION_METRIC[task][0]
@@ -142,9 +137,9 @@ def choose_tradeoff(config: Any, model_dir: Path, train_set: Any, task: str, lab
             trials.append({"tradeoff": value, metric: result.metrics.get(metric),
                            "val_loss": result.metrics.get("val_loss"), "steps": result.steps,
                            "wall_seconds": round(result.wall_seconds, 3)})
-            keep({"trials": trials, "selection": None})
+            write_json_atomic(record_path, {"key": key, "trials": trials, "selection": None})
         selection = {"chosen": best_trial(trials, task)["tradeoff"], "grid": grid, "criterion": "val_loss",
                      "metric": metric,
                      "trials": trials, "rows": {"train": int(len(fit_rows)), "validation": int(len(held_rows))}}
-    keep({"selection": selection})
+    write_json_atomic(record_path, {"key": key, "selection": selection})
     return selection
