@@ -26,6 +26,11 @@ GENERIC_BOOTSTRAP_MIN = 10
 GENERIC_BOOTSTRAP_SECONDS = 5.0
 
 
+class UnscorableTargets(ValueError):
+    """The labels of the rows at hand give the estimators nothing to score (no multi-label label occurs, or a constant
+    regression target); callers that can go on without a score catch this and only this."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     id: str
@@ -107,14 +112,14 @@ def ranking_targets(labels: np.ndarray, task: str) -> np.ndarray:
         # about any model, and LogME of an all-zero target is unbounded: score the labels that occur.
         present = np.asarray(labels).any(axis=0)
         if not present.any():
-            raise ValueError("no label occurs in the rows ranked; nothing can be scored")
+            raise UnscorableTargets("no label occurs in the rows scored")
         return labels if present.all() else labels[:, present]
     if task != "regression":
         return labels
     values = np.asarray(labels, dtype=np.float64)
     spread = values.std(axis=0)
     if np.any(spread == 0):
-        raise ValueError("the regression target is constant on the rows ranked; nothing can be scored")
+        raise UnscorableTargets("the regression target is constant on the rows scored")
     return (values - values.mean(axis=0)) / spread
 
 

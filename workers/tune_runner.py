@@ -83,7 +83,11 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
                                pooling=job.options.get("pooling", "mean"))
 
         make_teacher = fit_on
-        teacher = fit_on(np.arange(len(train_idx)))
+        try:
+            teacher = fit_on(np.arange(len(train_idx)))
+        except pipeline.UnscorableTargets as exc:
+            raise ValueError(f"B-Tuning cannot fit its teachers on the {len(train_idx)} training rows ({exc}); "
+                             "use more rows, another seed or validation_fraction, or strategy finetune") from exc
     else:
         target_ids = [spec["target"]] if spec["target"] else [m.id for m in ranked[:top_k]]
 

@@ -120,6 +120,31 @@ def test_no_trials_when_nothing_can_be_held_out_or_one_value_is_given(bert_dir, 
     assert single["chosen"] == 3.0 and single["trials"] == []
 
 
+def test_no_trials_when_the_trials_rows_give_no_teacher(bert_dir, tmp_path, monkeypatch):
+    """Multi-label rows whose only positives fall among the held-out rows: LogME has nothing to fit on the trials'
+    rows, so the job goes on with the fallback and says why (it failed before)."""
+    from workers.pipeline import ranking_targets
+    from workers.tuning.btuning import fit_teacher
+
+    monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("no trial should run"))
+    n = len(TRAIN.texts)
+    _, held_rows = split_rows(np.zeros((n, 2)), "multilabel", 0.2, seed=0)  # random rows: labels do not matter
+    labels = np.zeros((n, 2))
+    labels[held_rows[:2], 0] = labels[held_rows[2:4], 1] = 1
+    sparse = type(TRAIN)(TRAIN.texts, labels)
+    features = np.random.default_rng(0).normal(size=(n, 8))
+
+    def make_teacher(rows: np.ndarray) -> BTuningTeacher:
+        return fit_teacher([features[rows]], features[rows], ranking_targets(labels[rows], "multilabel"),
+                           "multilabel")
+
+    picked = choose_tradeoff(config(strategy="btuning"), bert_dir, sparse, "multilabel", NAMES, make_teacher,
+                             TRADEOFF_GRID, tmp_path)
+    assert picked["chosen"] == 1.0 and picked["trials"] == []
+    assert "no teacher" in picked["reason"] and "no label occurs" in picked["reason"]
+    make_teacher(np.arange(n))  # the whole split has labels: the final run's teacher is fine
+
+
 def test_a_trial_run_writes_nothing(bert_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = loop.train(config(epochs=1), bert_dir, TRAIN, TRAIN, "classification", NAMES, None, None)

@@ -23,13 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from workers.pipeline import UnscorableTargets
 from workers.tuning.checkpoint import write_json_atomic
 
 # The default grid (tradeoff "auto"): one value per decade from nearly plain fine-tuning up to 10. The reference's 100
 # on a mean over N x C is 100/C on our per-example sum over C (1 for 100 classes, 50 for 2); four values keep a job
 # with "auto" at about 4x the cost of one run. On Fashion-MNIST the trials chose the top value, 10, in every seed.
 TRADEOFF_GRID = (0.01, 0.1, 1.0, 10.0)
-# Used when the training split is too small to hold any rows out (one example per class): the earlier default.
+# Used when no trial can run (one example per class, or no teacher on the trials' rows): the earlier default.
 FALLBACK_TRADEOFF = 1.0
 TRIAL_VALIDATION_FRACTION = 0.2
 SELECTION_FILE = "tradeoff.json"
@@ -97,7 +98,8 @@ def choose_tradeoff(config: Any, model_dir: Path, train_set: Any, task: str, lab
         and settings, so a worker that dies while choosing trains only the trials it had not finished.
     on_progress(trial_index, point): the training loop's progress points of each trial (a cancel raises there).
     Returns {"chosen", "grid", "criterion", "metric", "trials": [{tradeoff, <metric>, val_loss, steps,
-    wall_seconds}], "rows": {train, validation}} or, when no row can be held out, the fallback with a "reason"."""
+    wall_seconds}], "rows": {train, validation}}; or, when no row can be held out or the trials' rows give no
+    teacher (multi-label rows without a label, a constant target), FALLBACK_TRADEOFF with a "reason"."""
     from workers.tuning.loop import TextDataset, train
 
     grid = sorted({float(v) for v in grid})
@@ -115,8 +117,18 @@ def choose_tradeoff(config: Any, model_dir: Path, train_set: Any, task: str, lab
     labels = np.asarray(train_set.labels)
     fit_rows, held_rows = split_rows(labels, task, TRIAL_VALIDATION_FRACTION, config.seed)
     metric = SELECTION_METRIC[task][0]
-    if len(grid) == 1 or len(held_rows) == 0 or len(fit_rows) == 0:
-        reason = "one value given" if len(grid) == 1 else "the training split is too small to hold rows out"
+    reason = None
+    if len(grid) == 1:
+        reason = "one value given"
+    elif len(held_rows) == 0 or len(fit_rows) == 0:
+        reason = "the training split is too small to hold rows out"
+    else:
+        try:
+            teacher = make_teacher(fit_rows)
+        except UnscorableTargets as exc:
+            # e.g. a multi-label set whose few positive rows all fell in the held-out part: no teacher to trial
+            reason = f"no teacher can be fitted on the trials' {len(fit_rows)} rows: {exc}"
+    if reason is not None:
         chosen = grid[0] if len(grid) == 1 else FALLBACK_TRADEOFF
         selection: dict[str, Any] = {"chosen": chosen, "grid": grid, "criterion": "val_loss", "metric": metric,
                                      "trials": [], "reason": reason}
@@ -124,7 +136,6 @@ def choose_tradeoff(config: Any, model_dir: Path, train_set: Any, task: str, lab
         def subset(rows: np.ndarray) -> Any:
             return TextDataset([train_set.texts[i] for i in rows], labels[rows])
 
-        teacher = make_teacher(fit_rows)
         trials = []
         for index, value in enumerate(grid):
             if value in done:  # finished before a restart
