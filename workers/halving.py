@@ -16,7 +16,6 @@ Pure pipeline code like workers/pipeline.py: no database, no Celery.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from workers.pipeline import (CandidatesFailed, DatasetSpec, ModelSpec, Progress, RankedModel, bootstrap_metric,
-                              describe_failure, load_dataset, model_features, ranking_targets)
+                              describe_failure, examples_digest, load_dataset, model_features, ranking_targets)
 
 
 @dataclass
@@ -116,12 +115,6 @@ def paired_elimination(point: dict[str, float], replicates: dict[str, np.ndarray
     return leader, p_better, behind[keep_extra:]
 
 
-def _rows_tag(dataset_sha256: str, rows: np.ndarray) -> str:
-    """Cache tag naming the dataset and exactly these rows, in this order."""
-    digest = hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()[:24]
-    return f"{dataset_sha256}-rows{len(rows)}-{digest}"
-
-
 def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metric: str = "logme", *,
                             initial_rows: int = 256, growth: float = 2.0, confidence: float = 0.95,
                             min_models: int = 1, seed: int = 0, cache_root: Path, hf_cache_dir: Path,
@@ -182,7 +175,7 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
         new_rows = order[start:size]
         new_texts = [texts[i] for i in new_rows]
         token_ids = TokenIdsCache(len(new_texts))
-        tag = _rows_tag(dataset.sha256, new_rows)
+        tag = examples_digest(new_texts)
         round_forward = 0.0
         failed_now: list[str] = []
         for k, model_id in enumerate(survivors):

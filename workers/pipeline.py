@@ -6,6 +6,7 @@ benchmarks call the same code the service runs.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -42,8 +43,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    path: Path
-    sha256: str
+    path: Path  # the normalised Parquet file (service.datasets.write_normalized)
     task: str
     label_names: list[str] | None
 
@@ -95,6 +95,20 @@ def load_dataset(spec: DatasetSpec) -> tuple[list[str] | list[bytes], np.ndarray
         labels = np.asarray(raw_labels, dtype=np.float64)
     keep = distinct_examples(texts)
     return [texts[i] for i in keep], labels[keep]
+
+
+def examples_digest(examples: list[str] | list[bytes]) -> str:
+    """sha256 over exactly these examples in this order: the dataset part of a feature-cache key.
+
+    Not the upload's sha256: one file uploaded twice with another text or image column, or another label column
+    (which changes a stratified sample's rows), holds other examples, and a key naming the file returned the first
+    upload's features for the second."""
+    digest = hashlib.sha256()
+    for example in examples:
+        data = example.encode("utf-8", "surrogatepass") if isinstance(example, str) else bytes(example)
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return f"{digest.hexdigest()[:40]}-n{len(examples)}"
 
 
 def ranking_targets(labels: np.ndarray, task: str) -> np.ndarray:
@@ -256,7 +270,7 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, c
     texts, labels = load_dataset(dataset)
     rows = sample_rows(labels, dataset.task, sample_size, seed)
     texts, labels = [texts[i] for i in rows], ranking_targets(labels[rows], dataset.task)
-    cache_tag = dataset.sha256 if sample_size is None else f"{dataset.sha256}-sample{sample_size}-seed{seed}"
+    cache_tag = examples_digest(texts)
     token_ids = TokenIdsCache(len(texts))  # candidates sharing a tokenizer tokenise once (images do not use it)
 
     features_by_model: dict[str, np.ndarray] = {}

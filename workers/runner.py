@@ -89,7 +89,7 @@ def _rank_phase(sessions: sessionmaker, job: Job, dataset: Dataset, models: list
                 progress: ProgressReporter, settings: Settings) -> None:
     from workers import pipeline
 
-    dataset_spec = pipeline.DatasetSpec(path=Path(dataset.storage_path), sha256=dataset.sha256, task=dataset.task,
+    dataset_spec = pipeline.DatasetSpec(path=Path(dataset.storage_path), task=dataset.task,
                                         label_names=dataset.label_names)
     model_specs = [pipeline.ModelSpec(m.id, m.name, m.source, m.locator, m.revision) for m in models]
     common = dict(cache_root=settings.features_dir, hf_cache_dir=settings.hf_cache_dir,

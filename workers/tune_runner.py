@@ -50,7 +50,7 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
     strategy, top_k = spec["strategy"], spec["top_k"]
     regularizer = spec["regularizer"]["name"]
 
-    dataset_spec = pipeline.DatasetSpec(Path(dataset.storage_path), dataset.sha256, dataset.task, dataset.label_names)
+    dataset_spec = pipeline.DatasetSpec(Path(dataset.storage_path), dataset.task, dataset.label_names)
     texts, labels = pipeline.load_dataset(dataset_spec)
     train_idx, val_idx = split_rows(labels, dataset.task, spec["validation_fraction"], spec["seed"])
     train_set = TextDataset([texts[i] for i in train_idx], labels[train_idx])
@@ -64,11 +64,12 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
         teachers = by_logme[:top_k]
         needed = {m.id: m for m in [*teachers, by_id[target_ids[0]]]}
         train_features: dict[str, np.ndarray] = {}
+        cache_tag = pipeline.examples_digest(texts)
         for model in needed.values():
             progress(f"teacher features: {model.name}", 0.0)
             result, _ = pipeline.model_features(
                 pipeline.ModelSpec(model.id, model.name, model.source, model.locator, model.revision), texts,
-                dataset.sha256, cache_root=settings.features_dir, hf_cache_dir=settings.hf_cache_dir,
+                cache_tag, cache_root=settings.features_dir, hf_cache_dir=settings.hf_cache_dir,
                 max_length=settings.feature_max_length, batch_size=feature_batch_size(settings),
                 device=settings.device, pooling=job.options.get("pooling", "mean"))
             train_features[model.id] = np.asarray(result.features, dtype=np.float64)[train_idx]

@@ -113,6 +113,22 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
     assert again["status"] == "succeeded"
     assert all(r["features_cached"] and r["feature_seconds"] == 0.0 for r in again["ranking"])
     assert alice.get("/v1/jobs", params={"limit": 1}).json()["total"] == 2
+    # One file uploaded twice, ranking another text column: other examples, so other features, not the cached ones
+    # of the first upload (the cache was keyed by the file's sha256 and returned the title's features for the body).
+    lines = topic_csv(60).decode().splitlines()[1:]
+    two_columns = "title,body,label\n" + "".join(
+        f"{line.rsplit(',', 1)[0][:20]},{line.rsplit(',', 1)[0]},{line.rsplit(',', 1)[1]}\n" for line in lines)
+    by_column = {}
+    for column in ("title", "body"):
+        column_set = upload(alice, two_columns.encode(), text_column=column)
+        assert column_set.status_code == 201, column_set.text
+        column_job = wait_for(alice, alice.post("/v1/jobs", json={"dataset_id": column_set.json()["id"]}
+                                                ).json()["id"], stack)
+        assert column_job["status"] == "succeeded", (column_job, stack.log_text())
+        by_column[column] = {r["model_id"]: r for r in column_job["ranking"]}
+    assert not any(r["features_cached"] for r in by_column["body"].values())
+    assert all(abs(r["scores"]["logme"] - by_column["title"][m]["scores"]["logme"]) > 1e-6
+               for m, r in by_column["body"].items())
     # pooling="head" ranks other features (the token a classification head reads): computed anew, scored differently
     head = wait_for(alice, alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "pooling": "head"}).json()["id"],
                     stack)
@@ -157,7 +173,7 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
     bad_regression = upload(alice, b"text,label\na,1.5\nb,abc\n", task="regression")
     assert bad_regression.status_code == 422 and bad_regression.json()["row"] == 2
     assert sorted(p.name for p in (stack.home / "artifacts" / "datasets").iterdir()) == before
-    assert alice.get("/v1/datasets").json()["total"] == 1
+    assert alice.get("/v1/datasets").json()["total"] == 3
 
     bad_job = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "metrics": ["logme", "accuracy"]})
     assert bad_job.status_code == 422 and bad_job.json()["field"] == "metrics[1]"

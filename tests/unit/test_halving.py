@@ -89,7 +89,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     labels = (projection > np.median(projection)).astype(int)
     path = root / "data.parquet"
     write_normalized(ParsedDataset(texts, labels.tolist(), ["lo", "hi"], None, ROWS), "classification", path)
-    dataset = DatasetSpec(path, "f" * 64, "classification", ["lo", "hi"])
+    dataset = DatasetSpec(path, "classification", ["lo", "hi"])
     models = [ModelSpec(name, name, "local", str(folder), "") for name, folder in
               (("d", d), ("b", b), ("a", a))]
     return {"root": root, "dataset": dataset, "models": models, "texts": texts, "labels": labels}
@@ -293,7 +293,7 @@ def test_image_datasets_rank_through_successive_halving(tmp_path: Path) -> None:
                      path)
     models = [ModelSpec("vit", "vit", "local", str(make_tiny_vit(tmp_path / "vit")), ""),
               ModelSpec("cnn", "cnn", "local", str(make_tiny_mobilenet(tmp_path / "cnn")), "")]
-    result = rank_successive_halving(DatasetSpec(path, "e" * 64, "classification", ["red", "blue"]), models,
+    result = rank_successive_halving(DatasetSpec(path, "classification", ["red", "blue"]), models,
                                      cache_root=tmp_path / "cache", hf_cache_dir=tmp_path / "hf", initial_rows=16)
     assert [r.rows for r in result.rounds][0] == 16
     assert sorted(m.model_id for m in result.ranking) == ["cnn", "vit"]

@@ -62,7 +62,7 @@ def test_repeated_examples_are_read_once_and_logme_counts_coinciding_rows_once(t
     names = ["a", "b", "c"]
     write_normalized(ParsedDataset(examples=texts, labels=[int(y) for y in labels], label_names=names,
                                    class_counts=None, rows=len(texts)), "classification", path)
-    read_texts, read_labels = load_dataset(DatasetSpec(path, "0" * 64, "classification", names))
+    read_texts, read_labels = load_dataset(DatasetSpec(path, "classification", names))
     assert read_texts == [texts[i] for i in keep]
     assert read_labels.tolist() == labels[keep].tolist()
 
