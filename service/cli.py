@@ -112,7 +112,7 @@ def cmd_datasets(args: argparse.Namespace, _settings: Settings) -> int:
     client = _client(args)
     if args.action == "upload":
         print_json(client.upload(Path(args.file), args.task, args.text_column, args.label_column,
-                                 args.image_column))
+                                 args.image_column, args.text_pair_column))
     elif args.action == "list":
         items = client.get("/v1/datasets", limit=args.limit)["items"]
         print(format_table([[d["id"], d["filename"], d["task"], d["rows"], ",".join(d["label_names"] or [])]
@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("file")
     up.add_argument("--task", default="classification", choices=["classification", "multilabel", "regression"])
     up.add_argument("--text-column", default="text")
+    up.add_argument("--text-pair-column", default=None,
+                    help="text pairs (premise and hypothesis, question and passage): the column of each row's second "
+                    "text; models read the two as one pair")
     up.add_argument("--label-column", default="label")
     up.add_argument("--image-column", default=None,
                     help="image datasets: the Parquet column of image bytes, or the column of a zip's metadata.csv "

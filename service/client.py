@@ -41,10 +41,12 @@ class Client:
         return self._check(self.http.post(path, json=body or {}))
 
     def upload(self, file: Path, task: str, text_column: str, label_column: str,
-               image_column: str | None = None) -> dict[str, Any]:
+               image_column: str | None = None, text_pair_column: str | None = None) -> dict[str, Any]:
         form = {"task": task, "text_column": text_column, "label_column": label_column}
         if image_column is not None:
             form["image_column"] = image_column
+        if text_pair_column is not None:
+            form["text_pair_column"] = text_pair_column
         with file.open("rb") as fh:
             response = self.http.post("/v1/datasets", files={"file": (file.name, fh)}, data=form, timeout=None)
         return self._check(response)

@@ -13,6 +13,8 @@ Rules (every rejection is a `DatasetProblem` the API renders as RFC 9457 problem
 - Columns: CSV header names are stripped of surrounding spaces and must be unique; JSONL columns are the union of
   the keys of all lines; `text_column` and `label_column` must exist and differ.
 - Text cells must be non-blank strings. A label cell that is missing, null or blank is an error.
+- Text pairs (`text_pair_column`, e.g. premise and hypothesis, question and passage): each example is the two
+  texts of its row, both non-blank; models read them as the pair their tokenizer encodes ([CLS] a [SEP] b [SEP]).
 - classification: labels are strings (stripped), integers, booleans ("true"/"false") or integral floats; at
   least two classes. `label_names` are the distinct labels as strings, sorted numerically when all look like
   integers, else lexically; labels are encoded as indices into `label_names`.
@@ -85,7 +87,7 @@ class DatasetProblem(Exception):
 
 @dataclass
 class ParsedDataset:
-    examples: list[Any]  # texts (str), or encoded image files (bytes) when modality is "image"
+    examples: list[Any]  # texts (str), text pairs (tuple[str, str]), or encoded image files (bytes) ("image")
     labels: list[Any]  # classification: int; multilabel: sorted list[int]; regression: float
     label_names: list[str] | None  # None for regression
     class_counts: dict[str, int] | None  # rows per label name (multilabel: rows containing it); None for regression
@@ -141,17 +143,22 @@ def detect_format(filename: str, content_type: str | None,
 # ---- parsing --------------------------------------------------------------------------------------------------
 def parse_dataset(path: Path, fmt: str, task: str, text_column: str, label_column: str,
                   min_rows: int = 2, image_column: str | None = None,
-                  max_image_bytes: int | None = None) -> ParsedDataset:
+                  max_image_bytes: int | None = None, text_pair_column: str | None = None) -> ParsedDataset:
     """Validate the file against the task and columns; return examples and encoded labels (see the module rules).
 
     A zip is an image dataset (service.image_datasets); so is Parquet with `image_column` set. max_image_bytes caps
-    the images' uncompressed bytes (a zip's members can expand far beyond the upload)."""
+    the images' uncompressed bytes (a zip's members can expand far beyond the upload). With text_pair_column each
+    example is the pair (text, text_pair) of its row."""
     if task not in TASKS:
         raise DatasetProblem(422, "unknown task", f"task must be one of {', '.join(TASKS)}; got {task!r}",
                              field="task")
     if fmt not in FORMATS:
         raise DatasetProblem(415, "unsupported file type", f"unknown format {fmt!r}", field="file")
     if fmt == "zip" or image_column is not None:
+        if text_pair_column is not None:
+            raise DatasetProblem(422, "text pairs are for text datasets",
+                                 "text_pair_column names a second text column; an image dataset has none",
+                                 field="text_pair_column")
         from service import image_datasets
 
         return image_datasets.parse_images(path, fmt, task, label_column, image_column=image_column,
@@ -159,22 +166,31 @@ def parse_dataset(path: Path, fmt: str, task: str, text_column: str, label_colum
     if text_column == label_column:
         raise DatasetProblem(422, "same column for text and label", f"both are {text_column!r}",
                              field="label_column")
+    columns = {"text": text_column}
+    if text_pair_column is not None:
+        if text_pair_column in (text_column, label_column):
+            raise DatasetProblem(422, "same column twice", f"text_pair_column is {text_pair_column!r}, which is "
+                                 "already the text or the label column", field="text_pair_column")
+        columns["text_pair"] = text_pair_column
+    columns["label"] = label_column
     if fmt == "csv":
-        records: Iterable[tuple[int, Any, Any]] = _csv_records(path, text_column.strip(), label_column.strip())
+        records: Iterable[tuple[int, list[Any]]] = _csv_records(path, {k: v.strip() for k, v in columns.items()})
     elif fmt == "jsonl":
-        records = _json_records(path, text_column, label_column)
+        records = _json_records(path, columns)
     else:
-        records = _parquet_records(path, text_column, label_column)
+        records = _parquet_records(path, columns)
 
-    texts: list[str] = []
+    examples: list[Any] = []
     raw_labels: list[Any] = []
     row_numbers: list[int] = []
-    for row, text, label in records:
-        texts.append(_check_text(text, row, text_column))
-        raw_labels.append(label)
+    for row, cells in records:
+        text = _check_text(cells[0], row, text_column)
+        examples.append(text if text_pair_column is None
+                        else (text, _check_text(cells[1], row, text_pair_column, field="text_pair_column")))
+        raw_labels.append(cells[-1])
         row_numbers.append(row)
-    check_row_count(len(texts), min_rows)
-    return encode_labels(texts, raw_labels, row_numbers, task, label_column)
+    check_row_count(len(examples), min_rows)
+    return encode_labels(examples, raw_labels, row_numbers, task, label_column)
 
 
 def check_row_count(rows: int, min_rows: int) -> None:
@@ -216,15 +232,14 @@ def encode_labels(examples: list[Any], raw_labels: list[Any], row_numbers: list[
     return ParsedDataset(examples, labels, None, None, len(examples), modality)
 
 
-def _check_text(value: Any, row: int, column: str) -> str:
+def _check_text(value: Any, row: int, column: str, field: str = "text_column") -> str:
     if value is _MISSING or value is None:
-        raise DatasetProblem(422, "missing text", f"row {row} has no value in {column!r}", field="text_column",
-                             row=row)
+        raise DatasetProblem(422, "missing text", f"row {row} has no value in {column!r}", field=field, row=row)
     if not isinstance(value, str):
         raise DatasetProblem(422, "text is not a string", f"row {row}: {column!r} holds {_show(value)}",
-                             field="text_column", row=row)
+                             field=field, row=row)
     if not value.strip():
-        raise DatasetProblem(422, "empty text", f"row {row}: {column!r} is blank", field="text_column", row=row)
+        raise DatasetProblem(422, "empty text", f"row {row}: {column!r} is blank", field=field, row=row)
     return value
 
 
@@ -342,7 +357,8 @@ def _unknown_column(kind: str, name: str, available: Iterable[str]) -> DatasetPr
 
 
 # ---- CSV ------------------------------------------------------------------------------------------------------
-def _csv_records(path: Path, text_column: str, label_column: str) -> Iterator[tuple[int, Any, Any]]:
+def _csv_records(path: Path, columns: dict[str, str]) -> Iterator[tuple[int, list[Any]]]:
+    """(row, the cells of `columns` in order) per record; columns: kind ("text", "label", ...) -> header name."""
     # Long texts are legitimate; the csv module's default cap (131072 characters) is not a dataset rule.
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
     with path.open("r", encoding="utf-8-sig", newline="") as fh:
@@ -361,11 +377,10 @@ def _csv_records(path: Path, text_column: str, label_column: str) -> Iterator[tu
             if duplicates:
                 raise DatasetProblem(422, "duplicate column names",
                                      f"the header repeats {', '.join(repr(d) for d in duplicates)}", field="file")
-            if text_column not in header:
-                raise _unknown_column("text", text_column, header)
-            if label_column not in header:
-                raise _unknown_column("label", label_column, header)
-            text_at, label_at = header.index(text_column), header.index(label_column)
+            for kind, name in columns.items():
+                if name not in header:
+                    raise _unknown_column(kind, name, header)
+            at = [header.index(name) for name in columns.values()]
             for cells in reader:
                 record += 1
                 if not cells or (len(cells) == 1 and not cells[0].strip()):
@@ -375,7 +390,7 @@ def _csv_records(path: Path, text_column: str, label_column: str) -> Iterator[tu
                                          f"row {record} has {len(cells)} fields; the header has {len(header)} "
                                          f"(quote fields that contain {delimiter!r} or line breaks)",
                                          field="file", row=record)
-                yield record, cells[text_at], cells[label_at]
+                yield record, [cells[i] for i in at]
         except UnicodeDecodeError as exc:
             raise _csv_encoding_problem(path, delimiter) from exc
         except csv.Error as exc:
@@ -407,23 +422,23 @@ def _csv_encoding_problem(path: Path, delimiter: str) -> DatasetProblem:
 
 
 # ---- JSON lines -----------------------------------------------------------------------------------------------
-def _json_records(path: Path, text_column: str, label_column: str) -> Iterator[tuple[int, Any, Any]]:
-    """Records of a JSONL file (row = line number) or of a file holding one JSON array (row = element index)."""
-    rows: list[tuple[int, Any, Any]] = []
-    columns: dict[str, None] = {}  # insertion-ordered union of keys, for the "available columns" message
+def _json_records(path: Path, columns: dict[str, str]) -> Iterator[tuple[int, list[Any]]]:
+    """Records of a JSONL file (row = line number) or of a file holding one JSON array (row = element index): the
+    values of `columns` (kind -> key) in order."""
+    rows: list[tuple[int, list[Any]]] = []
+    keys: dict[str, None] = {}  # insertion-ordered union of keys, for the "available columns" message
     for row, obj in _json_objects(path):
         if not isinstance(obj, dict):
             raise DatasetProblem(422, "malformed JSON", f"row {row} is {type(obj).__name__}, not an object",
                                  field="file", row=row)
-        columns.update(dict.fromkeys(obj))
-        rows.append((row, obj.get(text_column, _MISSING), obj.get(label_column, _MISSING)))
+        keys.update(dict.fromkeys(obj))
+        rows.append((row, [obj.get(name, _MISSING) for name in columns.values()]))
     if not rows:
         raise DatasetProblem(422, "no rows", "the file holds no JSON objects", field="file")
     # A column present on some lines only is a per-row "missing" error later; on no line, an unknown column.
-    if text_column not in columns:
-        raise _unknown_column("text", text_column, list(columns)[:50])
-    if label_column not in columns:
-        raise _unknown_column("label", label_column, list(columns)[:50])
+    for kind, name in columns.items():
+        if name not in keys:
+            raise _unknown_column(kind, name, list(keys)[:50])
     return iter(rows)
 
 
@@ -475,7 +490,8 @@ def _json_array(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 # ---- Parquet --------------------------------------------------------------------------------------------------
-def _parquet_records(path: Path, text_column: str, label_column: str) -> Iterator[tuple[int, Any, Any]]:
+def _parquet_records(path: Path, columns: dict[str, str]) -> Iterator[tuple[int, list[Any]]]:
+    """(row, the values of `columns` (kind -> column name) in order) per row."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -488,6 +504,7 @@ def _parquet_records(path: Path, text_column: str, label_column: str) -> Iterato
     if duplicates:
         raise DatasetProblem(422, "duplicate column names",
                              f"the file repeats {', '.join(repr(d) for d in duplicates)}", field="file")
+    text_column = columns["text"]
     if text_column not in names:
         problem = _unknown_column("text", text_column, names)
         schema = parquet.schema_arrow
@@ -497,17 +514,17 @@ def _parquet_records(path: Path, text_column: str, label_column: str) -> Iterato
             problem.detail += (f"; {binary[0]!r} holds binary data: for an image dataset send "
                                f"image_column={binary[0]}")
         raise problem
-    if label_column not in names:
-        raise _unknown_column("label", label_column, names)
+    for kind, name in columns.items():
+        if name not in names:
+            raise _unknown_column(kind, name, names)
     try:
-        table = parquet.read(columns=[text_column, label_column])
+        table = parquet.read(columns=list(columns.values()))
     except (pa.ArrowException, OSError) as exc:
         raise DatasetProblem(422, "unreadable Parquet file", str(exc), field="file") from exc
-    texts = _arrow_values(table.column(text_column), "text_column")
-    labels = _arrow_values(table.column(label_column), "label_column")
-    if not texts:
+    values = [_arrow_values(table.column(name), f"{kind}_column") for kind, name in columns.items()]
+    if not table.num_rows:
         raise DatasetProblem(422, "no rows", "the Parquet file has columns but no rows", field="file")
-    return ((i, t, lab) for i, (t, lab) in enumerate(zip(texts, labels), start=1))
+    return ((i, list(cells)) for i, cells in enumerate(zip(*values), start=1))
 
 
 def _arrow_values(column: Any, field: str) -> list[Any]:
@@ -540,19 +557,26 @@ def _arrow_values(column: Any, field: str) -> list[Any]:
 
 # ---- normalised storage ---------------------------------------------------------------------------------------
 def write_normalized(parsed: ParsedDataset, task: str, dest: Path) -> None:
-    """Write the examples (column text: string, or image: binary, the encoded file as uploaded) and label
-    (int64 | list<int64> | float64) to `dest`, atomically (temp file + rename)."""
+    """Write the examples (column text: string, with text_pair: string for pairs, or image: binary, the encoded
+    file as uploaded) and label (int64 | list<int64> | float64) to `dest`, atomically (temp file + rename)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     label_types = {"classification": pa.int64(), "multilabel": pa.list_(pa.int64()), "regression": pa.float64()}
     if task not in label_types:
         raise ValueError(f"unknown task {task!r}")
-    column, column_type = ("image", pa.binary()) if parsed.modality == "image" else ("text", pa.string())
+    if parsed.modality == "image":
+        columns = {"image": (pa.binary(), parsed.examples)}
+    elif parsed.examples and isinstance(parsed.examples[0], tuple):
+        columns = {"text": (pa.string(), [a for a, _ in parsed.examples]),
+                   "text_pair": (pa.string(), [b for _, b in parsed.examples])}
+    else:
+        columns = {"text": (pa.string(), parsed.examples)}
+    columns["label"] = (label_types[task], parsed.labels)
     metadata = {"hubtune.task": task, "hubtune.label_names": json.dumps(parsed.label_names),
                 "hubtune.modality": parsed.modality}
-    schema = pa.schema([(column, column_type), ("label", label_types[task])], metadata=metadata)
-    table = pa.Table.from_pydict({column: parsed.examples, "label": parsed.labels}, schema=schema)
+    schema = pa.schema([(name, kind) for name, (kind, _) in columns.items()], metadata=metadata)
+    table = pa.Table.from_pydict({name: values for name, (_, values) in columns.items()}, schema=schema)
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
     try:
         with tmp.open("wb") as fh:
@@ -565,11 +589,14 @@ def write_normalized(parsed: ParsedDataset, task: str, dest: Path) -> None:
 
 
 def read_normalized(path: Path) -> tuple[list[Any], list[Any]]:
-    """Examples (texts, or image files as bytes) and labels (ints, lists of ints, or floats) as written by
-    `write_normalized`."""
+    """Examples (texts, (text, text_pair) tuples, or image files as bytes) and labels (ints, lists of ints, or
+    floats) as written by `write_normalized`."""
     import pyarrow.parquet as pq
 
     names = pq.read_schema(path).names
     column = "image" if "image" in names else "text"
-    table = pq.read_table(path, columns=[column, "label"])
-    return table.column(column).to_pylist(), table.column("label").to_pylist()
+    table = pq.read_table(path, columns=[column, "label", *(["text_pair"] if "text_pair" in names else [])])
+    examples = table.column(column).to_pylist()
+    if "text_pair" in names:
+        examples = list(zip(examples, table.column("text_pair").to_pylist()))
+    return examples, table.column("label").to_pylist()

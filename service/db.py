@@ -73,6 +73,7 @@ class Dataset(Base):
     # text datasets: text_column; image datasets: image_column (None for a zip of class folders, whose labels
     # are folder names and whose label_column is None too).
     text_column: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    text_pair_column: Mapped[str | None] = mapped_column(String(200), nullable=True)  # text pairs: the second text
     image_column: Mapped[str | None] = mapped_column(String(200), nullable=True)
     label_column: Mapped[str | None] = mapped_column(String(200), nullable=True)
     rows: Mapped[int] = mapped_column(Integer)

@@ -192,13 +192,12 @@ def _zip_with_metadata(archive: zipfile.ZipFile, files: dict[str, zipfile.ZipInf
     scratch = upload.with_name(f".{upload.name}.{uuid.uuid4().hex}.{metadata_name}")
     try:
         scratch.write_bytes(reader.read(metadata_name, files[metadata_name], 0))
+        columns = {"image": file_column, "label": label_column}
         if metadata_name.endswith(".csv"):
-            records = list(_csv_records(scratch, file_column.strip(), label_column.strip()))
+            records = list(_csv_records(scratch, {k: v.strip() for k, v in columns.items()}))
         else:
-            records = list(_json_records(scratch, file_column, label_column))
+            records = list(_json_records(scratch, columns))
     except DatasetProblem as problem:
-        if problem.field == "text_column":
-            problem.field = "image_column"
         problem.path = problem.path or metadata_name
         raise
     finally:
@@ -207,7 +206,7 @@ def _zip_with_metadata(archive: zipfile.ZipFile, files: dict[str, zipfile.ZipInf
     images: list[bytes] = []
     raw_labels: list[Any] = []
     rows: list[int] = []
-    for row, file_name, label in records:
+    for row, (file_name, label) in records:
         if not isinstance(file_name, str) or not file_name.strip():
             raise DatasetProblem(422, "missing image file name", f"row {row} of {metadata_name}: {file_column!r} "
                                  f"holds {_show(file_name)}", field="image_column", row=row, path=metadata_name)

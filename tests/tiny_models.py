@@ -27,15 +27,18 @@ def _write_vocab(folder: Path) -> None:
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
 
 
-def _save_tokenizer(folder: Path) -> None:
+def _save_tokenizer(folder: Path, token_types: bool = False) -> None:
+    """token_types: the tokenizer declares token type ids as a model input, as real BERT tokenizers do (a text
+    pair's second text is segment 1)."""
     from tokenizers import BertWordPieceTokenizer
     from transformers import PreTrainedTokenizerFast
 
     _write_vocab(folder)
     wordpiece = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=True)
+    inputs = {"model_input_names": ["input_ids", "token_type_ids", "attention_mask"]} if token_types else {}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=wordpiece._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
-        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", model_max_length=256,
+        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", model_max_length=256, **inputs,
     )
     tokenizer.save_pretrained(folder)
 
@@ -52,7 +55,7 @@ def make_tiny_bert(folder: Path, hidden_size: int = 32, num_layers: int = 2, see
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _save_tokenizer(folder)
+    _save_tokenizer(folder, token_types=True)
     config = BertConfig(
         vocab_size=_vocab_size(folder), hidden_size=hidden_size, num_hidden_layers=num_layers,
         num_attention_heads=2, intermediate_size=2 * hidden_size, max_position_embeddings=256,

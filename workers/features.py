@@ -107,6 +107,11 @@ def length_batches(lengths: list[int] | np.ndarray, batch_size: int,
 TOKENIZE_CHUNK_BATCHES = 8  # batches per chunk tokenised ahead, once past the first chunks (1, 2, 4 batches)
 
 
+def characters(example: str | tuple[str, str]) -> int:
+    """Characters of a text, or of both texts of a pair."""
+    return len(example) if isinstance(example, str) else sum(map(len, example))
+
+
 def text_chunks(texts: list[str], batch_size: int, ahead: bool, bucket_by_length: bool = True) -> list[np.ndarray]:
     """Positions of the texts tokenised and bucketed together, in the order they are run. Inline (ahead False): one
     chunk, so bucketing sorts every text. Ahead: chunks of 1, 2, 4, then TOKENIZE_CHUNK_BATCHES batches' worth of
@@ -117,7 +122,7 @@ def text_chunks(texts: list[str], batch_size: int, ahead: bool, bucket_by_length
     if not ahead:
         return [np.arange(len(texts))]
     if bucket_by_length:
-        order = np.argsort(-np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)), kind="stable")
+        order = np.argsort(-np.fromiter(map(characters, texts), dtype=np.int64, count=len(texts)), kind="stable")
     else:
         order = np.arange(len(texts))
     chunks: list[np.ndarray] = []
@@ -175,7 +180,7 @@ class TokenIdsCache:
         self.reused += len(positions) - len(missing)
         fresh = [np.asarray(ids, dtype=np.int32)
                  for ids in (encode(tokenizer, [texts[i] for i in missing], max_length) if missing else [])]
-        size = sum(len(ids) for ids in fresh)
+        size = sum(ids.size for ids in fresh)
         if self.stored + size <= self.max_tokens:
             self.stored += size
             for i, ids in zip(missing, fresh):
@@ -191,6 +196,7 @@ class TokenBatch:
     lengths: np.ndarray  # real tokens of each row
     input_ids: Any  # (rows, width) torch.long, right-padded
     attention_mask: Any  # (rows, width) torch.long
+    token_type_ids: Any | None = None  # (rows, width) torch.long: text pairs for a model that takes them
 
 
 def token_batches(tokenizer: Any, texts: list[str], chunk: np.ndarray, *, max_length: int, batch_size: int,
@@ -206,7 +212,9 @@ def token_batches(tokenizer: Any, texts: list[str], chunk: np.ndarray, *, max_le
         encoded: list[Any] = encode(tokenizer, [texts[i] for i in chunk], max_length)
     else:
         encoded = token_ids[0].encode(token_ids[1], tokenizer, texts, chunk, max_length)
-    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    typed = bool(encoded) and np.ndim(encoded[0]) == 2  # text pairs' rows: ids over token type ids
+    lengths = np.fromiter((len(row[0]) if typed else len(row) for row in encoded), dtype=np.int64,
+                          count=len(encoded))
     if bucket_by_length:
         groups = length_batches(lengths, batch_size, max_tokens=max_tokens)
     else:
@@ -217,12 +225,19 @@ def token_batches(tokenizer: Any, texts: list[str], chunk: np.ndarray, *, max_le
         width = min(-(-width // multiple) * multiple, max(max_length, width))
         mask = np.arange(width) < lengths[rows, None]
         ids = np.full((len(rows), width), tokenizer.pad_token_id, dtype=np.int64)
-        ids[mask] = np.concatenate([np.asarray(encoded[i], dtype=np.int64) for i in rows])
+        ids[mask] = np.concatenate([np.asarray(encoded[i][0] if typed else encoded[i], dtype=np.int64)
+                                    for i in rows])
         input_ids, attention_mask = torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
+        token_types = None
+        if typed:
+            types = np.zeros((len(rows), width), dtype=np.int64)
+            types[mask] = np.concatenate([encoded[i][1] for i in rows])
+            token_types = torch.from_numpy(types)
         if pin_memory:  # page-locked, so the copy to the GPU is asynchronous
             input_ids, attention_mask = input_ids.pin_memory(), attention_mask.pin_memory()
+            token_types = None if token_types is None else token_types.pin_memory()
         batches.append(TokenBatch(rows=chunk[rows], lengths=lengths[rows], input_ids=input_ids,
-                                  attention_mask=attention_mask))
+                                  attention_mask=attention_mask, token_type_ids=token_types))
     return batches
 
 
@@ -306,13 +321,36 @@ CHARS_PER_TOKEN = 8
 CUT_WINDOW = 256
 
 
-def encode(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
+def pair_inputs(tokenizer: Any, pairs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """The two text lists a tokenizer is called with for pairs. A tokenizer whose template puts nothing between the
+    two (GPT-2, Llama and other decoders concatenate their ids) gets its separator token, else a line break, at the
+    start of each second text, so a model can tell where one ends; BERT-like templates ([SEP]) are left as they are.
+    Features and tuning both go through this, so a model reads pairs the same way in each."""
+    firsts = [a for a, _ in pairs]
+    seconds = [b for _, b in pairs]
+    try:
+        between = tokenizer.num_special_tokens_to_add(pair=True) - tokenizer.num_special_tokens_to_add(pair=False)
+    except (AttributeError, NotImplementedError, ValueError):
+        between = 1
+    if between <= 0:
+        joint = f"{tokenizer.sep_token} " if getattr(tokenizer, "sep_token", None) else "\n"
+        seconds = [joint + b for b in seconds]
+    return firsts, seconds
+
+
+def encode(tokenizer: Any, texts: list[str] | list[tuple[str, str]], max_length: int) -> list[Any]:
     """Token ids of each text, truncated to max_length (special tokens included), no padding.
 
     Same ids as tokenising the whole texts: texts are cut to a prefix first, and any text whose kept tokens reach
     within CUT_WINDOW characters of the cut (short of max_length, or unusually long tokens) is tokenised whole.
+    Text pairs (tuples) are encoded as the tokenizer's pair (`pair_inputs`; the longer side truncated first), whole:
+    which side loses the odd token depends on the sides' full token counts, which a prefix cannot tell. A row is
+    then a (2, length) int32 array of ids and token type ids when the model takes token type ids (BERT: 0 for the
+    first text, 1 for the second), else its ids.
     """
     texts = list(texts)
+    if texts and isinstance(texts[0], tuple):
+        return _encode_pairs(tokenizer, texts, max_length)  # type: ignore[arg-type]
     options = dict(truncation=True, max_length=max_length, return_attention_mask=False, return_token_type_ids=False)
     if not getattr(tokenizer, "is_fast", False):
         return tokenizer(texts, **options)["input_ids"]
@@ -326,6 +364,15 @@ def encode(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]
         for i, row in zip(redo, whole):
             ids[i] = row
     return ids
+
+
+def _encode_pairs(tokenizer: Any, pairs: list[tuple[str, str]], max_length: int) -> list[Any]:
+    types = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
+    enc = tokenizer(*pair_inputs(tokenizer, pairs), truncation=True, max_length=max_length,
+                    return_attention_mask=False, return_token_type_ids=types)
+    if not types:
+        return enc["input_ids"]
+    return [np.array(row, dtype=np.int32) for row in zip(enc["input_ids"], enc["token_type_ids"])]
 
 
 def backbone(model: Any) -> Any:
@@ -398,7 +445,8 @@ class _Rows:
             self.probs[rows] = probs_np
 
 
-def extract_features(model_dir: Path, texts: list[str] | list[bytes], *, max_length: int = 128,
+def extract_features(model_dir: Path, texts: list[str] | list[tuple[str, str]] | list[bytes], *,
+                     max_length: int = 128,
                      batch_size: int = 32, device: str | None = None,
                      on_batch: Callable[[int, int], None] | None = None,
                      should_cancel: Callable[[], bool] | None = None,
@@ -406,6 +454,7 @@ def extract_features(model_dir: Path, texts: list[str] | list[bytes], *, max_len
                      pad_to_multiple_of: int | None = None, pooling: str = POOLING,
                      tokenize_ahead: bool | None = None, token_ids: TokenIdsCache | None = None) -> FeatureResult:
     """Mean-pooled last hidden states of `texts` (one row per text, in order) from the model in `model_dir`.
+    A text may be a pair (tuple): the two are read as the tokenizer's pair (`encode`, `pair_inputs`).
 
     Encoded image files (bytes) instead of texts go to `extract_image_features` (the length options do not apply).
 
@@ -475,11 +524,13 @@ def extract_features(model_dir: Path, texts: list[str] | list[bytes], *, max_len
                 padded += batch.input_ids.numel()
                 input_ids = batch.input_ids.to(device, non_blocking=True)
                 mask = batch.attention_mask.to(device, non_blocking=True)
+                extra = {} if batch.token_type_ids is None else {
+                    "token_type_ids": batch.token_type_ids.to(device, non_blocking=True)}
                 if on_cuda:
                     torch.cuda.synchronize()
                 start = time.perf_counter()
                 with torch.inference_mode(), torch.autocast("cuda", dtype=amp_dtype, enabled=on_cuda):
-                    out = model(input_ids=input_ids, attention_mask=mask)
+                    out = model(input_ids=input_ids, attention_mask=mask, **extra)
                     hidden = _last_hidden(backbone.take(out))
                     if pooling == "mean":
                         weights = mask.unsqueeze(-1).to(torch.float32)

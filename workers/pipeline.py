@@ -58,7 +58,7 @@ class RankedModel:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def distinct_examples(texts: list[str] | list[bytes]) -> np.ndarray:
+def distinct_examples(texts: list[str] | list[tuple[str, str]] | list[bytes]) -> np.ndarray:
     """Indices of the first occurrence of each text, in order.
 
     A repeated example is no new evidence, and for LogME it is worse than that: rows with identical features give a
@@ -68,7 +68,7 @@ def distinct_examples(texts: list[str] | list[bytes]) -> np.ndarray:
     as the noise variance goes to zero, and the score is wherever the solver stops. Real data repeat themselves
     (BBC News holds 100 duplicate articles in 2,225), so ranking and tuning read each text once, with its first
     label."""
-    seen: set[str] = set()
+    seen: set[Any] = set()
     keep: list[int] = []
     for index, text in enumerate(texts):
         if text not in seen:
@@ -77,8 +77,8 @@ def distinct_examples(texts: list[str] | list[bytes]) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
-def load_dataset(spec: DatasetSpec) -> tuple[list[str] | list[bytes], np.ndarray]:
-    """Examples (texts, or encoded image files) and a label array in the form the estimators take (ints, N×C
+def load_dataset(spec: DatasetSpec) -> tuple[list[str] | list[tuple[str, str]] | list[bytes], np.ndarray]:
+    """Examples (texts, text pairs, or encoded image files) and a label array in the form the estimators take (ints, N×C
     multi-hot, or floats), each distinct example once (see distinct_examples: for images, byte-identical files)."""
     from service.datasets import read_normalized
 
@@ -97,7 +97,7 @@ def load_dataset(spec: DatasetSpec) -> tuple[list[str] | list[bytes], np.ndarray
     return [texts[i] for i in keep], labels[keep]
 
 
-def examples_digest(examples: list[str] | list[bytes]) -> str:
+def examples_digest(examples: list[str] | list[tuple[str, str]] | list[bytes]) -> str:
     """sha256 over exactly these examples in this order: the dataset part of a feature-cache key.
 
     Not the upload's sha256: one file uploaded twice with another text or image column, or another label column
@@ -105,9 +105,12 @@ def examples_digest(examples: list[str] | list[bytes]) -> str:
     upload's features for the second."""
     digest = hashlib.sha256()
     for example in examples:
-        data = example.encode("utf-8", "surrogatepass") if isinstance(example, str) else bytes(example)
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
+        parts = example if isinstance(example, tuple) else (example,)  # a text pair hashes as two parts
+        digest.update(len(parts).to_bytes(1, "little"))
+        for part in parts:
+            data = part.encode("utf-8", "surrogatepass") if isinstance(part, str) else bytes(part)
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
     return f"{digest.hexdigest()[:40]}-n{len(examples)}"
 
 

@@ -132,7 +132,12 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
             fraction = (index + (runs - 1 + point["step"] / max(point["total_steps"], 1)) / runs) / len(target_ids)
             progress(stage, min(fraction, 0.99))
 
-        card = {"dataset_sha256": dataset.sha256, "base_model": model.name, "base_model_source": model.source,
+        # the columns say what the checkpoint reads: a text, a pair for tokenizer(text, text_pair), or images
+        columns = {"text": dataset.text_column, "text_pair": dataset.text_pair_column, "image": dataset.image_column,
+                   "label": dataset.label_column}
+        card = {"dataset_sha256": dataset.sha256,
+                "dataset_columns": {k: v for k, v in columns.items() if v is not None},
+                "base_model": model.name, "base_model_source": model.source,
                 "base_model_locator": model.locator, "base_model_revision": model.revision, "job_id": job.id,
                 "ranking_scores": scores.get(model.id), "tune": spec,
                 **({"tradeoff_selection": selection} if selection is not None else {})}

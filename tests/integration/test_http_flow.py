@@ -216,6 +216,42 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
     assert no_tokenizer.json()["field"] == "path"
 
 
+def test_text_pair_flow(stack: Stack, tiny_hub: dict[str, Path]) -> None:
+    """Pairs (do the two texts share a topic?) uploaded with text_pair_column: ranked and B-Tuned as pairs."""
+    stack.start_worker()
+    client = httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {stack.create_key('pairs')}"},
+                          timeout=30)
+    rng = random.Random(0)
+    rows = []
+    for i in range(72):
+        first, second = rng.choice(list(TOPICS)), rng.choice(list(TOPICS))
+        rows.append({"question": " ".join(rng.choice(TOPICS[first].split()) for _ in range(6)),
+                     "passage": " ".join(rng.choice(TOPICS[second].split()) for _ in range(9)),
+                     "same": "yes" if first == second else "no"})
+    content = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    created = upload(client, content, name="pairs.jsonl", text_column="question", text_pair_column="passage",
+                     label_column="same")
+    assert created.status_code == 201, created.text
+    dataset = created.json()
+    assert dataset["text_pair_column"] == "passage" and dataset["text_column"] == "question"
+    assert client.get(f"/v1/datasets/{dataset['id']}").json()["text_pair_column"] == "passage"
+    missing = upload(client, content, name="pairs.jsonl", text_column="question", text_pair_column="answer",
+                     label_column="same")
+    assert missing.status_code == 422 and missing.json()["field"] == "text_pair_column"
+    register_hub(client, tiny_hub)
+    tune = {"strategy": "btuning", "top_k": 2, "epochs": 1, "lr": 1e-3, "batch_size": 16, "max_length": 32,
+            "tradeoff": 1.0}
+    job = wait_for(client, client.post("/v1/jobs", json={"dataset_id": dataset["id"], "metrics": ["logme", "ridge_loo"],
+                                                         "tune": tune}).json()["id"], stack)
+    assert job["status"] == "succeeded", (job, stack.log_text())
+    assert len(job["ranking"]) == 3 and all(math.isfinite(r["scores"]["logme"]) for r in job["ranking"])
+    (student,) = job["tuning"]["models"]
+    assert student["metrics"]["accuracy"] is not None and len(student["details"]["btuning"]["teachers"]) == 2
+    (checkpoint,) = client.get(f"/v1/jobs/{job['id']}/checkpoints").json()
+    card = client.get(f"/v1/jobs/{job['id']}/checkpoints/{checkpoint['name']}/files/README.md").text
+    assert "tokenizer(text, text_pair)" in card and '"text_pair": "passage"' in card
+
+
 def class_folder_zip(per_class: int, seed: int = 0, broken: str | None = None) -> bytes:
     """Three colour classes of noisy 32×32 PNGs, one folder per class, inside a top folder (as zipping a folder
     gives), with the junk a Mac adds; `broken` names a member written truncated."""

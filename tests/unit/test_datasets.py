@@ -378,3 +378,39 @@ def test_stream_upload_empty_is_422(tmp_path: Path) -> None:
         asyncio.run(stream_upload_to_disk(upload(b""), dest, max_bytes=100))
     assert (info.value.status, info.value.title, info.value.field) == (422, "empty file", "file")
     assert not dest.exists()
+
+
+# ---- text pairs -----------------------------------------------------------------------------------------------
+def test_text_pairs_from_csv_jsonl_and_parquet_round_trip(tmp_path: Path) -> None:
+    csv_path = write(tmp_path, "p.csv", 'premise,hypothesis,label\n"a man, asleep",a man sleeps,yes\n'
+                                        "a dog runs,a cat sits,no\n")
+    json_path = jsonl(tmp_path, [{"premise": "a man, asleep", "hypothesis": "a man sleeps", "label": "yes"},
+                                 {"premise": "a dog runs", "hypothesis": "a cat sits", "label": "no"}])
+    pq_path = parquet(tmp_path, pa.table({"premise": ["a man, asleep", "a dog runs"],
+                                          "hypothesis": ["a man sleeps", "a cat sits"], "label": ["yes", "no"]}))
+    for path, fmt in ((csv_path, "csv"), (json_path, "jsonl"), (pq_path, "parquet")):
+        parsed = parse_dataset(path, fmt, "classification", "premise", "label", text_pair_column="hypothesis")
+        assert parsed.examples == [("a man, asleep", "a man sleeps"), ("a dog runs", "a cat sits")], fmt
+        assert parsed.labels == [1, 0] and parsed.label_names == ["no", "yes"]
+        out = tmp_path / f"{fmt}.norm.parquet"
+        write_normalized(parsed, "classification", out)
+        assert read_normalized(out) == (parsed.examples, [1, 0])
+        assert pq.read_schema(out).names == ["text", "text_pair", "label"]
+    single = parse_dataset(csv_path, "csv", "classification", "premise", "label")  # the pair column is optional
+    assert single.examples == ["a man, asleep", "a dog runs"]
+
+
+def test_text_pair_errors_name_the_field_and_row(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.csv", "q,passage,label\nwho,he did,1\nwhen, ,0\n")
+    blank = problem(path, "csv", text="q", text_pair_column="passage")
+    assert (blank.title, blank.field, blank.row) == ("empty text", "text_pair_column", 2)
+    unknown = problem(path, "csv", text="q", text_pair_column="answer")
+    assert unknown.field == "text_pair_column" and "'passage'" in unknown.detail
+    for column in ("q", "label"):
+        same = problem(path, "csv", text="q", text_pair_column=column)
+        assert same.field == "text_pair_column" and same.title == "same column twice"
+    missing = problem(jsonl(tmp_path, [{"q": "who", "passage": "he", "label": 1}, {"q": "when", "label": 0}]),
+                      "jsonl", text="q", text_pair_column="passage")
+    assert (missing.title, missing.field, missing.row) == ("missing text", "text_pair_column", 2)
+    images = problem(path, "zip", text="q", text_pair_column="passage")
+    assert images.field == "text_pair_column"

@@ -411,3 +411,70 @@ def test_an_encoder_decoder_classifier_gives_its_encoders_states(tmp_path: Path)
     assert tuned.source_probs is not None and tuned.source_probs.shape == (5, 2)
     np.testing.assert_allclose(tuned.features, extract_features(folder, texts, batch_size=2).features,
                                rtol=1e-4, atol=1e-5)
+
+
+def pairs_of(count: int, seed: int) -> list[tuple[str, str]]:
+    firsts, seconds = mixed_texts(count, seed=seed, high=50), mixed_texts(count, seed=seed + 100, high=50)
+    return list(zip(firsts, seconds))
+
+
+@pytest.mark.parametrize("which", ["bert_dir", "llama_dir"])
+@pytest.mark.parametrize("ahead", [False, True])
+def test_text_pairs_are_read_as_the_tokenizers_pair_one_at_a_time(which: str, ahead: bool,
+                                                                  request: pytest.FixtureRequest) -> None:
+    """Each pair fed alone as the tokenizer encodes it ([CLS] a [SEP] b [SEP]; BERT's token type ids 0 then 1, the
+    Llama's tokenizer declares none), batched, bucketed and tokenised ahead or not: the same features."""
+    folder = request.getfixturevalue(which)
+    pairs = pairs_of(23, seed=5)
+    result = extract_features(folder, pairs, batch_size=4, max_length=40, device="cpu", tokenize_ahead=ahead,
+                              token_ids=feat.TokenIdsCache(len(pairs)))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    rows, truncated = [], 0
+    with torch.no_grad():
+        for a, b in pairs:
+            enc = tokenizer(a, b, truncation=True, max_length=40, return_tensors="pt")
+            truncated += enc["input_ids"].shape[1] == 40
+            rows.append(model(**enc).last_hidden_state[0].mean(0).numpy())
+            if which == "bert_dir":  # the second text really is segment 1
+                assert enc["token_type_ids"][0, -1] == 1 and enc["token_type_ids"][0, 0] == 0
+    np.testing.assert_allclose(result.features, np.stack(rows), atol=1e-5, rtol=1e-4)
+    assert truncated > 3  # some pairs were cut to max_length (the longer side first)
+    # and they are not the features of the first texts alone
+    alone = extract_features(folder, [a for a, _ in pairs], batch_size=4, max_length=40, device="cpu")
+    assert np.abs(alone.features - result.features).max() > 1e-3
+
+
+def test_token_type_ids_change_a_bert_pairs_features(bert_dir: Path) -> None:
+    """The second text's segment embedding is used: with every token type set to 0 the features differ."""
+    pairs = pairs_of(5, seed=6)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(bert_dir)
+    batches = feat.token_batches(tokenizer, pairs, np.arange(5), max_length=64, batch_size=8)
+    (batch,) = batches
+    assert batch.token_type_ids is not None and batch.token_type_ids.max() == 1
+    assert (batch.token_type_ids * (1 - batch.attention_mask)).sum() == 0  # padding is type 0
+    model = transformers.AutoModel.from_pretrained(bert_dir).eval()
+    with torch.no_grad():
+        typed = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      token_type_ids=batch.token_type_ids).last_hidden_state
+        flat = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    assert (typed - flat).abs().max() > 1e-3
+
+
+def test_a_pair_template_with_nothing_between_gets_a_separator(bert_dir: Path) -> None:
+    """GPT-2-style byte-level BPE with no template (decoders concatenate a pair's ids): the second text starts with a
+    line break, or with the tokenizer's separator token when it has one; a BERT template is left alone."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(mixed_texts(50, seed=7), vocab_size=300, min_frequency=1)
+    plain = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    assert plain.num_special_tokens_to_add(pair=True) == 0
+    pairs = [("the team won", "the market grew")]
+    assert feat.pair_inputs(plain, pairs) == (["the team won"], ["\nthe market grew"])
+    ids = feat.encode(plain, pairs, max_length=64)[0]
+    assert ids == plain("the team won" + "\nthe market grew")["input_ids"]  # a line break between the two
+    separated = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, sep_token="<sep>")
+    assert feat.pair_inputs(separated, pairs)[1] == ["<sep> the market grew"]
+    bert = transformers.AutoTokenizer.from_pretrained(bert_dir)
+    assert feat.pair_inputs(bert, pairs) == (["the team won"], ["the market grew"])

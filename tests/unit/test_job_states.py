@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -104,28 +106,56 @@ def test_api_process_never_imports_torch() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@contextmanager
+def scratch_database(kind: str, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty database: a SQLite file, or a PostgreSQL database dropped afterwards."""
+    import uuid
+
+    from tests.integration.conftest import PG_ADMIN_URL, postgres_available
+
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 'scratch.db'}"
+        return
+    if not postgres_available():
+        pytest.skip("PostgreSQL not reachable")
+    import psycopg
+
+    database = f"hubtune_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {database}")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{database}"
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_migrations_build_the_schema_the_models_declare(kind: str, tmp_path: Path) -> None:
+    """Alembic's head and service.db's tables agree (a column added to a model without a migration fails here)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from service.db import Base, make_engine
+
+    with scratch_database(kind, tmp_path) as url:
+        upgrade(url)
+        engine = make_engine(url)
+        try:
+            with engine.connect() as connection:
+                differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+        finally:
+            engine.dispose()
+    assert differences == []
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 def test_json_columns_store_nan_and_infinity_as_null(kind: str, tmp_path: Path) -> None:
     """A diverged training run reports NaN losses; PostgreSQL's json type rejects NaN (the job would fail while
     recording its results) and the API's responses refuse it, so JSON columns write null instead."""
     import math
-    import uuid
 
-    from tests.integration.conftest import PG_ADMIN_URL, postgres_available
-
-    database = None
-    if kind == "postgres":
-        if not postgres_available():
-            pytest.skip("PostgreSQL not reachable")
-        import psycopg
-
-        database = f"hubtune_test_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f"CREATE DATABASE {database}")
-        url = f"postgresql://postgres@127.0.0.1:5432/{database}"
-    else:
-        url = f"sqlite:///{tmp_path / 'nan.db'}"
-    try:
+    with scratch_database(kind, tmp_path) as url:
         upgrade(url)
         factory = session_factory(url)
         tuning = {"models": [{"metrics": {"val_loss": math.nan, "accuracy": 0.5},
@@ -139,9 +169,3 @@ def test_json_columns_store_nan_and_infinity_as_null(kind: str, tmp_path: Path) 
             stored = session.get(Job, "j1").tuning
         assert stored == {"models": [{"metrics": {"val_loss": None, "accuracy": 0.5},
                                       "trials": [{"tradeoff": 10.0, "val_loss": None}, [1.0, None]]}]}
-    finally:
-        if database:
-            import psycopg
-
-            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-                admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")

@@ -304,3 +304,37 @@ def test_an_empty_validation_split_tunes_and_reports_no_scores(task, bert_dir, t
                    NAMES if task == "classification" else None, tmp_path / "ckpt", tmp_path / "state")
     assert result.metrics == {"val_loss": None}
     assert (tmp_path / "ckpt" / "model.safetensors").is_file()
+
+
+def test_text_pairs_train_as_the_tokenizers_pair_and_the_checkpoint_predicts_pairs(bert_dir, tmp_path):
+    """A task only the pair decides (do the two texts share a topic?): batches hold [CLS] a [SEP] b [SEP] with
+    token type ids, the tuned checkpoint predicts from tokenizer(a, b) what the loop measured."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from workers.tuning.loop import _Encoded
+
+    def pairs(n: int, seed: int) -> TextDataset:
+        rng = np.random.default_rng(seed)
+        texts, labels = [], []
+        for i in range(n):
+            first, second = (SPORT, MONEY)[rng.integers(2)], (SPORT, MONEY)[rng.integers(2)]
+            texts.append((" ".join(rng.choice(first, 4)), " ".join(rng.choice(second, 4))))
+            labels.append(int(first is second))
+        return TextDataset(texts, np.array(labels))
+
+    train_set, val_set = pairs(96, 1), pairs(32, 2)
+    tokenizer = AutoTokenizer.from_pretrained(bert_dir)
+    encoded = _Encoded(tokenizer, train_set.texts, train_set.labels, max_length=16)
+    first = tokenizer(*train_set.texts[0], truncation=True, max_length=16)
+    assert encoded.input_ids[0] == first["input_ids"] and encoded.token_type_ids[0] == first["token_type_ids"]
+    assert max(first["token_type_ids"]) == 1
+    result = train(config(epochs=20, max_length=16), bert_dir, train_set, val_set, "classification", ["no", "yes"],
+                   tmp_path / "ckpt", tmp_path / "state")
+    assert result.metrics["accuracy"] >= 0.9, result.metrics  # the pair is read together (chance is ~0.5)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt").eval()
+    enc = AutoTokenizer.from_pretrained(tmp_path / "ckpt")([a for a, _ in val_set.texts], [b for _, b in val_set.texts],
+                                                           padding=True, truncation=True, max_length=16,
+                                                           return_tensors="pt")
+    with torch.no_grad():
+        pred = model(**enc).logits.argmax(-1).numpy()
+    assert float(np.mean(pred == val_set.labels)) == result.metrics["accuracy"]

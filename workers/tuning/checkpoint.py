@@ -59,10 +59,17 @@ def model_card(card: dict[str, Any]) -> str:
                else ("AutoModelForSequenceClassification", "AutoTokenizer"))
     lines += [f"Fine-tuned by HubTune. Loads offline with `{loaders[0]}.from_pretrained(folder)` "
               f"and `{loaders[1]}.from_pretrained(folder)`.", ""]
+    pair = (card.get("dataset_columns") or {}).get("text_pair")
+    if pair:
+        lines += [f"Trained on text pairs: encode each example as `tokenizer(text, text_pair)` (the dataset's "
+                  f"`{card['dataset_columns'].get('text')}` and `{pair}`); with a tokenizer whose pair template "
+                  "puts nothing between the two (GPT-2, Llama), text_pair started with its separator token, or "
+                  "else a line break.", ""]
     rows = [
         ("base model", card.get("base_model")),
         ("base revision", card.get("base_revision") or card.get("base_model_revision") or card.get("revision")),
         ("dataset sha256", card.get("dataset_sha256")),
+        ("dataset columns", card.get("dataset_columns")),
         ("task", card.get("task")),
         ("labels", card.get("label_names")),
         ("strategy", card.get("strategy")),

@@ -70,9 +70,10 @@ STATE_VERSION = 2  # 2: regression trains on standardised targets (target_scale)
 
 class TextDataset(NamedTuple):
     """texts and labels: (N,) ints for classification, (N, C) 0/1 for multilabel, (N,) or (N, T) floats for
-    regression. `texts` may instead hold encoded image files (bytes): the model is then an image classifier."""
+    regression. `texts` may hold text pairs (tuples, read as the tokenizer's pair), or encoded image files (bytes):
+    the model is then an image classifier."""
 
-    texts: list[str] | list[bytes]
+    texts: list[str] | list[tuple[str, str]] | list[bytes]
     labels: np.ndarray
 
 
@@ -194,9 +195,13 @@ def _epoch_order(seed: int, epoch: int, n: int) -> Tensor:
 class _Encoded:
     """Texts tokenized once; batches padded on the fly (dynamic padding)."""
 
-    def __init__(self, tokenizer: Any, texts: list[str], labels: np.ndarray, max_length: int) -> None:
+    def __init__(self, tokenizer: Any, texts: list[str] | list[tuple[str, str]], labels: np.ndarray,
+                 max_length: int) -> None:
+        from workers.features import pair_inputs
+
         # (no texts: a validation split can be empty when every class has one example; tokenizers fail on [])
-        enc = tokenizer(list(texts), truncation=True, max_length=max_length) if len(texts) else {"input_ids": []}
+        inputs = pair_inputs(tokenizer, texts) if len(texts) and isinstance(texts[0], tuple) else (list(texts),)
+        enc = tokenizer(*inputs, truncation=True, max_length=max_length) if len(texts) else {"input_ids": []}
         self.input_ids = enc["input_ids"]
         self.token_type_ids = enc.get("token_type_ids")
         self.labels = labels
