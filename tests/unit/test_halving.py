@@ -298,3 +298,27 @@ def test_image_datasets_rank_through_successive_halving(tmp_path: Path) -> None:
     assert [r.rows for r in result.rounds][0] == 16
     assert sorted(m.model_id for m in result.ranking) == ["cnn", "vit"]
     assert all(np.isfinite(m.scores["logme"]) for m in result.ranking)
+
+
+def test_the_first_metric_orders_the_ranking_and_the_prior_check_comes_with_logme(
+        setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import workers.ranking as ranking_module
+
+    real = ranking_module.score_metric
+
+    def reversed_ridge(name, features, labels, task, **kwargs):  # type: ignore[no-untyped-def]
+        value = real(name, features, labels, task, **kwargs)
+        return 1.0 - value if name == "ridge_loo" else value  # so that its order is not LogME's
+
+    monkeypatch.setattr(ranking_module, "score_metric", reversed_ridge)
+    kwargs = dict(cache_root=tmp_path / "cache", hf_cache_dir=setup["root"] / "hf", bootstrap_samples=0)
+    by_ridge = rank(setup["dataset"], setup["models"], ["ridge_loo", "logme"], **kwargs)
+    by_logme = rank(setup["dataset"], setup["models"], ["logme", "ridge_loo"], **kwargs)
+    for ranking, metric in ((by_ridge, "ridge_loo"), (by_logme, "logme")):
+        values = [m.scores[metric] for m in ranking]
+        assert values == sorted(values, reverse=True) and [m.rank for m in ranking] == [1, 2, 3]
+    assert [m.model_id for m in by_ridge] == [m.model_id for m in reversed(by_logme)]
+    assert all(m.details.get("logme_prior_only") is not None for m in by_ridge)
+    alone = rank(setup["dataset"], setup["models"], ["ridge_loo"], **kwargs)
+    assert [m.model_id for m in alone] == [m.model_id for m in by_ridge]
+    assert all(m.details.get("logme_prior_only") is None and "logme" not in m.scores for m in alone)
