@@ -141,6 +141,14 @@ def ranking_table(job: dict[str, Any]) -> str:
     table = format_table(rows, header)
     if job["ranking"] and "logme_prior_only" in job["ranking"][0]:
         table += f"\nLogME of the label-prior-only baseline: {job['ranking'][0]['logme_prior_only']:.4f}"
+        scored = [e for e in job["ranking"] if (e.get("scores") or {}).get("logme") is not None]
+        behind = [e for e in scored if not e.get("beats_prior")]
+        if behind:
+            # the Occam failure (README, Limits): LogME's order among these is not the order fine-tuning gives
+            table += (f"\n{len(behind)} of {len(scored)} models do not beat it: with this few rows LogME cannot tell "
+                      "their features from none, and may rank a random model first.")
+            if metrics[0] == "logme":
+                table += " Rank by a held-out estimator instead: --metric ridge_loo --metric logme_projected."
     for entry in job["ranking"]:
         if entry.get("error"):
             table += f"\n{entry['model']} could not be scored: {entry['error']}"

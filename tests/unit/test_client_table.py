@@ -18,7 +18,13 @@ def test_table_shows_intervals_not_applicable_and_failures() -> None:
     assert "0.2500 [0.200, 0.300]" in lines[2] and "n/a" in lines[2] and "0.97" in lines[2] and "yes" in lines[2]
     assert lines[3].split()[:4] == ["2", "broken", "n/a", "n/a"]
     assert "LogME of the label-prior-only baseline: -0.5000" in table
+    assert "models do not beat it" not in table  # the failed candidate has no score to compare
     assert table.endswith("broken could not be scored: OSError: no tokenizer")
+    job["ranking"][0]["beats_prior"] = False
+    assert "1 of 1 models do not beat it" in ranking_table(job) and "--metric ridge_loo" in ranking_table(job)
+    job["metrics"] = ["ridge_loo", "logme"]
+    job["ranking"][0]["scores"]["ridge_loo"] = 0.9
+    assert "do not beat it" in ranking_table(job) and "--metric ridge_loo" not in ranking_table(job)
 
 
 def test_rank_command_sends_the_job_options_it_was_given() -> None:
