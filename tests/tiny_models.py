@@ -70,6 +70,23 @@ def make_tiny_bert(folder: Path, hidden_size: int = 32, num_layers: int = 2, see
     return folder
 
 
+def make_tiny_roberta(folder: Path, hidden_size: int = 32, seed: int = 0) -> Path:
+    """A randomly initialised 2-layer RoBERTa with one token type (as real RoBERTa checkpoints) behind a tokenizer
+    that declares token type ids: a pair's type 1 must not reach its embeddings."""
+    import torch
+    from transformers import RobertaConfig, RobertaModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_tokenizer(folder, token_types=True)
+    config = RobertaConfig(vocab_size=_vocab_size(folder), hidden_size=hidden_size, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=2 * hidden_size, max_position_embeddings=258,
+                           type_vocab_size=1, pad_token_id=0)
+    torch.manual_seed(seed)
+    RobertaModel(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def make_tiny_llama(folder: Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Path:
     """A randomly initialised 2-layer Llama decoder: the decoder path (causal, last-token-free pooling)."""
     import torch

@@ -300,6 +300,13 @@ def _load(model_dir: Path, device: str) -> tuple[Any, Any, bool]:
 _OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet", "data2vec-text", "longformer"}
 
 
+def takes_token_types(config: Any) -> bool:
+    """Whether the model has token type embeddings for a pair's second text (BERT, ALBERT, ELECTRA: 2). A tokenizer
+    can declare token type ids that its model cannot take: RoBERTa-like configs hold one type, and the second
+    text's type 1 would index past it; DistilBERT and decoders have none."""
+    return int(getattr(config, "type_vocab_size", 0) or 0) >= 2
+
+
 def length_limit(tokenizer: Any, model: Any, max_length: int) -> int:
     """max_length capped by what the model reads: the tokenizer's model_max_length and the position embeddings
     (RoBERTa-like models start their positions after the padding index)."""
@@ -488,6 +495,7 @@ def extract_features(model_dir: Path, texts: list[str] | list[tuple[str, str]] |
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     tokenizer, model, has_head = _load(Path(model_dir), device)
     last_token = pooling == "head" and is_decoder_only(model.config)
+    token_types = takes_token_types(model.config)
     load_seconds = time.perf_counter() - began
     max_length = length_limit(tokenizer, model, max_length)
     on_cuda = device.startswith("cuda")
@@ -524,7 +532,7 @@ def extract_features(model_dir: Path, texts: list[str] | list[tuple[str, str]] |
                 padded += batch.input_ids.numel()
                 input_ids = batch.input_ids.to(device, non_blocking=True)
                 mask = batch.attention_mask.to(device, non_blocking=True)
-                extra = {} if batch.token_type_ids is None else {
+                extra = {} if batch.token_type_ids is None or not token_types else {
                     "token_type_ids": batch.token_type_ids.to(device, non_blocking=True)}
                 if on_cuda:
                     torch.cuda.synchronize()

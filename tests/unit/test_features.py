@@ -478,3 +478,26 @@ def test_a_pair_template_with_nothing_between_gets_a_separator(bert_dir: Path) -
     assert feat.pair_inputs(separated, pairs)[1] == ["<sep> the market grew"]
     bert = transformers.AutoTokenizer.from_pretrained(bert_dir)
     assert feat.pair_inputs(bert, pairs) == (["the team won"], ["the market grew"])
+
+
+def test_a_model_with_one_token_type_reads_pairs_without_token_type_ids(tmp_path: Path) -> None:
+    """RoBERTa-like configs hold one token type: the tokenizer's type 1 for the second text would index past it
+    (IndexError before), so such a model reads pairs as ids alone, in features and tuning alike."""
+    from tests.tiny_models import make_tiny_roberta
+    from workers.tuning.loop import TextDataset, train
+    from workers.tuning.params import TuneConfig
+
+    folder = make_tiny_roberta(tmp_path / "roberta")
+    pairs = pairs_of(6, seed=8)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    assert "token_type_ids" in tokenizer.model_input_names
+    result = extract_features(folder, pairs, batch_size=4, max_length=32, device="cpu")
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = [model(input_ids=tokenizer(a, b, truncation=True, max_length=32, return_tensors="pt")["input_ids"]
+                          ).last_hidden_state[0].mean(0).numpy() for a, b in pairs]
+    np.testing.assert_allclose(result.features, np.stack(expected), atol=1e-5, rtol=1e-4)
+    data = TextDataset(pairs, np.arange(6) % 2)
+    tuned = train(TuneConfig(epochs=1, lr=1e-3, batch_size=4, max_length=32, device="cpu", save_every_steps=0),
+                  folder, data, data, "classification", ["a", "b"], None, None)
+    assert tuned.metrics["accuracy"] is not None

@@ -196,14 +196,16 @@ class _Encoded:
     """Texts tokenized once; batches padded on the fly (dynamic padding)."""
 
     def __init__(self, tokenizer: Any, texts: list[str] | list[tuple[str, str]], labels: np.ndarray,
-                 max_length: int) -> None:
+                 max_length: int, token_types: bool = True) -> None:
         from workers.features import pair_inputs
 
         # (no texts: a validation split can be empty when every class has one example; tokenizers fail on [])
         inputs = pair_inputs(tokenizer, texts) if len(texts) and isinstance(texts[0], tuple) else (list(texts),)
         enc = tokenizer(*inputs, truncation=True, max_length=max_length) if len(texts) else {"input_ids": []}
         self.input_ids = enc["input_ids"]
-        self.token_type_ids = enc.get("token_type_ids")
+        # token_types False: the model has no second token type (features.takes_token_types), whatever the
+        # tokenizer declares
+        self.token_type_ids = enc.get("token_type_ids") if token_types else None
         self.labels = labels
         self.pad_id = int(tokenizer.pad_token_id)
         self.left = getattr(tokenizer, "padding_side", "right") == "left"
@@ -318,7 +320,7 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
     """
     from transformers import AutoImageProcessor, AutoModelForSequenceClassification, AutoTokenizer
 
-    from workers.features import image_classifier, length_limit
+    from workers.features import image_classifier, length_limit, takes_token_types
 
     began = time.perf_counter()
     config = TuneConfig.from_dict(config if isinstance(config, dict) else asdict(config))  # a validated copy
@@ -391,8 +393,9 @@ def train(config: TuneConfig, model_dir: Path, train: TextDataset, val: TextData
             model.config.pad_token_id = preprocessor.pad_token_id
             # what the model can read: a longer max_length overflowed its position embeddings mid-training
             max_length = length_limit(preprocessor, model, config.max_length)
-            train_data = _Encoded(preprocessor, train.texts, y_fit, max_length)
-            val_data = _Encoded(preprocessor, val.texts, y_val, max_length)
+            token_types = takes_token_types(model.config)
+            train_data = _Encoded(preprocessor, train.texts, y_fit, max_length, token_types)
+            val_data = _Encoded(preprocessor, val.texts, y_val, max_length, token_types)
     model.to(device)
     n = len(train_data)
     steps_per_epoch = math.ceil(n / config.batch_size)
