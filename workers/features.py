@@ -196,7 +196,7 @@ class TokenBatch:
     lengths: np.ndarray  # real tokens of each row
     input_ids: Any  # (rows, width) torch.long, right-padded
     attention_mask: Any  # (rows, width) torch.long
-    token_type_ids: Any | None = None  # (rows, width) torch.long: text pairs for a model that takes them
+    token_type_ids: Any | None = None  # (rows, width) torch.long: text pairs whose tokenizer declares token types
 
 
 def token_batches(tokenizer: Any, texts: list[str], chunk: np.ndarray, *, max_length: int, batch_size: int,
@@ -352,8 +352,8 @@ def encode(tokenizer: Any, texts: list[str] | list[tuple[str, str]], max_length:
     within CUT_WINDOW characters of the cut (short of max_length, or unusually long tokens) is tokenised whole.
     Text pairs (tuples) are encoded as the tokenizer's pair (`pair_inputs`; the longer side truncated first), whole:
     which side loses the odd token depends on the sides' full token counts, which a prefix cannot tell. A row is
-    then a (2, length) int32 array of ids and token type ids when the model takes token type ids (BERT: 0 for the
-    first text, 1 for the second), else its ids.
+    then a (2, length) int32 array of ids and token type ids when the tokenizer declares token type ids (BERT: 0
+    for the first text, 1 for the second), else its ids; whether the model gets the types is `takes_token_types`.
     """
     texts = list(texts)
     if texts and isinstance(texts[0], tuple):
