@@ -57,7 +57,7 @@ def main() -> None:
     from workers.tuning.btuning import fit_teacher
     from workers.tuning.loop import train
     from workers.tuning.params import TuneConfig
-    from workers.tuning.selection import TRADEOFF_GRID, choose_tradeoff
+    from workers.tuning.selection import TRADEOFF_CEILING, TRADEOFF_GRID, choose_tradeoff
 
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
@@ -97,7 +97,7 @@ def main() -> None:
                     if weight == "auto":
                         picked = choose_tradeoff(TuneConfig(**config), args.hub / args.student, train_set,
                                                  "classification", names, lambda r, p=pooling: make_teacher(p, r),
-                                                 TRADEOFF_GRID, run / "selection")
+                                                 TRADEOFF_GRID, run / "selection", extend_to=TRADEOFF_CEILING)
                         config["tradeoff"] = picked["chosen"]
                         chosen.setdefault(variant, []).append(picked["chosen"])
                         print(variant, seed, "trials", picked["trials"], flush=True)
@@ -117,7 +117,8 @@ def main() -> None:
              + ", ".join(f"{t} (LogME {fits[t].score:.3f})" for t in teachers)
              + f"; {time.perf_counter() - began:.0f} s in all."
              + "".join(f" {v}: tradeoff chosen per seed {', '.join(f'{c:g}' for c in cs)} from "
-                       f"{', '.join(f'{g:g}' for g in TRADEOFF_GRID)}." for v, cs in chosen.items()), "",
+                       f"{', '.join(f'{g:g}' for g in TRADEOFF_GRID)} (up to {TRADEOFF_CEILING:g} while the top wins)."
+                       for v, cs in chosen.items()), "",
              "| variant | val accuracy | task loss, last epoch | distillation term, last epoch |", "|---|---|---|---|"]
     for variant, mean, spread, loss, term in rows:
         lines.append(f"| {variant} | {mean:.3f} ± {spread:.3f} | {loss:.3f} | {term:.4f} |")

@@ -55,8 +55,9 @@ class TuneSpec(BaseModel):
     target: str | None = Field(default=None, description="model id to tune; default the top-ranked")
     regularizer: RegularizerSpec = Field(default_factory=RegularizerSpec)
     tradeoff: float | list[float] | Literal["auto"] = Field(
-        default="auto", description="btuning: weight of the distillation term; \"auto\" (or a list of values) "
-        "picks it by the held-out loss of trial runs on the training split, one per value")
+        default="auto", description="btuning: weight of the distillation term; \"auto\" (0.01, 0.1, 1, 10, then "
+        "100 and 1000 while the largest tried wins) or a list of values picks it by the held-out loss of trial runs "
+        "on the training split, one per value")
     temperature: float = Field(default=0.1, gt=0, description="btuning: teacher weights softmax(LogME/T)")
     epochs: int = Field(default=3, ge=1, le=100)
     lr: float = Field(default=2e-5, gt=0, le=1.0)

@@ -18,7 +18,7 @@ from service import jobs as job_states
 from service.db import Checkpoint, Dataset, HubModel, Job, RankingEntry, utcnow
 from service.settings import Settings
 from workers.tuning.checkpoint import list_files, write_json_atomic
-from workers.tuning.selection import choose_tradeoff, split_rows, tradeoff_grid
+from workers.tuning.selection import TRADEOFF_CEILING, choose_tradeoff, extension_steps, split_rows, tradeoff_grid
 
 
 def checkpoint_name(model_name: str, strategy: str, regularizer: str) -> str:
@@ -109,22 +109,26 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
         # B-Tuning with a tradeoff to choose ("auto" or a list): one trial run per value, each ~80% of the final
         # run's steps; a number is used as given (finetune ignores it)
         grid = tradeoff_grid(spec["tradeoff"]) if make_teacher is not None else None
+        extend_to = TRADEOFF_CEILING if spec["tradeoff"] == "auto" else None  # a job's own list is tried as given
         fixed = spec["tradeoff"] if isinstance(spec["tradeoff"], (int, float)) else 1.0
         config = TuneConfig(strategy=strategy, regularizer=regularizer,
                             regularizer_params=spec["regularizer"]["params"], epochs=spec["epochs"], lr=spec["lr"],
                             batch_size=spec["batch_size"], max_length=spec["max_length"], seed=spec["seed"],
                             tradeoff=fixed, temperature=spec["temperature"],
                             device=settings.device).validate()
-        runs = 1 + (len(grid) if grid is not None and len(grid) > 1 else 0)
+        # progress counts the most trials there can be (the grid and its extensions); fewer only jump it forward
+        most_trials = len(grid) + extension_steps(grid, extend_to) if grid is not None and len(grid) > 1 else 0
+        runs = 1 + most_trials
         selection = None
         if grid is not None and make_teacher is not None:
-            def on_trial(trial: int, point: dict[str, Any], name: str = model.name, grid: list[float] = grid) -> None:
+            def on_trial(trial: int, value: float, point: dict[str, Any], name: str = model.name) -> None:
                 fraction = (trial + point["step"] / max(point["total_steps"], 1)) / runs
-                progress(f"choosing the B-Tuning tradeoff: {name} with {grid[trial]:g} "
-                         f"({trial + 1}/{len(grid)})", min(fraction, 0.99))
+                progress(f"choosing the B-Tuning tradeoff: {name} with {value:g} (trial {trial + 1})",
+                         min(fraction, 0.99))
 
             selection = choose_tradeoff(config, resolved.path, train_set, dataset.task, dataset.label_names,
-                                        make_teacher, grid, job_dir / "train-state" / name, on_progress=on_trial)
+                                        make_teacher, grid, job_dir / "train-state" / name, on_progress=on_trial,
+                                        extend_to=extend_to)
             config = replace(config, tradeoff=selection["chosen"]).validate()
         stage = f"tuning {index + 1}/{len(target_ids)}: {model.name}"
 

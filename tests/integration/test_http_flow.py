@@ -198,7 +198,9 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
     assert math.isfinite(student["metrics"]["rmse"]) and len(student["details"]["btuning"]["teachers"]) == 2
     # the default tradeoff is chosen by trial runs, judged here by the held-out squared error
     selection = student["details"]["tradeoff_selection"]
-    assert [t["tradeoff"] for t in selection["trials"]] == [0.01, 0.1, 1.0, 10.0]
+    tried = [t["tradeoff"] for t in selection["trials"]]
+    assert tried[:4] == [0.01, 0.1, 1.0, 10.0] and tried[4:] == selection["extended"]  # 100, 1000 if 10 won
+    assert selection["extended"] == [100.0, 1000.0][:len(selection["extended"])]
     assert all(math.isfinite(t["rmse"]) and math.isfinite(t["val_loss"]) for t in selection["trials"])
     assert student["config"]["tradeoff"] == selection["chosen"] and selection["metric"] == "rmse"
 
@@ -346,7 +348,8 @@ def test_image_rank_flow(stack: Stack, tiny_hub: dict[str, Path], tmp_path: Path
     assert distilled["status"] == "succeeded", (distilled, stack.log_text())
     (student,) = distilled["tuning"]["models"]
     assert sorted(student["details"]["btuning"]["teachers"]) == sorted(image_hub)
-    assert len(student["details"]["tradeoff_selection"]["trials"]) == 4  # images choose the tradeoff alike
+    chosen = student["details"]["tradeoff_selection"]  # images choose the tradeoff alike
+    assert len(chosen["trials"]) == 4 + len(chosen["extended"])
 
 
 def test_too_large_upload_is_413(tmp_path: Path) -> None:

@@ -16,9 +16,11 @@ from workers.tuning import loop
 from workers.tuning.btuning import BTuningTeacher
 from workers.tuning.selection import (
     SELECTION_FILE,
+    TRADEOFF_CEILING,
     TRADEOFF_GRID,
     best_trial,
     choose_tradeoff,
+    extension_steps,
     split_rows,
     tradeoff_grid,
 )
@@ -78,7 +80,7 @@ def test_trials_use_the_training_split_only_and_the_best_held_out_tradeoff_wins(
     points: list[tuple[int, int]] = []
     selection = choose_tradeoff(config(strategy="btuning"), bert_dir, TRAIN, "classification", NAMES,
                                 lambda rows: misleading_teacher(rows, seen), [1000.0, 0.0], tmp_path,
-                                on_progress=lambda trial, point: points.append((trial, point["step"])))
+                                on_progress=lambda trial, value, point: points.append((trial, point["step"])))
     fit_rows, held_rows = split_rows(np.asarray(TRAIN.labels), "classification", 0.2, seed=0)
     # the teacher is fitted on the trials' training rows only, and each trial holds the other rows out
     assert len(seen) == 1 and np.array_equal(seen[0], fit_rows)
@@ -143,6 +145,38 @@ def test_no_trials_when_the_trials_rows_give_no_teacher(bert_dir, tmp_path, monk
     assert picked["chosen"] == 1.0 and picked["trials"] == []
     assert "no teacher" in picked["reason"] and "no label occurs" in picked["reason"]
     make_teacher(np.arange(n))  # the whole split has labels: the final run's teacher is fine
+
+
+@pytest.mark.parametrize("best, tried, chosen", [
+    (1.0, [0.01, 0.1, 1.0, 10.0], 1.0),  # an inner best: the grid only
+    (100.0, [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0], 100.0),  # the top wins, then 100, then 1000 does not
+    (1e6, [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0], 1000.0),  # up to the ceiling and no further
+])
+def test_auto_goes_on_upwards_while_the_largest_value_tried_is_the_best(best, tried, chosen, bert_dir, tmp_path,
+                                                                        monkeypatch):
+    """The held-out loss here is |log10(tradeoff / best)|: the search extends the grid a decade at a time while its
+    top value wins, to TRADEOFF_CEILING; a job's own list (extend_to None) is tried as given."""
+    calls: list[float] = []
+
+    def fake_train(cfg, *args, **kwargs):
+        calls.append(cfg.tradeoff)
+        loss = abs(math.log10(cfg.tradeoff / best))
+        return loop.TuneResult(task="classification", metrics={"val_loss": loss, "accuracy": 0.5}, curve=[],
+                               wall_seconds=0.0, steps=1, total_steps=1, resumed_from_step=0, checkpoint_dir="",
+                               config=cfg.to_dict())
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    points: list[tuple[int, float]] = []
+    selection = choose_tradeoff(config(strategy="btuning"), bert_dir, TRAIN, "classification", NAMES,
+                                misleading_teacher, TRADEOFF_GRID, tmp_path / "auto", extend_to=TRADEOFF_CEILING,
+                                on_progress=lambda trial, value, point: points.append((trial, value)))
+    assert calls == tried and selection["chosen"] == chosen
+    assert selection["extended"] == tried[len(TRADEOFF_GRID):] and [t["tradeoff"] for t in selection["trials"]] == tried
+    assert extension_steps(TRADEOFF_GRID, TRADEOFF_CEILING) == 2 and extension_steps(TRADEOFF_GRID, None) == 0
+    calls.clear()
+    listed = choose_tradeoff(config(strategy="btuning"), bert_dir, TRAIN, "classification", NAMES,
+                             misleading_teacher, TRADEOFF_GRID, tmp_path / "listed")
+    assert calls == list(TRADEOFF_GRID) and listed["extended"] == []
 
 
 def test_a_trial_run_writes_nothing(bert_dir, tmp_path, monkeypatch):
