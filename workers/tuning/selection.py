@@ -4,8 +4,8 @@ B-Tuning's tradeoff (the weight of the distillation term) is data-dependent: the
 0.001 to 1000, and on our own runs the best value differed by data (BBC News, MiniLM-L6, 96 texts: 0.01 kept plain
 fine-tuning's accuracy and 1 lost 0.13; Fashion-MNIST, MobileNetV2, 800 images: 1 matched fine-tuning). So unless a
 job fixes it, each value of a grid trains the target once on 80% of the training split with the job's own settings,
-is scored by its task loss on the other 20%, and the best is used for the real run on the whole training split. The
-job's validation split is never seen while choosing, so its reported metrics stay honest; the teachers' LogME
+is scored by its task loss on the other 20%, and the best is used for the real run on the whole training split
+("auto" tries larger values while the largest tried wins: TRADEOFF_CEILING). The job's validation split is never seen while choosing, so its reported metrics stay honest; the teachers' LogME
 read-outs used for the trials are fitted on the trials' 80% only, or they would carry the held-out labels into the
 distillation target.
 
@@ -115,9 +115,10 @@ def choose_tradeoff(config: Any, model_dir: Path, train_set: Any, task: str, lab
     there).
     extend_to: while the largest value tried is the best, try ten times it, up to extend_to ("auto": TRADEOFF_CEILING);
     None: the grid only (a list a job gave).
-    Returns {"chosen", "grid", "extended" (values added above the grid), "criterion", "metric", "trials": [{tradeoff,
-    <metric>, val_loss, steps, wall_seconds}], "rows": {train, validation}}; or, when no row can be held out or the trials' rows give no
-    teacher (multi-label rows without a label, a constant target), FALLBACK_TRADEOFF with a "reason"."""
+    Returns {"chosen", "grid", "extended" (values added above the grid), "criterion", "metric", "trials":
+    [{tradeoff, <metric>, val_loss, steps, wall_seconds}], "rows": {train, validation}}; or, when no row can be held
+    out or the trials' rows give no teacher (multi-label rows without a label, a constant target), FALLBACK_TRADEOFF
+    with a "reason"."""
     from workers.tuning.loop import TextDataset, train
 
     grid = sorted({float(v) for v in grid})
