@@ -322,3 +322,24 @@ def test_the_first_metric_orders_the_ranking_and_the_prior_check_comes_with_logm
     alone = rank(setup["dataset"], setup["models"], ["ridge_loo"], **kwargs)
     assert [m.model_id for m in alone] == [m.model_id for m in by_ridge]
     assert all(m.details.get("logme_prior_only") is None and "logme" not in m.scores for m in alone)
+
+
+def test_text_pairs_rank_through_successive_halving_and_a_second_round_reuses_the_first(setup: dict,
+                                                                                        tmp_path: Path) -> None:
+    """Pairs read from the normalised file go through nested samples like texts; a repeated job is served from the
+    cache (keyed by the pairs themselves, so the same texts unpaired are other examples)."""
+    texts, labels = setup["texts"], setup["labels"]
+    pairs = [(a, b) for a, b in zip(texts, texts[1:] + texts[:1])]
+    path = tmp_path / "pairs.parquet"
+    write_normalized(ParsedDataset(pairs, labels.tolist(), ["lo", "hi"], None, ROWS), "classification", path)
+    dataset = DatasetSpec(path, "classification", ["lo", "hi"])
+    kwargs = dict(cache_root=tmp_path / "cache", hf_cache_dir=setup["root"] / "hf", initial_rows=32)
+    first = rank_successive_halving(dataset, setup["models"], **kwargs)
+    assert sorted(m.model_id for m in first.ranking) == ["a", "b", "d"]
+    assert all(np.isfinite(m.scores["logme"]) for m in first.ranking)
+    again = rank_successive_halving(dataset, setup["models"], **kwargs)
+    assert all(m.feature_seconds == 0.0 for m in again.ranking) and any(m.feature_seconds > 0 for m in first.ranking)
+    assert [m.scores["logme"] for m in again.ranking] == [m.scores["logme"] for m in first.ranking]
+    singles = rank(setup["dataset"], setup["models"], ["logme"], **{k: v for k, v in kwargs.items()
+                                                                    if k != "initial_rows"})
+    assert not any(m.details["features_cached"] for m in singles)
