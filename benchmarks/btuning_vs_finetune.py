@@ -37,11 +37,13 @@ def main() -> None:
     parser.add_argument("--target", default="", help="model folder name to tune (default: the first of --models)")
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--text-column", default="text")
+    parser.add_argument("--text-pair-column", default=None, help="text pairs: the column of each row's second text")
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per text or pair when tuning")
     parser.add_argument("--top-k", type=int, default=0, help="B-Tuning teachers (default: all models)")
     parser.add_argument("--tradeoff", default="auto",
                         help='B-Tuning tradeoff: a number, comma-separated values to choose among, or "auto"')
@@ -62,13 +64,16 @@ def main() -> None:
             form = {"task": "classification"}
             if args.data.suffix != ".zip":
                 form.update(text_column=args.text_column, label_column=args.label_column)
+                if args.text_pair_column:
+                    form["text_pair_column"] = args.text_pair_column
             with args.data.open("rb") as fh:
                 dataset = client._check(client.http.post("/v1/datasets", files={"file": (args.data.name, fh)},
                                                          data=form, timeout=None))
             tradeoff: Any = args.tradeoff if args.tradeoff == "auto" else [float(v) for v in args.tradeoff.split(",")]
             tradeoff = tradeoff[0] if isinstance(tradeoff, list) and len(tradeoff) == 1 else tradeoff
             trials: list[str] = []
-            common = {"target": ids[target], "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
+            common = {"target": ids[target], "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                      "max_length": args.max_length}
             for seed in seeds:
                 for strategy in ("finetune", "btuning"):
                     tune = {"strategy": strategy, "seed": seed, **common}
@@ -105,7 +110,8 @@ def main() -> None:
              f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared), CPU; data {args.data.name} "
              f"({dataset['rows']} rows, validation 20%, split by seed); target {target}; teachers "
              f"{', '.join(f'{n} (π={w:.3f}, LogME {s:.3f})' for n, w, s in described)}; "
-             f"{args.epochs} epochs, lr {args.lr}, batch {args.batch_size}, tradeoff {args.tradeoff}, temperature 0.1; "
+             f"{args.epochs} epochs, lr {args.lr}, batch {args.batch_size}, max_length {args.max_length}, "
+             f"tradeoff {args.tradeoff}, temperature 0.1; "
              f"{time.perf_counter() - began:.0f} s in all.", "",
              "| seed | strategy | tradeoff | accuracy | macro-F1 | ECE | training s | job s |",
              "|---|---|---|---|---|---|---|---|"]

@@ -6,7 +6,7 @@ Usage: python -m benchmarks.collect_results
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["logme_speed", "feature_speed", "tokenize_ahead", "rank_overhead", "rank_overhead_images", "halving", "occam", "rank_vs_finetune", "rank_vs_finetune_lr2e-4", "rank_vs_finetune_headpool", "rank_vs_finetune_kaomoji", "rank_vs_finetune_austen", "rank_vs_finetune_pairs", "image_ranking", "rank_vs_finetune_fashion", "image_decode", "logme_intervals", "tune_compare", "btuning_text", "btuning_vs_finetune"]
+ORDER = ["logme_speed", "feature_speed", "tokenize_ahead", "rank_overhead", "rank_overhead_images", "halving", "occam", "rank_vs_finetune", "rank_vs_finetune_lr2e-4", "rank_vs_finetune_headpool", "rank_vs_finetune_kaomoji", "rank_vs_finetune_austen", "rank_vs_finetune_pairs", "image_ranking", "rank_vs_finetune_fashion", "image_decode", "logme_intervals", "tune_compare", "btuning_text", "btuning_vs_finetune", "btuning_vs_finetune_pairs"]
 
 
 def append_run(path: Path, title: str, command: str, text: str) -> None:
