@@ -56,7 +56,7 @@ def main() -> None:
     from workers.ranking import logme
     from workers.tuning.btuning import fit_teacher
     from workers.tuning.loop import train
-    from workers.tuning.params import TuneConfig
+    from service.contract.tuning import TuneConfig
     from workers.tuning.selection import TRADEOFF_CEILING, TRADEOFF_GRID, choose_tradeoff
 
     torch.set_num_threads(args.threads)

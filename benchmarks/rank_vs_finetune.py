@@ -229,7 +229,7 @@ def finetune(folder: Path, seed: int, task: str, names: list[str] | None, train:
              val: tuple[list[str], np.ndarray], args: argparse.Namespace) -> dict[str, Any]:
     from workers.tuning.loop import TextDataset
     from workers.tuning.loop import train as tune
-    from workers.tuning.params import TuneConfig
+    from service.contract.tuning import TuneConfig
 
     config = TuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                         seed=seed, save_every_steps=0, device=args.device)

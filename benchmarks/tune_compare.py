@@ -252,7 +252,7 @@ ALL_METHODS = "none,l2sp,mixout,smart,r3f,vat,sift,lnsr,hype,nfm,self_labeling,b
 
 def run_one(method: str, seed: int, args, train, val, names, teacher, sha: str, model_dir: Path) -> dict:
     from workers.tuning.loop import train as tune
-    from workers.tuning.params import TuneConfig
+    from service.contract.tuning import TuneConfig
 
     strategy = "btuning" if method == "btuning" else "finetune"
     config = TuneConfig(strategy=strategy, regularizer="none" if method == "btuning" else method,
@@ -280,7 +280,7 @@ def mean_std(values: list[float], digits: int = 4) -> str:
 
 
 def method_params(method: str, settings: dict, teachers: list) -> str:
-    from workers.tuning.params import resolve_regularizer
+    from service.contract.tuning import resolve_regularizer
 
     if method == "btuning":
         return f"tradeoff={settings['tradeoff']:g}, T=0.1, k={len(teachers)}"

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 
 from service.client import Client, ranking_table
+from service.contract import JobStatus
 from service.settings import Settings
 
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         job = client.watch(job["id"])
         ranked = time.perf_counter()
         print(f"\njob {job['id']}: {job['status']}")
-        if job["status"] != "succeeded":
+        if job["status"] != JobStatus.SUCCEEDED:
             print(f"error: {job['error']}")
             return 1
         print(ranking_table(job))

@@ -23,7 +23,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import datasets as dataset_files
 from service import jobs as job_states
 from service.db import ApiKey, Checkpoint, Dataset, HubModel, Job, RankingEntry, new_id
-from service.schemas import METRICS, JobCreate, ModelCreate, metric_applies
+from service.contract import (
+    ESTIMATORS, IMAGE_PROCESSOR_FILE, TERMINAL, TOKENIZER_ENTRY_FILES, JobPhase, describe_regularizers, estimator_applies,
+    resolve_regularizer,
+)
+from service.schemas import JobCreate, ModelCreate
 from service.settings import Settings
 from workers.hub import content_revision  # no torch: a hash of the folder's files
 
@@ -78,9 +82,9 @@ def read_model_config(folder: Path) -> dict[str, Any]:
         hidden = config["hidden_sizes"][-1]  # CNNs (ResNet, ConvNeXt): the last stage's channels
     architectures = config.get("architectures") or []
     has_head = any(a.endswith(SOURCE_HEADS) for a in architectures) and bool(config.get("id2label"))
-    if modality == "text" and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if modality == "text" and not any((folder / name).is_file() for name in TOKENIZER_ENTRY_FILES):
         raise Problem(422, "no tokenizer", f"{folder} holds a text model but no tokenizer files (one of "
-                      f"{', '.join(TOKENIZER_FILES)}); save it beside the weights: tokenizer.save_pretrained(folder)",
+                      f"{', '.join(TOKENIZER_ENTRY_FILES)}); save it beside the weights: tokenizer.save_pretrained(folder)",
                       field="path")
     if modality == "image" and not (folder / IMAGE_PROCESSOR_FILE).is_file():
         raise Problem(422, "no image processor", f"{folder} holds an image model but no {IMAGE_PROCESSOR_FILE} "
@@ -92,11 +96,6 @@ def read_model_config(folder: Path) -> dict[str, Any]:
 
 # Classification heads whose softmax LEEP and NCE read (with an id2label in the config).
 SOURCE_HEADS = ("ForSequenceClassification", "ForImageClassification")
-# What AutoImageProcessor.from_pretrained(folder) reads.
-IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
-# Any one of these lets AutoTokenizer.from_pretrained(folder) build a tokenizer without a hub.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                   "spiece.model", "sentencepiece.bpe.model")
 
 
 # Contrastive image-text dual encoders: catalogued as image models, ranked and tuned through their vision tower
@@ -342,10 +341,10 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
         with sessions() as session:
             dataset = owned_dataset(session, body.dataset_id, who)
             for i, metric in enumerate(body.metrics):
-                if metric not in METRICS:
-                    raise Problem(422, "unknown metric", f"{metric!r}; known: {', '.join(METRICS)}",
+                if metric not in ESTIMATORS:
+                    raise Problem(422, "unknown metric", f"{metric!r}; known: {', '.join(ESTIMATORS)}",
                                   field=f"metrics[{i}]")
-                if not metric_applies(metric, dataset.task):
+                if not estimator_applies(metric, dataset.task):
                     raise Problem(422, "metric not defined for this task",
                                   f"{metric} is defined for classification only; this dataset is {dataset.task}",
                                   field=f"metrics[{i}]")
@@ -376,8 +375,6 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
                     raise Problem(422, "sample_size cannot be combined with successive_halving",
                                   "successive halving chooses its own samples", field="sample_size")
             if body.tune is not None:
-                from workers.tuning.params import resolve_regularizer  # plain data, no torch
-
                 try:
                     resolve_regularizer(body.tune.regularizer.name, body.tune.regularizer.params,
                                         where="tune.regularizer")
@@ -401,7 +398,7 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
             session.add(job)
         # Enqueued only after the row is committed; if this send fails the reconciler re-sends it.
         try:
-            job_states.enqueue(sessions, send, job.id, "rank")
+            job_states.enqueue(sessions, send, job.id, JobPhase.RANK)
         except Exception:
             log.exception("could not enqueue job %s now; the reconciler will", job.id)
         with sessions() as session:
@@ -424,7 +421,7 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
     def cancel_job(job_id: str, who: str = Depends(owner)) -> dict[str, Any]:
         with sessions() as session:
             job = owned_job(session, job_id, who)
-            if job.status in ("succeeded", "failed", "cancelled"):
+            if job.status in TERMINAL:
                 raise Problem(409, "job already finished", f"job {job_id} is {job.status}")
         job_states.request_cancel(sessions, job_id)
         with sessions() as session:
@@ -433,8 +430,6 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
     @app.get("/v1/regularizers")
     def list_regularizers(_who: str = Depends(owner)) -> dict[str, Any]:
         """Every regularizer's parameters with defaults and meaning (tune.regularizer.params)."""
-        from workers.tuning.params import describe_regularizers  # plain data, no torch
-
         return describe_regularizers()
 
     # ---- checkpoints ----------------------------------------------------------------------------------------

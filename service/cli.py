@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from service.contract import JobStatus
 from service.settings import Settings, get_settings
 
 
@@ -173,7 +174,7 @@ def cmd_rank(args: argparse.Namespace, _settings: Settings) -> int:
         return 0
     job = client.watch(job["id"])
     _show_job(job)
-    return 0 if job["status"] == "succeeded" else 1
+    return 0 if job["status"] == JobStatus.SUCCEEDED else 1
 
 
 def cmd_jobs(args: argparse.Namespace, _settings: Settings) -> int:

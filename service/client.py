@@ -11,6 +11,8 @@ from typing import Any
 
 import httpx
 
+from service.contract import TERMINAL
+
 
 class ApiError(Exception):
     def __init__(self, response: httpx.Response) -> None:
@@ -76,7 +78,7 @@ class Client:
                 elif (job["status"], job["stage"]) != last:
                     print(f"{job['status']}: {job['stage']} ({job['progress']:.0%})", file=out, flush=True)
                     last = (job["status"], job["stage"])
-                if job["status"] in ("succeeded", "failed", "cancelled"):
+                if job["status"] in TERMINAL:
                     return job
                 time.sleep(interval)
         finally:

@@ -47,10 +47,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from service.contract import TASKS
+
 if TYPE_CHECKING:  # the API passes a Starlette UploadFile; typing only, so this module stays import-light
     from starlette.datastructures import UploadFile
 
-TASKS = ("classification", "multilabel", "regression")
 FORMATS = ("csv", "jsonl", "parquet", "zip")
 MULTILABEL_SEPARATORS = ("|", ";", ",")
 CSV_DELIMITERS = (",", "\t", ";")

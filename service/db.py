@@ -15,9 +15,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
-
+from service.contract import JobPhase, JobStatus
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -111,9 +109,9 @@ class Job(Base):
     metrics: Mapped[list] = mapped_column(JSON)
     options: Mapped[dict] = mapped_column(JSON, default=dict)
     tune: Mapped[dict | None] = mapped_column(JSON, nullable=True)
-    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value, index=True)
     # phase picks the Celery task and queue: "rank" then, when tuning was asked for, "tune".
-    phase: Mapped[str] = mapped_column(String(16), default="rank")
+    phase: Mapped[str] = mapped_column(String(16), default=JobPhase.RANK.value)
     stage: Mapped[str] = mapped_column(String(64), default="queued")
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)

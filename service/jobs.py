@@ -17,12 +17,14 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.contract import JobPhase, JobStatus
+from service.contract.status import allowed
 from service.db import Job, utcnow
 
 log = logging.getLogger("hubtune.jobs")
 
-TASK_FOR_PHASE = {"rank": "hubtune.rank", "tune": "hubtune.tune"}
-QUEUE_FOR_PHASE = {"rank": "rank", "tune": "tune"}
+TASK_FOR_PHASE = {JobPhase.RANK: "hubtune.rank", JobPhase.TUNE: "hubtune.tune"}
+QUEUE_FOR_PHASE = {JobPhase.RANK: "rank", JobPhase.TUNE: "tune"}
 
 SendTask = Callable[[str, str, str], Any]  # (task name, job id, queue)
 
@@ -59,16 +61,16 @@ def claim(sessions: sessionmaker, job_id: str, phase: str, token: str, lease_sec
                 Job.id == job_id,
                 Job.phase == phase,
                 Job.cancel_requested.is_(False),
-                or_(Job.status == "queued", and_(Job.status == "running", Job.lease_expires_at < now)),
+                or_(Job.status == JobStatus.QUEUED, and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)),
             )
-            .values(status="running", worker_token=token, lease_expires_at=now + timedelta(seconds=lease_seconds),
+            .values(status=JobStatus.RUNNING, worker_token=token, lease_expires_at=now + timedelta(seconds=lease_seconds),
                     heartbeat_at=now, attempts=Job.attempts + 1, started_at=now, error=None)
         )
         return result.rowcount == 1
 
 
 def _owned(token: str, job_id: str):  # type: ignore[no-untyped-def]
-    return and_(Job.id == job_id, Job.worker_token == token, Job.status == "running")
+    return and_(Job.id == job_id, Job.worker_token == token, Job.status == JobStatus.RUNNING)
 
 
 def renew_lease(sessions: sessionmaker, job_id: str, token: str, lease_seconds: float) -> bool:
@@ -96,6 +98,8 @@ def report_progress(sessions: sessionmaker, job_id: str, token: str, stage: str,
 
 def finish(session: Session, job_id: str, token: str, **values: Any) -> None:
     """Final transition inside the caller's transaction (so results and status commit together)."""
+    if "status" in values and not allowed(JobStatus.RUNNING, values["status"]):
+        raise ValueError(f"a running job cannot become {values['status']}")
     result = session.execute(update(Job).where(_owned(token, job_id)).values(worker_token=None, lease_expires_at=None,
                                                                             **values))
     if result.rowcount != 1:
@@ -107,10 +111,11 @@ def request_cancel(sessions: sessionmaker, job_id: str) -> str:
     now = utcnow()
     with sessions.begin() as session:
         session.execute(
-            update(Job).where(Job.id == job_id, Job.status == "queued")
-            .values(status="cancelled", stage="cancelled", cancel_requested=True, finished_at=now)
+            update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+            .values(status=JobStatus.CANCELLED, stage="cancelled", cancel_requested=True, finished_at=now)
         )
-        session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True))
+        session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+                        .values(cancel_requested=True))
         return session.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
 
 
@@ -122,30 +127,30 @@ def reconcile_once(sessions: sessionmaker, send: SendTask, max_attempts: int,
     with sessions() as session:
         expired = session.execute(
             select(Job.id, Job.phase, Job.attempts, Job.cancel_requested)
-            .where(Job.status == "running", Job.lease_expires_at < now)
+            .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
         ).all()
         stale = session.execute(
             select(Job.id, Job.phase).where(
-                Job.status == "queued",
+                Job.status == JobStatus.QUEUED,
                 or_(Job.enqueued_at.is_(None), Job.enqueued_at < now - timedelta(seconds=requeue_queued_after_seconds)),
                 Job.created_at < now - timedelta(seconds=requeue_queued_after_seconds),
             )
         ).all()
     for job_id, phase, attempts, cancel_requested in expired:
         if cancel_requested:
-            values = dict(status="cancelled", stage="cancelled", finished_at=now)
+            values = dict(status=JobStatus.CANCELLED, stage="cancelled", finished_at=now)
         elif attempts >= max_attempts:
-            values = dict(status="failed", stage="failed", finished_at=now,
+            values = dict(status=JobStatus.FAILED, stage="failed", finished_at=now,
                           error=f"the worker running this job died {attempts} times; giving up")
         else:
-            values = dict(status="queued", stage="requeued after a worker was lost")
+            values = dict(status=JobStatus.QUEUED, stage="requeued after a worker was lost")
         with sessions.begin() as session:
             result = session.execute(
-                update(Job).where(Job.id == job_id, Job.status == "running", Job.lease_expires_at < now)
+                update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
                 .values(worker_token=None, lease_expires_at=None, **values)
             )
             changed = result.rowcount == 1
-        if changed and values["status"] == "queued":
+        if changed and values["status"] == JobStatus.QUEUED:
             log.warning("job %s lost its worker (lease expired); re-queued", job_id)
             enqueue(sessions, send, job_id, phase)
             requeued.append(job_id)

@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from service.contract import POOLINGS, TOKENIZER_FILES
+
 POOLING = "mean"
-POOLINGS = ("mean", "head")
 # Part of every cache key: bump when what extract_features computes (or the entry layout) changes.
 CACHE_FORMAT = 6  # 3: each text read once (workers.pipeline.distinct_examples); 4: encoder-decoders read through
 # their encoder (BART gave decoder states), images brought to 8 bits with transparency over white (eight_bit);
@@ -133,10 +134,6 @@ def text_chunks(texts: list[str], batch_size: int, ahead: bool, bucket_by_length
     return chunks
 
 
-# Files that decide how a folder's tokenizer maps text to ids (fast and slow formats, special-token settings).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
-                   "tokenizer.model")
 
 
 def tokenizer_fingerprint(model_dir: Path) -> str | None:

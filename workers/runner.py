@@ -17,6 +17,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import sessionmaker
 
 from service import jobs as job_states
+from service.contract import JobPhase, JobStatus
 from service.db import Dataset, HubModel, Job, RankingEntry, session_factory, utcnow
 from service.settings import Settings, get_settings
 
@@ -115,15 +116,15 @@ def _rank_phase(sessions: sessionmaker, job: Job, dataset: Dataset, models: list
         session.add_all(RankingEntry(job_id=job.id, model_id=r.model_id, rank=r.rank, scores=r.scores,
                                      details=r.details, feature_seconds=r.feature_seconds) for r in ranked)
         if tuning_next:
-            job_states.finish(session, job.id, token, status="queued", phase="tune", stage="ranked; waiting to tune",
+            job_states.finish(session, job.id, token, status=JobStatus.QUEUED, phase=JobPhase.TUNE, stage="ranked; waiting to tune",
                               progress=0.0, ranking_summary=summary)
         else:
-            job_states.finish(session, job.id, token, status="succeeded", stage="done", progress=1.0,
+            job_states.finish(session, job.id, token, status=JobStatus.SUCCEEDED, stage="done", progress=1.0,
                               finished_at=utcnow(), ranking_summary=summary)
     if tuning_next:
         from workers.celery_app import make_celery
 
-        job_states.enqueue(sessions, job_states.celery_sender(make_celery(settings)), job.id, "tune")
+        job_states.enqueue(sessions, job_states.celery_sender(make_celery(settings)), job.id, JobPhase.TUNE)
 
 
 def _tune_phase(sessions: sessionmaker, job: Job, dataset: Dataset, models: list[HubModel], token: str,
@@ -147,18 +148,18 @@ def run_phase(job_id: str, phase: str, settings: Settings | None = None) -> str:
             job, dataset, models = _load(sessions, job_id)
             if not models:
                 raise ValueError("none of the job's candidate models exist any more")
-            run = _rank_phase if phase == "rank" else _tune_phase
+            run = _rank_phase if phase == JobPhase.RANK else _tune_phase
             run(sessions, job, dataset, models, token, progress, settings)
             return "done"
         except job_states.LeaseLost:
             log.warning("job %s: lease lost to another worker; dropping this attempt", job_id)
             return "lease-lost"
         except job_states.JobCancelled:
-            _end(sessions, job_id, token, status="cancelled", stage="cancelled")
+            _end(sessions, job_id, token, status=JobStatus.CANCELLED, stage="cancelled")
             return "cancelled"
         except Exception as exc:
             log.exception("job %s failed", job_id)
-            _end(sessions, job_id, token, status="failed", stage="failed", error=f"{type(exc).__name__}: {exc}")
+            _end(sessions, job_id, token, status=JobStatus.FAILED, stage="failed", error=f"{type(exc).__name__}: {exc}")
             return "failed"
 
 

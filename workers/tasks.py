@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from service.contract import JobPhase
 from workers.celery_app import app
 
 
@@ -9,11 +10,11 @@ from workers.celery_app import app
 def rank_job(job_id: str) -> str:
     from workers.runner import run_phase
 
-    return run_phase(job_id, "rank")
+    return run_phase(job_id, JobPhase.RANK)
 
 
 @app.task(name="hubtune.tune", acks_late=True)
 def tune_job(job_id: str) -> str:
     from workers.runner import run_phase
 
-    return run_phase(job_id, "tune")
+    return run_phase(job_id, JobPhase.TUNE)

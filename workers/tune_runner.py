@@ -15,6 +15,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import sessionmaker
 
 from service import jobs as job_states
+from service.contract import JobStatus, TuneConfig
 from service.db import Checkpoint, Dataset, HubModel, Job, RankingEntry, utcnow
 from service.settings import Settings
 from workers.tuning.checkpoint import list_files, write_json_atomic
@@ -31,7 +32,7 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
     from workers import pipeline
     from workers.hub import resolve_model
     from workers.runner import feature_batch_size
-    from workers.tuning import TextDataset, TuneConfig, TuningCancelled, train
+    from workers.tuning import TextDataset, TuningCancelled, train
     from workers.tuning.btuning import fit_teacher
 
     spec = job.tune or {}
@@ -111,11 +112,7 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
         grid = tradeoff_grid(spec["tradeoff"]) if make_teacher is not None else None
         extend_to = TRADEOFF_CEILING if spec["tradeoff"] == "auto" else None  # a job's own list is tried as given
         fixed = spec["tradeoff"] if isinstance(spec["tradeoff"], (int, float)) else 1.0
-        config = TuneConfig(strategy=strategy, regularizer=regularizer,
-                            regularizer_params=spec["regularizer"]["params"], epochs=spec["epochs"], lr=spec["lr"],
-                            batch_size=spec["batch_size"], max_length=spec["max_length"], seed=spec["seed"],
-                            tradeoff=fixed, temperature=spec["temperature"],
-                            device=settings.device).validate()
+        config = TuneConfig.from_spec(spec, tradeoff=fixed, device=settings.device)
         # progress counts the most trials there can be (the grid and its extensions); fewer only jump it forward
         most_trials = len(grid) + extension_steps(grid, extend_to) if grid is not None and len(grid) > 1 else 0
         runs = 1 + most_trials
@@ -164,5 +161,5 @@ def run_tuning(sessions: sessionmaker, job: Job, dataset: Dataset, token: str, p
             folder = job_dir / "checkpoints" / name
             session.add(Checkpoint(job_id=job.id, name=name, model_id=summary["model_id"], path=str(folder),
                                    files=list_files(folder)))
-        job_states.finish(session, job.id, token, status="succeeded", stage="done", progress=1.0,
+        job_states.finish(session, job.id, token, status=JobStatus.SUCCEEDED, stage="done", progress=1.0,
                           tuning={"strategy": strategy, "models": list(results.values())}, finished_at=utcnow())

@@ -485,7 +485,7 @@ def test_a_model_with_one_token_type_reads_pairs_without_token_type_ids(tmp_path
     (IndexError before), so such a model reads pairs as ids alone, in features and tuning alike."""
     from tests.tiny_models import make_tiny_roberta
     from workers.tuning.loop import TextDataset, train
-    from workers.tuning.params import TuneConfig
+    from service.contract.tuning import TuneConfig
 
     folder = make_tiny_roberta(tmp_path / "roberta")
     pairs = pairs_of(6, seed=8)

@@ -14,7 +14,7 @@ import torch
 from tests.tiny_models import make_tiny_clip, make_tiny_mobilenet, make_tiny_vit
 from workers.tuning.btuning import BTuningTeacher
 from workers.tuning.loop import TextDataset, train
-from workers.tuning.params import TuneConfig
+from service.contract.tuning import TuneConfig
 
 torch.set_num_threads(1)
 TINTS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}

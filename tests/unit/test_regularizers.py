@@ -17,7 +17,7 @@ from torch import nn
 
 from tests.tiny_models import make_tiny_bert
 from workers.tuning.btuning import BTuningLoss, BTuningTeacher, btuning_penalty, distillation_target, teacher_weights
-from workers.tuning.params import REGULARIZER_PARAMS, TuneConfig, resolve_regularizer
+from service.contract.tuning import REGULARIZER_PARAMS, TuneConfig, resolve_regularizer
 from workers.tuning.regularizers import (
     LNSR,
     NFM,

@@ -13,7 +13,7 @@ from tests.tiny_models import make_tiny_bert, make_tiny_llama, make_tiny_t5
 from workers.tuning.btuning import BTuningTeacher
 from workers.tuning.checkpoint import list_files
 from workers.tuning.loop import STATE_FILE, TextDataset, TuningCancelled, train
-from workers.tuning.params import TuneConfig
+from service.contract.tuning import TuneConfig
 
 torch.set_num_threads(1)
 

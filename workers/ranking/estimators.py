@@ -21,6 +21,8 @@ import numpy as np
 import scipy.linalg as sla
 from scipy.special import logsumexp, softmax
 
+from service.contract import ESTIMATORS
+
 
 # ---------------------------------------------------------------- helpers
 
@@ -301,6 +303,8 @@ def nleep(features: np.ndarray, labels: np.ndarray, *, components_per_class: int
 
 @dataclass(frozen=True)
 class Metric:
+    """An estimator of the contract (service.contract.ESTIMATORS: its name and tasks) with its function."""
+
     name: str
     tasks: frozenset[str]
     needs_source_head: bool
@@ -309,6 +313,11 @@ class Metric:
 
     def applies_to(self, task: str) -> bool:
         return task in self.tasks
+
+    @property
+    def task_aware(self) -> bool:
+        """Takes the task as its third argument (the estimators defined beyond classification)."""
+        return self.tasks != {"classification"}
 
 
 def _logme_score(features: np.ndarray, labels: np.ndarray, task: str) -> float:
@@ -329,27 +338,16 @@ def _ridge_loo_score(features: np.ndarray, labels: np.ndarray, task: str) -> flo
     return ridge_loo(features, labels, task)
 
 
-_CLS = frozenset({"classification"})
-METRICS: dict[str, Metric] = {
-    "logme": Metric("logme", frozenset({"classification", "multilabel", "regression"}), False, _logme_score),
-    # LogME with an intercept on the leading k principal directions, k by maximum evidence (the few-examples fix).
-    "logme_projected": Metric("logme_projected", frozenset({"classification", "multilabel", "regression"}), False,
-                              _logme_projected_score),
-    # Exact leave-one-out accuracy / micro-F1 / R^2 of a ridge probe: what the Gaussian evidence misses on hard data.
-    "ridge_loo": Metric("ridge_loo", frozenset({"classification", "multilabel", "regression"}), False,
-                        _ridge_loo_score),
-    "hscore": Metric("hscore", _CLS, False, hscore),
-    "hscore_shrinkage": Metric("hscore_shrinkage", _CLS, False, hscore_shrinkage),
-    "nleep": Metric("nleep", _CLS, False, nleep),
-    "gbc": Metric("gbc", _CLS, False, gbc),
-    "transrate": Metric("transrate", _CLS, False, transrate),
-    "sfda": Metric("sfda", _CLS, False, sfda),
-    "leep": Metric("leep", _CLS, True, leep),
-    "nce": Metric("nce", _CLS, True, nce),
+_FUNCTIONS: dict[str, Callable[..., float]] = {
+    "logme": _logme_score, "logme_projected": _logme_projected_score, "ridge_loo": _ridge_loo_score,
+    "hscore": hscore, "hscore_shrinkage": hscore_shrinkage, "nleep": nleep, "gbc": gbc, "transrate": transrate,
+    "sfda": sfda, "leep": leep, "nce": nce,
 }
+# One entry per estimator of the contract; a name without a function fails here, at import.
+METRICS: dict[str, Metric] = {name: Metric(name, info.tasks, info.needs_source_head, _FUNCTIONS[name])
+                              for name, info in ESTIMATORS.items()}
 
 
-_TASK_AWARE = ("logme", "logme_projected", "ridge_loo")  # take the task; the others are classification-only
 # Estimators with an absolute constant (NLEEP's covariance regulariser 1e-6, GBC's variance floor 1e-4, TransRate's
 # eps 1e-4, SFDA's exp(-5·eigenvalue) shrinkage) whose scores change with the units a model outputs in: a randomly
 # initialised MobileNetV2 returns features of size 1e-22, some decoders 1e3. score_metric hands them features
@@ -373,7 +371,7 @@ def score_metric(name: str, features: np.ndarray | None, labels: np.ndarray, tas
         raise KeyError(f"unknown metric {name!r}; known: {sorted(METRICS)}")
     if not metric.applies_to(task):
         return None
-    if name in _TASK_AWARE:
+    if metric.task_aware:
         return metric.fn(features, labels, task)
     if len(np.unique(np.asarray(labels))) < 2:
         return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.tuning.params import REGULARIZER_PARAMS, TuneConfig, describe_regularizers, resolve_regularizer
+from service.contract.tuning import REGULARIZER_PARAMS, TuneConfig, describe_regularizers, resolve_regularizer
 
 _LAZY = {
     "train": "workers.tuning.loop",

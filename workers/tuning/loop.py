@@ -51,7 +51,7 @@ from workers.tuning.checkpoint import (
     write_json_atomic,
 )
 from workers.tuning.metrics import MAIN_METRIC, task_metrics
-from workers.tuning.params import TASKS, TuneConfig
+from service.contract import TASKS, TuneConfig
 from workers.tuning.regularizers import (
     Regularizer,
     SetupInfo,

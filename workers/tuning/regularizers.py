@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workers.tuning.params import resolve_regularizer
+from service.contract.tuning import REGULARIZER_PARAMS, resolve_regularizer
 
 # ----------------------------------------------------------------------------------------------- model anatomy
 
@@ -956,19 +956,13 @@ class SelfLabeling(Regularizer):
 
 # ------------------------------------------------------------------------------------------------------ registry
 
-REGULARIZERS: dict[str, type[Regularizer]] = {
-    "none": NoRegularizer,
-    "l2sp": L2SP,
-    "mixout": Mixout,
-    "smart": SMART,
-    "r3f": R3F,
-    "vat": VAT,
-    "sift": SiFT,
-    "lnsr": LNSR,
-    "hype": HyPe,
-    "nfm": NFM,
-    "self_labeling": SelfLabeling,
-}
+_IMPLEMENTATIONS: tuple[type[Regularizer], ...] = (NoRegularizer, L2SP, Mixout, SMART, R3F, VAT, SiFT, LNSR, HyPe,
+                                                     NFM, SelfLabeling)
+REGULARIZERS: dict[str, type[Regularizer]] = {cls.name: cls for cls in _IMPLEMENTATIONS}
+# The contract names every regularizer a job may ask for; each must be implemented here (checked at import).
+if set(REGULARIZERS) != set(REGULARIZER_PARAMS):
+    raise ImportError(f"regularizers without an implementation: {sorted(set(REGULARIZER_PARAMS) - set(REGULARIZERS))};"
+                      f" implementations outside the contract: {sorted(set(REGULARIZERS) - set(REGULARIZER_PARAMS))}")
 
 
 def build_regularizer(name: str, params: dict[str, Any] | None = None) -> Regularizer:

@@ -1,7 +1,9 @@
-"""Tuning settings and every regularizer's parameters with their defaults: plain data, no torch.
+"""Tuning: the request's `tune` block (TuneSpec), every regularizer's parameters with their defaults, and the
+worker's settings of one run (TuneConfig, built from a TuneSpec). Plain data, no torch.
 
-The API process validates a job's `tune` block with `TuneConfig.from_dict(...)` (ValueError naming the field) and
-lists the regularizers with `REGULARIZER_PARAMS` without importing torch; the worker builds the same objects.
+The API validates a job's `tune` block with TuneSpec and `resolve_regularizer` (ValueError naming the field) and
+lists the regularizers with `describe_regularizers`; the worker builds its TuneConfig with `TuneConfig.from_spec`.
+Bounds that both check are written once, in LIMITS.
 
 Defaults are the published ones where a paper or its official code gives one (source in each doc string); where the
 published value belongs to another architecture or data scale, the doc says what was chosen instead and why.
@@ -11,10 +13,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
-TASKS = ("classification", "multilabel", "regression")
-STRATEGIES = ("finetune", "btuning")
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.contract.names import STRATEGIES
+
+# (low, high) of the settings a request and a run both take; a request cannot ask for what a run refuses.
+LIMITS: dict[str, tuple[float, float]] = {
+    "epochs": (1, 100),
+    "batch_size": (1, 1024),
+    "max_length": (8, 8192),
+    "seed": (0, 2**31 - 1),
+    "lr": (0.0, 1.0),  # lr > 0
+}
+# B-Tuning's tradeoff given as a list: each value costs one trial run
+MAX_TRADEOFF_TRIALS = 8
 
 
 @dataclass(frozen=True)
@@ -219,7 +233,16 @@ class TuneConfig:
     bf16: bool = True
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TuneConfig":
+    def from_spec(cls, spec: dict[str, Any], tradeoff: float = 1.0, device: str | None = None) -> TuneConfig:
+        """The run's settings for a job's `tune` block (TuneSpec.model_dump()); `tradeoff` is the value this run
+        uses (a spec may ask for several, or "auto", to be chosen by trial runs)."""
+        return cls(strategy=spec["strategy"], regularizer=spec["regularizer"]["name"],
+                   regularizer_params=spec["regularizer"]["params"], epochs=spec["epochs"], lr=spec["lr"],
+                   batch_size=spec["batch_size"], max_length=spec["max_length"], seed=spec["seed"],
+                   tradeoff=tradeoff, temperature=spec["temperature"], device=device).validate()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TuneConfig:
         """Build from JSON-like data; unknown keys and bad values raise ValueError naming the field.
 
         Also accepts the API's nested form {"regularizer": {"name": ..., "params": {...}}}.
@@ -242,7 +265,7 @@ class TuneConfig:
         config.validate()
         return config
 
-    def validate(self) -> "TuneConfig":
+    def validate(self) -> TuneConfig:
         def number(name: str, low: float | None = None, high: float | None = None, integer: bool = False,
                    strict_low: bool = False) -> None:
             value = getattr(self, name)
@@ -264,11 +287,9 @@ class TuneConfig:
             raise ValueError("regularizer_params: expected an object")
         self.regularizer_params = {k: v for k, v in resolve_regularizer(
             self.regularizer, self.regularizer_params).items() if k in self.regularizer_params}
-        number("epochs", 1, 1000, integer=True)
-        number("lr", 0.0, 1.0, strict_low=True)
-        number("batch_size", 1, 4096, integer=True)
-        number("max_length", 2, 32768, integer=True)
-        number("seed", 0, 2**31 - 1, integer=True)
+        for name in ("epochs", "batch_size", "max_length", "seed"):
+            number(name, *LIMITS[name], integer=True)
+        number("lr", *LIMITS["lr"], strict_low=True)
         number("weight_decay", 0.0, 10.0)
         number("warmup_ratio", 0.0, 1.0)
         number("max_grad_norm", 0.0)
@@ -289,3 +310,49 @@ class TuneConfig:
         data = asdict(self)
         data["regularizer_params"] = self.resolved_regularizer_params()
         return data
+
+
+class RegularizerSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Literal[tuple(REGULARIZER_PARAMS)] = "none"  # type: ignore[valid-type]
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+def _limit(name: str) -> dict[str, float]:
+    low, high = LIMITS[name]
+    return {"ge": low, "le": high}
+
+
+class TuneSpec(BaseModel):
+    """A job's `tune` block; every default is documented in docs/tuning.md."""
+
+    model_config = ConfigDict(extra="forbid")
+    strategy: Literal[STRATEGIES] = "finetune"  # type: ignore[valid-type]
+    top_k: int = Field(default=1, ge=1, le=20, description="finetune: tune the top-k; btuning: number of teachers")
+    target: str | None = Field(default=None, description="model id to tune; default the top-ranked")
+    regularizer: RegularizerSpec = Field(default_factory=RegularizerSpec)
+    tradeoff: float | list[float] | Literal["auto"] = Field(
+        default="auto", description="btuning: weight of the distillation term; \"auto\" (0.01, 0.1, 1, 10, then "
+        "100 and 1000 while the largest tried wins) or a list of values picks it by the held-out loss of trial runs "
+        "on the training split, one per value")
+    temperature: float = Field(default=0.1, gt=0, description="btuning: teacher weights softmax(LogME/T)")
+    epochs: int = Field(default=3, **_limit("epochs"))
+    lr: float = Field(default=2e-5, gt=LIMITS["lr"][0], le=LIMITS["lr"][1])
+    batch_size: int = Field(default=16, **_limit("batch_size"))
+    max_length: int = Field(default=128, **_limit("max_length"))
+    seed: int = Field(default=0, **_limit("seed"))
+    validation_fraction: float = Field(default=0.2, gt=0, lt=0.9)
+
+    @field_validator("tradeoff", mode="before")
+    @classmethod
+    def _tradeoff(cls, value: Any) -> Any:
+        """One message for the three forms (pydantic's union would report a failure per form)."""
+        def number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+        if value == "auto" or number(value):
+            return value
+        if isinstance(value, list) and 1 <= len(value) <= MAX_TRADEOFF_TRIALS and all(number(v) for v in value):
+            return value
+        raise ValueError(f'expected a number >= 0, a list of 1 to {MAX_TRADEOFF_TRIALS} such numbers, or "auto"; '
+                         f"got {value!r}")

@@ -1,0 +1,37 @@
+"""The contract both processes share: names, job statuses and their transitions, the tuning spec. Torch-free.
+
+The API validates requests against it; the workers build their registries and settings from it. Nothing here is
+written twice elsewhere.
+"""
+
+from service.contract.names import (
+    ESTIMATORS,
+    IMAGE_PROCESSOR_FILE,
+    MODALITIES,
+    POOLINGS,
+    STRATEGIES,
+    TASKS,
+    TOKENIZER_ENTRY_FILES,
+    TOKENIZER_FILES,
+    EstimatorInfo,
+    estimator_applies,
+)
+from service.contract.status import TERMINAL, TRANSITIONS, JobPhase, JobStatus
+from service.contract.tuning import (
+    LIMITS,
+    MAX_TRADEOFF_TRIALS,
+    REGULARIZER_PARAMS,
+    Param,
+    RegularizerSpec,
+    TuneConfig,
+    TuneSpec,
+    describe_regularizers,
+    resolve_regularizer,
+)
+
+__all__ = [
+    "ESTIMATORS", "IMAGE_PROCESSOR_FILE", "LIMITS", "MAX_TRADEOFF_TRIALS", "MODALITIES", "POOLINGS",
+    "REGULARIZER_PARAMS", "STRATEGIES", "TASKS", "TERMINAL", "TOKENIZER_ENTRY_FILES", "TOKENIZER_FILES",
+    "TRANSITIONS", "EstimatorInfo", "JobPhase", "JobStatus", "Param", "RegularizerSpec", "TuneConfig", "TuneSpec",
+    "describe_regularizers", "estimator_applies", "resolve_regularizer",
+]
