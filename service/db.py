@@ -5,20 +5,33 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import (
-    JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event,
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from service.contract import JobPhase, JobStatus
 
+
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def new_id() -> str:
@@ -40,7 +53,7 @@ class UTCDateTime(DateTime):
             if parent is not None:
                 value = parent(value)
             if isinstance(value, datetime) and value.tzinfo is None:
-                value = value.replace(tzinfo=timezone.utc)
+                value = value.replace(tzinfo=UTC)
             return value
 
         return process
@@ -195,3 +208,10 @@ def engine_for(url: str) -> Engine:
 
 def session_factory(url: str) -> sessionmaker:
     return sessionmaker(bind=engine_for(url), expire_on_commit=False)
+
+
+def ranking_rows(session: Any, job_id: str) -> list[tuple[RankingEntry, HubModel]]:
+    """A job's ranking entries with their models, best first: what the API shows and the tune phase reads."""
+    query = (select(RankingEntry, HubModel).join(HubModel, HubModel.id == RankingEntry.model_id)
+             .where(RankingEntry.job_id == job_id).order_by(RankingEntry.rank))
+    return [(entry, model) for entry, model in session.execute(query).all()]
