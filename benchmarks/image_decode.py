@@ -35,7 +35,8 @@ def with_threads(count: int) -> Callable[[Callable[[Any], Any], list[Any], int],
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="a zip of images (e.g. benchmarks.fashion_mnist's)")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="a zip of images (e.g. benchmarks.data.fashion_mnist's)")
     parser.add_argument("--models", required=True, help="comma-separated image model folders")
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--repeats", type=int, default=3)

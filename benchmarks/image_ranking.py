@@ -1,7 +1,7 @@
 """Image ranking on real data: does each estimator order image models as a held-out linear probe does, and what
 does image feature extraction cost against the hardware?
 
-Fashion-MNIST (Debian's dataset-fashion-mnist; benchmarks/fashion_mnist.py reads it) as PNG files, the same bytes a
+Fashion-MNIST (Debian's dataset-fashion-mnist; benchmarks/data/fashion_mnist.py reads it) as PNG files, the same bytes a
 zip upload stores, through `extract_image_features` (the service's path). Candidates: MobileNetV2 pretrained on
 ImageNet (demo.prepare_hub's mobilenet_v2-imagenet, with its ImageNet head, so LEEP and NCE apply), the same
 architecture randomly initialised, and a randomly initialised 2-layer 32-d ViT (the narrow model LogME's Occam
@@ -14,7 +14,7 @@ and how often the pretrained model is ranked above each random one. Speed: image
 GFLOP/s (FlopCounterMode's count) as a fraction of a float32 matrix product measured just before, and wall time
 (load, decode, preprocess, forward) over forward time.
 
-    python -m benchmarks.fashion_mnist ... (not needed: this reads the package directly)
+    python -m benchmarks.data.fashion_mnist ... (not needed: this reads the package directly)
     python -m benchmarks.image_ranking --package PKG --hub /tmp/ihub [--pool 2000] [--test 2000]
         [--sizes 50,100,300,1000] [--seeds 5] [--out benchmarks/results/image_ranking.md]
 """
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.fashion_mnist import load_split, png_bytes, stratified
+from benchmarks.data.fashion_mnist import load_split, png_bytes, stratified
 from benchmarks.feature_speed import machine_label, matmul_flops
 from benchmarks.rank_vs_finetune import agreement, fmt, linear_probe
 

@@ -14,9 +14,9 @@ It also asks what a user would see: the paired bootstrap probability that the ra
 interval calls a coin toss is told apart from a confident wrong answer.
 
 Usage: python -m benchmarks.occam [--sizes 25,50,100,200,400] [--seeds 5] [--hub DIR] [--rows 400]
-       python -m benchmarks.kaomoji --out /tmp/kaomoji5.csv && python -m benchmarks.occam --data /tmp/kaomoji5.csv \
-           --max-length 32 --seeds 10
-       python -m benchmarks.austen --package PKG --out /tmp/austen.csv && python -m benchmarks.occam \
+       python -m benchmarks.data.kaomoji --out /tmp/kaomoji5.csv && python -m benchmarks.occam \
+           --data /tmp/kaomoji5.csv --max-length 32 --seeds 10
+       python -m benchmarks.data.austen --package PKG --out /tmp/austen.csv && python -m benchmarks.occam \
            --data /tmp/austen.csv --rows 1200 --max-length 64 --sizes 50,100,200,400,1200 --seeds 10
 """
 

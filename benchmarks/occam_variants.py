@@ -15,7 +15,7 @@ sample seeds in which the randomly initialised 32-d model scores above each pret
 It also prints how constant each model's features are (||mean f|| / mean ||f||): a model whose features are
 nearly one vector is, for LogME, nearly the label-prior baseline.
 
-    python -m benchmarks.kaomoji --out /tmp/kaomoji5.csv
+    python -m benchmarks.data.kaomoji --out /tmp/kaomoji5.csv
     python -m benchmarks.occam_variants --hub HUB --data /tmp/kaomoji5.csv --max-length 32 --seeds 10
 HUB: a folder built by `python -m demo.prepare_hub --out HUB --rows 0 --models
 all-MiniLM-L6-v2,paraphrase-MiniLM-L3-v2,all-mpnet-base-v2,random-init-32d`.

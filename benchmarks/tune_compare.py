@@ -7,7 +7,7 @@ SmolLM2-135M-Instruct (GGUF, dequantized once), or the folders given with --teac
 of the training texts are computed once and cached, LogME (workers.ranking.logme) gives each one's score and
 posterior means, and the target's own m_t comes from LogME on its pretrained features.
 
-Every method runs with the library's defaults (workers/tuning/params.py) and the same TuneConfig, over several
+Every method runs with the library's defaults (service/contract/tuning.py) and the same TuneConfig, over several
 training seeds on the same data split; the table reports mean +- std of validation accuracy, macro-F1, ECE and
 wall seconds per run. Results go to a JSON file as they finish, and runs already there are skipped, so the
 benchmark can be run in pieces (--max-minutes) and then reported with --report-only.

@@ -6,7 +6,7 @@ alone cannot tell them apart: the model has to match what the headline says to w
 matching / QNLI-like pair task). Written as JSONL with columns headline, article, label, for
 `--text-column headline --text-pair-column article` (rank_vs_finetune, or an upload with text_pair_column).
 
-    python -m benchmarks.headline_pairs --out /tmp/pairs/headlines.jsonl --rows 600
+    python -m benchmarks.data.headline_pairs --out /tmp/pairs/headlines.jsonl --rows 600
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 

@@ -6,7 +6,7 @@ without R by the PyPI package rdata:
 
     apt-get download r-cran-janeaustenr && dpkg -x r-cran-janeaustenr_*.deb /tmp/austen/pkg
     pip install rdata
-    python -m benchmarks.austen --package /tmp/austen/pkg --out /tmp/austen/austen.csv \\
+    python -m benchmarks.data.austen --package /tmp/austen/pkg --out /tmp/austen/austen.csv \\
         --regression-out /tmp/austen/austen_reg.csv
 
 austen.csv: `--rows` lines of at least six words, drawn from all six novels in random order (random.Random(seed)),

