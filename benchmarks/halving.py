@@ -10,7 +10,8 @@ Both rankings run on cold, separate feature caches:
 Printed (markdown): per-round table, both rankings, wall and forward-pass seconds, the halving/full ratios,
 rows·models extracted, Kendall tau (scipy.stats.kendalltau) between the two rank vectors, and top-1 agreement.
 Usage: python -m benchmarks.halving [--rows 2225] [--max-length 64] [--initial-rows 256] [--growth 2]
-       [--confidence 0.95] [--min-models 1] [--hub DIR] [--tiny-widths 16,32,64,128,256] [--threads 1] [--first halving|full]
+       [--confidence 0.95] [--min-models 1] [--hub DIR] [--tiny-widths 16,32,64,128,256] [--threads 1]
+       [--first halving|full]
 """
 
 from __future__ import annotations

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import workers.features as features
+import workers.features.images as image_features
 from benchmarks.collect_results import append_run
 
-
-ORIGINAL = features.prepared_in_order
+ORIGINAL = image_features.prepared_in_order
 
 
 def with_threads(count: int) -> Callable[[Callable[[Any], Any], list[Any], int], Iterator[Any]]:
@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         best = {"inline": float("inf"), "threaded": float("inf")}
         for _ in range(args.repeats):
             for name, order in (("inline", with_threads(0)), ("threaded", with_threads(1))):
-                features.prepared_in_order = order
+                image_features.prepared_in_order = order
                 result = features.extract_image_features(folder, images, batch_size=32)
                 best[name] = min(best[name], result.total_seconds - result.load_seconds)
-        features.prepared_in_order = ORIGINAL
+        image_features.prepared_in_order = ORIGINAL
         lines.append(f"| {folder.name} | {best['inline']:.2f} | {best['threaded']:.2f} | "
                      f"{best['threaded'] / best['inline']:.3f} |")
         print(lines[-1], flush=True)

@@ -69,7 +69,7 @@ def main() -> None:
     from tests.tiny_models import make_tiny_vit
     from workers.features import extract_image_features
     from workers.pipeline import sample_rows
-    from workers.ranking import score_metric
+    from workers.ranking import score_estimator
 
     train_images, train_labels = load_split(args.package, "train")
     test_images, test_labels = load_split(args.package, "t10k")
@@ -80,7 +80,7 @@ def main() -> None:
     y_pool, y_test = train_labels[pool].astype(np.int64), test_labels[held].astype(np.int64)
 
     folders = {PRETRAINED: args.hub / PRETRAINED, RANDOM_CNN: args.hub / RANDOM_CNN}
-    for name, folder in folders.items():
+    for folder in folders.values():
         if not (folder / "config.json").is_file():
             raise SystemExit(f"{folder} missing: python -m demo.prepare_hub --out {args.hub} --models "
                              f"{PRETRAINED},{RANDOM_CNN}")
@@ -117,7 +117,7 @@ def main() -> None:
             for metric in METRICS:
                 scores = {}
                 for n in names:
-                    value = score_metric(metric, pooled[n][rows], y, "classification",
+                    value = score_estimator(metric, pooled[n][rows], y, "classification",
                                          source_probs=None if probs[n] is None else probs[n][rows])
                     if value is not None:
                         scores[n] = float(value)

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.rank_vs_finetune import load_dataset, subsample
-from workers.ranking.logme import logme, logme_influence, logme_loo_terms
-from workers.ranking.uncertainty import LogMEMetric, _resample_counts
+from workers.ranking import logme, logme_influence, logme_loo_terms
+from workers.ranking.uncertainty import LogMEMetric, resample_counts
 
 METHODS = ("influence", "loo", "subsample")
 SUBSAMPLE_RESAMPLES = 50
@@ -74,7 +74,7 @@ def run(features: dict[str, np.ndarray], labels: np.ndarray, task: str, sizes: l
             if draw >= boot_sets:
                 continue
             stratify = task == "classification"
-            counts = _resample_counts(y if stratify else None, len(idx), 200, np.random.default_rng(draw), stratify)
+            counts = resample_counts(y if stratify else None, len(idx), 200, np.random.default_rng(draw), stratify)
             reps: dict[str, dict[str, np.ndarray]] = {k: {} for k in METHODS}
             for m in names:
                 for k in METHODS:

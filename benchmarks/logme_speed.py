@@ -22,13 +22,12 @@ import argparse
 import os
 import platform
 import time
+from typing import Any
 
 import numpy as np
 
-from typing import Any
-
 from workers.ranking import logme, make_targets
-from workers.ranking.logme import SPARSE_ONE_HOT_CLASSES, _transpose_times, one_hot_transposed
+from workers.ranking.targets import SPARSE_ONE_HOT_CLASSES, one_hot_transposed, transpose_times
 
 
 def best_of(fn, repeats: int) -> float:
@@ -48,11 +47,11 @@ def floor_ops(f: np.ndarray, y: Any) -> None:
     if n >= d:
         g = f.T @ f
         _, v = np.linalg.eigh(g)
-        v.T @ _transpose_times(f, y)
+        v.T @ transpose_times(f, y)
     else:
         k = f @ f.T
         _, u = np.linalg.eigh(k)
-        _transpose_times(u, y)
+        transpose_times(u, y)
 
 
 def thuml_reference(f: np.ndarray, y: np.ndarray) -> float:
@@ -88,7 +87,7 @@ def thuml_reference(f: np.ndarray, y: np.ndarray) -> float:
                 break
         ev = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - 0.5 * np.sum(np.log(alpha + beta * sigma))
               - beta / 2 * res2 - alpha / 2 * m2 - n / 2 * np.log(2 * np.pi))
-        m = (vh.T @ (1.0 / (t + sigma) * s * x)).reshape(-1)  # the reference also forms m
+        _m = (vh.T @ (1.0 / (t + sigma) * s * x)).reshape(-1)  # the reference also forms m (timed, unused)
         evs.append(ev / n)
     return float(np.mean(evs))
 
@@ -148,7 +147,8 @@ def main() -> None:
     ap.add_argument("--grid", help="N,D,C lists to time instead, e.g. '1000;384;100' or '1000,10000;384;2,100'")
     ap.add_argument("--repeats", type=int, help="interleaved repeats per configuration (default: by size)")
     args = ap.parse_args()
-    ns, ds, cs = ([1000, 10000], [384, 768], [2, 100]) if args.quick else ([1000, 10000, 50000], [384, 768, 2048], [2, 10, 100])
+    ns, ds, cs = (([1000, 10000], [384, 768], [2, 100]) if args.quick
+                  else ([1000, 10000, 50000], [384, 768, 2048], [2, 10, 100]))
     if args.grid:
         ns, ds, cs = ([int(v) for v in part.split(",")] for part in args.grid.split(";"))
     tasks = ["classification", "regression"]
@@ -183,18 +183,19 @@ def main() -> None:
                     tf, tfs, to, ts = [], [], [], []
                     res = None
                     for _ in range(repeats):
-                        tf.append(best_of(lambda: floor_ops(f, y), 1))
-                        tfs.append(best_of(lambda: floor_ops(f, y_strict), 1) if sums else tf[-1])
+                        tf.append(best_of(lambda f=f, y=y: floor_ops(f, y), 1))
+                        tfs.append(best_of(lambda f=f, y=y_strict: floor_ops(f, y), 1) if sums else tf[-1])
                         t0 = time.perf_counter()
                         res = logme(f, lab, task, **kw)
                         to.append(time.perf_counter() - t0)
                         # the score alone, as a rank job computes it (posterior means are B-Tuning's)
-                        ts.append(best_of(lambda: logme(f, lab, task, compute_weights=False, **kw), 1))
+                        ts.append(best_of(lambda f=f, lab=lab, task=task, kw=kw:
+                                          logme(f, lab, task, compute_weights=False, **kw), 1))
                     t_floor, t_strict, t_ours, t_score = min(tf), min(tfs), min(to), min(ts)
                     # the reference is slow: time it once per (N, D), classification, C = 10 (or first C)
                     th = ""
                     if not args.no_thuml and task == "classification" and c == (10 if 10 in cs else cs[0]):
-                        t_th = best_of(lambda: thuml_reference(f, y), 1 if big else 2)
+                        t_th = best_of(lambda f=f, y=y: thuml_reference(f, y), 1 if big else 2)
                         th = f"{t_th:8.3f} {t_th / t_ours:10.2f}"
                     else:
                         th = f"{'':>8} {'':>10}"
@@ -208,7 +209,8 @@ def main() -> None:
                             f"{t_score / t_floor:8.3f} {t_ours / t_strict:6.3f} {t_score / t_strict:9.3f} "
                             f"{th} {res.iterations:>5} {rel:12.2e}")
                     if args.torch:
-                        t_t = best_of(lambda: logme(f, lab, task, backend="torch", **kw), repeats)
+                        t_t = best_of(lambda f=f, lab=lab, task=task, kw=kw: logme(f, lab, task, backend="torch", **kw),
+                                      repeats)
                         line += f" {t_t:8.3f}"
                     print(line, flush=True)
                     ratios.append(t_ours / t_floor)

@@ -136,7 +136,8 @@ def main() -> None:
         print(f"| {size} | {plain:.0%} | {projected:.0%} |")
     print(f"\nDoes the interval say so? Paired bootstrap of LogME ({args.bootstrap} resamples, as a rank job computes "
           "p_better_than_next) for every (pretrained model, seed) pair:")
-    print("| N | random first | ... with P(random better) >= 0.95 | pretrained first | ... with P(random better) <= 0.05 |")
+    print("| N | random first | ... with P(random better) >= 0.95 | pretrained first "
+          "| ... with P(random better) <= 0.05 |")
     print("|---|---|---|---|---|")
     for size, (rand_first, rand_sure, pre_first, pre_sure) in confidence.items():
         print(f"| {size} | {rand_first} | {rand_sure} | {pre_first} | {pre_sure} |")

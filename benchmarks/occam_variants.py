@@ -26,8 +26,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

@@ -6,7 +6,7 @@ a local hub (a folder of Hugging Face model folders, e.g. the one `python -m dem
 
 1. split the rows once into train / validation (stratified for classification, the tune jobs' own split);
 2. per model: mean-pooled features of the train and validation texts (workers.features, what a rank job computes);
-   every estimator that applies (workers.ranking.METRICS) on the *train* features, as a rank job would; a
+   every estimator that applies (workers.ranking.ESTIMATORS) on the *train* features, as a rank job would; a
    linear-probe baseline (L2-regularised logistic / ridge regression on the frozen train features, its strength
    picked by 3-fold cross-validation on train, scored on validation);
 3. per model and seed: plain fine-tuning with the tuning loop (workers.tuning.loop.train; the same TuneConfig,
@@ -83,18 +83,13 @@ def load_dataset(path: Path, task: str, text_column: str, label_column: str, *, 
 
 
 def subsample(labels: np.ndarray, task: str, rows: int, seed: int) -> np.ndarray:
-    """Row indices of a (class-stratified for classification) sample of about `rows` rows; all when rows <= 0."""
-    n = len(labels)
-    if rows <= 0 or rows >= n:
-        return np.arange(n)
-    rng = np.random.default_rng(seed)
-    if task != "classification":
-        return np.sort(rng.permutation(n)[:rows])
-    picked: list[int] = []
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        picked += members[: max(2, round(rows * len(members) / n))].tolist()
-    return np.sort(np.asarray(picked, dtype=np.int64))  # may exceed rows by a few: every class keeps two
+    """Row indices of a (class-stratified for classification) sample of about `rows` rows; all when rows <= 0.
+    Every class keeps two rows, so the sample may exceed `rows` by a few."""
+    from workers.sampling import stratified_sample
+
+    classification = task == "classification"
+    return stratified_sample(labels, rows if rows > 0 else None, seed, stratify=classification,
+                             minimum=2 if classification else 0)
 
 
 def hub_models(hub: Path, only: str | None) -> list[Path]:
@@ -162,7 +157,7 @@ def _fit_predict(task: str, x: np.ndarray, y: np.ndarray, x_new: np.ndarray, lam
 
 
 def _quality(task: str, outputs: np.ndarray, labels: np.ndarray) -> float:
-    from workers.tuning.metrics import task_metrics
+    from workers.tuning.evaluation import task_metrics
 
     return float(task_metrics(task, outputs, labels)[QUALITY[task]])
 
@@ -195,7 +190,7 @@ def model_scores(folder: Path, task: str, train: tuple[list[str], np.ndarray], v
     """Features, every estimator on train features, the linear probe: what ranking a model costs."""
     from workers.features import extract_features
     from workers.pipeline import ranking_targets
-    from workers.ranking import prior_only_evidence, score_metric
+    from workers.ranking import prior_only_evidence, score_estimator
 
     began = time.perf_counter()
     feats = extract_features(folder, train[0] + val[0], max_length=args.max_length, batch_size=args.feature_batch,
@@ -209,7 +204,7 @@ def model_scores(folder: Path, task: str, train: tuple[list[str], np.ndarray], v
     for name in metrics:
         t0 = time.perf_counter()
         try:
-            value = score_metric(name, x_train, targets, task,
+            value = score_estimator(name, x_train, targets, task,
                                  None if feats.source_probs is None else feats.source_probs[: len(train[0])])
         except Exception as exc:  # report and go on: one estimator failing must not hide the others
             print(f"  {folder.name}: {name} failed: {exc!r}", flush=True)
@@ -227,15 +222,15 @@ def model_scores(folder: Path, task: str, train: tuple[list[str], np.ndarray], v
 
 def finetune(folder: Path, seed: int, task: str, names: list[str] | None, train: tuple[list[str], np.ndarray],
              val: tuple[list[str], np.ndarray], args: argparse.Namespace) -> dict[str, Any]:
-    from workers.tuning.loop import TextDataset
-    from workers.tuning.loop import train as tune
     from service.contract.tuning import TuneConfig
+    from workers.tuning.data import ExampleDataset
+    from workers.tuning.loop import train as tune
 
     config = TuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                         seed=seed, save_every_steps=0, device=args.device)
     work = Path(tempfile.mkdtemp(prefix="rank-vs-ft-"))
     try:
-        result = tune(config, folder, TextDataset(*train), TextDataset(*val), task, names, work / "ckpt",
+        result = tune(config, folder, ExampleDataset(*train), ExampleDataset(*val), task, names, work / "ckpt",
                       work / "state", card={"base_model": folder.name})
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -412,13 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     began = time.perf_counter()
 
-    from workers.ranking import METRICS
+    from workers.ranking import ESTIMATORS
 
-    metrics = sorted(METRICS) if args.metrics == "all" else [m for m in args.metrics.split(",") if m]
-    unknown = [m for m in metrics if m not in METRICS]
+    metrics = sorted(ESTIMATORS) if args.metrics == "all" else [m for m in args.metrics.split(",") if m]
+    unknown = [m for m in metrics if m not in ESTIMATORS]
     if unknown:
-        parser.error(f"unknown metric(s) {unknown}; known: {sorted(METRICS)}")
-    metrics = [m for m in metrics if METRICS[m].applies_to(args.task)]
+        parser.error(f"unknown metric(s) {unknown}; known: {sorted(ESTIMATORS)}")
+    metrics = [m for m in metrics if ESTIMATORS[m].applies_to(args.task)]
     folders = hub_models(args.hub, args.models)
     data_path = args.data or args.hub / "bbc_news.csv"
     if args.data is None and not data_path.is_file():

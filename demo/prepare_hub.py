@@ -500,19 +500,11 @@ def bbc_documents() -> list[tuple[str, str]]:
 
 
 def stratified_sample(labels: list[str], rows: int, seed: int) -> np.ndarray:
-    """Indices of `rows` items with class shares as in `labels` (largest-remainder quotas), in shuffled order."""
-    labels_arr = np.asarray(labels)
-    n = len(labels_arr)
-    if rows <= 0 or rows >= n:
-        return np.random.default_rng(seed).permutation(n)
-    classes, counts = np.unique(labels_arr, return_counts=True)
-    exact = counts / n * rows
-    quotas = np.floor(exact).astype(int)
-    for index in np.argsort(-(exact - quotas), kind="stable")[: rows - quotas.sum()]:
-        quotas[index] += 1
-    rng = np.random.default_rng(seed)
-    chosen = [rng.choice(np.flatnonzero(labels_arr == c), size=q, replace=False) for c, q in zip(classes, quotas)]
-    return rng.permutation(np.concatenate(chosen))
+    """Indices of `rows` items with class shares as in `labels` (largest-remainder quotas), in shuffled order; all
+    items when rows <= 0."""
+    from workers import sampling
+
+    return sampling.stratified_sample(np.asarray(labels), rows if rows > 0 else None, seed, shuffle=True)
 
 
 def write_bbc_csv(path: Path, rows: int = 400, seed: int = 0) -> dict[str, Any]:

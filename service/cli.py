@@ -1,4 +1,5 @@
-"""The `hubtune` command: server side (serve, worker, migrate, keys) and client side (datasets, models, rank, tune, jobs)."""
+"""The `hubtune` command: server side (serve, worker, migrate, keys) and client side (datasets, models, rank, tune,
+jobs)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from service.api import create_app, is_loopback
+    from service.app import create_app
+    from service.security import is_loopback
 
     os.environ["HUBTUNE_BIND_HOST"] = args.host
     settings = Settings()  # re-read with the bind host
@@ -87,9 +89,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
-    from service.api import hash_key
     from service.db import ApiKey, session_factory
     from service.migrate import upgrade
+    from service.security import hash_key
 
     settings.ensure_dirs()
     upgrade(settings.sqlalchemy_url)
@@ -198,6 +200,7 @@ def cmd_jobs(args: argparse.Namespace, _settings: Settings) -> int:
     return 0
 
 
+# long: one argparse declaration per command, read top to bottom like the help it prints
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hubtune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

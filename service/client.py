@@ -146,7 +146,7 @@ def ranking_table(job: dict[str, Any]) -> str:
         scored = [e for e in job["ranking"] if (e.get("scores") or {}).get("logme") is not None]
         behind = [e for e in scored if not e.get("beats_prior")]
         if behind:
-            # the Occam failure (README, Limits): LogME's order among these is not the order fine-tuning gives
+            # the Occam failure (docs/findings.md): LogME's order among these is not the order fine-tuning gives
             table += (f"\n{len(behind)} of {len(scored)} models do not beat it: with this few rows LogME cannot tell "
                       "their features from none, and may rank a random model first.")
             if metrics[0] == "logme":

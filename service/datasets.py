@@ -27,34 +27,35 @@ Rules (every rejection is a `DatasetProblem` the API renders as RFC 9457 problem
   constant target cannot rank or train anything).
 - Images: a zip, or Parquet with `image_column`; service.image_datasets holds their rules. Labels follow the rules
   above.
+
+This module is the entry point; the row readers live in service.tabular, the label rules in service.labels.
 """
 
 from __future__ import annotations
 
-import codecs
-import csv
 import hashlib
-import io
-import itertools
 import json
-import math
 import os
-import re
 import uuid
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from decimal import Decimal
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from service import image_datasets
 from service.contract import TASKS
+from service.labels import MULTILABEL_SEPARATORS, ParsedDataset, check_row_count, encode_labels
+from service.tabular import CSV_DELIMITERS, DatasetProblem, check_text, csv_records, json_records, parquet_records
 
 if TYPE_CHECKING:  # the API passes a Starlette UploadFile; typing only, so this module stays import-light
     from starlette.datastructures import UploadFile
 
+# What callers of the upload rules import from here (some defined in service.labels and service.tabular).
+__all__ = [
+    "CSV_DELIMITERS", "FORMATS", "MULTILABEL_SEPARATORS", "DatasetProblem", "ParsedDataset", "check_row_count",
+    "detect_format", "encode_labels", "parse_dataset", "read_normalized", "stream_upload_to_disk", "write_normalized",
+]
+
 FORMATS = ("csv", "jsonl", "parquet", "zip")
-MULTILABEL_SEPARATORS = ("|", ";", ",")
-CSV_DELIMITERS = (",", "\t", ";")
 
 _EXTENSIONS: dict[str, str] = {
     ".csv": "csv", ".tsv": "csv", ".tab": "csv",
@@ -71,31 +72,6 @@ _CONTENT_TYPES: dict[str, str] = {
 }
 _PARQUET_MAGIC = b"PAR1"
 _ZIP_MAGIC = b"PK\x03\x04"
-_BOM = codecs.BOM_UTF8
-_INT_RE = re.compile(r"[+-]?\d+")
-_MISSING = object()  # a key absent from a JSON object / a cell absent from a short CSV row
-
-
-class DatasetProblem(Exception):
-    """A rejected upload: status 413 (too large), 415 (unsupported type) or 422 (invalid content)."""
-
-    def __init__(self, status: int, title: str, detail: str = "", field: str | None = None,
-                 row: int | None = None, path: str | None = None) -> None:
-        super().__init__(f"{title}: {detail}" if detail else title)
-        self.status, self.title, self.detail, self.field, self.row = status, title, detail, field, row
-        self.path = path  # the file inside an uploaded zip at fault, if any
-
-
-@dataclass
-class ParsedDataset:
-    examples: list[Any]  # texts (str), text pairs (tuple[str, str]), or encoded image files (bytes) ("image")
-    labels: list[Any]  # classification: int; multilabel: sorted list[int]; regression: float
-    label_names: list[str] | None  # None for regression
-    class_counts: dict[str, int] | None  # rows per label name (multilabel: rows containing it); None for regression
-    rows: int
-    modality: str = "text"  # "text" | "image"
-    image_column: str | None = None  # the column that named or held the images (None for class folders)
-    labels_from_folders: bool = False  # a zip of class folders: no label column
 
 
 # ---- upload ---------------------------------------------------------------------------------------------------
@@ -160,8 +136,6 @@ def parse_dataset(path: Path, fmt: str, task: str, text_column: str, label_colum
             raise DatasetProblem(422, "text pairs are for text datasets",
                                  "text_pair_column names a second text column; an image dataset has none",
                                  field="text_pair_column")
-        from service import image_datasets
-
         return image_datasets.parse_images(path, fmt, task, label_column, image_column=image_column,
                                            min_rows=min_rows, max_bytes=max_image_bytes)
     if text_column == label_column:
@@ -175,385 +149,23 @@ def parse_dataset(path: Path, fmt: str, task: str, text_column: str, label_colum
         columns["text_pair"] = text_pair_column
     columns["label"] = label_column
     if fmt == "csv":
-        records: Iterable[tuple[int, list[Any]]] = _csv_records(path, {k: v.strip() for k, v in columns.items()})
+        records: Iterable[tuple[int, list[Any]]] = csv_records(path, {k: v.strip() for k, v in columns.items()})
     elif fmt == "jsonl":
-        records = _json_records(path, columns)
+        records = json_records(path, columns)
     else:
-        records = _parquet_records(path, columns)
+        records = parquet_records(path, columns)
 
     examples: list[Any] = []
     raw_labels: list[Any] = []
     row_numbers: list[int] = []
     for row, cells in records:
-        text = _check_text(cells[0], row, text_column)
+        text = check_text(cells[0], row, text_column)
         examples.append(text if text_pair_column is None
-                        else (text, _check_text(cells[1], row, text_pair_column, field="text_pair_column")))
+                        else (text, check_text(cells[1], row, text_pair_column, field="text_pair_column")))
         raw_labels.append(cells[-1])
         row_numbers.append(row)
     check_row_count(len(examples), min_rows)
     return encode_labels(examples, raw_labels, row_numbers, task, label_column)
-
-
-def check_row_count(rows: int, min_rows: int) -> None:
-    if not rows:
-        raise DatasetProblem(422, "no rows", "the file has a header or columns but no data rows", field="file")
-    if rows < min_rows:
-        raise DatasetProblem(422, "too few rows", f"{rows} row(s); at least {min_rows} are needed", field="file")
-
-
-def encode_labels(examples: list[Any], raw_labels: list[Any], row_numbers: list[int], task: str,
-                  label_column: str, modality: str = "text") -> ParsedDataset:
-    """The parsed dataset: labels parsed and encoded for the task (the module rules), errors naming their row."""
-    if task == "classification":
-        names = [_class_label(v, r, label_column) for v, r in zip(raw_labels, row_numbers)]
-        label_names = _sort_names(set(names))
-        _need_two_classes(label_names, label_column)
-        index = {name: i for i, name in enumerate(label_names)}
-        labels: list[Any] = [index[n] for n in names]
-        counts = dict.fromkeys(label_names, 0)
-        for name in names:
-            counts[name] += 1
-        return ParsedDataset(examples, labels, label_names, counts, len(examples), modality)
-    if task == "multilabel":
-        separator = _pick_separator(raw_labels)
-        sets = [_multi_labels(v, r, label_column, separator) for v, r in zip(raw_labels, row_numbers)]
-        label_names = _sort_names(set().union(*sets))
-        _need_two_classes(label_names, label_column)
-        index = {name: i for i, name in enumerate(label_names)}
-        labels = [sorted(index[n] for n in s) for s in sets]
-        counts = dict.fromkeys(label_names, 0)
-        for s in sets:
-            for name in s:
-                counts[name] += 1
-        return ParsedDataset(examples, labels, label_names, counts, len(examples), modality)
-    labels = [_number_label(v, r, label_column) for v, r in zip(raw_labels, row_numbers)]
-    if len(set(labels)) < 2:
-        raise DatasetProblem(422, "constant target", f"every value in {label_column!r} is {labels[0]!r}; a "
-                             "regression target needs at least two distinct values", field="label_column")
-    return ParsedDataset(examples, labels, None, None, len(examples), modality)
-
-
-def _check_text(value: Any, row: int, column: str, field: str = "text_column") -> str:
-    if value is _MISSING or value is None:
-        raise DatasetProblem(422, "missing text", f"row {row} has no value in {column!r}", field=field, row=row)
-    if not isinstance(value, str):
-        raise DatasetProblem(422, "text is not a string", f"row {row}: {column!r} holds {_show(value)}",
-                             field=field, row=row)
-    if not value.strip():
-        raise DatasetProblem(422, "empty text", f"row {row}: {column!r} is blank", field=field, row=row)
-    return value
-
-
-def _missing_label(value: Any) -> bool:
-    return value is _MISSING or value is None or (isinstance(value, str) and not value.strip())
-
-
-def _raise_missing_label(row: int, column: str, hint: str = "") -> None:
-    raise DatasetProblem(422, "missing label", f"row {row} has no value in {column!r}{hint}", field="label_column",
-                         row=row)
-
-
-def _class_label(value: Any, row: int, column: str) -> str:
-    """One classification label as its class name."""
-    if _missing_label(value) or (isinstance(value, float) and math.isnan(value)):  # NaN: pandas' missing value
-        _raise_missing_label(row, column)
-    if isinstance(value, str):
-        return value.strip()
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, (float, Decimal)) and math.isfinite(value) and value == int(value):
-        return str(int(value))  # 3.0 from a float Parquet/JSON column is class "3"
-    raise DatasetProblem(422, "unparsable label", f"row {row}: {_show(value)} in {column!r} is not a class name "
-                         "(a string or an integer); use task=regression for numeric targets",
-                         field="label_column", row=row)
-
-
-def _item_label(value: Any, row: int, column: str) -> str | None:
-    """One element of a multi-label list as its class name; None for a blank string."""
-    if isinstance(value, str):
-        return value.strip() or None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if isinstance(value, float) and math.isfinite(value) and value == int(value):
-        return str(int(value))
-    raise DatasetProblem(422, "unparsable label", f"row {row}: list element {_show(value)} in {column!r} is not a "
-                         "class name (a string or an integer)", field="label_column", row=row)
-
-
-def _pick_separator(raw_labels: list[Any]) -> str:
-    """The separator of multi-label string cells: the first of | ; , that occurs in any of them."""
-    strings = [v for v in raw_labels if isinstance(v, str) and not v.lstrip().startswith("[")]
-    for separator in MULTILABEL_SEPARATORS:
-        if any(separator in s for s in strings):
-            return separator
-    return MULTILABEL_SEPARATORS[0]
-
-
-def _multi_labels(value: Any, row: int, column: str, separator: str) -> set[str]:
-    if _missing_label(value):
-        _raise_missing_label(row, column, " (write [] for a row with no labels)")
-    items: Iterable[Any]
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                items = json.loads(text)
-            except ValueError as exc:
-                raise DatasetProblem(422, "unparsable label", f"row {row}: {column!r} starts with '[' but is not a "
-                                     f"JSON list ({exc.msg})", field="label_column", row=row) from exc
-            if not isinstance(items, list):
-                raise DatasetProblem(422, "unparsable label", f"row {row}: {column!r} is not a JSON list",
-                                     field="label_column", row=row)
-        else:
-            items = text.split(separator)
-    elif isinstance(value, (list, tuple)):
-        items = value
-    else:
-        items = [value]  # a lone integer is a one-element list
-    names = (_item_label(item, row, column) for item in items)
-    return {n for n in names if n is not None}
-
-
-def _number_label(value: Any, row: int, column: str) -> float:
-    if _missing_label(value):
-        _raise_missing_label(row, column)
-    number: float | None = None
-    if isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            number = None
-    elif isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
-        number = float(value)
-    if number is None or not math.isfinite(number):
-        raise DatasetProblem(422, "unparsable label", f"row {row}: {_show(value)} in {column!r} is not a finite "
-                             "number", field="label_column", row=row)
-    return number
-
-
-def _sort_names(names: set[str]) -> list[str]:
-    if names and all(_INT_RE.fullmatch(n) for n in names):
-        return sorted(names, key=lambda n: (int(n), n))  # "2" before "10"
-    return sorted(names)
-
-
-def _need_two_classes(label_names: list[str], column: str) -> None:
-    if len(label_names) < 2:
-        found = repr(label_names[0]) if label_names else "none"
-        raise DatasetProblem(422, "a single class", f"{column!r} has one class ({found}); at least two are needed",
-                             field="label_column")
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _unknown_column(kind: str, name: str, available: Iterable[str]) -> DatasetProblem:
-    listed = ", ".join(repr(c) for c in available) or "none"
-    return DatasetProblem(422, "unknown column", f"no column {name!r}; available columns: {listed}",
-                          field=f"{kind}_column")
-
-
-# ---- CSV ------------------------------------------------------------------------------------------------------
-def _csv_records(path: Path, columns: dict[str, str]) -> Iterator[tuple[int, list[Any]]]:
-    """(row, the cells of `columns` in order) per record; columns: kind ("text", "label", ...) -> header name."""
-    # Long texts are legitimate; the csv module's default cap (131072 characters) is not a dataset rule.
-    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
-    with path.open("r", encoding="utf-8-sig", newline="") as fh:
-        record = 0  # records read after the header, blank ones included: the `row` of the next record
-        delimiter = ","
-        try:
-            first = fh.readline()
-            while first and not first.strip():  # blank lines before the header
-                first = fh.readline()
-            if not first:
-                raise DatasetProblem(422, "empty file", "the file holds no header and no rows", field="file")
-            delimiter = max(CSV_DELIMITERS, key=lambda d: (first.count(d), -CSV_DELIMITERS.index(d)))
-            reader = csv.reader(itertools.chain([first], fh), delimiter=delimiter)
-            header = [name.strip() for name in next(reader)]
-            duplicates = sorted({n for n in header if header.count(n) > 1})
-            if duplicates:
-                raise DatasetProblem(422, "duplicate column names",
-                                     f"the header repeats {', '.join(repr(d) for d in duplicates)}", field="file")
-            for kind, name in columns.items():
-                if name not in header:
-                    raise _unknown_column(kind, name, header)
-            at = [header.index(name) for name in columns.values()]
-            for cells in reader:
-                record += 1
-                if not cells or (len(cells) == 1 and not cells[0].strip()):
-                    continue  # a blank line is not a row
-                if len(cells) != len(header):
-                    raise DatasetProblem(422, "wrong number of fields",
-                                         f"row {record} has {len(cells)} fields; the header has {len(header)} "
-                                         f"(quote fields that contain {delimiter!r} or line breaks)",
-                                         field="file", row=record)
-                yield record, [cells[i] for i in at]
-        except UnicodeDecodeError as exc:
-            raise _csv_encoding_problem(path, delimiter) from exc
-        except csv.Error as exc:
-            raise DatasetProblem(422, "malformed CSV", f"row {record + 1}: {exc}", field="file",
-                                 row=record + 1) from exc
-
-
-def _csv_encoding_problem(path: Path, delimiter: str) -> DatasetProblem:
-    """Name the CSV record holding the first byte that is not UTF-8 (the slow path, taken only on failure)."""
-    data = path.read_bytes()
-    if data.startswith(_BOM):
-        data = data[len(_BOM):]
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        prefix = data[:exc.start].decode("utf-8")
-        # A sentinel after the valid prefix makes the reader emit the record the bad byte belongs to, whether the
-        # prefix ends inside a record or exactly at a record boundary.
-        records = list(csv.reader(io.StringIO(prefix + "\x00"), delimiter=delimiter))
-        skipped = 0
-        while skipped < len(records) - 1 and not records[skipped]:  # blank lines before the header
-            skipped += 1
-        row = len(records) - 1 - skipped
-        where = f"row {row}" if row > 0 else "the header"
-        return DatasetProblem(422, "wrong encoding", f"{where} is not UTF-8 (byte 0x{data[exc.start]:02x} at "
-                              f"offset {exc.start}); save the file as UTF-8", field="file",
-                              row=row if row > 0 else None)
-    return DatasetProblem(422, "wrong encoding", "the file is not UTF-8; save it as UTF-8", field="file")
-
-
-# ---- JSON lines -----------------------------------------------------------------------------------------------
-def _json_records(path: Path, columns: dict[str, str]) -> Iterator[tuple[int, list[Any]]]:
-    """Records of a JSONL file (row = line number) or of a file holding one JSON array (row = element index): the
-    values of `columns` (kind -> key) in order."""
-    rows: list[tuple[int, list[Any]]] = []
-    keys: dict[str, None] = {}  # insertion-ordered union of keys, for the "available columns" message
-    for row, obj in _json_objects(path):
-        if not isinstance(obj, dict):
-            raise DatasetProblem(422, "malformed JSON", f"row {row} is {type(obj).__name__}, not an object",
-                                 field="file", row=row)
-        keys.update(dict.fromkeys(obj))
-        rows.append((row, [obj.get(name, _MISSING) for name in columns.values()]))
-    if not rows:
-        raise DatasetProblem(422, "no rows", "the file holds no JSON objects", field="file")
-    # A column present on some lines only is a per-row "missing" error later; on no line, an unknown column.
-    for kind, name in columns.items():
-        if name not in keys:
-            raise _unknown_column(kind, name, list(keys)[:50])
-    return iter(rows)
-
-
-def _json_objects(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open("rb") as fh:
-        start = fh.read(4096)
-    if start.startswith(_BOM):
-        start = start[len(_BOM):]
-    if start.lstrip()[:1] == b"[":
-        yield from _json_array(path)
-        return
-    with path.open("rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            if line_no == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM):]
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DatasetProblem(422, "wrong encoding", f"line {line_no} is not UTF-8 (byte "
-                                     f"0x{raw[exc.start]:02x}); save the file as UTF-8", field="file",
-                                     row=line_no) from exc
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except ValueError as exc:
-                raise DatasetProblem(422, "malformed JSON", f"line {line_no}: {exc}", field="file",
-                                     row=line_no) from exc
-
-
-def _json_array(path: Path) -> Iterator[tuple[int, Any]]:
-    data = path.read_bytes()
-    if data.startswith(_BOM):
-        data = data[len(_BOM):]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise DatasetProblem(422, "wrong encoding", f"line {line} is not UTF-8 (byte 0x{data[exc.start]:02x}); "
-                             "save the file as UTF-8", field="file") from exc
-    try:
-        items = json.loads(text)
-    except ValueError as exc:
-        raise DatasetProblem(422, "malformed JSON", str(exc), field="file") from exc
-    if not isinstance(items, list):
-        raise DatasetProblem(422, "malformed JSON", "expected one object per line or one array of objects",
-                             field="file")
-    yield from enumerate(items, start=1)
-
-
-# ---- Parquet --------------------------------------------------------------------------------------------------
-def _parquet_records(path: Path, columns: dict[str, str]) -> Iterator[tuple[int, list[Any]]]:
-    """(row, the values of `columns` (kind -> column name) in order) per row."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        parquet = pq.ParquetFile(path)
-        names = list(parquet.schema_arrow.names)
-    except (pa.ArrowException, OSError) as exc:
-        raise DatasetProblem(422, "unreadable Parquet file", str(exc), field="file") from exc
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise DatasetProblem(422, "duplicate column names",
-                             f"the file repeats {', '.join(repr(d) for d in duplicates)}", field="file")
-    text_column = columns["text"]
-    if text_column not in names:
-        problem = _unknown_column("text", text_column, names)
-        schema = parquet.schema_arrow
-        binary = [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)
-                  or (pa.types.is_struct(f.type) and f.type.get_field_index("bytes") >= 0)]
-        if binary:  # most likely an image dataset sent without image_column
-            problem.detail += (f"; {binary[0]!r} holds binary data: for an image dataset send "
-                               f"image_column={binary[0]}")
-        raise problem
-    for kind, name in columns.items():
-        if name not in names:
-            raise _unknown_column(kind, name, names)
-    try:
-        table = parquet.read(columns=list(columns.values()))
-    except (pa.ArrowException, OSError) as exc:
-        raise DatasetProblem(422, "unreadable Parquet file", str(exc), field="file") from exc
-    values = [_arrow_values(table.column(name), f"{kind}_column") for kind, name in columns.items()]
-    if not table.num_rows:
-        raise DatasetProblem(422, "no rows", "the Parquet file has columns but no rows", field="file")
-    return ((i, list(cells)) for i, cells in enumerate(zip(*values), start=1))
-
-
-def _arrow_values(column: Any, field: str) -> list[Any]:
-    """Python values of an Arrow column; binary cells are decoded as UTF-8 with the failing row named."""
-    import pyarrow as pa
-
-    if pa.types.is_dictionary(column.type):
-        column = column.cast(column.type.value_type)
-    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-        values = column.to_pylist()
-        for i, value in enumerate(values):
-            if value is not None:
-                try:
-                    values[i] = value.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise DatasetProblem(422, "wrong encoding", f"row {i + 1} is not UTF-8", field=field,
-                                         row=i + 1) from exc
-        return values
-    try:
-        return column.to_pylist()
-    except UnicodeDecodeError:  # a string column with invalid bytes: find the row
-        for i in range(len(column)):
-            try:
-                column[i].as_py()
-            except UnicodeDecodeError as exc:
-                raise DatasetProblem(422, "wrong encoding", f"row {i + 1} is not UTF-8", field=field,
-                                     row=i + 1) from exc
-        raise
 
 
 # ---- normalised storage ---------------------------------------------------------------------------------------

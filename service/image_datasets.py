@@ -31,8 +31,8 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from service.datasets import (DatasetProblem, ParsedDataset, _arrow_values, _csv_records, _json_records, _show,
-                              _unknown_column, check_row_count, encode_labels)
+from service.labels import ParsedDataset, check_row_count, encode_labels
+from service.tabular import DatasetProblem, arrow_values, csv_records, json_records, show, unknown_column
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
@@ -194,9 +194,9 @@ def _zip_with_metadata(archive: zipfile.ZipFile, files: dict[str, zipfile.ZipInf
         scratch.write_bytes(reader.read(metadata_name, files[metadata_name], 0))
         columns = {"image": file_column, "label": label_column}
         if metadata_name.endswith(".csv"):
-            records = list(_csv_records(scratch, {k: v.strip() for k, v in columns.items()}))
+            records = list(csv_records(scratch, {k: v.strip() for k, v in columns.items()}))
         else:
-            records = list(_json_records(scratch, columns))
+            records = list(json_records(scratch, columns))
     except DatasetProblem as problem:
         problem.path = problem.path or metadata_name
         raise
@@ -209,7 +209,7 @@ def _zip_with_metadata(archive: zipfile.ZipFile, files: dict[str, zipfile.ZipInf
     for row, (file_name, label) in records:
         if not isinstance(file_name, str) or not file_name.strip():
             raise DatasetProblem(422, "missing image file name", f"row {row} of {metadata_name}: {file_column!r} "
-                                 f"holds {_show(file_name)}", field="image_column", row=row, path=metadata_name)
+                                 f"holds {show(file_name)}", field="image_column", row=row, path=metadata_name)
         name = "/".join(PurePosixPath(file_name.strip().replace("\\", "/").lstrip("/")).parts)
         if name.startswith("./"):
             name = name[2:]
@@ -241,9 +241,9 @@ def _parse_parquet(path: Path, task: str, label_column: str, image_column: str, 
         parquet = pq.ParquetFile(path)
         names = list(parquet.schema_arrow.names)
         if image_column not in names:
-            raise _unknown_column("image", image_column, names)
+            raise unknown_column("image", image_column, names)
         if label_column not in names:
-            raise _unknown_column("label", label_column, names)
+            raise unknown_column("label", label_column, names)
         table = parquet.read(columns=[image_column, label_column])
     except (pa.ArrowException, OSError) as exc:
         raise DatasetProblem(422, "unreadable Parquet file", str(exc), field="file") from exc
@@ -258,7 +258,7 @@ def _parse_parquet(path: Path, task: str, label_column: str, image_column: str, 
                              "(binary, or Hugging Face's struct of bytes and path); paths on your machine cannot be "
                              "read here: embed the images", field="image_column")
     cells = column.to_pylist()
-    labels = _arrow_values(table.column(label_column), "label_column")
+    labels = arrow_values(table.column(label_column), "label_column")
     total = 0
     for row, data in enumerate(cells, start=1):
         if not data:

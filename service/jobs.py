@@ -63,7 +63,8 @@ def claim(sessions: sessionmaker, job_id: str, phase: str, token: str, lease_sec
                 Job.cancel_requested.is_(False),
                 or_(Job.status == JobStatus.QUEUED, and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)),
             )
-            .values(status=JobStatus.RUNNING, worker_token=token, lease_expires_at=now + timedelta(seconds=lease_seconds),
+            .values(status=JobStatus.RUNNING, worker_token=token,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds),
                     heartbeat_at=now, attempts=Job.attempts + 1, started_at=now, error=None)
         )
         return result.rowcount == 1

@@ -1,12 +1,26 @@
-"""Request bodies of the API. Torch-free; the names they accept come from service.contract."""
+"""The API's request bodies and response bodies. Torch-free; the names they accept come from service.contract.
+
+Responses are documented as they are rendered: timestamps are the ISO 8601 strings of Python's isoformat(), fields
+that may be null are present as null, and a ranking entry carries its estimator's details as extra keys.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.contract import TuneSpec
+from service.contract import MODALITIES, TASKS, JobStatus, TuneSpec
+
+__all__ = [
+    "CheckpointFileOut", "CheckpointOut", "DatasetOut", "HalvingSpec", "Health", "JobCreate", "JobOut", "ModelCreate",
+    "ModelOut", "Page", "RankingEntryOut", "RegularizerParam", "TuneSpec",
+]
+
+ItemT = TypeVar("ItemT")
+
+# ---- requests -------------------------------------------------------------------------------------------------
+
 
 class ModelCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -48,3 +62,111 @@ class JobCreate(BaseModel):
         "sequence-classification head reads (the last for decoder-only models, the first for encoders)")
     successive_halving: HalvingSpec | None = Field(default=None, description="rank many candidates on growing samples")
     tune: TuneSpec | None = None
+
+
+# ---- responses ------------------------------------------------------------------------------------------------
+
+
+class Page(BaseModel, Generic[ItemT]):
+    """One page of a list, newest first for datasets and jobs, oldest first for models."""
+
+    items: list[ItemT]
+    total: int = Field(description="items in the whole list")
+    limit: int
+    offset: int
+    next_offset: int | None = Field(description="the offset of the next page; null on the last page")
+
+
+class DatasetOut(BaseModel):
+    id: str
+    filename: str
+    format: Literal["csv", "jsonl", "parquet", "zip"]
+    task: Literal[TASKS]  # type: ignore[valid-type]
+    modality: Literal[MODALITIES]  # type: ignore[valid-type]
+    rows: int
+    text_column: str | None = Field(description="text datasets: the column of the texts")
+    text_pair_column: str | None = Field(description="text pairs: the column of the second texts")
+    image_column: str | None = Field(description="image datasets: the column that named or held the images "
+                                     "(null for a zip of class folders)")
+    label_column: str | None = Field(description="null for a zip of class folders, whose labels are folder names")
+    label_names: list[str] | None = Field(description="the classes, in label-index order; null for regression")
+    class_counts: dict[str, int] | None = Field(description="rows per class (multilabel: rows containing it); "
+                                                "null for regression")
+    sha256: str = Field(description="of the uploaded file")
+    size_bytes: int
+    created_at: str = Field(description="ISO 8601")
+
+
+class ModelOut(BaseModel):
+    id: str
+    name: str
+    source: Literal["hf", "local"]
+    repo_id: str | None = Field(description="hf: the hub repository id")
+    path: str | None = Field(description="local: the absolute folder")
+    revision: str = Field(description="hf: as registered (default main); local: a hash of the folder's files")
+    modality: Literal[MODALITIES]  # type: ignore[valid-type]
+    model_type: str | None
+    architecture: str | None
+    hidden_size: int | None = Field(description="the width of the ranked tower's features, when config.json says")
+    has_source_head: bool = Field(description="a classification head with labels, which LEEP and NCE read")
+    created_at: str = Field(description="ISO 8601")
+
+
+class RankingEntryOut(BaseModel):
+    """One candidate's place in a job's ranking. Besides these fields an entry carries the details its ranking
+    recorded, as further keys: e.g. intervals (bootstrap intervals per estimator), p_better_than_next,
+    features_cached, feature_dim, logme_prior_only, beats_prior, notes, error; successive halving adds
+    eliminated, rows and p_leader_better."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model: str = Field(description="the model's name")
+    model_id: str
+    rank: int = Field(description="1 is the best")
+    scores: dict[str, float | None] = Field(description="per estimator; null where it does not apply")
+    feature_seconds: float = Field(description="time spent extracting features (0 when they were cached)")
+
+
+class JobOut(BaseModel):
+    id: str
+    status: JobStatus
+    stage: str = Field(description="what the job is doing now, e.g. features 2/3")
+    progress: float = Field(description="0 to 1")
+    dataset_id: str
+    candidates: list[str] = Field(description="the model ids ranked")
+    metrics: list[str] = Field(description="the estimators, the first ranks")
+    options: dict[str, Any] = Field(description="sample_size, seed, pooling, successive_halving as submitted")
+    tune: dict[str, Any] | None = Field(description="the tune block as submitted, defaults filled in")
+    ranking: list[RankingEntryOut] = Field(description="best first; empty until ranked")
+    ranking_summary: dict[str, Any] | None = Field(description="job-level facts of the ranking (successive "
+                                                   "halving's rounds)")
+    tuning: dict[str, Any] | None = Field(description="the tuned models with their held-out metrics")
+    error: str | None
+    attempts: int
+    created_at: str = Field(description="ISO 8601")
+    started_at: str | None = Field(description="ISO 8601")
+    finished_at: str | None = Field(description="ISO 8601")
+
+
+class CheckpointFileOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    path: str = Field(description="relative to the checkpoint; download at .../files/{path}")
+    size: int
+    sha256: str
+
+
+class CheckpointOut(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    name: str
+    model: str = Field(description="the name of the model it was tuned from")
+    model_id: str
+    files: list[CheckpointFileOut]
+
+
+class RegularizerParam(BaseModel):
+    default: Any
+    doc: str
+    choices: list[Any] | None = Field(default=None, description="present only for a parameter with fixed choices")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]

@@ -24,8 +24,21 @@ from typing import Any
 
 import numpy as np
 
-from workers.pipeline import (CandidatesFailed, DatasetSpec, ModelSpec, Progress, RankedModel, bootstrap_metric,
-                              describe_failure, examples_digest, load_dataset, model_features, ranking_targets)
+from workers import sampling
+from workers.pipeline import (
+    CandidatesFailed,
+    DatasetSpec,
+    Examples,
+    ModelSpec,
+    Progress,
+    RankedModel,
+    bootstrap_metric,
+    describe_failure,
+    examples_digest,
+    load_dataset,
+    model_features,
+    ranking_targets,
+)
 
 
 @dataclass
@@ -68,25 +81,9 @@ class HalvingResult:
 
 
 def nested_order(labels: np.ndarray, task: str, seed: int) -> np.ndarray:
-    """A permutation of all rows whose every prefix is a (near) stratified sample.
-
-    Classification: each class is shuffled and its j-th member placed at fractional position (j + 0.5) / count,
-    so a prefix of s rows holds each class in proportion to within one row; the first member of every class comes
-    first, so any prefix of at least C rows has every class (LogME is undefined for an empty class). Other tasks: a
-    plain random permutation. Taking prefixes of one permutation makes the samples nested by construction.
-    """
-    n = len(labels)
-    rng = np.random.default_rng(seed)
-    if task != "classification":
-        return rng.permutation(n)
-    keys = np.empty(n)
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        position = (np.arange(len(members)) + 0.5) / len(members)
-        position[0] = -1.0  # one of each class up front
-        keys[members] = position
-    tie_break = rng.random(n)  # equal fractions (e.g. classes of equal size) in random class order
-    return np.lexsort((tie_break, keys))
+    """A permutation of all rows whose every prefix is a (near) stratified sample, by class for classification
+    (workers.sampling.nested_order): taking prefixes of one permutation makes the samples nested by construction."""
+    return sampling.nested_order(labels, seed, stratify=task == "classification")
 
 
 def round_sizes(n: int, initial_rows: int, growth: float) -> list[int]:
@@ -130,9 +127,6 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
     each with the round and sample size at which it was dropped. With confidence >= 1 nothing is dropped and the
     last round scores all rows in dataset order with `seed`, so the ranking is that of `pipeline.rank`.
     """
-    from workers.features import TokenIdsCache
-    from workers.ranking import prior_only_evidence, score_metric
-
     if not models:
         raise ValueError("no candidate models")
     if growth <= 1.0:
@@ -143,124 +137,158 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
         raise ValueError("min_models must be >= 1")
     if bootstrap_samples < 1:
         raise ValueError("successive halving eliminates by bootstrap: bootstrap_samples must be >= 1")
-    report = progress or (lambda stage, fraction: None)
     began = time.perf_counter()
-    texts, labels = load_dataset(dataset)
-    n = len(texts)
-    task = dataset.task
-    num_classes = len(dataset.label_names or []) if task == "classification" else None
-    order = nested_order(labels, task, seed)
+    examples, labels = load_dataset(dataset)
+    n, task = len(examples), dataset.task
     first = max(initial_rows, len(np.unique(labels)) if task == "classification" else 2)
-    sizes = round_sizes(n, first, growth)
-    by_id = {m.id: m for m in models}
+    run = _Halving(models, metric, dataset, examples, labels, order=nested_order(labels, task, seed),
+                   sizes=round_sizes(n, first, growth), report=progress or (lambda stage, fraction: None),
+                   extraction=dict(cache_root=cache_root, hf_cache_dir=hf_cache_dir, max_length=max_length,
+                                   batch_size=batch_size, device=device, pooling=pooling),
+                   elimination=dict(confidence=confidence, min_models=min_models, seed=seed,
+                                    bootstrap_samples=bootstrap_samples))
+    run.run()
+    ranking = _final_ranking(models, run.survivors, run.last_scores, run.last_boot, run.dropped, run.rounds, metric,
+                             run.prior, run.feature_seconds)
+    run.report("ranked", 1.0)
+    return HalvingResult(ranking=ranking, rounds=run.rounds, metric=metric, total_rows=n,
+                         forward_seconds=run.total_forward, extraction_seconds=run.total_extraction,
+                         rows_models=run.rows_models, rows_models_full=n * len(models),
+                         seconds=time.perf_counter() - began)
 
-    # per model: feature chunks in `order` (chunk r = rows order[sizes[r-1]:sizes[r]]), and source-head chunks
-    chunks: dict[str, list[np.ndarray]] = {m.id: [] for m in models}
-    prob_chunks: dict[str, list[np.ndarray | None]] = {m.id: [] for m in models}
-    total_forward = total_extraction = 0.0
-    rows_models = 0
-    feature_seconds: dict[str, float] = {m.id: 0.0 for m in models}
-    prior: float | None = None
-    survivors = [m.id for m in models]
-    rounds: list[HalvingRound] = []
-    last_boot: dict[str, Any] = {}
-    last_scores: dict[str, float | None] = {}
-    dropped: dict[str, dict[str, Any]] = {}  # model id -> when and why it left
-    worst_case = float(n * len(models))
-    done_units = 0
 
-    for r, size in enumerate(sizes):
-        round_began = time.perf_counter()
-        start = sizes[r - 1] if r else 0
-        new_rows = order[start:size]
-        new_texts = [texts[i] for i in new_rows]
-        token_ids = TokenIdsCache(len(new_texts))
-        tag = examples_digest(new_texts)
+class _Halving:
+    """One successive-halving ranking: the survivors, their feature chunks, the rounds so far and why each dropped
+    model left. Per model, chunk r holds the features of rows order[sizes[r-1]:sizes[r]] (and its source head's
+    probabilities, for LEEP/NCE)."""
+
+    def __init__(self, models: list[ModelSpec], metric: str, dataset: DatasetSpec, examples: Examples,
+                 labels: np.ndarray, *, order: np.ndarray, sizes: list[int], report: Progress,
+                 extraction: dict[str, Any], elimination: dict[str, Any]) -> None:
+        self.by_id = {m.id: m for m in models}
+        self.metric, self.task, self.examples, self.labels = metric, dataset.task, examples, labels
+        self.num_classes = len(dataset.label_names or []) if dataset.task == "classification" else None
+        self.order, self.sizes, self.report, self.extraction = order, sizes, report, extraction
+        self.confidence, self.min_models = elimination["confidence"], elimination["min_models"]
+        self.seed, self.bootstrap_samples = elimination["seed"], elimination["bootstrap_samples"]
+        self.chunks: dict[str, list[np.ndarray]] = {m.id: [] for m in models}
+        self.prob_chunks: dict[str, list[np.ndarray | None]] = {m.id: [] for m in models}
+        self.total_forward = self.total_extraction = 0.0
+        self.rows_models = 0
+        self.feature_seconds: dict[str, float] = {m.id: 0.0 for m in models}
+        self.prior: float | None = None
+        self.survivors = [m.id for m in models]
+        self.rounds: list[HalvingRound] = []
+        self.last_boot: dict[str, Any] = {}
+        self.last_scores: dict[str, float | None] = {}
+        self.dropped: dict[str, dict[str, Any]] = {}  # model id -> when and why it left
+        self.worst_case = float(len(examples) * len(models))
+        self.done_units = 0
+
+    def run(self) -> None:
+        n = len(self.examples)
+        for r, size in enumerate(self.sizes):
+            round_began = time.perf_counter()
+            new_rows, round_forward = self.extract(r, size)
+            seen = self.order[:size]
+            scores, values, round_labels = self.score(r, size, seen)
+            # a metric that does not apply to a model (e.g. LEEP without a source head) cannot rank it: drop it
+            not_applicable = [m for m in self.survivors if scores[m] is None]
+            for model_id in not_applicable:
+                self.dropped[model_id] = {"round": r, "rows": size, "reason": "not applicable", "score": None,
+                                          "prior": self.prior}
+            self.report(f"round {r + 1}/{len(self.sizes)}: scoring {len(values)} models on {size} rows",
+                        min(0.99, self.done_units / self.worst_case))
+            leader, p_leader, eliminated = self.eliminate(r, size, scores, values, round_labels)
+            gone = set(eliminated) | set(not_applicable)
+            self.rounds.append(HalvingRound(
+                index=r, rows=size, new_rows=new_rows, survivors=list(self.survivors),
+                eliminated=eliminated + not_applicable, leader=leader, scores=scores, p_leader_better=p_leader,
+                seconds=time.perf_counter() - round_began, forward_seconds=round_forward, row_indices=np.sort(seen)))
+            self.survivors = [m for m in self.survivors if m not in gone]
+            for model_id in gone:  # free the features of models that are out
+                self.chunks[model_id], self.prob_chunks[model_id] = [], []
+            if size >= n or len(self.survivors) <= self.min_models:
+                break
+
+    def extract(self, r: int, size: int) -> tuple[int, float]:
+        """Features of the round's new rows for every survivor; (new rows, forward seconds of the round)."""
+        from workers.features import TokenIdsCache
+
+        new_rows = self.order[self.sizes[r - 1] if r else 0:size]
+        new_examples = [self.examples[i] for i in new_rows]
+        token_ids = TokenIdsCache(len(new_examples))
+        tag = examples_digest(new_examples)
         round_forward = 0.0
         failed_now: list[str] = []
-        for k, model_id in enumerate(survivors):
-            model = by_id[model_id]
-            stage = f"round {r + 1}/{len(sizes)} ({size} rows), features {k + 1}/{len(survivors)}: {model.name}"
-            report(stage, min(0.99, done_units / worst_case))
+        for k, model_id in enumerate(self.survivors):
+            model = self.by_id[model_id]
+            stage = (f"round {r + 1}/{len(self.sizes)} ({size} rows), features {k + 1}/{len(self.survivors)}: "
+                     f"{model.name}")
+            self.report(stage, min(0.99, self.done_units / self.worst_case))
             try:
-                result, from_cache = model_features(model, new_texts, tag, cache_root=cache_root,
-                                                    hf_cache_dir=hf_cache_dir, max_length=max_length,
-                                                    batch_size=batch_size, device=device, pooling=pooling,
-                                                    token_ids=token_ids)
+                result, from_cache = model_features(model, new_examples, tag, token_ids=token_ids, **self.extraction)
             except Exception as exc:  # one unusable candidate must not sink the others (see pipeline.rank)
-                dropped[model_id] = {"round": r, "rows": size, "reason": "failed", "error": describe_failure(exc),
-                                     "score": None, "prior": None}
+                self.dropped[model_id] = {"round": r, "rows": size, "reason": "failed",
+                                          "error": describe_failure(exc), "score": None, "prior": None}
                 failed_now.append(model_id)
                 continue
-            chunks[model_id].append(np.asarray(result.features))  # float32 until scored: half the memory
-            prob_chunks[model_id].append(result.source_probs)
-            done_units += len(new_rows)
+            self.chunks[model_id].append(np.asarray(result.features))  # float32 until scored: half the memory
+            self.prob_chunks[model_id].append(result.source_probs)
+            self.done_units += len(new_rows)
             if not from_cache:
                 round_forward += float(result.forward_seconds)
-                total_extraction += float(result.total_seconds)
-                feature_seconds[model_id] += float(result.total_seconds)
-                rows_models += len(new_rows)
-        total_forward += round_forward
-        survivors = [m for m in survivors if m not in failed_now]
-        if not survivors:
-            raise CandidatesFailed({by_id[m].name: dropped[m]["error"] for m in dropped
-                                    if dropped[m]["reason"] == "failed"})
+                self.total_extraction += float(result.total_seconds)
+                self.feature_seconds[model_id] += float(result.total_seconds)
+                self.rows_models += len(new_rows)
+        self.total_forward += round_forward
+        self.survivors = [m for m in self.survivors if m not in failed_now]
+        if not self.survivors:
+            raise CandidatesFailed({self.by_id[m].name: d["error"] for m, d in self.dropped.items()
+                                    if d["reason"] == "failed"})
+        return len(new_rows), round_forward
 
-        # score on the rows seen so far, in dataset order (the full round is then exactly rank()'s input)
-        seen = order[:size]
+    def score(self, r: int, size: int, seen: np.ndarray
+              ) -> tuple[dict[str, float | None], dict[str, np.ndarray], np.ndarray]:
+        """Every survivor scored on the rows seen so far, in dataset order (the full round is then exactly
+        rank()'s input): (scores, what the bootstrap resamples for each scored model, the round's targets)."""
+        from workers.ranking import prior_only_evidence, score_estimator
+
+        metric, task = self.metric, self.task
         ascending = np.argsort(seen, kind="stable")
-        round_labels = ranking_targets(labels[seen[ascending]], task)
+        round_labels = ranking_targets(self.labels[seen[ascending]], task)
         if metric == "logme":
-            prior = prior_only_evidence(round_labels, task)
+            self.prior = prior_only_evidence(round_labels, task)
         values: dict[str, np.ndarray] = {}
         scores: dict[str, float | None] = {}
-        for model_id in survivors:
-            features = np.concatenate(chunks[model_id])[ascending].astype(np.float64)
-            probs = prob_chunks[model_id]
+        for model_id in self.survivors:
+            features = np.concatenate(self.chunks[model_id])[ascending].astype(np.float64)
+            probs = self.prob_chunks[model_id]
             source = None if any(p is None for p in probs) else np.concatenate(probs)[ascending]  # type: ignore[arg-type]
-            value = score_metric(metric, features, round_labels, task, source_probs=source)
+            value = score_estimator(metric, features, round_labels, task, source_probs=source)
             scores[model_id] = None if value is None else float(value)
             if value is not None:
                 values[model_id] = source if metric in ("leep", "nce") else features
-        # a metric that does not apply to a model (e.g. LEEP without a source head) cannot rank it: drop it now
-        not_applicable = [m for m in survivors if scores[m] is None]
-        for model_id in not_applicable:
-            dropped[model_id] = {"round": r, "rows": size, "reason": "not applicable", "score": None, "prior": prior}
-        report(f"round {r + 1}/{len(sizes)}: scoring {len(values)} models on {size} rows",
-               min(0.99, done_units / worst_case))
+        return scores, values, round_labels
 
-        leader: str | None = None
-        p_leader: dict[str, float] = {}
-        eliminated: list[str] = []
-        if values:
-            # point_seconds 0: the refitted estimators get the plain resample cap, not a time budget
-            boot, _ = bootstrap_metric(metric, values, round_labels, task, num_classes=num_classes,
-                                       requested=bootstrap_samples, point_seconds=0.0, seed=seed)
-            point = {m: float(scores[m]) for m in values}  # type: ignore[arg-type]
-            leader, p_leader, eliminated = paired_elimination(point, boot["replicates"], confidence, min_models)
-            last_boot, last_scores = boot, {m: scores[m] for m in values}
-            for model_id in eliminated:
-                dropped[model_id] = {"round": r, "rows": size, "reason": "confidently behind the leader",
-                                     "score": scores[model_id], "p_leader_better": p_leader[model_id],
-                                     "leader": leader, "interval": list(boot["intervals"][model_id]),
-                                     "prior": prior}
-        gone = set(eliminated) | set(not_applicable)
-        rounds.append(HalvingRound(index=r, rows=size, new_rows=len(new_rows), survivors=list(survivors),
-                                   eliminated=eliminated + not_applicable, leader=leader, scores=scores,
-                                   p_leader_better=p_leader, seconds=time.perf_counter() - round_began,
-                                   forward_seconds=round_forward, row_indices=np.sort(seen)))
-        survivors = [m for m in survivors if m not in gone]
-        for model_id in gone:  # free the features of models that are out
-            chunks[model_id], prob_chunks[model_id] = [], []
-        if size >= n or len(survivors) <= min_models:
-            break
-
-    ranking = _final_ranking(models, survivors, last_scores, last_boot, dropped, rounds, metric, prior,
-                             feature_seconds)
-    report("ranked", 1.0)
-    return HalvingResult(ranking=ranking, rounds=rounds, metric=metric, total_rows=n, forward_seconds=total_forward,
-                         extraction_seconds=total_extraction, rows_models=rows_models,
-                         rows_models_full=n * len(models), seconds=time.perf_counter() - began)
+    def eliminate(self, r: int, size: int, scores: dict[str, float | None], values: dict[str, np.ndarray],
+                  round_labels: np.ndarray) -> tuple[str | None, dict[str, float], list[str]]:
+        """(leader, P(leader better) per other model, the models confidently behind) by the paired bootstrap."""
+        if not values:
+            return None, {}, []
+        # point_seconds 0: the refitted estimators get the plain resample cap, not a time budget
+        boot, _ = bootstrap_metric(self.metric, values, round_labels, self.task, num_classes=self.num_classes,
+                                   requested=self.bootstrap_samples, point_seconds=0.0, seed=self.seed)
+        point = {m: float(scores[m]) for m in values}  # type: ignore[arg-type]
+        leader, p_leader, eliminated = paired_elimination(point, boot["replicates"], self.confidence,
+                                                          self.min_models)
+        self.last_boot, self.last_scores = boot, {m: scores[m] for m in values}
+        for model_id in eliminated:
+            self.dropped[model_id] = {"round": r, "rows": size, "reason": "confidently behind the leader",
+                                      "score": scores[model_id], "p_leader_better": p_leader[model_id],
+                                      "leader": leader, "interval": list(boot["intervals"][model_id]),
+                                      "prior": self.prior}
+        return leader, p_leader, eliminated
 
 
 def _final_ranking(models: list[ModelSpec], survivors: list[str], last_scores: dict[str, float | None],

@@ -16,9 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from workers.hub import ResolvedModel, resolve_model
+from workers.sampling import stratified_sample
+
 log = logging.getLogger("hubtune.pipeline")
 
 Progress = Callable[[str, float], None]
+# A dataset's examples: texts, text pairs (read as the tokenizer's pair), or encoded image files.
+Examples = list[str] | list[tuple[str, str]] | list[bytes]
 # Estimators without a fast bootstrap path are refitted per resample: at most this many resamples, at least
 # GENERIC_BOOTSTRAP_MIN, and otherwise as many as fit in GENERIC_BOOTSTRAP_SECONDS per model and metric (measured
 # from the point estimate's own time), so a slow estimator cannot make scoring dwarf feature extraction.
@@ -40,6 +45,14 @@ class ModelSpec:
     locator: str  # repo id or folder
     revision: str
 
+    def resolve(self, hf_cache_dir: Path | None) -> ResolvedModel:
+        """The local folder of this model and the revision that pins its content (workers.hub.resolve_model): a hub
+        snapshot in `hf_cache_dir`, or the registered folder."""
+        hub, local = self.source == "hf", self.source == "local"
+        return resolve_model(self.source, repo_id=self.locator if hub else None,
+                             revision=self.revision if hub else None, path=self.locator if local else None,
+                             cache_dir=hf_cache_dir)
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -58,8 +71,8 @@ class RankedModel:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def distinct_examples(texts: list[str] | list[tuple[str, str]] | list[bytes]) -> np.ndarray:
-    """Indices of the first occurrence of each text, in order.
+def distinct_examples(examples: Examples) -> np.ndarray:
+    """Indices of the first occurrence of each example (text, text pair or image file), in order.
 
     A repeated example is no new evidence, and for LogME it is worse than that: rows with identical features give a
     direction in sample space that no feature can see, and every target that agrees on those rows (all of them for
@@ -70,19 +83,19 @@ def distinct_examples(texts: list[str] | list[tuple[str, str]] | list[bytes]) ->
     label."""
     seen: set[Any] = set()
     keep: list[int] = []
-    for index, text in enumerate(texts):
-        if text not in seen:
-            seen.add(text)
+    for index, example in enumerate(examples):
+        if example not in seen:
+            seen.add(example)
             keep.append(index)
     return np.asarray(keep, dtype=np.int64)
 
 
-def load_dataset(spec: DatasetSpec) -> tuple[list[str] | list[tuple[str, str]] | list[bytes], np.ndarray]:
+def load_dataset(spec: DatasetSpec) -> tuple[Examples, np.ndarray]:
     """Examples (texts, text pairs, or encoded image files) and a label array in the form the estimators take (ints, N×C
     multi-hot, or floats), each distinct example once (see distinct_examples: for images, byte-identical files)."""
     from service.datasets import read_normalized
 
-    texts, raw_labels = read_normalized(spec.path)
+    examples, raw_labels = read_normalized(spec.path)
     labels: np.ndarray
     if spec.task == "classification":
         labels = np.asarray(raw_labels, dtype=np.int64)
@@ -93,11 +106,11 @@ def load_dataset(spec: DatasetSpec) -> tuple[list[str] | list[tuple[str, str]] |
             labels[row, list(indices)] = 1.0
     else:
         labels = np.asarray(raw_labels, dtype=np.float64)
-    keep = distinct_examples(texts)
-    return [texts[i] for i in keep], labels[keep]
+    keep = distinct_examples(examples)
+    return [examples[i] for i in keep], labels[keep]
 
 
-def examples_digest(examples: list[str] | list[tuple[str, str]] | list[bytes]) -> str:
+def examples_digest(examples: Examples) -> str:
     """sha256 over exactly these examples in this order: the dataset part of a feature-cache key.
 
     Not the upload's sha256: one file uploaded twice with another text or image column, or another label column
@@ -141,34 +154,20 @@ def ranking_targets(labels: np.ndarray, task: str) -> np.ndarray:
 
 
 def sample_rows(labels: np.ndarray, task: str, size: int | None, seed: int) -> np.ndarray:
-    """Row indices of a sample of `size` rows, stratified by class for classification; all rows if size is None."""
-    n = len(labels)
-    if size is None or size >= n:
-        return np.arange(n)
-    rng = np.random.default_rng(seed)
-    if task != "classification":
-        return np.sort(rng.choice(n, size=size, replace=False))
-    chosen: list[np.ndarray] = []
-    classes, counts = np.unique(labels, return_counts=True)
-    quotas = np.maximum(1, np.floor(counts / n * size).astype(int))
-    for cls, quota in zip(classes, quotas):
-        members = np.flatnonzero(labels == cls)
-        chosen.append(rng.choice(members, size=min(quota, len(members)), replace=False))
-    return np.sort(np.concatenate(chosen))
+    """Row indices (sorted) of a sample of `size` rows, stratified by class for classification with at least one row
+    of each class (workers.sampling); all rows if size is None."""
+    return stratified_sample(labels, size, seed, stratify=task == "classification", minimum=1)
 
 
-def model_features(model: ModelSpec, texts: list[str], cache_tag: str, *, cache_root: Path, hf_cache_dir: Path,
+def model_features(model: ModelSpec, examples: Examples, cache_tag: str, *, cache_root: Path, hf_cache_dir: Path,
                    max_length: int, batch_size: int, device: str | None,
                    on_batch: Callable[[int, int], None] | None = None, pooling: str = "mean",
                    token_ids: Any | None = None) -> tuple[Any, bool]:
     """Features for one model, from the artifact cache when this (data, model, revision, pooling, length) was seen.
-    token_ids: the job's `features.TokenIdsCache` for `texts`, so candidates sharing a tokenizer tokenise once."""
+    token_ids: the job's `features.TokenIdsCache` for `examples`, so candidates sharing a tokenizer tokenise once."""
     from workers.features import FeatureCache, extract_features
-    from workers.hub import resolve_model
 
-    resolved = resolve_model(model.source, repo_id=model.locator if model.source == "hf" else None,
-                             revision=model.revision if model.source == "hf" else None,
-                             path=model.locator if model.source == "local" else None, cache_dir=hf_cache_dir)
+    resolved = model.resolve(hf_cache_dir)
     # The resolved revision: a hub commit hash, or a local folder's content hash recomputed now, so a folder
     # changed after registration does not get its old features back.
     cache = FeatureCache(cache_root)
@@ -176,7 +175,7 @@ def model_features(model: ModelSpec, texts: list[str], cache_tag: str, *, cache_
     cached = cache.load(key)
     if cached is not None:
         return cached, True
-    result = extract_features(resolved.path, texts, max_length=max_length, batch_size=batch_size, device=device,
+    result = extract_features(resolved.path, examples, max_length=max_length, batch_size=batch_size, device=device,
                               on_batch=on_batch, pooling=pooling, token_ids=token_ids)
     cache.save(key, result)
     return result, False
@@ -184,14 +183,14 @@ def model_features(model: ModelSpec, texts: list[str], cache_tag: str, *, cache_
 
 def score_model(metrics: list[str], features: np.ndarray, labels: np.ndarray, task: str,
                 source_probs: np.ndarray | None) -> tuple[dict[str, float | None], dict[str, Any]]:
-    from workers.ranking import score_metric
+    from workers.ranking import score_estimator
 
     scores: dict[str, float | None] = {}
     notes: dict[str, str] = {}
     seconds: dict[str, float] = {}
     for metric in metrics:
         began = time.perf_counter()
-        value = score_metric(metric, features, labels, task, source_probs=source_probs)
+        value = score_estimator(metric, features, labels, task, source_probs=source_probs)
         seconds[metric] = time.perf_counter() - began
         scores[metric] = None if value is None else float(value)
         if value is None:
@@ -210,7 +209,7 @@ def bootstrap_metric(metric: str, scored: dict[str, np.ndarray], labels: np.ndar
                      ) -> tuple[dict[str, Any], int]:
     """Paired bootstrap of one metric over the models in `scored` (features, or source probabilities for LEEP/NCE):
     (bootstrap_scores' result, resamples used)."""
-    from workers.ranking import LogMEMetric, RidgeLOOMetric, bootstrap_scores, logme_projected, score_metric
+    from workers.ranking import LogMEMetric, RidgeLOOMetric, bootstrap_scores, logme_projected, score_estimator
 
     if metric in ("logme", "logme_projected"):
         if metric == "logme_projected":
@@ -228,9 +227,9 @@ def bootstrap_metric(metric: str, scored: dict[str, np.ndarray], labels: np.ndar
     else:
         def metric_fn(values: np.ndarray, target: np.ndarray) -> float:
             if metric in ("leep", "nce"):
-                value = score_metric(metric, None, target, task, source_probs=values)
+                value = score_estimator(metric, None, target, task, source_probs=values)
             else:
-                value = score_metric(metric, values, target, task)
+                value = score_estimator(metric, values, target, task)
             return np.nan if value is None else float(value)
         n_boot = bootstrap_count(requested, point_seconds)
     return bootstrap_scores(metric_fn, scored, labels, n_boot=n_boot, seed=seed), n_boot
@@ -270,54 +269,22 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, c
     from workers.ranking import prior_only_evidence
 
     report = progress or (lambda stage, fraction: None)
-    texts, labels = load_dataset(dataset)
+    examples, labels = load_dataset(dataset)
     rows = sample_rows(labels, dataset.task, sample_size, seed)
-    texts, labels = [texts[i] for i in rows], ranking_targets(labels[rows], dataset.task)
-    cache_tag = examples_digest(texts)
-    token_ids = TokenIdsCache(len(texts))  # candidates sharing a tokenizer tokenise once (images do not use it)
+    examples, labels = [examples[i] for i in rows], ranking_targets(labels[rows], dataset.task)
+    extraction = dict(cache_tag=examples_digest(examples), cache_root=cache_root, hf_cache_dir=hf_cache_dir,
+                      max_length=max_length, batch_size=batch_size, device=device, pooling=pooling,
+                      token_ids=TokenIdsCache(len(examples)))  # candidates sharing a tokenizer tokenise once
 
     features_by_model: dict[str, np.ndarray] = {}
     per_model: dict[str, dict[str, Any]] = {}
     for index, model in enumerate(models):
-        start = index / len(models) * 0.85
-        span = 0.85 / len(models)
-        stage = f"features {index + 1}/{len(models)}: {model.name}"
-        report(stage, start)
-        began = time.perf_counter()
-
-        interrupted: list[BaseException] = []  # raised by the progress callback: cancel, lost lease
-
-        def on_batch(done: int, total: int, stage: str = stage, start: float = start, span: float = span,
-                     interrupted: list[BaseException] = interrupted) -> None:
-            try:
-                report(stage, start + span * done / max(total, 1))
-            except BaseException as exc:
-                interrupted.append(exc)
-                raise
-
-        try:
-            result, from_cache = model_features(model, texts, cache_tag, cache_root=cache_root,
-                                                hf_cache_dir=hf_cache_dir, max_length=max_length,
-                                                batch_size=batch_size, device=device, on_batch=on_batch,
-                                                pooling=pooling, token_ids=token_ids)
-        except Exception as exc:
-            if interrupted:
-                raise
-            # One unusable candidate (no tokenizer, not a text model, out of memory) must not sink the others.
-            log.warning("model %s (%s) failed: %r", model.name, model.id, exc)
-            per_model[model.id] = failed_model(metrics, exc, len(texts), time.perf_counter() - began)
-            continue
-        features = np.asarray(result.features, dtype=np.float64)
-        features_by_model[model.id] = features
-        scores, scoring = score_model(metrics, features, labels, dataset.task, result.source_probs)
-        per_model[model.id] = {
-            "scores": scores, "notes": scoring["notes"], "score_seconds": scoring["score_seconds"],
-            "source_probs": result.source_probs,
-            "feature_seconds": 0.0 if from_cache else float(result.total_seconds),
-            "details": {"feature_dim": int(features.shape[1]), "rows": len(texts), "features_cached": from_cache,
-                        "forward_seconds": 0.0 if from_cache else float(result.forward_seconds),
-                        "wall_seconds": time.perf_counter() - began},
-        }
+        where = (index / len(models) * 0.85, 0.85 / len(models))  # its part of the progress scale
+        features, per_model[model.id] = _score_candidate(
+            model, f"features {index + 1}/{len(models)}: {model.name}", where, examples, labels, dataset.task,
+            metrics, report, extraction)
+        if features is not None:
+            features_by_model[model.id] = features
 
     failures = {m.name: per_model[m.id]["details"]["error"] for m in models if "error" in per_model[m.id]["details"]}
     if len(failures) == len(models):
@@ -327,8 +294,60 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, c
     # highest first; a model without a primary score (not applicable, or failed) after every scored one
     order = sorted(models, key=lambda m: np.inf if per_model[m.id]["scores"][primary] is None
                    else -per_model[m.id]["scores"][primary])
-    intervals: dict[str, dict[str, list[float]]] = {m.id: {} for m in models}
-    p_better: dict[str, dict[str, float | None]] = {m.id: {} for m in models}
+    num_classes = len(dataset.label_names or []) if dataset.task == "classification" else None
+    uncertainty = _uncertainty(order, per_model, features_by_model, metrics, labels, dataset.task,
+                               num_classes=num_classes, bootstrap_samples=bootstrap_samples, seed=seed)
+    prior = prior_only_evidence(labels, dataset.task) if "logme" in metrics else None
+    ranked = [_ranked_model(position, model, per_model[model.id], uncertainty, prior)
+              for position, model in enumerate(order, start=1)]
+    report("ranked", 1.0)
+    return ranked
+
+
+def _score_candidate(model: ModelSpec, stage: str, where: tuple[float, float], examples: Examples,
+                     labels: np.ndarray, task: str, metrics: list[str], report: Progress,
+                     extraction: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """One candidate's features (None if it failed) and its ranking record: scores, notes, timings, details.
+    where: (start, span) of its extraction on the progress scale."""
+    start, span = where
+    report(stage, start)
+    began = time.perf_counter()
+    interrupted: list[BaseException] = []  # raised by the progress callback: cancel, lost lease
+
+    def on_batch(done: int, total: int) -> None:
+        try:
+            report(stage, start + span * done / max(total, 1))
+        except BaseException as exc:
+            interrupted.append(exc)
+            raise
+
+    try:
+        result, from_cache = model_features(model, examples, on_batch=on_batch, **extraction)
+    except Exception as exc:
+        if interrupted:
+            raise
+        # One unusable candidate (no tokenizer, not a text model, out of memory) must not sink the others.
+        log.warning("model %s (%s) failed: %r", model.name, model.id, exc)
+        return None, failed_model(metrics, exc, len(examples), time.perf_counter() - began)
+    features = np.asarray(result.features, dtype=np.float64)
+    scores, scoring = score_model(metrics, features, labels, task, result.source_probs)
+    return features, {
+        "scores": scores, "notes": scoring["notes"], "score_seconds": scoring["score_seconds"],
+        "source_probs": result.source_probs,
+        "feature_seconds": 0.0 if from_cache else float(result.total_seconds),
+        "details": {"feature_dim": int(features.shape[1]), "rows": len(examples), "features_cached": from_cache,
+                    "forward_seconds": 0.0 if from_cache else float(result.forward_seconds),
+                    "wall_seconds": time.perf_counter() - began},
+    }
+
+
+def _uncertainty(order: list[ModelSpec], per_model: dict[str, dict[str, Any]],
+                 features_by_model: dict[str, np.ndarray], metrics: list[str], labels: np.ndarray, task: str, *,
+                 num_classes: int | None, bootstrap_samples: int, seed: int) -> dict[str, Any]:
+    """Per metric, the paired bootstrap over the models it scored: {"intervals": {model: {metric: [lo, hi]}},
+    "p_better": {model: {metric: P(better than the next one down)}}, "resamples": {metric: count}}."""
+    intervals: dict[str, dict[str, list[float]]] = {m.id: {} for m in order}
+    p_better: dict[str, dict[str, float | None]] = {m.id: {} for m in order}
     resamples: dict[str, int] = {}
     for metric in metrics:
         # LEEP/NCE read the model's own head; the others read its features.
@@ -339,27 +358,25 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, c
             continue
 
         slowest = max(per_model[model_id]["score_seconds"][metric] for model_id in scored)
-        num_classes = len(dataset.label_names or []) if dataset.task == "classification" else None
-        boot, n_boot = bootstrap_metric(metric, scored, labels, dataset.task, num_classes=num_classes,
+        boot, n_boot = bootstrap_metric(metric, scored, labels, task, num_classes=num_classes,
                                         requested=bootstrap_samples, point_seconds=slowest, seed=seed)
         resamples[metric] = n_boot
         for model_id, interval in boot["intervals"].items():
             intervals[model_id][metric] = [float(interval[0]), float(interval[1])]
         for model_id, probability in boot["p_better_than_next"].items():
             p_better[model_id][metric] = None if probability is None else float(probability)
+    return {"intervals": intervals, "p_better": p_better, "resamples": resamples}
 
-    prior = prior_only_evidence(labels, dataset.task) if "logme" in metrics else None
-    ranked: list[RankedModel] = []
-    for position, model in enumerate(order, start=1):
-        info = per_model[model.id]
-        details = dict(info["details"], intervals=intervals[model.id], p_better_than_next=p_better[model.id],
-                       bootstrap_resamples=resamples, score_seconds=info["score_seconds"])
-        if info["notes"]:
-            details["notes"] = info["notes"]
-        if prior is not None:
-            logme_score = info["scores"].get("logme")
-            details["logme_prior_only"] = float(prior)
-            details["beats_prior"] = bool(logme_score is not None and logme_score > prior)
-        ranked.append(RankedModel(model.id, model.name, position, info["scores"], info["feature_seconds"], details))
-    report("ranked", 1.0)
-    return ranked
+
+def _ranked_model(position: int, model: ModelSpec, info: dict[str, Any], uncertainty: dict[str, Any],
+                  prior: float | None) -> RankedModel:
+    details = dict(info["details"], intervals=uncertainty["intervals"][model.id],
+                   p_better_than_next=uncertainty["p_better"][model.id], bootstrap_resamples=uncertainty["resamples"],
+                   score_seconds=info["score_seconds"])
+    if info["notes"]:
+        details["notes"] = info["notes"]
+    if prior is not None:
+        logme_score = info["scores"].get("logme")
+        details["logme_prior_only"] = float(prior)
+        details["beats_prior"] = bool(logme_score is not None and logme_score > prior)
+    return RankedModel(model.id, model.name, position, info["scores"], info["feature_seconds"], details)

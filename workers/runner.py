@@ -1,7 +1,9 @@
-"""Run one phase of one job: claim the row, keep its lease alive, call the pipeline, record the result.
+"""Run one phase of one job: claim the row, keep its lease alive, read its inputs, call the phase, record the result.
 
-This is the only worker code that touches the database. Results are written in the same transaction as the final
-status, guarded by the worker's token, so a job re-run after a crash ends with one ranking, never two.
+This is the only worker code that touches the database: it reads the job, its dataset, candidates and ranking into
+plain data (workers/phases/inputs.py), the phase functions (workers/phases/rank.py, tune.py) compute and return
+their results, and those are written here in the same transaction as the final status, guarded by the worker's
+token, so a job re-run after a crash ends with one ranking (one set of checkpoints), never two.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from sqlalchemy.orm import sessionmaker
 
 from service import jobs as job_states
 from service.contract import JobPhase, JobStatus
-from service.db import Dataset, HubModel, Job, RankingEntry, session_factory, utcnow
+from service.db import Checkpoint, Dataset, HubModel, Job, RankingEntry, ranking_rows, session_factory, utcnow
 from service.settings import Settings, get_settings
+from workers.phases.inputs import FeatureSettings, RankedCandidate, RankInput, TuneDataset, TuneInput
+from workers.phases.rank import run_rank
+from workers.pipeline import DatasetSpec, ModelSpec
 
 log = logging.getLogger("hubtune.runner")
 
@@ -33,7 +38,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
         return self
 
@@ -71,67 +76,80 @@ class ProgressReporter:
         job_states.report_progress(self.sessions, self.job_id, self.token, stage, fraction)
 
 
-def feature_batch_size(settings: Settings) -> int:
-    from workers.features import pick_device
+def model_spec(model: HubModel) -> ModelSpec:
+    """What the pipeline needs of a catalog entry."""
+    return ModelSpec(model.id, model.name, model.source, model.locator, model.revision)
 
-    on_gpu = pick_device(settings.device).startswith("cuda")
-    return settings.feature_batch_size_gpu if on_gpu else settings.feature_batch_size
+
+def dataset_spec(dataset: Dataset) -> DatasetSpec:
+    return DatasetSpec(path=Path(dataset.storage_path), task=dataset.task, label_names=dataset.label_names)
 
 
 def _load(sessions: sessionmaker, job_id: str) -> tuple[Job, Dataset, list[HubModel]]:
+    """The job, its dataset and its candidate models that still exist, in the job's order."""
     with sessions() as session:
         job = session.get(Job, job_id)
         dataset = session.get(Dataset, job.dataset_id)
         models = {m.id: m for m in session.execute(select(HubModel).where(HubModel.id.in_(job.candidates))).scalars()}
-        return job, dataset, [models[i] for i in job.candidates if i in models]
+        candidates = [models[i] for i in job.candidates if i in models]
+    if not candidates:
+        raise ValueError("none of the job's candidate models exist any more")
+    return job, dataset, candidates
 
 
-def _rank_phase(sessions: sessionmaker, job: Job, dataset: Dataset, models: list[HubModel], token: str,
-                progress: ProgressReporter, settings: Settings) -> None:
-    from workers import pipeline
-
-    dataset_spec = pipeline.DatasetSpec(path=Path(dataset.storage_path), task=dataset.task,
-                                        label_names=dataset.label_names)
-    model_specs = [pipeline.ModelSpec(m.id, m.name, m.source, m.locator, m.revision) for m in models]
-    common = dict(cache_root=settings.features_dir, hf_cache_dir=settings.hf_cache_dir,
-                  seed=job.options.get("seed", 0), max_length=settings.feature_max_length,
-                  pooling=job.options.get("pooling", "mean"),
-                  batch_size=feature_batch_size(settings), device=settings.device,
-                  bootstrap_samples=settings.bootstrap_samples, progress=progress)
-    summary = None
-    halving = job.options.get("successive_halving")
-    if halving:
-        from workers.halving import rank_successive_halving
-
-        result = rank_successive_halving(dataset_spec, model_specs, job.metrics[0], **halving, **common)
-        ranked = result.ranking
-        summary = {key: value for key, value in result.to_dict().items() if key != "ranking"}
-        summary["mode"] = "successive_halving"
-    else:
-        ranked = pipeline.rank(dataset_spec, model_specs, job.metrics, sample_size=job.options.get("sample_size"),
-                               **common)
+def _rank(sessions: sessionmaker, job_id: str, token: str, progress: ProgressReporter, settings: Settings) -> None:
+    job, dataset, models = _load(sessions, job_id)
+    inputs = RankInput(dataset=dataset_spec(dataset), models=[model_spec(m) for m in models], metrics=job.metrics,
+                       options=job.options, features=FeatureSettings.from_settings(settings),
+                       bootstrap_samples=settings.bootstrap_samples)
+    outcome = run_rank(inputs, progress)
     tuning_next = job.tune is not None
     with sessions.begin() as session:
         session.execute(delete(RankingEntry).where(RankingEntry.job_id == job.id))
         session.add_all(RankingEntry(job_id=job.id, model_id=r.model_id, rank=r.rank, scores=r.scores,
-                                     details=r.details, feature_seconds=r.feature_seconds) for r in ranked)
+                                     details=r.details, feature_seconds=r.feature_seconds) for r in outcome.ranking)
         if tuning_next:
-            job_states.finish(session, job.id, token, status=JobStatus.QUEUED, phase=JobPhase.TUNE, stage="ranked; waiting to tune",
-                              progress=0.0, ranking_summary=summary)
+            job_states.finish(session, job.id, token, status=JobStatus.QUEUED, phase=JobPhase.TUNE,
+                              stage="ranked; waiting to tune", progress=0.0, ranking_summary=outcome.summary)
         else:
             job_states.finish(session, job.id, token, status=JobStatus.SUCCEEDED, stage="done", progress=1.0,
-                              finished_at=utcnow(), ranking_summary=summary)
+                              finished_at=utcnow(), ranking_summary=outcome.summary)
     if tuning_next:
         from workers.celery_app import make_celery
 
         job_states.enqueue(sessions, job_states.celery_sender(make_celery(settings)), job.id, JobPhase.TUNE)
 
 
-def _tune_phase(sessions: sessionmaker, job: Job, dataset: Dataset, models: list[HubModel], token: str,
-                progress: ProgressReporter, settings: Settings) -> None:
-    from workers.tune_runner import run_tuning
+def _tune_input(sessions: sessionmaker, job_id: str, settings: Settings) -> TuneInput:
+    job, dataset, _ = _load(sessions, job_id)
+    with sessions() as session:
+        rows = ranking_rows(session, job_id)
+        ranking = [RankedCandidate(model_spec(model), entry.scores, (entry.details or {}).get("error") or None)
+                   for entry, model in rows]
+    # the columns say what the checkpoint reads: a text, a pair for tokenizer(text, text_pair), or images
+    columns = {"text": dataset.text_column, "text_pair": dataset.text_pair_column, "image": dataset.image_column,
+               "label": dataset.label_column}
+    data = TuneDataset(spec=dataset_spec(dataset), sha256=dataset.sha256,
+                       columns={k: v for k, v in columns.items() if v is not None})
+    return TuneInput(job_id=job.id, spec=job.tune or {}, pooling=job.options.get("pooling", "mean"), dataset=data,
+                     ranking=ranking, features=FeatureSettings.from_settings(settings),
+                     job_dir=settings.jobs_dir / job.id)
 
-    run_tuning(sessions, job, dataset, token, progress, settings)
+
+def _tune(sessions: sessionmaker, job_id: str, token: str, progress: ProgressReporter, settings: Settings) -> None:
+    from workers.phases.tune import run_tune
+    from workers.tuning import TuningCancelled
+
+    try:
+        outcome = run_tune(_tune_input(sessions, job_id, settings), progress)
+    except TuningCancelled as exc:
+        raise job_states.JobCancelled(job_id) from exc
+    with sessions.begin() as session:
+        session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id))
+        session.add_all(Checkpoint(job_id=job_id, name=c.name, model_id=c.model_id, path=str(c.path), files=c.files)
+                        for c in outcome.checkpoints)
+        job_states.finish(session, job_id, token, status=JobStatus.SUCCEEDED, stage="done", progress=1.0,
+                          tuning=outcome.tuning, finished_at=utcnow())
 
 
 def run_phase(job_id: str, phase: str, settings: Settings | None = None) -> str:
@@ -145,11 +163,8 @@ def run_phase(job_id: str, phase: str, settings: Settings | None = None) -> str:
     with Heartbeat(sessions, job_id, token, settings) as heartbeat:
         progress = ProgressReporter(sessions, job_id, token, heartbeat)
         try:
-            job, dataset, models = _load(sessions, job_id)
-            if not models:
-                raise ValueError("none of the job's candidate models exist any more")
-            run = _rank_phase if phase == JobPhase.RANK else _tune_phase
-            run(sessions, job, dataset, models, token, progress, settings)
+            run = _rank if phase == JobPhase.RANK else _tune
+            run(sessions, job_id, token, progress, settings)
             return "done"
         except job_states.LeaseLost:
             log.warning("job %s: lease lost to another worker; dropping this attempt", job_id)

@@ -1,4 +1,4 @@
-"""Write Fashion-MNIST as zips of class folders: the image dataset the service, the README example and
+"""Write Fashion-MNIST as zips of class folders: the image dataset the service, the docs/datasets.md example and
 benchmarks/image_ranking.py read.
 
 Debian's dataset-fashion-mnist package holds the IDX files (60k train, 10k test, 28×28 grayscale, 10 classes); it
@@ -7,7 +7,7 @@ This takes `--rows` train images, class-stratified (seed `--seed`), as PNGs in o
 (`shapes/<class>/<index>.png` style: `fashion/<class>/<split>-<index>.png`), and with `--test-rows` the same from the
 test split into a second zip.
 
-    python -m benchmarks.fashion_mnist --package PKG --out /tmp/fm/fashion1000.zip --rows 1000
+    python -m benchmarks.data.fashion_mnist --package PKG --out /tmp/fm/fashion1000.zip --rows 1000
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+from workers.sampling import stratified_sample
 
 # Folder names: the dataset's class names with "/" and spaces replaced.
 CLASSES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot")
@@ -52,12 +54,8 @@ def load_split(package: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def stratified(labels: np.ndarray, rows: int, seed: int) -> np.ndarray:
-    """`rows` indices with equal shares per class (Fashion-MNIST is balanced), shuffled."""
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    quota = [rows // len(classes) + (1 if i < rows % len(classes) else 0) for i in range(len(classes))]
-    chosen = [rng.choice(np.flatnonzero(labels == c), size=q, replace=False) for c, q in zip(classes, quota)]
-    return rng.permutation(np.concatenate(chosen))
+    """`rows` indices with class shares as in `labels` (equal shares: Fashion-MNIST is balanced), shuffled."""
+    return stratified_sample(labels, rows, seed, shuffle=True)
 
 
 def png_bytes(image: np.ndarray) -> bytes:

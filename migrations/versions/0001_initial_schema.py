@@ -1,13 +1,13 @@
 """initial schema
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-24 22:18:14.232851
 """
-from alembic import op
 import sqlalchemy as sa
-import service.db
+from alembic import op
 
+import service.db
 
 revision = '0001'
 down_revision = None

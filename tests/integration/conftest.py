@@ -89,7 +89,8 @@ class Stack:
         env = dict(self.env, HUBTUNE_URL=self.url)
         if key:
             env["HUBTUNE_API_KEY"] = key
-        return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=self.cwd or REPO, env=env, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=self.cwd or REPO, env=env,
+                              capture_output=True,
                               text=True, timeout=timeout)
 
     def create_key(self, name: str) -> str:

@@ -225,7 +225,7 @@ def test_text_pair_flow(stack: Stack, tiny_hub: dict[str, Path]) -> None:
                           timeout=30)
     rng = random.Random(0)
     rows = []
-    for i in range(72):
+    for _ in range(72):
         first, second = rng.choice(list(TOPICS)), rng.choice(list(TOPICS))
         rows.append({"question": " ".join(rng.choice(TOPICS[first].split()) for _ in range(6)),
                      "passage": " ".join(rng.choice(TOPICS[second].split()) for _ in range(9)),

@@ -29,7 +29,8 @@ def test_btuning_and_finetune_checkpoints(stack: Stack, client_and_dataset, tmp_
     bad = client.post("/v1/jobs", json={"dataset_id": dataset["id"],
                                         "tune": {"regularizer": {"name": "l2sp", "params": {"alpha": -1}}}})
     assert bad.status_code == 422 and bad.json()["field"] == "tune.regularizer.params.alpha", bad.text
-    bad = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "tune": {"strategy": "btuning", "tradeoff": "big"}})
+    bad = client.post("/v1/jobs", json={"dataset_id": dataset["id"],
+                                        "tune": {"strategy": "btuning", "tradeoff": "big"}})
     assert bad.status_code == 422 and bad.json()["field"] == "tune.tradeoff" and "auto" in bad.json()["detail"]
     # the tradeoff chosen between two values by trial runs on the training split
     tune = {"strategy": "btuning", "top_k": 2, "epochs": 1, "lr": 1e-3, "batch_size": 16, "max_length": 32,

@@ -29,7 +29,8 @@ def imports_of(path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             names = [base] + [f"{base}.{alias.name}" for alias in node.names]
         else:
             continue
@@ -103,3 +104,20 @@ def test_contract_imports_nothing_from_the_workers() -> None:
     assert contract
     for name in contract:
         assert not any(dep.startswith("workers") for dep in graph[name]), name
+
+
+MAX_FUNCTION_LINES = 80
+LONG_REASON = "# long:"  # on the line above a longer def: why it stays in one piece
+
+
+def test_no_function_is_longer_than_80_lines_without_a_reason() -> None:
+    too_long = []
+    for name, path in modules().items():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                if length > MAX_FUNCTION_LINES and LONG_REASON not in lines[first - 2]:
+                    too_long.append(f"{name}.{node.name}: {length} lines")
+    assert too_long == []

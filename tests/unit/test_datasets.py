@@ -14,8 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 from starlette.datastructures import Headers, UploadFile
 
-from service.datasets import (DatasetProblem, ParsedDataset, detect_format, parse_dataset, read_normalized,
-                              stream_upload_to_disk, write_normalized)
+from service.datasets import (
+    DatasetProblem,
+    ParsedDataset,
+    detect_format,
+    parse_dataset,
+    read_normalized,
+    stream_upload_to_disk,
+    write_normalized,
+)
 
 
 def write(tmp_path: Path, name: str, content: str | bytes) -> Path:

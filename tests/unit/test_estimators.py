@@ -5,7 +5,7 @@ import pytest
 import scipy.linalg as sla
 
 from workers.ranking.estimators import (
-    METRICS,
+    ESTIMATORS,
     gbc,
     gmm_posteriors,
     hscore,
@@ -14,7 +14,7 @@ from workers.ranking.estimators import (
     leep,
     nce,
     nleep,
-    score_metric,
+    score_estimator,
     sfda,
     transrate,
 )
@@ -192,33 +192,34 @@ def test_gmm_recovers_separated_blobs_and_nleep_orders_cases():
 
 
 def test_registry_and_not_applicable():
-    assert set(METRICS) == {"logme", "logme_projected", "ridge_loo", "hscore", "hscore_shrinkage", "nleep", "gbc", "transrate", "sfda", "leep", "nce"}
-    assert METRICS["leep"].needs_source_head and METRICS["nce"].needs_source_head
-    assert not METRICS["hscore"].needs_source_head
-    assert METRICS["logme"].applies_to("regression") and not METRICS["gbc"].applies_to("regression")
+    assert set(ESTIMATORS) == {"logme", "logme_projected", "ridge_loo", "hscore", "hscore_shrinkage", "nleep", "gbc",
+                            "transrate", "sfda", "leep", "nce"}
+    assert ESTIMATORS["leep"].needs_source_head and ESTIMATORS["nce"].needs_source_head
+    assert not ESTIMATORS["hscore"].needs_source_head
+    assert ESTIMATORS["logme"].applies_to("regression") and not ESTIMATORS["gbc"].applies_to("regression")
     rng = np.random.default_rng(6)
     f = rng.normal(size=(40, 4))
     y = rng.integers(0, 2, 40)
-    assert score_metric("leep", f, y, "classification") is None  # no source head
-    assert score_metric("leep", None, Y4, "classification", source_probs=THETA) == pytest.approx(leep(THETA, Y4))
-    assert score_metric("hscore", f, f[:, 0], "regression") is None
-    assert score_metric("hscore", f, np.zeros(40, int), "classification") is None  # one class
-    assert score_metric("hscore", f, y, "classification") == pytest.approx(hscore(f, y))
-    assert isinstance(score_metric("logme", f, f[:, 0], "regression"), float)
+    assert score_estimator("leep", f, y, "classification") is None  # no source head
+    assert score_estimator("leep", None, Y4, "classification", source_probs=THETA) == pytest.approx(leep(THETA, Y4))
+    assert score_estimator("hscore", f, f[:, 0], "regression") is None
+    assert score_estimator("hscore", f, np.zeros(40, int), "classification") is None  # one class
+    assert score_estimator("hscore", f, y, "classification") == pytest.approx(hscore(f, y))
+    assert isinstance(score_estimator("logme", f, f[:, 0], "regression"), float)
     with pytest.raises(KeyError):
-        score_metric("nope", f, y, "classification")
+        score_estimator("nope", f, y, "classification")
 
 
 @pytest.mark.parametrize("metric", ["logme", "logme_projected", "ridge_loo", "hscore", "hscore_shrinkage", "nleep",
                                     "gbc", "transrate", "sfda"])
 def test_scores_do_not_depend_on_the_units_of_the_features(metric: str) -> None:
     """A model's score must not change when its features are multiplied by a constant: a randomly initialised
-    MobileNetV2 outputs features of size 1e-22, decoders can reach 1e3. Before score_metric rescaled them, NLEEP
+    MobileNetV2 outputs features of size 1e-22, decoders can reach 1e3. Before score_estimator rescaled them, NLEEP
     raised LinAlgError at 1e8, TransRate went 70 -> 0 at 1e-22 and logme_projected 0.60 -> -0.59."""
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 200)
     features = rng.normal(size=(200, 64)) + np.eye(4)[labels] @ rng.normal(size=(4, 64))
-    scores = [score_metric(metric, features * scale, labels, "classification") for scale in (1.0, 1e-22, 1e-8, 1e8)]
+    scores = [score_estimator(metric, features * scale, labels, "classification") for scale in (1.0, 1e-22, 1e-8, 1e8)]
     np.testing.assert_allclose(scores, scores[0], rtol=1e-9, atol=1e-12)
 
 

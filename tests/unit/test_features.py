@@ -13,15 +13,15 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from tests.tiny_models import make_tiny_bert, make_tiny_llama, make_tiny_t5  # noqa: E402
-from workers import features as feat  # noqa: E402
 from workers.features import (  # noqa: E402
     FeatureCache,
     FeatureExtractionCancelled,
-    cached_extract,
+    FeatureResult,  # noqa: E402
     extract_features,
     length_batches,
     padded_tokens,
 )
+from workers.features import text as feat  # noqa: E402
 
 WORDS = ("the game was won by the team and the market for shares in the bank grew while the film star won an award "
          "for music as the government minister called an election and the party vote on software for mobile phone "
@@ -285,9 +285,19 @@ def test_cache_round_trip_and_no_forward_pass_on_hit(bert_dir: Path, tmp_path: P
     assert cache.load(key) is None
 
     loads: list[Path] = []
-    real_load = feat._load
-    monkeypatch.setattr(feat, "_load", lambda d, dev: loads.append(d) or real_load(d, dev))
+    real_load = feat.load_text_model
+    monkeypatch.setattr(feat, "load_text_model", lambda d, dev: loads.append(d) or real_load(d, dev))
     texts = mixed_texts(6, seed=7)
+
+    def cached_extract(cache: FeatureCache, key: str, folder: Path, texts: list[str]) -> tuple[FeatureResult, bool]:
+        """What workers.pipeline.model_features does around extract_features."""
+        cached = cache.load(key)
+        if cached is not None:
+            return cached, True
+        result = extract_features(folder, texts)
+        cache.save(key, result)
+        return result, False
+
     first, hit = cached_extract(cache, key, bert_dir, texts)
     assert not hit and len(loads) == 1
     second, hit = cached_extract(cache, key, bert_dir, texts)
@@ -483,9 +493,9 @@ def test_a_pair_template_with_nothing_between_gets_a_separator(bert_dir: Path) -
 def test_a_model_with_one_token_type_reads_pairs_without_token_type_ids(tmp_path: Path) -> None:
     """RoBERTa-like configs hold one token type: the tokenizer's type 1 for the second text would index past it
     (IndexError before), so such a model reads pairs as ids alone, in features and tuning alike."""
-    from tests.tiny_models import make_tiny_roberta
-    from workers.tuning.loop import TextDataset, train
     from service.contract.tuning import TuneConfig
+    from tests.tiny_models import make_tiny_roberta
+    from workers.tuning.loop import ExampleDataset, train
 
     folder = make_tiny_roberta(tmp_path / "roberta")
     pairs = pairs_of(6, seed=8)
@@ -497,7 +507,7 @@ def test_a_model_with_one_token_type_reads_pairs_without_token_type_ids(tmp_path
         expected = [model(input_ids=tokenizer(a, b, truncation=True, max_length=32, return_tensors="pt")["input_ids"]
                           ).last_hidden_state[0].mean(0).numpy() for a, b in pairs]
     np.testing.assert_allclose(result.features, np.stack(expected), atol=1e-5, rtol=1e-4)
-    data = TextDataset(pairs, np.arange(6) % 2)
+    data = ExampleDataset(pairs, np.arange(6) % 2)
     tuned = train(TuneConfig(epochs=1, lr=1e-3, batch_size=4, max_length=32, device="cpu", save_every_steps=0),
                   folder, data, data, "classification", ["a", "b"], None, None)
     assert tuned.metrics["accuracy"] is not None

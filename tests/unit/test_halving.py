@@ -202,8 +202,8 @@ def test_confidence_one_eliminates_nothing_and_equals_full_rank(setup: dict, tmp
 def test_a_rank_job_tokenises_each_text_once_for_candidates_sharing_a_tokenizer(
         setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tokenised: list[int] = []
-    real_encode = features_module.encode
-    monkeypatch.setattr(features_module, "encode",
+    real_encode = features_module.text.encode
+    monkeypatch.setattr(features_module.text, "encode",
                         lambda tok, texts, length: tokenised.append(len(texts)) or real_encode(tok, texts, length))
     ranking = rank(setup["dataset"], setup["models"], ["logme"], cache_root=tmp_path / "cache",
                    hf_cache_dir=setup["root"] / "hf")
@@ -304,13 +304,13 @@ def test_the_first_metric_orders_the_ranking_and_the_prior_check_comes_with_logm
         setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import workers.ranking as ranking_module
 
-    real = ranking_module.score_metric
+    real = ranking_module.score_estimator
 
     def reversed_ridge(name, features, labels, task, **kwargs):  # type: ignore[no-untyped-def]
         value = real(name, features, labels, task, **kwargs)
         return 1.0 - value if name == "ridge_loo" else value  # so that its order is not LogME's
 
-    monkeypatch.setattr(ranking_module, "score_metric", reversed_ridge)
+    monkeypatch.setattr(ranking_module, "score_estimator", reversed_ridge)
     kwargs = dict(cache_root=tmp_path / "cache", hf_cache_dir=setup["root"] / "hf", bootstrap_samples=0)
     by_ridge = rank(setup["dataset"], setup["models"], ["ridge_loo", "logme"], **kwargs)
     by_logme = rank(setup["dataset"], setup["models"], ["logme", "ridge_loo"], **kwargs)

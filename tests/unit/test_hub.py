@@ -192,7 +192,7 @@ def test_mobilenet_v2_conversion_reproduces_torchvision(tmp_path: Path) -> None:
     from PIL import Image
     from transformers import AutoModelForImageClassification
 
-    from service.api import read_model_config
+    from service.catalog import read_model_config
     from workers.features import extract_image_features
 
     info, built = prepare_hub.build_model(prepare_hub.MOBILENET_V2, tmp_path)

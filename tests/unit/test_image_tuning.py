@@ -11,17 +11,18 @@ import numpy as np
 import pytest
 import torch
 
+from service.contract.tuning import TuneConfig
 from tests.tiny_models import make_tiny_clip, make_tiny_mobilenet, make_tiny_vit
 from workers.tuning.btuning import BTuningTeacher
-from workers.tuning.loop import TextDataset, train
-from service.contract.tuning import TuneConfig
+from workers.tuning.data import ExampleDataset
+from workers.tuning.loop import train
 
 torch.set_num_threads(1)
 TINTS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
 NAMES = list(TINTS)
 
 
-def colours(n: int, seed: int) -> TextDataset:
+def colours(n: int, seed: int) -> ExampleDataset:
     """Noisy 32×32 PNGs whose class is their tint: learnable in a few dozen steps."""
     from PIL import Image
 
@@ -34,7 +35,7 @@ def colours(n: int, seed: int) -> TextDataset:
         Image.fromarray(pixels).save(out, format="PNG")
         files.append(out.getvalue())
         labels.append(label)
-    return TextDataset(files, np.array(labels))
+    return ExampleDataset(files, np.array(labels))
 
 
 TRAIN, VAL = colours(48, 1), colours(24, 2)
@@ -72,7 +73,7 @@ def test_vit_learns_reproducibly_and_its_checkpoint_loads(vit_with_source_head, 
     model = AutoModelForImageClassification.from_pretrained(folder).eval()
     processor = AutoImageProcessor.from_pretrained(folder)
     with torch.no_grad():
-        pixels = processor(images=decode_images(VAL.texts), return_tensors="pt")["pixel_values"]
+        pixels = processor(images=decode_images(VAL.examples), return_tensors="pt")["pixel_values"]
         predicted = model(pixel_values=pixels).logits.argmax(-1).numpy()
     assert float((predicted == VAL.labels).mean()) == pytest.approx(first.metrics["accuracy"])
 
@@ -83,9 +84,9 @@ def test_cnn_with_l2sp_and_regression(tmp_path) -> None:
     result = train(config(regularizer="l2sp", epochs=2), folder, TRAIN, VAL, "classification", NAMES,
                    tmp_path / "c" / "ckpt", tmp_path / "c" / "state")
     assert np.isfinite(result.metrics["val_loss"])
-    brightness = TextDataset(TRAIN.texts, TRAIN.labels.astype(np.float64) - 1.0)
-    regression = train(config(epochs=1), folder, brightness, TextDataset(VAL.texts, VAL.labels - 1.0), "regression",
-                       None, tmp_path / "r" / "ckpt", tmp_path / "r" / "state")
+    brightness = ExampleDataset(TRAIN.examples, TRAIN.labels.astype(np.float64) - 1.0)
+    regression = train(config(epochs=1), folder, brightness, ExampleDataset(VAL.examples, VAL.labels - 1.0),
+                       "regression", None, tmp_path / "r" / "ckpt", tmp_path / "r" / "state")
     assert np.isfinite(regression.metrics["rmse"])
 
 
@@ -144,13 +145,13 @@ def test_training_features_are_the_features_ranking_read(kind, pooling, tmp_path
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     from workers.features import extract_image_features
-    from workers.tuning.loop import _Pixels
+    from workers.tuning.batches import EncodedImages as _Pixels
     from workers.tuning.regularizers import StepContext, pooled_features
 
     folder = {"vit": lambda: make_tiny_vit(tmp_path / "m", num_labels=5, seed=4),
               "cnn": lambda: make_tiny_mobilenet(tmp_path / "m", seed=4),
               "clip": lambda: make_tiny_clip(tmp_path / "m", seed=4)}[kind]()
-    images = VAL.texts[:6]
+    images = VAL.examples[:6]
     ranked = extract_image_features(folder, images, device="cpu", pooling=pooling).features
     model = AutoModelForImageClassification.from_pretrained(folder, num_labels=3, ignore_mismatched_sizes=True)
     batch = _Pixels(AutoImageProcessor.from_pretrained(folder), images, np.zeros(6, dtype=int), "RGB").batch(
@@ -167,7 +168,7 @@ def test_btuning_tunes_an_image_model(tmp_path) -> None:
     from workers.ranking import logme
 
     folders = [make_tiny_vit(tmp_path / "vit", seed=5), make_tiny_mobilenet(tmp_path / "cnn", seed=6)]
-    feats = [extract_image_features(f, TRAIN.texts, device="cpu").features.astype(np.float64) for f in folders]
+    feats = [extract_image_features(f, TRAIN.examples, device="cpu").features.astype(np.float64) for f in folders]
     fits = [logme(f, TRAIN.labels, num_classes=3) for f in feats]
     teacher = BTuningTeacher(feats, [r.weights for r in fits], [r.score for r in fits],
                              student_weights=fits[0].weights, names=["vit", "cnn"])
@@ -200,12 +201,12 @@ def test_every_regularizer_tunes_an_image_model(image_models, kind, regularizer,
 def test_a_pixel_perturbation_reaches_the_model(image_models) -> None:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from workers.tuning.loop import _Pixels
+    from workers.tuning.batches import EncodedImages as _Pixels
     from workers.tuning.regularizers import StepContext
 
     folder = image_models["cnn"]
     model = AutoModelForImageClassification.from_pretrained(folder, num_labels=3).eval()
-    batch = _Pixels(AutoImageProcessor.from_pretrained(folder), VAL.texts[:4], np.zeros(4, dtype=int), "RGB").batch(
+    batch = _Pixels(AutoImageProcessor.from_pretrained(folder), VAL.examples[:4], np.zeros(4, dtype=int), "RGB").batch(
         torch.arange(4), torch.device("cpu"), "classification")
     ctx = StepContext(model, batch, "classification")
     with torch.no_grad():

@@ -100,7 +100,7 @@ def test_cancel_queued_and_running(sessions) -> None:
 
 
 def test_api_process_never_imports_torch() -> None:
-    code = ("import sys, service.api, service.cli, service.client, workers.celery_app; "
+    code = ("import sys, service.app, service.catalog, service.cli, service.client, workers.celery_app; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -9,7 +9,6 @@ from scipy.stats import multivariate_normal
 
 from workers.ranking import logme, prior_only_evidence
 
-
 # ---------- independent references (written for the tests; no code shared with the module) ----------
 
 def brute_evidence(f, y, alpha, beta):
@@ -137,7 +136,8 @@ def test_alpha_beta_are_stationary():
     h = 1e-4
     for k in range(3):
         la, lb = np.log(res.alpha[k]), np.log(res.beta[k])
-        ev = lambda a, b: closed_form(f, yt[:, k], np.exp(a), np.exp(b))
+        def ev(a, b, k=k):
+            return closed_form(f, yt[:, k], np.exp(a), np.exp(b))
         g_a = (ev(la + h, lb) - ev(la - h, lb)) / (2 * h)
         g_b = (ev(la, lb + h) - ev(la, lb - h)) / (2 * h)
         assert abs(g_a) < 1e-5 * n and abs(g_b) < 1e-5 * n
@@ -201,7 +201,8 @@ def test_prior_only_evidence_is_the_maximised_bias_only_marginal_likelihood():
     ones = np.ones((40, 1))
     per = []
     for k in range(3):
-        nll = lambda p: -closed_form(ones, yt[:, k], np.exp(p[0]), np.exp(p[1]))
+        def nll(p, k=k):
+            return -closed_form(ones, yt[:, k], np.exp(p[0]), np.exp(p[1]))
         best = optimize.minimize(nll, x0=[0.0, 1.0], method="Nelder-Mead",
                                  options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 5000})
         per.append(-best.fun / 40)
@@ -278,7 +279,7 @@ def occam_case(seed):
 
 @pytest.mark.parametrize("seed", [1, 2, 4, 5])
 def test_projected_logme_fixes_the_occam_failure(seed):
-    from workers.ranking.logme import logme_projected
+    from workers.ranking.logme_variants import logme_projected
 
     f, narrow, y = occam_case(seed)
     prior = prior_only_evidence(y)
@@ -297,7 +298,7 @@ def test_projected_logme_fixes_the_occam_failure(seed):
 
 
 def test_projected_logme_keeps_cases_logme_already_gets_right():
-    from workers.ranking.logme import logme_projected
+    from workers.ranking.logme_variants import logme_projected
 
     rng = np.random.default_rng(11)
     n = 3000
@@ -322,7 +323,7 @@ def test_projected_logme_intercept_lets_every_model_fit_the_class_prior_alike(se
     prior through its constant direction for free; centred wide features with a real but weak class signal
     cannot fit it at all without a bias, and plain LogME scores them below the uninformative model and below the
     prior. With the intercept, the uninformative model scores the prior baseline and the signal wins."""
-    from workers.ranking.logme import logme_projected
+    from workers.ranking.logme_variants import logme_projected
 
     rng = np.random.default_rng(seed)
     n = 200
@@ -365,7 +366,9 @@ def test_grid_start_lands_next_to_the_optimum_newton_finds(seed):
     the optimum is inside the grid, the start must be within one grid step of it (the profile is that function).
     Refined by the root of phi through three grid points it lands within a few hundredths, typically ~0.002 (a
     parabola through the profile alone: 0.02-0.2, median 0.05), which is what saves Newton an evaluation."""
-    from workers.ranking.logme import _grid_start, _solve, _spectrum_numpy
+    from workers.ranking.logme import spectrum as _spectrum_numpy
+    from workers.ranking.logme_solvers import grid_start as _grid_start
+    from workers.ranking.logme_solvers import solve as _solve
 
     rng = np.random.default_rng(seed)
     n, d, c = (200, 40, 5) if seed % 2 else (60, 80, 3)  # both spectrum modes (gram_d, gram_n)
@@ -414,7 +417,7 @@ def test_finds_the_global_maximum_when_the_evidence_has_two(seed):
 def test_many_classes_class_sum_path_equals_the_dense_targets(n, d):
     """From SPARSE_ONE_HOT_CLASSES classes on, F^T Y is formed as per-class row sums; the same one-hot rows given as
     multi-label targets take the dense product: the two must agree."""
-    from workers.ranking.logme import SPARSE_ONE_HOT_CLASSES
+    from workers.ranking.targets import SPARSE_ONE_HOT_CLASSES
 
     rng = np.random.default_rng(n)
     c = SPARSE_ONE_HOT_CLASSES + 4
@@ -431,7 +434,7 @@ def test_leave_one_out_terms_match_the_gaussian_process_at_the_optimum(n: int, d
     """Each row's LOO log predictive density, from LogME's eigen-data, against the textbook GP formulas with an
     explicit inverse of C = F F^T / alpha + I / beta (mean y_i - [C^-1 y]_i / [C^-1]_ii, variance 1 / [C^-1]_ii),
     both when N > D (F^T F route) and N < D (F F^T route)."""
-    from workers.ranking.logme import logme_loo_terms
+    from workers.ranking.logme_variants import logme_loo_terms
 
     rng = np.random.default_rng(n + d)
     features = rng.standard_normal((n, d))

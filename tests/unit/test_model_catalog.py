@@ -1,4 +1,4 @@
-"""What the API records about a local model folder at registration (service.api.read_model_config; no torch)."""
+"""What the API records about a local model folder at registration (service.catalog.read_model_config; no torch)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service.api import Problem, model_modality, read_model_config
+from service.catalog import ModelFolderProblem as Problem
+from service.catalog import model_modality, read_model_config
 
 
 def folder_with(tmp_path: Path, config: dict, *files: str) -> Path:

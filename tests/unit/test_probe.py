@@ -49,7 +49,8 @@ def test_matches_brute_force_leave_one_out(task, n, d):
         expected = 2 * tp / (2 * tp + fp + fn)
     else:
         expected = 1 - np.sum((pred[:, 0] - labels) ** 2) / np.sum((labels - labels.mean()) ** 2)
-    assert res.score == pytest.approx(expected, abs=1e-7)  # the brute force solves ill-conditioned systems at small strengths
+    # the brute force solves ill-conditioned systems at small strengths
+    assert res.score == pytest.approx(expected, abs=1e-7)
 
 
 def test_picks_the_best_strength_of_its_grid():

@@ -15,17 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.contract.tuning import REGULARIZER_PARAMS, TuneConfig, resolve_regularizer
 from tests.tiny_models import make_tiny_bert
 from workers.tuning.btuning import BTuningLoss, BTuningTeacher, btuning_penalty, distillation_target, teacher_weights
-from service.contract.tuning import REGULARIZER_PARAMS, TuneConfig, resolve_regularizer
 from workers.tuning.regularizers import (
+    L2SP,
     LNSR,
     NFM,
     R3F,
     SMART,
     VAT,
     HyPe,
-    L2SP,
     MixLinear,
     SelfLabeling,
     SetupInfo,

@@ -54,7 +54,8 @@ def test_best_trial_by_held_out_loss_then_the_tasks_metric_then_the_smaller_trad
     trials = [{"tradeoff": 0.1, "accuracy": 0.8, "val_loss": 0.5}, {"tradeoff": 1.0, "accuracy": 0.9, "val_loss": 0.7},
               {"tradeoff": 10.0, "accuracy": 0.9, "val_loss": 0.6}]
     assert best_trial(trials, "classification")["tradeoff"] == 0.1  # the loss decides, not the coarse accuracy
-    same_loss = [{"tradeoff": 0.1, "accuracy": 0.8, "val_loss": 0.6}, {"tradeoff": 1.0, "accuracy": 0.9, "val_loss": 0.6}]
+    same_loss = [{"tradeoff": 0.1, "accuracy": 0.8, "val_loss": 0.6},
+                 {"tradeoff": 1.0, "accuracy": 0.9, "val_loss": 0.6}]
     assert best_trial(same_loss, "classification")["tradeoff"] == 1.0
     tied = [{"tradeoff": 1.0, "accuracy": 0.9, "val_loss": 0.6}, {"tradeoff": 0.1, "accuracy": 0.9, "val_loss": 0.6}]
     assert best_trial(tied, "classification")["tradeoff"] == 0.1
@@ -71,7 +72,7 @@ def test_trials_use_the_training_split_only_and_the_best_held_out_tradeoff_wins(
     real_train = loop.train
 
     def spy(cfg, model_dir, train_set, val_set, *args, **kwargs):
-        calls.append({"tradeoff": cfg.tradeoff, "train": list(train_set.texts), "val": list(val_set.texts),
+        calls.append({"tradeoff": cfg.tradeoff, "train": list(train_set.examples), "val": list(val_set.examples),
                       "checkpoint_dir": kwargs.get("checkpoint_dir")})
         return real_train(cfg, model_dir, train_set, val_set, *args, **kwargs)
 
@@ -86,8 +87,8 @@ def test_trials_use_the_training_split_only_and_the_best_held_out_tradeoff_wins(
     assert len(seen) == 1 and np.array_equal(seen[0], fit_rows)
     assert [c["tradeoff"] for c in calls] == [0.0, 1000.0]
     for call in calls:
-        assert call["train"] == [TRAIN.texts[i] for i in fit_rows]
-        assert call["val"] == [TRAIN.texts[i] for i in held_rows]
+        assert call["train"] == [TRAIN.examples[i] for i in fit_rows]
+        assert call["val"] == [TRAIN.examples[i] for i in held_rows]
         assert call["checkpoint_dir"] is None  # nothing written for a trial
     assert selection["rows"] == {"train": len(fit_rows), "validation": len(held_rows)}
     assert {p[0] for p in points} == {0, 1}
@@ -113,7 +114,7 @@ def test_trials_use_the_training_split_only_and_the_best_held_out_tradeoff_wins(
 
 def test_no_trials_when_nothing_can_be_held_out_or_one_value_is_given(bert_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("no trial should run"))
-    one_each = type(TRAIN)(TRAIN.texts[:2], np.asarray(TRAIN.labels)[:2])  # one example per class
+    one_each = type(TRAIN)(TRAIN.examples[:2], np.asarray(TRAIN.labels)[:2])  # one example per class
     picked = choose_tradeoff(config(strategy="btuning"), bert_dir, one_each, "classification", NAMES,
                              misleading_teacher, TRADEOFF_GRID, tmp_path / "a")
     assert picked["chosen"] == 1.0 and picked["trials"] == [] and "too small" in picked["reason"]
@@ -129,11 +130,11 @@ def test_no_trials_when_the_trials_rows_give_no_teacher(bert_dir, tmp_path, monk
     from workers.tuning.btuning import fit_teacher
 
     monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("no trial should run"))
-    n = len(TRAIN.texts)
+    n = len(TRAIN.examples)
     _, held_rows = split_rows(np.zeros((n, 2)), "multilabel", 0.2, seed=0)  # random rows: labels do not matter
     labels = np.zeros((n, 2))
     labels[held_rows[:2], 0] = labels[held_rows[2:4], 1] = 1
-    sparse = type(TRAIN)(TRAIN.texts, labels)
+    sparse = type(TRAIN)(TRAIN.examples, labels)
     features = np.random.default_rng(0).normal(size=(n, 8))
 
     def make_teacher(rows: np.ndarray) -> BTuningTeacher:

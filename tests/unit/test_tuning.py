@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from service.contract.tuning import TuneConfig
 from tests.tiny_models import make_tiny_bert, make_tiny_llama, make_tiny_t5
 from workers.tuning.btuning import BTuningTeacher
 from workers.tuning.checkpoint import list_files
-from workers.tuning.loop import STATE_FILE, TextDataset, TuningCancelled, train
-from service.contract.tuning import TuneConfig
+from workers.tuning.data import ExampleDataset
+from workers.tuning.loop import STATE_FILE, TuningCancelled, train
 
 torch.set_num_threads(1)
 
@@ -21,7 +22,7 @@ SPORT = "game match team win player season goal".split()
 MONEY = "market shares bank profit company economy price".split()
 
 
-def toy(n: int, seed: int) -> TextDataset:
+def toy(n: int, seed: int) -> ExampleDataset:
     """Two classes told apart by their words: linearly separable, learnable in a few dozen steps."""
     rng = np.random.default_rng(seed)
     texts, labels = [], []
@@ -29,7 +30,7 @@ def toy(n: int, seed: int) -> TextDataset:
         words = SPORT if i % 2 == 0 else MONEY
         texts.append(" ".join(rng.choice(words, 6)))
         labels.append(i % 2)
-    return TextDataset(texts, np.array(labels))
+    return ExampleDataset(texts, np.array(labels))
 
 
 TRAIN, VAL = toy(64, 1), toy(32, 2)
@@ -129,7 +130,7 @@ def test_checkpoint_loads_offline_and_predicts(baseline, monkeypatch):
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert model.config.id2label == {0: "sport", 1: "business"} and model.config.label2id["business"] == 1
-    enc = tokenizer(VAL.texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    enc = tokenizer(VAL.examples, padding=True, truncation=True, max_length=16, return_tensors="pt")
     with torch.no_grad():
         pred = model(**enc).logits.argmax(-1).numpy()
     assert float(np.mean(pred == VAL.labels)) == result.metrics["accuracy"]
@@ -149,7 +150,7 @@ def test_tiny_llama_trains_and_its_checkpoint_predicts(tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
     assert model.config.pad_token_id == tokenizer.pad_token_id is not None
-    enc = tokenizer(VAL.texts[:4], padding=True, return_tensors="pt")
+    enc = tokenizer(VAL.examples[:4], padding=True, return_tensors="pt")
     with torch.no_grad():
         assert model(**enc).logits.shape == (4, 2)
 
@@ -169,7 +170,7 @@ def test_an_encoder_decoder_tunes_with_embedding_and_layer_regularizers(tmp_path
     assert np.isfinite(result.metrics["val_loss"])
 
     model = AutoModelForSequenceClassification.from_pretrained(t5, num_labels=2).eval()
-    enc = AutoTokenizer.from_pretrained(t5)(VAL.texts[:3], padding=True, return_tensors="pt")
+    enc = AutoTokenizer.from_pretrained(t5)(VAL.examples[:3], padding=True, return_tensors="pt")
     ctx = StepContext(model, {**enc, "labels": torch.tensor([0, 1, 0]), "index": torch.arange(3)}, "classification")
     with torch.no_grad():
         clean, _ = ctx.clean_forward()
@@ -180,7 +181,7 @@ def test_an_encoder_decoder_tunes_with_embedding_and_layer_regularizers(tmp_path
 
 def test_btuning_and_a_regularizer_run_through_the_loop(bert_dir, tmp_path):
     rng = np.random.default_rng(0)
-    n, c = len(TRAIN.texts), 2
+    n, c = len(TRAIN.examples), 2
     onehot = np.eye(c)[TRAIN.labels]
     feats = [onehot @ rng.normal(size=(c, 8)) + 0.1 * rng.normal(size=(n, 8)) for _ in range(3)]
     ms = [np.linalg.lstsq(f, onehot, rcond=None)[0].T for f in feats]  # (C, D_k) linear readouts
@@ -212,13 +213,14 @@ def test_btuning_distils_regression_and_multilabel_targets(task, bert_dir, tmp_p
     rng = np.random.default_rng(0)
     # two informative teachers (features that carry the target) and the student's own pretrained features
     feats = [y2 @ rng.normal(size=(y2.shape[1], 8)) + 0.1 * rng.normal(size=(len(y2), 8)) for _ in range(2)]
-    student = extract_features(bert_dir, TRAIN.texts, device="cpu", max_length=16).features.astype(np.float64)
+    student = extract_features(bert_dir, TRAIN.examples, device="cpu", max_length=16).features.astype(np.float64)
     fits = [logme(f, fit_targets, task) for f in feats]
     teacher = BTuningTeacher(feats, [r.weights for r in fits], [r.score for r in fits],
                              student_weights=logme(student, fit_targets, task).weights)
-    assert teacher.target.shape == (len(TRAIN.texts), fit_targets.shape[1] if fit_targets.ndim == 2 else 1)
-    result = train(config(strategy="btuning", epochs=4), bert_dir, TextDataset(TRAIN.texts, y_train),
-                   TextDataset(VAL.texts, y_val), task, None, tmp_path / "ckpt", tmp_path / "state", teacher=teacher)
+    assert teacher.target.shape == (len(TRAIN.examples), fit_targets.shape[1] if fit_targets.ndim == 2 else 1)
+    result = train(config(strategy="btuning", epochs=4), bert_dir, ExampleDataset(TRAIN.examples, y_train),
+                   ExampleDataset(VAL.examples, y_val), task, None, tmp_path / "ckpt", tmp_path / "state",
+                   teacher=teacher)
     # the distillation term (total - task loss) is in the loss and is what training reduces: with this random tiny
     # BERT, AdamW's steps on the backbone follow it rather than the task (the head reads [CLS] through the pooler,
     # not the mean-pooled features distilled), so the task itself is learnt only by fine-tuning here
@@ -238,8 +240,8 @@ def test_regression_far_from_zero_trains_standardised_and_the_checkpoint_predict
     results = {}
     for offset in (0.0, 1000.0):
         y_train, y_val = TRAIN.labels * 4.0 + offset, VAL.labels * 4.0 + offset
-        results[offset] = train(config(epochs=6), folder, TextDataset(TRAIN.texts, y_train),
-                                TextDataset(VAL.texts, y_val), "regression", None, tmp_path / f"c{offset}",
+        results[offset] = train(config(epochs=6), folder, ExampleDataset(TRAIN.examples, y_train),
+                                ExampleDataset(VAL.examples, y_val), "regression", None, tmp_path / f"c{offset}",
                                 tmp_path / f"s{offset}")
     near, far = results[0.0], results[1000.0]
     assert far.metrics["r2"] > 0.9, far.metrics  # raw targets: R^2 about -60000 (the head starts at 0)
@@ -247,7 +249,7 @@ def test_regression_far_from_zero_trains_standardised_and_the_checkpoint_predict
     tuned = AutoModelForSequenceClassification.from_pretrained(tmp_path / "c1000.0").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "c1000.0")
     with torch.no_grad():
-        out = torch.cat([tuned(**tokenizer([t], return_tensors="pt")).logits for t in VAL.texts]).numpy()[:, 0]
+        out = torch.cat([tuned(**tokenizer([t], return_tensors="pt")).logits for t in VAL.examples]).numpy()[:, 0]
     out = out + np.asarray(getattr(tuned.config, "hubtune_target_offset", [0.0]))[0]
     rmse = float(np.sqrt(np.mean((out - (VAL.labels * 4.0 + 1000.0)) ** 2)))
     assert rmse == pytest.approx(far.metrics["rmse"], rel=1e-3, abs=1e-3)
@@ -258,11 +260,12 @@ def test_regression_far_from_zero_trains_standardised_and_the_checkpoint_predict
 def test_multilabel_and_regression_report_their_metrics(bert_dir, tmp_path):
     y_multi = np.stack([TRAIN.labels, 1 - TRAIN.labels, np.ones_like(TRAIN.labels)], 1)
     v_multi = np.stack([VAL.labels, 1 - VAL.labels, np.ones_like(VAL.labels)], 1)
-    multi = train(config(epochs=2), bert_dir, TextDataset(TRAIN.texts, y_multi), TextDataset(VAL.texts, v_multi),
-                  "multilabel", ["a", "b", "c"], tmp_path / "m", tmp_path / "sm")
+    multi = train(config(epochs=2), bert_dir, ExampleDataset(TRAIN.examples, y_multi),
+                  ExampleDataset(VAL.examples, v_multi), "multilabel", ["a", "b", "c"], tmp_path / "m", tmp_path / "sm")
     assert set(multi.metrics) == {"val_loss", "micro_f1", "macro_f1", "ece"}
-    reg = train(config(epochs=2), bert_dir, TextDataset(TRAIN.texts, TRAIN.labels * 2.0 - 1.0),
-                TextDataset(VAL.texts, VAL.labels * 2.0 - 1.0), "regression", None, tmp_path / "r", tmp_path / "sr")
+    reg = train(config(epochs=2), bert_dir, ExampleDataset(TRAIN.examples, TRAIN.labels * 2.0 - 1.0),
+                ExampleDataset(VAL.examples, VAL.labels * 2.0 - 1.0), "regression", None, tmp_path / "r",
+                tmp_path / "sr")
     assert set(reg.metrics) == {"val_loss", "rmse", "r2"}
     assert reg.metrics["rmse"] < 1.0  # better than predicting 0 for targets of +-1
     data = json.loads((tmp_path / "sr" / "result.json").read_text())
@@ -288,7 +291,7 @@ def test_max_length_beyond_the_models_positions_is_capped(bert_dir, tmp_path):
     """The API accepts max_length up to 8192; a 256-position BERT fed 600-token texts at max_length 1024 overflowed
     its position embeddings at the first step. The loop reads what the model can, as ranking does."""
     texts = [" ".join(["game" if i % 2 else "bank"] * 600) for i in range(16)]
-    data = TextDataset(texts, np.arange(16) % 2)
+    data = ExampleDataset(texts, np.arange(16) % 2)
     result = train(config(epochs=1, max_length=1024), bert_dir, data, data, "classification", NAMES,
                    tmp_path / "ckpt", tmp_path / "state")
     assert result.details["max_length"] == 256 and np.isfinite(result.metrics["val_loss"])
@@ -300,7 +303,7 @@ def test_an_empty_validation_split_tunes_and_reports_no_scores(task, bert_dir, t
     empty. The tokenizer failed on an empty list; now the run finishes with val_loss None (regression folds its
     target scale on a training batch)."""
     y = TRAIN.labels if task == "classification" else TRAIN.labels * 3.0 + 50.0
-    result = train(config(epochs=1), bert_dir, TextDataset(TRAIN.texts, y), TextDataset([], y[:0]), task,
+    result = train(config(epochs=1), bert_dir, ExampleDataset(TRAIN.examples, y), ExampleDataset([], y[:0]), task,
                    NAMES if task == "classification" else None, tmp_path / "ckpt", tmp_path / "state")
     assert result.metrics == {"val_loss": None}
     assert (tmp_path / "ckpt" / "model.safetensors").is_file()
@@ -311,30 +314,30 @@ def test_text_pairs_train_as_the_tokenizers_pair_and_the_checkpoint_predicts_pai
     token type ids, the tuned checkpoint predicts from tokenizer(a, b) what the loop measured."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from workers.tuning.loop import _Encoded
+    from workers.tuning.batches import EncodedTexts as _Encoded
 
-    def pairs(n: int, seed: int) -> TextDataset:
+    def pairs(n: int, seed: int) -> ExampleDataset:
         rng = np.random.default_rng(seed)
         texts, labels = [], []
-        for i in range(n):
+        for _ in range(n):
             first, second = (SPORT, MONEY)[rng.integers(2)], (SPORT, MONEY)[rng.integers(2)]
             texts.append((" ".join(rng.choice(first, 4)), " ".join(rng.choice(second, 4))))
             labels.append(int(first is second))
-        return TextDataset(texts, np.array(labels))
+        return ExampleDataset(texts, np.array(labels))
 
     train_set, val_set = pairs(96, 1), pairs(32, 2)
     tokenizer = AutoTokenizer.from_pretrained(bert_dir)
-    encoded = _Encoded(tokenizer, train_set.texts, train_set.labels, max_length=16)
-    first = tokenizer(*train_set.texts[0], truncation=True, max_length=16)
+    encoded = _Encoded(tokenizer, train_set.examples, train_set.labels, max_length=16)
+    first = tokenizer(*train_set.examples[0], truncation=True, max_length=16)
     assert encoded.input_ids[0] == first["input_ids"] and encoded.token_type_ids[0] == first["token_type_ids"]
     assert max(first["token_type_ids"]) == 1
     result = train(config(epochs=20, max_length=16), bert_dir, train_set, val_set, "classification", ["no", "yes"],
                    tmp_path / "ckpt", tmp_path / "state")
     assert result.metrics["accuracy"] >= 0.9, result.metrics  # the pair is read together (chance is ~0.5)
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt").eval()
-    enc = AutoTokenizer.from_pretrained(tmp_path / "ckpt")([a for a, _ in val_set.texts], [b for _, b in val_set.texts],
-                                                           padding=True, truncation=True, max_length=16,
-                                                           return_tensors="pt")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    enc = tokenizer([a for a, _ in val_set.examples], [b for _, b in val_set.examples], padding=True,
+                    truncation=True, max_length=16, return_tensors="pt")
     with torch.no_grad():
         pred = model(**enc).logits.argmax(-1).numpy()
     assert float(np.mean(pred == val_set.labels)) == result.metrics["accuracy"]

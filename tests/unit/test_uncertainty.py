@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from workers.ranking.estimators import hscore
-from workers.ranking.logme import logme, logme_influence, logme_weighted
+from workers.ranking.logme import logme
+from workers.ranking.logme_variants import logme_influence, logme_weighted
 from workers.ranking.uncertainty import LogMEMetric, bootstrap_scores
 
 
@@ -95,7 +96,7 @@ def test_projected_logme_interval_is_of_logmes_width_and_holds_its_score():
     # Wide features with an 8-d signal. Refitting the choice of k on bootstrap resamples (repeated rows) gave
     # intervals ~50x wider than LogME's, e.g. [-1.27, 0.62] around -0.34; the choice is now held fixed.
     from workers.pipeline import bootstrap_metric
-    from workers.ranking import score_metric
+    from workers.ranking.estimators import score_estimator
 
     n, d, c = 300, 384, 5
     y = np.arange(n) % c
@@ -111,7 +112,7 @@ def test_projected_logme_interval_is_of_logmes_width_and_holds_its_score():
     assert resamples == 200
     for name, f in scored.items():
         low, high = projected["intervals"][name]
-        assert low <= score_metric("logme_projected", f, y, "classification") <= high
+        assert low <= score_estimator("logme_projected", f, y, "classification") <= high
         plain_low, plain_high = plain["intervals"][name]
         assert high - low < 3 * (plain_high - plain_low)
     assert projected["p_better_than_next"]["a"] > 0.95

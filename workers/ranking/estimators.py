@@ -8,21 +8,21 @@ Formulas and reference implementations (read, not copied): TLlib tllib/ranking/{
 transrate}.py; google-research stable_transfer/transferability/{gbc,nleep}.py; TencentARC/SFDA
 metrics.py. Deviations from those references are stated in each docstring.
 
-`METRICS` is the registry the pipeline uses; `score_metric` returns None where a metric does not
-apply (wrong task, no source head, too few classes), never a made-up number.
+`ESTIMATORS` is the registry the pipeline uses; `score_estimator` returns None where an estimator does
+not apply (wrong task, no source head, too few classes), never a made-up number. (workers/tuning/evaluation.py is
+another thing: the accuracy and F1 of a tuned model.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import scipy.linalg as sla
 from scipy.special import logsumexp, softmax
 
-from service.contract import ESTIMATORS
-
+from service.contract import ESTIMATORS as CONTRACT_ESTIMATORS
 
 # ---------------------------------------------------------------- helpers
 
@@ -58,7 +58,7 @@ def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
     mu = np.trace(s) / d
     x2 = x * x
     # beta: estimated variance of the entries of S; delta: distance of S from mu I
-    beta_ = np.sum((x2.T @ x2)) / n - np.sum(s * s)
+    beta_ = np.sum(x2.T @ x2) / n - np.sum(s * s)
     beta = beta_ / (d * n)
     delta = (np.sum(s * s) - 2 * mu * np.trace(s) + d * mu * mu) / d
     beta = min(beta, delta)
@@ -302,7 +302,7 @@ def nleep(features: np.ndarray, labels: np.ndarray, *, components_per_class: int
 # ---------------------------------------------------------------- registry
 
 @dataclass(frozen=True)
-class Metric:
+class Estimator:
     """An estimator of the contract (service.contract.ESTIMATORS: its name and tasks) with its function."""
 
     name: str
@@ -312,6 +312,7 @@ class Metric:
     higher_is_better: bool = True
 
     def applies_to(self, task: str) -> bool:
+        """Whether the estimator is defined for this task."""
         return task in self.tasks
 
     @property
@@ -327,7 +328,7 @@ def _logme_score(features: np.ndarray, labels: np.ndarray, task: str) -> float:
 
 
 def _logme_projected_score(features: np.ndarray, labels: np.ndarray, task: str) -> float:
-    from workers.ranking.logme import logme_projected
+    from workers.ranking.logme_variants import logme_projected
 
     return logme_projected(features, labels, task).score
 
@@ -344,13 +345,13 @@ _FUNCTIONS: dict[str, Callable[..., float]] = {
     "sfda": sfda, "leep": leep, "nce": nce,
 }
 # One entry per estimator of the contract; a name without a function fails here, at import.
-METRICS: dict[str, Metric] = {name: Metric(name, info.tasks, info.needs_source_head, _FUNCTIONS[name])
-                              for name, info in ESTIMATORS.items()}
+ESTIMATORS: dict[str, Estimator] = {name: Estimator(name, info.tasks, info.needs_source_head, _FUNCTIONS[name])
+                                    for name, info in CONTRACT_ESTIMATORS.items()}
 
 
 # Estimators with an absolute constant (NLEEP's covariance regulariser 1e-6, GBC's variance floor 1e-4, TransRate's
 # eps 1e-4, SFDA's exp(-5·eigenvalue) shrinkage) whose scores change with the units a model outputs in: a randomly
-# initialised MobileNetV2 returns features of size 1e-22, some decoders 1e3. score_metric hands them features
+# initialised MobileNetV2 returns features of size 1e-22, some decoders 1e3. score_estimator hands them features
 # divided by their root-mean-square entry; the published functions stay as published. LogME, its projected form
 # (see logme_projected), ridge_loo and the H-scores are invariant to the scale already.
 SCALE_DEPENDENT = frozenset({"nleep", "gbc", "transrate", "sfda"})
@@ -363,20 +364,24 @@ def unit_rms(features: np.ndarray) -> np.ndarray:
     return f / rms if np.isfinite(rms) and rms > 0 else f
 
 
-def score_metric(name: str, features: np.ndarray | None, labels: np.ndarray, task: str,
-                 source_probs: np.ndarray | None = None) -> float | None:
-    """Score one metric, or None when it does not apply (task, missing source head, < 2 classes)."""
-    metric = METRICS.get(name)
-    if metric is None:
-        raise KeyError(f"unknown metric {name!r}; known: {sorted(METRICS)}")
-    if not metric.applies_to(task):
+def score_estimator(name: str, features: np.ndarray | None, labels: np.ndarray, task: str,
+                    source_probs: np.ndarray | None = None) -> float | None:
+    """Score one estimator, or None when it does not apply (task, missing source head, < 2 classes)."""
+    estimator = ESTIMATORS.get(name)
+    if estimator is None:
+        raise KeyError(f"unknown metric {name!r}; known: {sorted(ESTIMATORS)}")
+    if not estimator.applies_to(task):
         return None
-    if metric.task_aware:
-        return metric.fn(features, labels, task)
+    if estimator.task_aware:
+        return estimator.fn(features, labels, task)
     if len(np.unique(np.asarray(labels))) < 2:
         return None
-    if metric.needs_source_head:
+    if estimator.needs_source_head:
         if source_probs is None:
             return None
-        return metric.fn(source_probs, labels)
-    return metric.fn(unit_rms(features) if name in SCALE_DEPENDENT else features, labels)
+        return estimator.fn(source_probs, labels)
+    return estimator.fn(unit_rms(features) if name in SCALE_DEPENDENT else features, labels)
+
+
+# The old names, for the callers not renamed yet (workers/pipeline.py, workers/halving.py, benchmarks/): remove
+# them with the last of those.

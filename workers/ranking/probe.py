@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workers.ranking.logme import make_targets
+from workers.ranking.targets import make_targets
 
 # Ridge strengths tried, as multiples of the mean non-zero eigenvalue of the centred Gram matrix.
 RELATIVE_STRENGTHS = 10.0 ** np.arange(-4.0, 3.5, 1.0)

@@ -20,13 +20,14 @@ rows (a delete-d jackknife), which the default takes below 100 rows when N <= D 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from workers.ranking.logme import logme, logme_influence, logme_loo_terms, logme_weighted
+from workers.ranking.logme import logme
+from workers.ranking.logme_variants import logme_influence, logme_loo_terms, logme_weighted
 from workers.ranking.probe import quality_from_rows, ridge_loo, ridge_loo_rows
-
 
 # Below this many rows, and with no more rows than feature dimensions, LogME's intervals come from subsample refits.
 SUBSAMPLE_BELOW_ROWS = 100
@@ -52,13 +53,13 @@ class LogMEMetric:
     one eigendecomposition per resample. When N > D it is far too wide for narrow features (5-10x the real spread
     of a 32-d model's score on Austen at 50-400 rows). Its spread and the leave-one-out one agree within about 10% on
     Fashion-MNIST (D = 1280) and BBC News (D = 32, 384) at N = 300-1000, at 1/20-1/40 of the time
-    (benchmarks/results/logme_intervals.md).
+    (benchmarks/RESULTS.md, logme_intervals).
     "refit": exact refits on count-weighted sufficient statistics (`logme_weighted`); only sound when N >> D.
     """
 
     METHODS = ("auto", "influence", "loo", "refit", "subsample")
 
-    def __init__(self, task: str = "classification", method: str = "auto", num_classes: int | None = None):
+    def __init__(self, task: str = "classification", method: str = "auto", num_classes: int | None = None) -> None:
         if method not in self.METHODS:
             raise ValueError(f"method must be one of {', '.join(self.METHODS)}")
         self.task, self.method, self.num_classes = task, method, num_classes
@@ -115,7 +116,7 @@ class RidgeLOOMetric:
 
     method = "loo-rows"
 
-    def __init__(self, task: str = "classification"):
+    def __init__(self, task: str = "classification") -> None:
         self.task = task
 
     def __call__(self, features: np.ndarray, labels: np.ndarray) -> float:
@@ -126,8 +127,8 @@ class RidgeLOOMetric:
         return fit.score, np.array([quality_from_rows(fit.rows, self.task, c) for c in counts])
 
 
-def _resample_counts(labels: np.ndarray | None, n: int, n_boot: int, rng: np.random.Generator,
-                     stratify: bool) -> np.ndarray:
+def resample_counts(labels: np.ndarray | None, n: int, n_boot: int, rng: np.random.Generator,
+                    stratify: bool) -> np.ndarray:
     """(B, N) multinomial counts; stratified by label when asked (each class resampled in itself)."""
     counts = np.zeros((n_boot, n))
     if not stratify:
@@ -141,6 +142,8 @@ def _resample_counts(labels: np.ndarray | None, n: int, n_boot: int, rng: np.ran
     return counts
 
 
+
+
 def bootstrap_scores(
     metric_fn: Callable[[np.ndarray, np.ndarray], float] | Any,
     features_by_model: dict[str, np.ndarray],
@@ -150,7 +153,7 @@ def bootstrap_scores(
     *,
     stratify: bool | None = None,
     level: float = 0.95,
-) -> dict:
+) -> dict[str, Any]:
     """Paired bootstrap of `metric_fn` for several models on the same labelled rows.
 
     Returns {
@@ -159,7 +162,8 @@ def bootstrap_scores(
       "order": models by point score, best first,
       "p_better_than_next": {model: fraction of replicates in which it scores above the next model
                              in that order (ties count 1/2); absent for the last model},
-      "replicates": {model: (B,) array}, "n_boot": B, "method": "auto" | "influence" | "loo" | "refit" | "subsample" | "resample",
+      "replicates": {model: (B,) array}, "n_boot": B,
+      "method": "auto" | "influence" | "loo" | "refit" | "subsample" | "resample",
     }
     stratify defaults to True when labels are 1-D integers (classification).
     """
@@ -168,7 +172,7 @@ def bootstrap_scores(
     if stratify is None:
         stratify = y.ndim == 1 and np.issubdtype(y.dtype, np.integer)
     rng = np.random.default_rng(seed)
-    counts = _resample_counts(y if stratify else None, n, n_boot, rng, stratify)
+    counts = resample_counts(y if stratify else None, n, n_boot, rng, stratify)
 
     point: dict[str, float] = {}
     reps: dict[str, np.ndarray] = {}

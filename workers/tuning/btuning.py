@@ -71,11 +71,11 @@ def distillation_target(features: Sequence[np.ndarray], weights: Sequence[np.nda
     """sum_k pi_k F_k m_k^T (N x C)."""
     if not (len(features) == len(weights) == len(pi)) or len(features) == 0:
         raise ValueError("need the same, non-zero number of teacher features, weights and weights pi")
-    preds = [linear_prediction(f, m) for f, m in zip(features, weights)]
+    preds = [linear_prediction(f, m) for f, m in zip(features, weights, strict=True)]
     shapes = {p.shape for p in preds}
     if len(shapes) != 1:
         raise ValueError(f"teachers disagree on (N, C): {sorted(shapes)}")
-    return sum(float(p_k) * pred for p_k, pred in zip(pi, preds))
+    return sum(float(p_k) * pred for p_k, pred in zip(pi, preds, strict=True))
 
 
 def btuning_penalty(student_features: Tensor, student_weights: Tensor, target: Tensor) -> Tensor:
@@ -115,7 +115,7 @@ class BTuningTeacher:
     @classmethod
     def from_target(cls, target: np.ndarray, student_weights: np.ndarray, scores: Sequence[float],
                     temperature: float = 0.1, names: Sequence[str] | None = None,
-                    pooling: str = "mean") -> "BTuningTeacher":
+                    pooling: str = "mean") -> BTuningTeacher:
         """Rebuild from a stored combined prediction (N x C), e.g. one cached next to the features."""
         self = cls.__new__(cls)
         self.pooling = pooling

@@ -5,11 +5,12 @@ B-Tuning's tradeoff (the weight of the distillation term) is data-dependent: the
 fine-tuning's accuracy and 1 lost 0.13; Fashion-MNIST, MobileNetV2, 800 images: 1 matched fine-tuning). So unless a
 job fixes it, each value of a grid trains the target once on 80% of the training split with the job's own settings,
 is scored by its task loss on the other 20%, and the best is used for the real run on the whole training split
-("auto" tries larger values while the largest tried wins: TRADEOFF_CEILING). The job's validation split is never seen while choosing, so its reported metrics stay honest; the teachers' LogME
-read-outs used for the trials are fitted on the trials' 80% only, or they would carry the held-out labels into the
-distillation target.
+("auto" tries larger values while the largest tried wins: TRADEOFF_CEILING). The job's validation split is never
+seen while choosing, so its reported metrics stay honest; the teachers' LogME read-outs used for the trials are fitted
+on the trials' 80% only, or they would carry the held-out labels into the distillation target.
 
-Importing this module is torch-free (the runner imports split_rows); the trials load the training loop on use.
+Importing this module is torch-free (the tune phase imports split_rows; the rows are drawn by workers.sampling); the
+trials load the training loop on use.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from workers.pipeline import UnscorableTargets
+from workers.sampling import stratified_split
 from workers.tuning.checkpoint import write_json_atomic
 
 # The default grid (tradeoff "auto"): one value per decade from nearly plain fine-tuning up to 10. The reference's 100
@@ -48,21 +50,10 @@ SELECTION_METRIC = {"classification": ("accuracy", True), "multilabel": ("micro_
 
 
 def split_rows(labels: np.ndarray, task: str, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train/validation row indices; stratified by class for classification so every class is validated."""
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    if task == "classification":
-        val: list[int] = []
-        for cls in np.unique(labels):
-            members = rng.permutation(np.flatnonzero(labels == cls))
-            take = int(round(len(members) * validation_fraction))
-            if len(members) > 1:
-                take = min(max(take, 1), len(members) - 1)
-            val.extend(members[:take].tolist())
-        val_idx = np.sort(np.asarray(val, dtype=np.int64))
-    else:
-        val_idx = np.sort(rng.permutation(n)[: max(1, int(round(n * validation_fraction)))])
-    train_idx = np.setdiff1d(np.arange(n), val_idx)
+    """Train/validation row indices (sorted): `validation_fraction` of the rows (at least one) held out, stratified
+    by class for classification so that every class with two or more rows is validated and every class trained."""
+    size = max(1, int(round(len(labels) * validation_fraction)))
+    val_idx, train_idx = stratified_split(labels, size, seed, stratify=task == "classification", minimum=1, keep=1)
     return train_idx, val_idx
 
 
@@ -119,70 +110,107 @@ def choose_tradeoff(config: Any, model_dir: Path, train_set: Any, task: str, lab
     [{tradeoff, <metric>, val_loss, steps, wall_seconds}], "rows": {train, validation}}; or, when no row can be held
     out or the trials' rows give no teacher (multi-label rows without a label, a constant target), FALLBACK_TRADEOFF
     with a "reason"."""
-    from workers.tuning.loop import TextDataset, train
-
     grid = sorted({float(v) for v in grid})
     key = {"grid": grid, "extend_to": extend_to,
            "config": {k: v for k, v in config.to_dict().items() if k not in ("tradeoff", "device")}}
     key = json.loads(json.dumps(key))  # as read back from the file (tuples become lists)
     record_path = Path(work_dir) / SELECTION_FILE
-    done: dict[float, dict[str, Any]] = {}
-    if record_path.is_file():
-        stored = json.loads(record_path.read_text(encoding="utf-8"))
-        if stored.get("key") == key:
-            if stored.get("selection") is not None:
-                return stored["selection"]
-            done = {float(t["tradeoff"]): t for t in stored.get("trials", [])}
+    stored, done = _read_record(record_path, key)
+    if stored is not None:
+        return stored
 
     labels = np.asarray(train_set.labels)
     fit_rows, held_rows = split_rows(labels, task, TRIAL_VALIDATION_FRACTION, config.seed)
     metric = SELECTION_METRIC[task][0]
-    reason = None
-    if len(grid) == 1:
-        reason = "one value given"
-    elif len(held_rows) == 0 or len(fit_rows) == 0:
-        reason = "the training split is too small to hold rows out"
-    else:
-        try:
-            teacher = make_teacher(fit_rows)
-        except UnscorableTargets as exc:
-            # e.g. a multi-label set whose few positive rows all fell in the held-out part: no teacher to trial
-            reason = f"no teacher can be fitted on the trials' {len(fit_rows)} rows: {exc}"
+    teacher, reason = _trial_teacher(grid, fit_rows, held_rows, make_teacher)
     if reason is not None:
         chosen = grid[0] if len(grid) == 1 else FALLBACK_TRADEOFF
         selection: dict[str, Any] = {"chosen": chosen, "grid": grid, "extended": [], "criterion": "val_loss",
                                      "metric": metric, "trials": [], "reason": reason}
     else:
-        def subset(rows: np.ndarray) -> Any:
-            return TextDataset([train_set.texts[i] for i in rows], labels[rows])
-
-        trials: list[dict[str, Any]] = []
-
-        def run_trial(value: float) -> None:
-            index = len(trials)
-            if value in done:  # finished before a restart
-                trials.append(done[value])
-                return
-            trial_config = replace(config, tradeoff=value, save_every_steps=0)
-            progress = None if on_progress is None else (lambda point: on_progress(index, value, point))
-            result = train(trial_config, model_dir, subset(fit_rows), subset(held_rows), task, label_names,
-                           checkpoint_dir=None, state_dir=None, on_progress=progress, teacher=teacher)
-            trials.append({"tradeoff": value, metric: result.metrics.get(metric),
-                           "val_loss": result.metrics.get("val_loss"), "steps": result.steps,
-                           "wall_seconds": round(result.wall_seconds, 3)})
-            write_json_atomic(record_path, {"key": key, "trials": trials, "selection": None})
-
-        for value in grid:
-            run_trial(value)
-        extended: list[float] = []
-        for _ in range(extension_steps(grid, extend_to)):
-            top = max(t["tradeoff"] for t in trials)
-            if best_trial(trials, task)["tradeoff"] != top:
-                break
-            extended.append(float(top * 10))
-            run_trial(extended[-1])
-        selection = {"chosen": best_trial(trials, task)["tradeoff"], "grid": grid, "extended": extended,
-                     "criterion": "val_loss", "metric": metric,
-                     "trials": trials, "rows": {"train": int(len(fit_rows)), "validation": int(len(held_rows))}}
+        trials = _Trials(config, model_dir, train_set, fit_rows, held_rows, task, label_names, teacher, metric,
+                         done, on_progress, lambda tried: write_json_atomic(
+                             record_path, {"key": key, "trials": tried, "selection": None}))
+        extended = trials.run(grid, extension_steps(grid, extend_to))
+        selection = {"chosen": best_trial(trials.done, task)["tradeoff"], "grid": grid, "extended": extended,
+                     "criterion": "val_loss", "metric": metric, "trials": trials.done,
+                     "rows": {"train": int(len(fit_rows)), "validation": int(len(held_rows))}}
     write_json_atomic(record_path, {"key": key, "selection": selection})
     return selection
+
+
+def _read_record(record_path: Path, key: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[float, dict[str, Any]]]:
+    """What an earlier attempt with the same key left: (its selection, or None; its finished trials by tradeoff)."""
+    if not record_path.is_file():
+        return None, {}
+    stored = json.loads(record_path.read_text(encoding="utf-8"))
+    if stored.get("key") != key:
+        return None, {}
+    if stored.get("selection") is not None:
+        return stored["selection"], {}
+    return None, {float(t["tradeoff"]): t for t in stored.get("trials", [])}
+
+
+def _trial_teacher(grid: Sequence[float], fit_rows: np.ndarray, held_rows: np.ndarray,
+                   make_teacher: Callable[[np.ndarray], Any]) -> tuple[Any, str | None]:
+    """(the teacher fitted on the trials' rows, None), or (None, why no trial can run)."""
+    if len(grid) == 1:
+        return None, "one value given"
+    if len(held_rows) == 0 or len(fit_rows) == 0:
+        return None, "the training split is too small to hold rows out"
+    try:
+        return make_teacher(fit_rows), None
+    except UnscorableTargets as exc:
+        # e.g. a multi-label set whose few positive rows all fell in the held-out part: no teacher to trial
+        return None, f"no teacher can be fitted on the trials' {len(fit_rows)} rows: {exc}"
+
+
+class _Trials:
+    """The trial runs of one choice: each trains on the fit rows and is scored on the held-out rows, nothing saved;
+    `record(trials)` after each, so a restarted worker finds the finished ones (`done` at the start)."""
+
+    def __init__(self, config: Any, model_dir: Path, train_set: Any, fit_rows: np.ndarray, held_rows: np.ndarray,
+                 task: str, label_names: list[str] | None, teacher: Any, metric: str,
+                 finished: dict[float, dict[str, Any]],
+                 on_progress: Callable[[int, float, dict[str, Any]], None] | None,
+                 record: Callable[[list[dict[str, Any]]], None]) -> None:
+        from workers.tuning.data import ExampleDataset
+
+        labels = np.asarray(train_set.labels)
+        self.fit, self.held = (ExampleDataset([train_set.examples[i] for i in rows], labels[rows])
+                               for rows in (fit_rows, held_rows))
+        self.config, self.model_dir, self.task, self.label_names = config, model_dir, task, label_names
+        self.teacher, self.metric, self.finished = teacher, metric, finished
+        self.on_progress, self.record = on_progress, record
+        self.done: list[dict[str, Any]] = []
+
+    def run(self, grid: Sequence[float], extensions: int) -> list[float]:
+        """Every value of the grid, then up to `extensions` values ten times the largest while it is the best;
+        returns the values added above the grid."""
+        for value in grid:
+            self.trial(value)
+        extended: list[float] = []
+        for _ in range(extensions):
+            top = max(t["tradeoff"] for t in self.done)
+            if best_trial(self.done, self.task)["tradeoff"] != top:
+                break
+            extended.append(float(top * 10))
+            self.trial(extended[-1])
+        return extended
+
+    def trial(self, value: float) -> None:
+        from workers.tuning import loop  # looked up on each call: tests replace loop.train
+
+        index = len(self.done)
+        if value in self.finished:  # finished before a restart
+            self.done.append(self.finished[value])
+            return
+        on_progress = self.on_progress
+        progress = None if on_progress is None else (lambda point: on_progress(index, value, point))
+        result = loop.train(replace(self.config, tradeoff=value, save_every_steps=0), self.model_dir, self.fit,
+                            self.held, self.task, self.label_names, checkpoint_dir=None, state_dir=None,
+                            on_progress=progress, teacher=self.teacher)
+        self.done.append({"tradeoff": value, self.metric: result.metrics.get(self.metric),
+                          "val_loss": result.metrics.get("val_loss"), "steps": result.steps,
+                          "wall_seconds": round(result.wall_seconds, 3)})
+        self.record(self.done)

@@ -29,7 +29,7 @@ class TargetScale:
     std: np.ndarray  # (T,) float32, 1 where a target is constant
 
     @classmethod
-    def fit(cls, targets: np.ndarray) -> "TargetScale":
+    def fit(cls, targets: np.ndarray) -> TargetScale:
         y = np.asarray(targets, dtype=np.float64).reshape(len(targets), -1)
         std = y.std(axis=0)
         return cls(mean=y.mean(axis=0).astype(np.float32), std=np.where(std > 0, std, 1.0).astype(np.float32))

@@ -1,4 +1,5 @@
-"""Validation metrics of a tuned model from its raw outputs: plain numpy, no torch."""
+"""How well a tuned model does on held-out rows, from its raw outputs (accuracy, F1, calibration, RMSE...): plain
+numpy, no torch. ("Metrics" in the API are the ranking estimators: workers.ranking.)"""
 
 from __future__ import annotations
 

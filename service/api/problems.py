@@ -1,0 +1,121 @@
+"""RFC 9457 problem details: every error the API returns is application/problem+json naming the field (and the
+row, or the file inside a zip) at fault, and /openapi.json documents it so."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.catalog import ModelFolderProblem
+from service.tabular import DatasetProblem
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+class Problem(Exception):
+    """An RFC 9457 problem: rendered as application/problem+json with the field or row at fault."""
+
+    def __init__(self, status: int, title: str, detail: str = "", field: str | None = None, row: int | None = None,
+                 **extra: Any) -> None:
+        super().__init__(detail or title)
+        self.status, self.title, self.detail, self.field, self.row = status, title, detail, field, row
+        self.extra = extra  # further members of the body
+
+
+class FieldError(BaseModel):
+    field: str | None
+    message: str
+
+
+class ProblemDetail(BaseModel):
+    """An error (RFC 9457). Members that do not apply are left out."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    instance: str
+    field: str | None = None
+    row: int | None = None
+    path: str | None = None
+    errors: list[FieldError] | None = None
+
+
+_DESCRIPTIONS = {
+    401: "No API key, or an unknown or revoked one",
+    404: "Not found, or owned by another key",
+    409: "The job has already finished",
+    413: "The upload is larger than HUBTUNE_MAX_UPLOAD_BYTES",
+    415: "Not a file type HubTune reads",
+    422: "Invalid request: `field` (and `row`, `path` for a dataset) names what is wrong",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route that can fail with these statuses."""
+    return {status: {"model": ProblemDetail, "description": _DESCRIPTIONS[status]} for status in statuses}
+
+
+def problem_response(status: int, title: str, detail: str, instance: str, **members: Any) -> JSONResponse:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, "instance": instance}
+    body.update({k: v for k, v in members.items() if v is not None})
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE)
+
+
+async def _problem(request: Request, exc: Problem) -> JSONResponse:
+    return problem_response(exc.status, exc.title, exc.detail, str(request.url.path), field=exc.field, row=exc.row,
+                            **exc.extra)
+
+
+async def _dataset_problem(request: Request, exc: DatasetProblem) -> JSONResponse:
+    return problem_response(exc.status, exc.title, exc.detail, str(request.url.path), field=exc.field, row=exc.row,
+                            path=exc.path)
+
+
+async def _model_folder_problem(request: Request, exc: ModelFolderProblem) -> JSONResponse:
+    return problem_response(exc.status, exc.title, exc.detail, str(request.url.path), field=exc.field)
+
+
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [{"field": ".".join(str(p) for p in e["loc"] if p not in ("body", "query", "path", "form")),
+               "message": e["msg"]} for e in exc.errors()]
+    first = errors[0] if errors else {"field": None, "message": "invalid request"}
+    return problem_response(422, "invalid request", f"{first['field']}: {first['message']}", str(request.url.path),
+                            field=first["field"], errors=errors)
+
+
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return problem_response(exc.status_code, str(exc.detail), str(exc.detail), str(request.url.path))
+
+
+def install_problems(app: FastAPI) -> None:
+    """Render every error as problem+json, and document the error responses with that media type."""
+    app.add_exception_handler(Problem, _problem)
+    app.add_exception_handler(DatasetProblem, _dataset_problem)
+    app.add_exception_handler(ModelFolderProblem, _model_folder_problem)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.openapi = _problem_openapi(app.openapi)  # type: ignore[method-assign]
+
+
+def _problem_openapi(generate: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """FastAPI documents every response model as application/json; errors are application/problem+json."""
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()  # built once, then cached on the app; the renaming below is idempotent
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                for status, response in operation.get("responses", {}).items():
+                    content = response.get("content", {})
+                    if status[:1] in ("4", "5") and "application/json" in content:
+                        content[PROBLEM_MEDIA_TYPE] = content.pop("application/json")
+        return schema
+
+    return openapi

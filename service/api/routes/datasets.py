@@ -1,0 +1,93 @@
+"""Datasets: POST /v1/datasets (an upload, validated and normalised to Parquet), GET /v1/datasets[/{id}]."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import select
+
+from service import datasets as dataset_files
+from service.api.deps import OwnerDep, SessionsDep, SettingsDep, owned_dataset
+from service.api.pages import paginate
+from service.api.problems import Problem, problem_responses
+from service.db import Dataset, new_id
+from service.schemas import DatasetOut, Page
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+
+def dataset_out(d: Dataset) -> DatasetOut:
+    return DatasetOut(id=d.id, filename=d.filename, format=d.format, task=d.task, modality=d.modality, rows=d.rows,
+                      text_column=d.text_column, text_pair_column=d.text_pair_column, image_column=d.image_column,
+                      label_column=d.label_column, label_names=d.label_names, class_counts=d.class_counts,
+                      sha256=d.sha256, size_bytes=d.size_bytes, created_at=d.created_at.isoformat())
+
+
+def check_declared_size(request: Request, max_bytes: int) -> None:
+    """413 for an upload whose Content-Length already exceeds the limit (with 1 MiB for the form around it)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes + 1024 * 1024:
+        raise Problem(413, "file too large", f"the upload is {declared} bytes; the limit is "
+                      f"{max_bytes} (HUBTUNE_MAX_UPLOAD_BYTES)", field="file")
+
+
+@router.post("", status_code=201, responses=problem_responses(401, 413, 415, 422))
+async def upload_dataset(request: Request, settings: SettingsDep, sessions: SessionsDep, who: OwnerDep,
+                         file: Annotated[UploadFile, File()], task: Annotated[str, Form()],
+                         text_column: Annotated[str, Form()] = "text", label_column: Annotated[str, Form()] = "label",
+                         image_column: Annotated[str | None, Form()] = None,
+                         text_pair_column: Annotated[str | None, Form()] = None) -> DatasetOut:
+    """Upload CSV, JSON lines, Parquet or a zip of images; every rejection names the field and row at fault, and
+    leaves nothing stored."""
+    check_declared_size(request, settings.max_upload_bytes)
+    dataset_id = new_id()
+    scratch = settings.datasets_dir / f".upload-{uuid.uuid4().hex}"
+    final_dir = settings.datasets_dir / dataset_id
+    committed = False
+    try:
+        size, sha256 = await dataset_files.stream_upload_to_disk(file, scratch, settings.max_upload_bytes)
+        with scratch.open("rb") as fh:
+            head = fh.read(8)
+        fmt = dataset_files.detect_format(file.filename or "", file.content_type, head)
+        parsed = await run_in_threadpool(dataset_files.parse_dataset, scratch, fmt, task, text_column,
+                                         label_column, image_column=image_column,
+                                         max_image_bytes=settings.max_upload_bytes,
+                                         text_pair_column=text_pair_column or None)
+        final_dir.mkdir(parents=True)
+        data_path = final_dir / "data.parquet"
+        await run_in_threadpool(dataset_files.write_normalized, parsed, task, data_path)
+        with sessions.begin() as session:
+            images = parsed.modality == "image"
+            dataset = Dataset(id=dataset_id, owner=who, filename=file.filename or "upload", format=fmt,
+                              task=task, modality=parsed.modality, text_column=None if images else text_column,
+                              text_pair_column=text_pair_column or None,
+                              image_column=parsed.image_column,
+                              label_column=None if parsed.labels_from_folders else label_column, rows=parsed.rows,
+                              label_names=parsed.label_names, class_counts=parsed.class_counts, sha256=sha256,
+                              size_bytes=size, storage_path=str(data_path))
+            session.add(dataset)
+        committed = True  # the response describes a committed row; anything earlier failing removes the files
+        return dataset_out(dataset)
+    finally:
+        scratch.unlink(missing_ok=True)
+        if not committed:
+            shutil.rmtree(final_dir, ignore_errors=True)
+
+
+@router.get("", responses=problem_responses(401, 422))
+def list_datasets(sessions: SessionsDep, who: OwnerDep, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                  offset: Annotated[int, Query(ge=0)] = 0) -> Page[DatasetOut]:
+    """The key's datasets, newest first."""
+    with sessions() as session:
+        query = select(Dataset).where(Dataset.owner == who).order_by(Dataset.created_at.desc(), Dataset.id)
+        return paginate(session, query, limit, offset, dataset_out, Page[DatasetOut])
+
+
+@router.get("/{dataset_id}", responses=problem_responses(401, 404, 422))
+def get_dataset(dataset_id: str, sessions: SessionsDep, who: OwnerDep) -> DatasetOut:
+    with sessions() as session:
+        return dataset_out(owned_dataset(session, dataset_id, who))

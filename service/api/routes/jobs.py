@@ -1,0 +1,148 @@
+"""Jobs: POST /v1/jobs (rank, then optionally tune), GET /v1/jobs[/{id}], POST /v1/jobs/{id}/cancel.
+
+A job is committed before it is sent to the broker; if the send fails the reconciler sends it later."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+
+from service import jobs as job_states
+from service.api.deps import OwnerDep, SendDep, SessionsDep, owned_dataset, owned_job
+from service.api.pages import paginate
+from service.api.problems import Problem, problem_responses
+from service.contract import ESTIMATORS, TERMINAL, JobPhase, estimator_applies, resolve_regularizer
+from service.db import Dataset, HubModel, Job, ranking_rows
+from service.schemas import JobCreate, JobOut, Page, RankingEntryOut
+
+log = logging.getLogger("hubtune.api")
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+def job_out(session: Any, job: Job) -> JobOut:
+    # a ranking entry is its fixed fields and, spread beside them, the details its ranking recorded
+    ranking = [RankingEntryOut.model_validate({
+        "model": model.name, "model_id": model.id, "rank": entry.rank, "scores": entry.scores,
+        "feature_seconds": entry.feature_seconds, **entry.details}) for entry, model in ranking_rows(session, job.id)]
+    return JobOut(id=job.id, status=job.status, stage=job.stage, progress=job.progress, dataset_id=job.dataset_id,
+                  candidates=job.candidates, metrics=job.metrics, options=job.options, tune=job.tune,
+                  ranking=ranking, ranking_summary=job.ranking_summary, tuning=job.tuning, error=job.error,
+                  attempts=job.attempts, created_at=job.created_at.isoformat(),
+                  started_at=job.started_at.isoformat() if job.started_at else None,
+                  finished_at=job.finished_at.isoformat() if job.finished_at else None)
+
+
+def check_metrics(body: JobCreate, dataset: Dataset) -> None:
+    for i, metric in enumerate(body.metrics):
+        if metric not in ESTIMATORS:
+            raise Problem(422, "unknown metric", f"{metric!r}; known: {', '.join(ESTIMATORS)}", field=f"metrics[{i}]")
+        if not estimator_applies(metric, dataset.task):
+            raise Problem(422, "metric not defined for this task",
+                          f"{metric} is defined for classification only; this dataset is {dataset.task}",
+                          field=f"metrics[{i}]")
+
+
+def resolve_candidates(session: Any, body: JobCreate, dataset: Dataset) -> list[str]:
+    """The model ids to rank: those asked for (each registered, of the dataset's modality; duplicates dropped), or
+    every model of the dataset's modality."""
+    if body.candidates is None:
+        candidates = list(session.execute(select(HubModel.id).where(HubModel.modality == dataset.modality)
+                                          .order_by(HubModel.created_at)).scalars())
+        if not candidates:
+            raise Problem(422, "no candidate models", f"no {dataset.modality} model is registered; register "
+                          "models with POST /v1/models first", field="candidates")
+        return candidates
+    if not body.candidates:
+        raise Problem(422, "no candidate models", "candidates is empty", field="candidates")
+    for i, model_id in enumerate(body.candidates):
+        candidate = session.get(HubModel, model_id)
+        if candidate is None:
+            raise Problem(422, "unknown model", f"no model {model_id}", field=f"candidates[{i}]")
+        if candidate.modality != dataset.modality:
+            raise Problem(422, f"not an {dataset.modality} model" if dataset.modality == "image"
+                          else f"not a {dataset.modality} model",
+                          f"{candidate.name} reads {candidate.modality}s; this dataset holds {dataset.modality}s",
+                          field=f"candidates[{i}]")
+    return list(dict.fromkeys(body.candidates))
+
+
+def check_options(body: JobCreate, candidates: list[str]) -> None:
+    """Successive halving and tuning, each with what it cannot be combined with."""
+    if body.successive_halving is not None:
+        if len(body.metrics) != 1:
+            raise Problem(422, "successive halving ranks by one metric", "give exactly one metric", field="metrics")
+        if body.sample_size is not None:
+            raise Problem(422, "sample_size cannot be combined with successive_halving",
+                          "successive halving chooses its own samples", field="sample_size")
+    if body.tune is not None:
+        try:
+            resolve_regularizer(body.tune.regularizer.name, body.tune.regularizer.params, where="tune.regularizer")
+        except ValueError as exc:
+            field_name, _, message = str(exc).partition(": ")
+            raise Problem(422, "invalid regularizer setting", message, field=field_name) from exc
+        if body.tune.target is not None and body.tune.target not in candidates:
+            raise Problem(422, "tune target is not a candidate", body.tune.target, field="tune.target")
+        if body.tune.strategy == "btuning" and "logme" not in body.metrics:
+            raise Problem(422, "btuning needs LogME", "add 'logme' to metrics", field="tune.strategy")
+        if body.sample_size is not None:
+            raise Problem(422, "sample_size cannot be combined with tune",
+                          "tuning uses the whole dataset; rank on a sample in a separate job", field="sample_size")
+
+
+@router.post("", status_code=202, response_model=JobOut, responses=problem_responses(401, 404, 422))
+def create_job(body: JobCreate, sessions: SessionsDep, send: SendDep, who: OwnerDep) -> JSONResponse:
+    """Rank the candidates for the dataset (then tune, with `tune`); the job runs on a worker. Location names it."""
+    with sessions() as session:
+        dataset = owned_dataset(session, body.dataset_id, who)
+        check_metrics(body, dataset)
+        candidates = resolve_candidates(session, body, dataset)
+        check_options(body, candidates)
+    job = Job(owner=who, dataset_id=dataset.id, candidates=candidates, metrics=list(dict.fromkeys(body.metrics)),
+              options={"sample_size": body.sample_size, "seed": body.seed, "pooling": body.pooling,
+                       "successive_halving": body.successive_halving.model_dump()
+                       if body.successive_halving else None},
+              tune=body.tune.model_dump() if body.tune else None)
+    with sessions.begin() as session:
+        session.add(job)
+    # Enqueued only after the row is committed; if this send fails the reconciler re-sends it.
+    try:
+        job_states.enqueue(sessions, send, job.id, JobPhase.RANK)
+    except Exception:
+        log.exception("could not enqueue job %s now; the reconciler will", job.id)
+    with sessions() as session:
+        created = job_out(session, session.get(Job, job.id))
+    # Rendered by json.dumps, as this route always was (pydantic's JSON writer spells some floats otherwise:
+    # 2e-05 as 0.00002); the body is the JobOut above.
+    return JSONResponse(created.model_dump(mode="json"), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+@router.get("", responses=problem_responses(401, 422))
+def list_jobs(sessions: SessionsDep, who: OwnerDep, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+              offset: Annotated[int, Query(ge=0)] = 0) -> Page[JobOut]:
+    """The key's jobs, newest first."""
+    with sessions() as session:
+        query = select(Job).where(Job.owner == who).order_by(Job.created_at.desc(), Job.id)
+        return paginate(session, query, limit, offset, lambda j: job_out(session, j), Page[JobOut])
+
+
+@router.get("/{job_id}", responses=problem_responses(401, 404, 422))
+def get_job(job_id: str, sessions: SessionsDep, who: OwnerDep) -> JobOut:
+    with sessions() as session:
+        return job_out(session, owned_job(session, job_id, who))
+
+
+@router.post("/{job_id}/cancel", status_code=202, responses=problem_responses(401, 404, 409, 422))
+def cancel_job(job_id: str, sessions: SessionsDep, who: OwnerDep) -> JobOut:
+    """A queued job is cancelled at once; a running one stops at its next progress report."""
+    with sessions() as session:
+        job = owned_job(session, job_id, who)
+        if job.status in TERMINAL:
+            raise Problem(409, "job already finished", f"job {job_id} is {job.status}")
+    job_states.request_cancel(sessions, job_id)
+    with sessions() as session:
+        return job_out(session, session.get(Job, job_id))

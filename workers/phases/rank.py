@@ -1,0 +1,35 @@
+"""The rank phase: score every candidate on the dataset (all rows, a sample, or by successive halving)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from workers import pipeline
+from workers.halving import rank_successive_halving
+from workers.phases.inputs import RankInput
+
+
+@dataclass
+class RankOutcome:
+    ranking: list[pipeline.RankedModel]  # best first
+    summary: dict[str, Any] | None  # successive halving's rounds; None for a plain ranking
+
+
+def run_rank(job: RankInput, progress: pipeline.Progress) -> RankOutcome:
+    """Rank `job.models` by `job.metrics[0]`; `progress(stage, fraction)` may raise to stop (cancel, lost lease)."""
+    options = job.options
+    common: dict[str, Any] = dict(
+        cache_root=job.features.cache_root, hf_cache_dir=job.features.hf_cache_dir, seed=options.get("seed", 0),
+        max_length=job.features.max_length, pooling=options.get("pooling", "mean"),
+        batch_size=job.features.batch_size, device=job.features.device, bootstrap_samples=job.bootstrap_samples,
+        progress=progress)
+    halving = options.get("successive_halving")
+    if not halving:
+        ranked = pipeline.rank(job.dataset, job.models, job.metrics, sample_size=options.get("sample_size"),
+                               **common)
+        return RankOutcome(ranking=ranked, summary=None)
+    result = rank_successive_halving(job.dataset, job.models, job.metrics[0], **halving, **common)
+    summary = {key: value for key, value in result.to_dict().items() if key != "ranking"}
+    summary["mode"] = "successive_halving"
+    return RankOutcome(ranking=result.ranking, summary=summary)
