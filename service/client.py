@@ -154,6 +154,9 @@ def ranking_table(job: dict[str, Any]) -> str:
     for entry in job["ranking"]:
         if entry.get("error"):
             table += f"\n{entry['model']} could not be scored: {entry['error']}"
+    verdict = job.get("verdict") or {}
+    if verdict.get("summary"):
+        table += f"\nVerdict: {verdict['summary']}"
     return table
 
 

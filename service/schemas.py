@@ -139,6 +139,11 @@ class JobOut(BaseModel):
     ranking: list[RankingEntryOut] = Field(description="best first; empty until ranked")
     ranking_summary: dict[str, Any] | None = Field(description="job-level facts of the ranking (successive "
                                                    "halving's rounds)")
+    ranked_by: dict[str, Any] | None = Field(default=None, description="what ordered the ranking: the estimator and "
+                                             "the features it read (pooling, layers)")
+    verdict: dict[str, Any] | None = Field(default=None, description="what the ranking lets you conclude: top, "
+                                           "confident, indistinguishable_from_top, below_prior, "
+                                           "degenerate_estimators, static_baseline, summary (docs/estimators.md)")
     tuning: dict[str, Any] | None = Field(description="the tuned models with their held-out metrics")
     error: str | None
     attempts: int

@@ -37,7 +37,9 @@ from workers.pipeline import (
     examples_digest,
     load_dataset,
     model_features,
+    model_parameters,
     ranking_targets,
+    ranking_verdict_for,
 )
 
 
@@ -72,6 +74,7 @@ class HalvingResult:
     rows_models: int  # feature rows extracted, summed over models (cache hits excluded)
     rows_models_full: int  # what a full ranking extracts: total_rows x number of models
     seconds: float  # wall time of the whole call
+    verdict: dict[str, Any] = field(default_factory=dict)  # workers.ranking.verdict, on the last round's rows
 
     def to_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "total_rows": self.total_rows, "forward_seconds": self.forward_seconds,
@@ -150,11 +153,15 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
     run.run()
     ranking = _final_ranking(models, run.survivors, run.last_scores, run.last_boot, run.dropped, run.rounds, metric,
                              run.prior, run.feature_seconds)
+    # an eliminated model is behind by that round's paired bootstrap
+    behind = {m: float(info["p_leader_better"]) for m, info in run.dropped.items() if "p_leader_better" in info}
+    verdict = ranking_verdict_for(ranking, metric, run.last_boot.get("replicates"), run.prior, run.rounds[-1].rows,
+                                  model_parameters(models, hf_cache_dir), behind=behind)
     run.report("ranked", 1.0)
     return HalvingResult(ranking=ranking, rounds=run.rounds, metric=metric, total_rows=n,
                          forward_seconds=run.total_forward, extraction_seconds=run.total_extraction,
                          rows_models=run.rows_models, rows_models_full=n * len(models),
-                         seconds=time.perf_counter() - began)
+                         seconds=time.perf_counter() - began, verdict=verdict)
 
 
 class _Halving:

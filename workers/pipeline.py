@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.hub import ResolvedModel, resolve_model
+from workers.hub import ResolvedModel, parameter_count, resolve_model
 from workers.sampling import stratified_sample
 
 log = logging.getLogger("hubtune.pipeline")
@@ -259,12 +259,19 @@ def failed_model(metrics: list[str], exc: Exception, rows: int, seconds: float) 
                         "wall_seconds": seconds}}
 
 
-def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, cache_root: Path,
-         hf_cache_dir: Path, sample_size: int | None = None, seed: int = 0, max_length: int = 128,
-         batch_size: int = 32, device: str | None = None, bootstrap_samples: int = 200,
-         progress: Progress | None = None, pooling: str = "mean") -> list[RankedModel]:
+def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], **options: Any) -> list[RankedModel]:
+    """The models of `rank_with_verdict`, best first."""
+    return rank_with_verdict(dataset, models, metrics, **options)[0]
+
+
+def rank_with_verdict(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, cache_root: Path,
+                      hf_cache_dir: Path, sample_size: int | None = None, seed: int = 0, max_length: int = 128,
+                      batch_size: int = 32, device: str | None = None, bootstrap_samples: int = 200,
+                      progress: Progress | None = None, pooling: str = "mean"
+                      ) -> tuple[list[RankedModel], dict[str, Any]]:
     """Rank `models` for `dataset` by the first metric; every score comes with an interval and, against the next
-    model down, the probability that the higher-ranked one is really better (paired bootstrap over rows)."""
+    model down, the probability that the higher-ranked one is really better (paired bootstrap over rows). Also
+    returns the verdict (workers.ranking.verdict): what the ranking lets a user conclude."""
     from workers.features import TokenIdsCache
     from workers.ranking import prior_only_evidence
 
@@ -300,8 +307,10 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, c
     prior = prior_only_evidence(labels, dataset.task) if "logme" in metrics else None
     ranked = [_ranked_model(position, model, per_model[model.id], uncertainty, prior)
               for position, model in enumerate(order, start=1)]
+    verdict = ranking_verdict_for(ranked, metrics[0], uncertainty["replicates"], prior, len(examples),
+                                  model_parameters(order, hf_cache_dir))
     report("ranked", 1.0)
-    return ranked
+    return ranked, verdict
 
 
 def _score_candidate(model: ModelSpec, stage: str, where: tuple[float, float], examples: Examples,
@@ -349,6 +358,7 @@ def _uncertainty(order: list[ModelSpec], per_model: dict[str, dict[str, Any]],
     intervals: dict[str, dict[str, list[float]]] = {m.id: {} for m in order}
     p_better: dict[str, dict[str, float | None]] = {m.id: {} for m in order}
     resamples: dict[str, int] = {}
+    replicates: dict[str, np.ndarray] | None = None  # the first (ranking) estimator's, for the verdict
     for metric in metrics:
         # LEEP/NCE read the model's own head; the others read its features.
         source = "source_probs" if metric in ("leep", "nce") else None
@@ -361,11 +371,13 @@ def _uncertainty(order: list[ModelSpec], per_model: dict[str, dict[str, Any]],
         boot, n_boot = bootstrap_metric(metric, scored, labels, task, num_classes=num_classes,
                                         requested=bootstrap_samples, point_seconds=slowest, seed=seed)
         resamples[metric] = n_boot
+        if metric == metrics[0]:
+            replicates = boot["replicates"]
         for model_id, interval in boot["intervals"].items():
             intervals[model_id][metric] = [float(interval[0]), float(interval[1])]
         for model_id, probability in boot["p_better_than_next"].items():
             p_better[model_id][metric] = None if probability is None else float(probability)
-    return {"intervals": intervals, "p_better": p_better, "resamples": resamples}
+    return {"intervals": intervals, "p_better": p_better, "resamples": resamples, "replicates": replicates}
 
 
 def _ranked_model(position: int, model: ModelSpec, info: dict[str, Any], uncertainty: dict[str, Any],
@@ -380,3 +392,29 @@ def _ranked_model(position: int, model: ModelSpec, info: dict[str, Any], uncerta
         details["logme_prior_only"] = float(prior)
         details["beats_prior"] = bool(logme_score is not None and logme_score > prior)
     return RankedModel(model.id, model.name, position, info["scores"], info["feature_seconds"], details)
+
+
+def model_parameters(models: list[ModelSpec], hf_cache_dir: Path | None) -> dict[str, int | None]:
+    """Each model's parameter count from its weights' headers (None where unknown or unresolvable): the static
+    baseline a ranking is compared with."""
+    out: dict[str, int | None] = {}
+    for model in models:
+        try:
+            out[model.id] = parameter_count(model.resolve(hf_cache_dir).path)
+        except Exception:  # a candidate that failed to resolve has no size; its failure is in its entry
+            out[model.id] = None
+    return out
+
+
+def ranking_verdict_for(ranked: list[RankedModel], estimator: str, replicates: dict[str, np.ndarray] | None,
+                        prior: float | None, rows: int, parameters: dict[str, int | None],
+                        behind: dict[str, float] | None = None) -> dict[str, Any]:
+    """The verdict of a ranking (workers.ranking.verdict), each entry's parameter count recorded beside it.
+    behind: P(top better) of models already known to be behind it (successive halving's eliminated ones)."""
+    from workers.ranking.verdict import ranking_verdict
+
+    for entry in ranked:
+        entry.details["parameters"] = parameters.get(entry.model_id)
+    return ranking_verdict([r.model_id for r in ranked], {r.model_id: r.name for r in ranked}, estimator,
+                           replicates, {r.model_id: r.scores for r in ranked}, prior, parameters, rows,
+                           behind=behind)

@@ -97,6 +97,15 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
         low, high = entry["intervals"]["ridge_loo"]  # a leave-one-out accuracy with its bootstrap interval
         assert 0.0 <= low <= entry["scores"]["ridge_loo"] <= high <= 1.0
     assert 0.0 <= ranking[0]["p_better_than_next"]["logme"] <= 1.0
+    # Every finished job says what ordered it and what the data let it conclude.
+    assert job["ranked_by"] == {"estimator": "logme", "features": {"pooling": "mean", "layers": "last"}}
+    verdict = job["verdict"]
+    assert verdict["top"] == ranking[0]["model_id"] and isinstance(verdict["confident"], bool)
+    assert set(verdict["indistinguishable_from_top"]) <= set(model_ids) - {verdict["top"]}
+    assert verdict["below_prior"] == [r["model_id"] for r in ranking if not r["beats_prior"]]
+    assert verdict["static_baseline"]["by"] == "parameters" and verdict["static_baseline"]["available"]
+    assert all(isinstance(r["parameters"], int) and r["parameters"] > 0 for r in ranking)
+    assert verdict["summary"].startswith(ranking[0]["model"])
     # All local state lives in HUBTUNE_HOME (the filesystem broker's exchange tables included), none in the cwd.
     assert stack.cwd is not None and list(stack.cwd.iterdir()) == []
     if stack.kind == "sqlite":
@@ -148,6 +157,7 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
     summary = halved["ranking_summary"]
     assert summary["mode"] == "successive_halving" and summary["rounds"][0]["rows"] == 30
     assert summary["total_rows"] == 90
+    assert halved["verdict"]["top"] == halved["ranking"][0]["model_id"] and halved["ranked_by"]["estimator"] == "logme"
     two_metrics = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "metrics": ["logme", "hscore"],
                                                "successive_halving": {}})
     assert two_metrics.status_code == 422 and two_metrics.json()["field"] == "metrics"

@@ -15,7 +15,7 @@ from service.datasets import ParsedDataset, write_normalized  # noqa: E402
 from tests.tiny_models import _COMMON_WORDS, make_tiny_bert  # noqa: E402
 from workers import features as features_module  # noqa: E402
 from workers.halving import nested_order, paired_elimination, rank_successive_halving, round_sizes  # noqa: E402
-from workers.pipeline import DatasetSpec, ModelSpec, rank  # noqa: E402
+from workers.pipeline import DatasetSpec, ModelSpec, rank, rank_with_verdict  # noqa: E402
 
 ROWS = 256
 
@@ -343,3 +343,14 @@ def test_text_pairs_rank_through_successive_halving_and_a_second_round_reuses_th
     singles = rank(setup["dataset"], setup["models"], ["logme"], **{k: v for k, v in kwargs.items()
                                                                     if k != "initial_rows"})
     assert not any(m.details["features_cached"] for m in singles)
+
+
+def test_a_ranking_and_a_halving_come_with_the_same_verdict(setup: dict, tmp_path: Path) -> None:
+    halved = run(setup, tmp_path / "halving", confidence=1.0)
+    ranked, verdict = rank_with_verdict(setup["dataset"], setup["models"], ["logme"], cache_root=tmp_path / "full",
+                                        hf_cache_dir=setup["root"] / "hf")
+    assert verdict["top"] == ranked[0].model_id == halved.verdict["top"]
+    assert verdict["confident"] == halved.verdict["confident"]
+    assert verdict["indistinguishable_from_top"] == halved.verdict["indistinguishable_from_top"]
+    assert all(r.details["parameters"] > 0 for r in ranked)  # read from the tiny models' safetensors headers
+    assert set(verdict["p_top_beats"]) == {r.model_id for r in ranked[1:]}

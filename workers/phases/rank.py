@@ -13,7 +13,7 @@ from workers.phases.inputs import RankInput
 @dataclass
 class RankOutcome:
     ranking: list[pipeline.RankedModel]  # best first
-    summary: dict[str, Any] | None  # successive halving's rounds; None for a plain ranking
+    summary: dict[str, Any]  # ranked_by and verdict; successive halving's rounds too
 
 
 def run_rank(job: RankInput, progress: pipeline.Progress) -> RankOutcome:
@@ -26,10 +26,16 @@ def run_rank(job: RankInput, progress: pipeline.Progress) -> RankOutcome:
         progress=progress)
     halving = options.get("successive_halving")
     if not halving:
-        ranked = pipeline.rank(job.dataset, job.models, job.metrics, sample_size=options.get("sample_size"),
-                               **common)
-        return RankOutcome(ranking=ranked, summary=None)
+        ranked, verdict = pipeline.rank_with_verdict(job.dataset, job.models, job.metrics,
+                                                     sample_size=options.get("sample_size"), **common)
+        return RankOutcome(ranking=ranked, summary={"ranked_by": ranked_by(job), "verdict": verdict})
     result = rank_successive_halving(job.dataset, job.models, job.metrics[0], **halving, **common)
     summary = {key: value for key, value in result.to_dict().items() if key != "ranking"}
-    summary["mode"] = "successive_halving"
+    summary.update(mode="successive_halving", ranked_by=ranked_by(job), verdict=result.verdict)
     return RankOutcome(ranking=result.ranking, summary=summary)
+
+
+def ranked_by(job: RankInput) -> dict[str, Any]:
+    """What ordered the ranking: the estimator and the features it read."""
+    return {"estimator": job.metrics[0], "features": {"pooling": job.options.get("pooling", "mean"),
+                                                      "layers": "last"}}

@@ -32,6 +32,8 @@ def job_out(session: Any, job: Job) -> JobOut:
     return JobOut(id=job.id, status=job.status, stage=job.stage, progress=job.progress, dataset_id=job.dataset_id,
                   candidates=job.candidates, metrics=job.metrics, options=job.options, tune=job.tune,
                   ranking=ranking, ranking_summary=job.ranking_summary, tuning=job.tuning, error=job.error,
+                  ranked_by=(job.ranking_summary or {}).get("ranked_by"),
+                  verdict=(job.ranking_summary or {}).get("verdict"),
                   attempts=job.attempts, created_at=job.created_at.isoformat(),
                   started_at=job.started_at.isoformat() if job.started_at else None,
                   finished_at=job.finished_at.isoformat() if job.finished_at else None)
