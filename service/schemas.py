@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.contract import MODALITIES, TASKS, JobStatus, TuneSpec
 
@@ -60,8 +60,22 @@ class JobCreate(BaseModel):
     pooling: Literal["mean", "head"] = Field(
         default="mean", description="features the estimators see: mean over tokens, or the token a "
         "sequence-classification head reads (the last for decoder-only models, the first for encoders)")
+    layers: Literal["last", "all"] | list[int] = Field(
+        default="last", description="text models: which hidden states the estimators read, each pooled alike: "
+        "\"last\", \"all\" (the mean over every layer's output), or a list of indices into the hidden states "
+        "(0 the embedding output, -1 the last layer) averaged; every layer is cached from one forward pass")
     successive_halving: HalvingSpec | None = Field(default=None, description="rank many candidates on growing samples")
     tune: TuneSpec | None = None
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers(cls, value: Any) -> Any:
+        """One message for the forms (pydantic's union would report a failure per form, at a nested location)."""
+        if value in ("last", "all"):
+            return value
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return value
+        raise ValueError(f'expected "last", "all" or a list of layer indices; got {value!r}')
 
 
 # ---- responses ------------------------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
                             min_models: int = 1, seed: int = 0, cache_root: Path, hf_cache_dir: Path,
                             max_length: int = 128, batch_size: int = 32, device: str | None = None,
                             bootstrap_samples: int = 200, progress: Progress | None = None,
-                            pooling: str = "mean") -> HalvingResult:
+                            pooling: str = "mean", layers: str | list[int] = "last") -> HalvingResult:
     """Rank `models` for `dataset` by `metric`, eliminating candidates confidently behind the leader on growing
     nested samples (initial_rows, ×growth, ... up to all rows) until the full data are scored or at most
     min_models remain.
@@ -148,6 +148,7 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
                    sizes=round_sizes(n, first, growth), report=progress or (lambda stage, fraction: None),
                    extraction=dict(cache_root=cache_root, hf_cache_dir=hf_cache_dir, max_length=max_length,
                                    batch_size=batch_size, device=device, pooling=pooling),
+                   layers=layers,
                    elimination=dict(confidence=confidence, min_models=min_models, seed=seed,
                                     bootstrap_samples=bootstrap_samples))
     run.run()
@@ -171,11 +172,13 @@ class _Halving:
 
     def __init__(self, models: list[ModelSpec], metric: str, dataset: DatasetSpec, examples: Examples,
                  labels: np.ndarray, *, order: np.ndarray, sizes: list[int], report: Progress,
-                 extraction: dict[str, Any], elimination: dict[str, Any]) -> None:
+                 extraction: dict[str, Any], elimination: dict[str, Any],
+                 layers: str | list[int] = "last") -> None:
         self.by_id = {m.id: m for m in models}
         self.metric, self.task, self.examples, self.labels = metric, dataset.task, examples, labels
         self.num_classes = len(dataset.label_names or []) if dataset.task == "classification" else None
         self.order, self.sizes, self.report, self.extraction = order, sizes, report, extraction
+        self.layers = layers
         self.confidence, self.min_models = elimination["confidence"], elimination["min_models"]
         self.seed, self.bootstrap_samples = elimination["seed"], elimination["bootstrap_samples"]
         self.chunks: dict[str, list[np.ndarray]] = {m.id: [] for m in models}
@@ -235,12 +238,13 @@ class _Halving:
             self.report(stage, min(0.99, self.done_units / self.worst_case))
             try:
                 result, from_cache = model_features(model, new_examples, tag, token_ids=token_ids, **self.extraction)
+                selected = result.select(self.layers)
             except Exception as exc:  # one unusable candidate must not sink the others (see pipeline.rank)
                 self.dropped[model_id] = {"round": r, "rows": size, "reason": "failed",
                                           "error": describe_failure(exc), "score": None, "prior": None}
                 failed_now.append(model_id)
                 continue
-            self.chunks[model_id].append(np.asarray(result.features))  # float32 until scored: half the memory
+            self.chunks[model_id].append(np.asarray(selected))  # float32 until scored: half the memory
             self.prob_chunks[model_id].append(result.source_probs)
             self.done_units += len(new_rows)
             if not from_cache:

@@ -267,7 +267,7 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], **op
 def rank_with_verdict(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, cache_root: Path,
                       hf_cache_dir: Path, sample_size: int | None = None, seed: int = 0, max_length: int = 128,
                       batch_size: int = 32, device: str | None = None, bootstrap_samples: int = 200,
-                      progress: Progress | None = None, pooling: str = "mean"
+                      progress: Progress | None = None, pooling: str = "mean", layers: str | list[int] = "last"
                       ) -> tuple[list[RankedModel], dict[str, Any]]:
     """Rank `models` for `dataset` by the first metric; every score comes with an interval and, against the next
     model down, the probability that the higher-ranked one is really better (paired bootstrap over rows). Also
@@ -289,7 +289,7 @@ def rank_with_verdict(dataset: DatasetSpec, models: list[ModelSpec], metrics: li
         where = (index / len(models) * 0.85, 0.85 / len(models))  # its part of the progress scale
         features, per_model[model.id] = _score_candidate(
             model, f"features {index + 1}/{len(models)}: {model.name}", where, examples, labels, dataset.task,
-            metrics, report, extraction)
+            metrics, report, extraction, layers)
         if features is not None:
             features_by_model[model.id] = features
 
@@ -315,9 +315,11 @@ def rank_with_verdict(dataset: DatasetSpec, models: list[ModelSpec], metrics: li
 
 def _score_candidate(model: ModelSpec, stage: str, where: tuple[float, float], examples: Examples,
                      labels: np.ndarray, task: str, metrics: list[str], report: Progress,
-                     extraction: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
+                     extraction: dict[str, Any], layers: str | list[int] = "last"
+                     ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """One candidate's features (None if it failed) and its ranking record: scores, notes, timings, details.
-    where: (start, span) of its extraction on the progress scale."""
+    where: (start, span) of its extraction on the progress scale; layers: which hidden states it is read at
+    (FeatureResult.select)."""
     start, span = where
     report(stage, start)
     began = time.perf_counter()
@@ -332,13 +334,14 @@ def _score_candidate(model: ModelSpec, stage: str, where: tuple[float, float], e
 
     try:
         result, from_cache = model_features(model, examples, on_batch=on_batch, **extraction)
+        selected = result.select(layers)
     except Exception as exc:
         if interrupted:
             raise
         # One unusable candidate (no tokenizer, not a text model, out of memory) must not sink the others.
         log.warning("model %s (%s) failed: %r", model.name, model.id, exc)
         return None, failed_model(metrics, exc, len(examples), time.perf_counter() - began)
-    features = np.asarray(result.features, dtype=np.float64)
+    features = np.asarray(selected, dtype=np.float64)
     scores, scoring = score_model(metrics, features, labels, task, result.source_probs)
     return features, {
         "scores": scores, "notes": scoring["notes"], "score_seconds": scoring["score_seconds"],

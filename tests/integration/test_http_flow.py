@@ -147,6 +147,14 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
     assert any(abs(r["scores"]["logme"] - mean_scores[r["model_id"]]) > 1e-6 for r in head["ranking"])
     bad_pooling = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "pooling": "max"})
     assert bad_pooling.status_code == 422 and bad_pooling.json()["field"] == "pooling"
+    # The mean of every layer, from the cache the first job filled: no forward pass.
+    layered = wait_for(alice, alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "metrics": ["logme"],
+                                                           "layers": "all"}).json()["id"], stack)
+    assert layered["status"] == "succeeded", (layered, stack.log_text())
+    assert layered["ranked_by"]["features"]["layers"] == "all"
+    assert all(r["features_cached"] for r in layered["ranking"])
+    bad_layers = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "layers": "first"})
+    assert bad_layers.status_code == 422 and bad_layers.json()["field"] == "layers"
     # Successive halving: nested samples, one metric, the rounds recorded on the job.
     halving = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "metrics": ["logme"],
                                            "successive_halving": {"initial_rows": 30, "confidence": 0.9}})
@@ -313,6 +321,8 @@ def test_image_rank_flow(stack: Stack, tiny_hub: dict[str, Path], tmp_path: Path
     assert dataset["text_column"] is None and dataset["label_column"] is None and dataset["image_column"] is None
 
     text_model = client.get("/v1/models").json()["items"][0]
+    layered = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "layers": "all"})
+    assert layered.status_code == 422 and layered.json()["field"] == "layers"
     wrong = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "candidates": [text_model["id"]]})
     assert wrong.status_code == 422 and wrong.json()["field"] == "candidates[0]", wrong.text
 

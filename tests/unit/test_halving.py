@@ -354,3 +354,29 @@ def test_a_ranking_and_a_halving_come_with_the_same_verdict(setup: dict, tmp_pat
     assert verdict["indistinguishable_from_top"] == halved.verdict["indistinguishable_from_top"]
     assert all(r.details["parameters"] > 0 for r in ranked)  # read from the tiny models' safetensors headers
     assert set(verdict["p_top_beats"]) == {r.model_id for r in ranked[1:]}
+
+
+def test_every_layer_comes_from_one_forward_pass_and_the_cache(setup: dict, tmp_path: Path) -> None:
+    result = features_module.extract_features(Path(setup["models"][2].locator), setup["texts"][:20])
+    layers = result.layer_features
+    assert layers is not None and layers.shape == (20, 3, 32)  # embedding output + tiny BERT's 2 layers, 32-d
+    assert np.allclose(layers[:, -1], result.features, rtol=2e-3, atol=2e-3)  # the last layer, in float16
+    assert np.allclose(result.select("all"), layers[:, 1:].astype(np.float32).mean(1))
+    assert np.allclose(result.select([0, -1]), layers[:, [0, 2]].astype(np.float32).mean(1))
+    with pytest.raises(ValueError, match="out of range"):
+        result.select([5])
+
+    kwargs = dict(cache_root=tmp_path / "cache", hf_cache_dir=setup["root"] / "hf")
+    last, _ = rank_with_verdict(setup["dataset"], setup["models"], ["logme"], **kwargs)
+    mean, _ = rank_with_verdict(setup["dataset"], setup["models"], ["logme"], layers="all", **kwargs)
+    assert not any(r.details["features_cached"] for r in last)
+    assert all(r.details["features_cached"] for r in mean)  # another layer choice: no forward pass
+    by_id = {r.model_id: r.scores["logme"] for r in last}
+    # tiny random BERTs change their states by ~1% per layer, so the mean moves the scores a little, but it does
+    assert all(abs(r.scores["logme"] - by_id[r.model_id]) > 1e-6 for r in mean)
+    same, _ = rank_with_verdict(setup["dataset"], setup["models"], ["logme"], layers=[-1], **kwargs)
+    for entry in same:  # the last layer read back from the stack: LogME on float16-rounded features
+        assert entry.scores["logme"] == pytest.approx(by_id[entry.model_id], abs=2e-2)
+    halved = rank_successive_halving(setup["dataset"], setup["models"], "logme", layers="all", initial_rows=40,
+                                     **kwargs)
+    assert {r.model_id for r in halved.ranking} == {m.id for m in setup["models"]}

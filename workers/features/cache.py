@@ -15,12 +15,14 @@ import numpy as np
 from workers.features.result import POOLING, FeatureResult
 
 # Part of every cache key: bump when what extract_features computes (or the entry layout) changes.
-CACHE_FORMAT = 6  # 3: each text read once (workers.pipeline.distinct_examples); 4: encoder-decoders read through
+CACHE_FORMAT = 7  # 3: each text read once (workers.pipeline.distinct_examples); 4: encoder-decoders read through
 # their encoder (BART gave decoder states), images brought to 8 bits with transparency over white (eight_bit);
 # 5: classifier checkpoints of encoder-decoders and dual encoders read through their backbone (`backbone`);
-# 6: images' "head" pooling is the input of the architecture's image classifier (`load_image_model`)
+# 6: images' "head" pooling is the input of the architecture's image classifier (`load_image_model`);
+# 7: texts keep every layer's pooled state (layer_features.npy)
 
-_META_FIELDS = [f.name for f in fields(FeatureResult) if f.name not in ("features", "source_probs")]
+_ARRAYS = ("features", "source_probs", "layer_features")  # each in its own .npy; the rest in meta.json
+_META_FIELDS = [f.name for f in fields(FeatureResult) if f.name not in _ARRAYS]
 
 
 class FeatureCache:
@@ -44,12 +46,12 @@ class FeatureCache:
         try:
             meta = json.loads((folder / "meta.json").read_text())
             features = np.load(folder / "features.npy")
-            probs_path = folder / "source_probs.npy"
-            probs = np.load(probs_path) if probs_path.is_file() else None
+            optional = {name: np.load(folder / f"{name}.npy") if (folder / f"{name}.npy").is_file() else None
+                        for name in ("source_probs", "layer_features")}
         except (OSError, ValueError):
             return None
         known = {k: meta[k] for k in _META_FIELDS if k in meta}
-        return FeatureResult(features=features, source_probs=probs, **known)
+        return FeatureResult(features=features, **optional, **known)
 
     def save(self, key: str, result: FeatureResult) -> None:
         """Store result under key: written under a temporary name, then renamed into place."""
@@ -60,6 +62,8 @@ class FeatureCache:
             np.save(tmp / "features.npy", np.ascontiguousarray(result.features, dtype=np.float32))
             if result.source_probs is not None:
                 np.save(tmp / "source_probs.npy", np.ascontiguousarray(result.source_probs, dtype=np.float32))
+            if result.layer_features is not None:
+                np.save(tmp / "layer_features.npy", np.ascontiguousarray(result.layer_features, dtype=np.float16))
             meta = {k: getattr(result, k) for k in _META_FIELDS}
             (tmp / "meta.json").write_text(json.dumps(meta))
             try:

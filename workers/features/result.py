@@ -26,6 +26,30 @@ class FeatureResult:
     flops_estimate: float = 0.0  # useful forward FLOPs: 2·(matmul weights)·tokens + attention's 4·d·Σ len² per layer
     device: str = "cpu"
     load_seconds: float = 0.0  # model and tokenizer loading, part of total_seconds
+    # (N, L + 1, D) float16: every hidden state pooled alike (0: the embedding output, L: the last layer), from the
+    # same forward passes, so a job asking for other layers needs none; None for image models
+    layer_features: np.ndarray | None = None
+
+    def select(self, layers: str | list[int] = "last") -> np.ndarray:
+        """The features a job reads (N, D): "last" the last hidden state as pooled; "all" the mean of every
+        layer's pooled output (the embedding output left out); a list of indices into the hidden states (0: the
+        embedding output, 1..L the layers, negative from the end) their mean. ValueError when this result has no
+        per-layer states (image models) or an index is out of this model's range."""
+        if layers == "last":
+            return self.features
+        if self.layer_features is None:
+            raise ValueError(f"layers {layers!r}: this model's features have no per-layer states (image models "
+                             "are read at their last layer)")
+        count = self.layer_features.shape[1]
+        if layers == "all":
+            chosen = list(range(1, count)) or [0]
+        else:
+            bad = [i for i in layers if not -count <= i < count]
+            if bad:
+                raise ValueError(f"layers: index {bad[0]} is out of range for a model with {count - 1} layers "
+                                 f"(0 is the embedding output, -1 the last layer)")
+            chosen = list(layers)
+        return self.layer_features[:, chosen].astype(np.float32).mean(axis=1)
 
     @property
     def padding_waste(self) -> float:
@@ -45,9 +69,16 @@ class FeatureRows:
         self.count = count
         self.features: np.ndarray | None = None
         self.probs: np.ndarray | None = None
+        self.layers: np.ndarray | None = None
 
-    def put(self, rows: Any, pooled: Any, probs: Any | None) -> None:
-        """Store one batch: `rows` are the positions of its items, pooled (and probs) torch tensors on any device."""
+    def put(self, rows: Any, pooled: Any, probs: Any | None, layers: Any | None = None) -> None:
+        """Store one batch: `rows` are the positions of its items, pooled (and probs, and the pooled state of every
+        layer (B, L + 1, D)) torch tensors on any device."""
+        if layers is not None:
+            layers_np = layers.cpu().numpy()
+            if self.layers is None:
+                self.layers = np.empty((self.count, *layers_np.shape[1:]), dtype=np.float16)
+            self.layers[rows] = layers_np
         pooled_np = pooled.cpu().numpy()
         if self.features is None:
             self.features = np.empty((self.count, pooled_np.shape[1]), dtype=np.float32)

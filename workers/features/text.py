@@ -268,8 +268,9 @@ class _TextForward:
         self.amp_dtype = autocast_dtype(self.on_cuda)
         self.clock = ForwardClock(self.on_cuda)
 
-    def __call__(self, batch: TokenBatch, base_output: BackboneOutput) -> tuple[Any, Any | None]:
-        """(pooled (B, D), probs (B, Z) or None) of one batch, on the device."""
+    def __call__(self, batch: TokenBatch, base_output: BackboneOutput) -> tuple[Any, Any | None, Any | None]:
+        """(pooled (B, D), probs (B, Z) or None, every hidden state pooled (B, L + 1, D) or None) of one batch, on
+        the device."""
         import torch
 
         input_ids = batch.input_ids.to(self.device, non_blocking=True)
@@ -278,11 +279,14 @@ class _TextForward:
             "token_type_ids": batch.token_type_ids.to(self.device, non_blocking=True)}
         with self.clock.timing(), torch.inference_mode(), \
                 torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.on_cuda):
-            out = self.model(input_ids=input_ids, attention_mask=mask, **extra)
-            hidden = last_hidden(base_output.take(out))
-            pooled = pool_text_output(hidden, mask, self.pooling, self.last_token)
+            out = self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, **extra)
+            base = base_output.take(out)
+            pooled = pool_text_output(last_hidden(base), mask, self.pooling, self.last_token)
+            states = getattr(base, "hidden_states", None)
+            layers = None if not states else torch.stack(
+                [pool_text_output(h, mask, self.pooling, self.last_token) for h in states], dim=1)
             probs = torch.softmax(out.logits.float(), dim=-1) if self.has_head else None
-        return pooled, probs
+        return pooled, probs, layers
 
 
 def extract_text_features(model_dir: Path, texts: list[str] | list[tuple[str, str]], *, max_length: int = 128,
@@ -342,4 +346,4 @@ def extract_text_features(model_dir: Path, texts: list[str] | list[tuple[str, st
                          tokens=int(lengths.sum()), padded_tokens=padded,
                          num_parameters=sum(p.numel() for p in model.parameters()),
                          flops_estimate=text_forward_flops(base_output.base, model.config, lengths),
-                         device=device, load_seconds=load_seconds)
+                         device=device, load_seconds=load_seconds, layer_features=collected.layers)

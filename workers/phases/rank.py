@@ -22,6 +22,7 @@ def run_rank(job: RankInput, progress: pipeline.Progress) -> RankOutcome:
     common: dict[str, Any] = dict(
         cache_root=job.features.cache_root, hf_cache_dir=job.features.hf_cache_dir, seed=options.get("seed", 0),
         max_length=job.features.max_length, pooling=options.get("pooling", "mean"),
+        layers=options.get("layers", "last"),
         batch_size=job.features.batch_size, device=job.features.device, bootstrap_samples=job.bootstrap_samples,
         progress=progress)
     halving = options.get("successive_halving")
@@ -38,4 +39,4 @@ def run_rank(job: RankInput, progress: pipeline.Progress) -> RankOutcome:
 def ranked_by(job: RankInput) -> dict[str, Any]:
     """What ordered the ranking: the estimator and the features it read."""
     return {"estimator": job.metrics[0], "features": {"pooling": job.options.get("pooling", "mean"),
-                                                      "layers": "last"}}
+                                                      "layers": job.options.get("layers", "last")}}

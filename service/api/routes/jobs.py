@@ -73,6 +73,20 @@ def resolve_candidates(session: Any, body: JobCreate, dataset: Dataset) -> list[
     return list(dict.fromkeys(body.candidates))
 
 
+MAX_LAYER_INDICES = 64
+
+
+def check_layers(body: JobCreate, dataset: Dataset) -> None:
+    """`layers` reads a text model's hidden states; an image model is read at its last layer only."""
+    if body.layers == "last":
+        return
+    if dataset.modality != "text":
+        raise Problem(422, "layers applies to text models", f"this dataset holds {dataset.modality}s, whose models "
+                      "are read at their last layer; leave layers at \"last\"", field="layers")
+    if isinstance(body.layers, list) and not 1 <= len(body.layers) <= MAX_LAYER_INDICES:
+        raise Problem(422, "invalid layers", f"give 1 to {MAX_LAYER_INDICES} layer indices", field="layers")
+
+
 def check_options(body: JobCreate, candidates: list[str]) -> None:
     """Successive halving and tuning, each with what it cannot be combined with."""
     if body.successive_halving is not None:
@@ -102,10 +116,12 @@ def create_job(body: JobCreate, sessions: SessionsDep, send: SendDep, who: Owner
     with sessions() as session:
         dataset = owned_dataset(session, body.dataset_id, who)
         check_metrics(body, dataset)
+        check_layers(body, dataset)
         candidates = resolve_candidates(session, body, dataset)
         check_options(body, candidates)
     job = Job(owner=who, dataset_id=dataset.id, candidates=candidates, metrics=list(dict.fromkeys(body.metrics)),
               options={"sample_size": body.sample_size, "seed": body.seed, "pooling": body.pooling,
+                       "layers": body.layers,
                        "successive_halving": body.successive_halving.model_dump()
                        if body.successive_halving else None},
               tune=body.tune.model_dump() if body.tune else None)
