@@ -23,8 +23,11 @@ Rules (every rejection is a `DatasetProblem` the API renders as RFC 9457 problem
   occurs in any string label cell (so CSV "sport|politics"). Items are stripped; blank items are dropped; an empty
   list (`[]`) is allowed and means "no label applies" (a blank CSV cell is still a missing label). Labels are
   encoded as sorted lists of distinct class indices; at least two classes over the dataset.
-- regression: labels must parse as finite floats ("abc", NaN and inf are rejected), and not all be equal (a
-  constant target cannot rank or train anything).
+- regression: labels must parse as finite floats ("abc", NaN and inf are rejected) below 1e15 in magnitude
+  (service.labels.MAX_REGRESSION_TARGET: standardising them cannot overflow), and not all be equal (a constant
+  target cannot rank or train anything).
+- JSON (lines, arrays, list labels): nesting deeper than the parser follows, and strings holding a lone surrogate
+  escape ("\\ud800", no Unicode text), are rejected with their row.
 - Images: a zip, or Parquet with `image_column`; service.image_datasets holds their rules. Labels follow the rules
   above.
 

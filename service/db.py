@@ -19,6 +19,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
     create_engine,
     event,
@@ -28,6 +29,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from service.contract import JobPhase, JobStatus
+from service.contract.text import ID_LENGTH
 
 
 def utcnow() -> datetime:
@@ -38,25 +40,34 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-class UTCDateTime(DateTime):
-    """Timezone-aware datetimes on both backends (SQLite returns naive values otherwise)."""
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on both backends. SQLite stores no offset and returns naive values (a subclass
+    of DateTime is replaced by SQLite's own DATETIME, so only a decorator sees every value): values are stored as
+    UTC and come back marked as UTC."""
 
+    impl = DateTime(timezone=True)
     cache_ok = True
 
-    def __init__(self) -> None:
-        super().__init__(timezone=True)
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(UTC)
+        return value
 
-    def result_processor(self, dialect, coltype):  # type: ignore[no-untyped-def]
-        parent = super().result_processor(dialect, coltype)
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return as_utc(value)
 
-        def process(value: Any) -> Any:
-            if parent is not None:
-                value = parent(value)
-            if isinstance(value, datetime) and value.tzinfo is None:
-                value = value.replace(tzinfo=UTC)
-            return value
 
-        return process
+def as_utc(value: datetime | None) -> datetime | None:
+    """`value` as an aware UTC datetime (a naive one is taken to be UTC, as this service writes them)."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def iso_utc(value: datetime | None) -> str | None:
+    """The ISO 8601 form of a timestamp in a response, always with its offset (+00:00); None stays None."""
+    utc = as_utc(value)
+    return utc.isoformat() if utc is not None else None
 
 
 class Base(DeclarativeBase):
@@ -65,7 +76,7 @@ class Base(DeclarativeBase):
 
 class ApiKey(Base):
     __tablename__ = "api_keys"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200), default="")
     prefix: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
@@ -75,7 +86,7 @@ class ApiKey(Base):
 
 class Dataset(Base):
     __tablename__ = "datasets"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=new_id)
     owner: Mapped[str] = mapped_column(String(64), index=True)
     filename: Mapped[str] = mapped_column(String(500))
     format: Mapped[str] = mapped_column(String(16))
@@ -99,7 +110,7 @@ class Dataset(Base):
 class HubModel(Base):
     __tablename__ = "models"
     __table_args__ = (UniqueConstraint("source", "locator", "revision", name="uq_models_source_locator_revision"),)
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(300))
     source: Mapped[str] = mapped_column(String(16))  # "hf" | "local"
     # hf: the repo id; local: the absolute folder path.
@@ -115,7 +126,7 @@ class HubModel(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=new_id)
     owner: Mapped[str] = mapped_column(String(64), index=True)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
     candidates: Mapped[list] = mapped_column(JSON)

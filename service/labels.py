@@ -11,11 +11,14 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from service.tabular import MISSING, DatasetProblem, show
+from service.tabular import MISSING, DatasetProblem, check_unicode, show
 
 MULTILABEL_SEPARATORS = ("|", ";", ",")
 
 _INT_RE = re.compile(r"[+-]?\d+")
+# Regression targets are standardised (mean, variance) in float64; below this their squares and sums cannot
+# overflow, and the differences between them stay representable.
+MAX_REGRESSION_TARGET = 1e15
 
 
 @dataclass
@@ -124,11 +127,7 @@ def _multi_labels(value: Any, row: int, column: str, separator: str) -> set[str]
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
-            try:
-                items = json.loads(text)
-            except ValueError as exc:
-                raise DatasetProblem(422, "unparsable label", f"row {row}: {column!r} starts with '[' but is not a "
-                                     f"JSON list ({exc.msg})", field="label_column", row=row) from exc
+            items = _json_list(text, row, column)
             if not isinstance(items, list):
                 raise DatasetProblem(422, "unparsable label", f"row {row}: {column!r} is not a JSON list",
                                      field="label_column", row=row)
@@ -142,21 +141,53 @@ def _multi_labels(value: Any, row: int, column: str, separator: str) -> set[str]
     return {n for n in names if n is not None}
 
 
+def _json_list(text: str, row: int, column: str) -> Any:
+    """A label cell starting with "[" read as JSON; the row named for one that is not JSON or not Unicode text."""
+    try:
+        items = json.loads(text)
+    except RecursionError as exc:
+        raise DatasetProblem(422, "unparsable label", f"row {row}: {column!r} starts with '[' but is nested too "
+                             "deeply", field="label_column", row=row) from exc
+    except ValueError as exc:
+        raise DatasetProblem(422, "unparsable label", f"row {row}: {column!r} starts with '[' but is not a "
+                             f"JSON list ({getattr(exc, 'msg', exc)})", field="label_column", row=row) from exc
+    check_unicode(items, f"row {row}", field="label_column", row=row)
+    return items
+
+
 def _number_label(value: Any, row: int, column: str) -> float:
     if _missing_label(value):
         _raise_missing_label(row, column)
-    number: float | None = None
-    if isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            number = None
-    elif isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
-        number = float(value)
-    if number is None or not math.isfinite(number):
+    number = _as_float(value)
+    if number is None or math.isnan(number) or (math.isinf(number) and not _too_large(value)):
         raise DatasetProblem(422, "unparsable label", f"row {row}: {show(value)} in {column!r} is not a finite "
                              "number", field="label_column", row=row)
+    if abs(number) >= MAX_REGRESSION_TARGET:
+        raise DatasetProblem(422, "label out of range", f"row {row}: {show(value)} in {column!r} is too large; "
+                             f"regression targets must be below {MAX_REGRESSION_TARGET:g} in magnitude (rescale "
+                             "them)", field="label_column", row=row)
     return number
+
+
+def _as_float(value: Any) -> float | None:
+    """A label cell as a float (infinite for a number beyond a float's range); None if it is not a number."""
+    try:
+        if isinstance(value, str):
+            return float(value.strip())
+        if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
+            return float(value)
+    except ValueError:
+        return None
+    except OverflowError:  # an integer beyond a float's range (a JSON number of 400 digits)
+        return math.inf
+    return None
+
+
+def _too_large(value: Any) -> bool:
+    """Whether an infinite float came from a finite number too large for a float, not from inf itself."""
+    if isinstance(value, str):
+        return value.strip().lstrip("+-").lower() not in ("inf", "infinity")
+    return isinstance(value, int) or (isinstance(value, Decimal) and value.is_finite())
 
 
 def _sort_names(names: set[str]) -> list[str]:

@@ -1,16 +1,21 @@
 """The API's request bodies and response bodies. Torch-free; the names they accept come from service.contract.
 
-Responses are documented as they are rendered: timestamps are the ISO 8601 strings of Python's isoformat(), fields
-that may be null are present as null, and a ranking entry carries its estimator's details as extra keys.
+Responses are documented as they are rendered: timestamps are the ISO 8601 strings of Python's isoformat(), in UTC
+with their offset (+00:00) on both databases, fields that may be null are present as null, and a ranking entry
+carries its estimator's details as extra keys. Request bodies are RequestModels: strings hold no NUL and no lone
+surrogate, and fit the column that stores them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Generic, Literal, TypeVar
+import re
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.contract import MODALITIES, TASKS, JobStatus, TuneSpec
+from service.contract import LIMITS, MODALITIES, TASKS, JobStatus, TuneSpec
+from service.contract.text import ID_LENGTH, RequestModel
+from service.db import HubModel
 
 __all__ = [
     "CheckpointFileOut", "CheckpointOut", "DatasetOut", "HalvingSpec", "Health", "JobCreate", "JobOut", "ModelCreate",
@@ -19,44 +24,64 @@ __all__ = [
 
 ItemT = TypeVar("ItemT")
 
+# The hub's own rules for a repository id (huggingface_hub.utils.validate_repo_id): [org/]name of letters, digits,
+# "-", "_" and ".", at most 96 characters, no "--" or "..", "-" or "." neither first nor last, no ".git" ending.
+HUB_REPO_ID_LENGTH = 96
+_HUB_NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
+_HUB_REPO_ID = re.compile(rf"(?:{_HUB_NAME}/)?{_HUB_NAME}")
+PATH_LENGTH = 4096  # PATH_MAX on Linux
+_NAME_LENGTH = 64  # an estimator's name (service.contract.ESTIMATORS)
+
 # ---- requests -------------------------------------------------------------------------------------------------
 
 
-class ModelCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ModelCreate(RequestModel):
     source: Literal["hf", "local"]
-    repo_id: str | None = Field(default=None, description="hf: the hub repository id, e.g. org/name")
-    revision: str | None = Field(default=None, description="hf: a commit hash, tag or branch (default main)")
-    path: str | None = Field(default=None, description="local: a folder the server can read")
-    name: str | None = None
+    repo_id: str | None = Field(default=None, max_length=HUB_REPO_ID_LENGTH,
+                                description="hf: the hub repository id, e.g. org/name")
+    revision: str | None = Field(default=None, max_length=HubModel.revision.type.length,
+                                 description="hf: a commit hash, tag or branch (default main)")
+    path: str | None = Field(default=None, max_length=PATH_LENGTH, description="local: a folder the server can read")
+    name: str | None = Field(default=None, max_length=HubModel.name.type.length)
+
+    @field_validator("repo_id")
+    @classmethod
+    def _hub_repo_id(cls, value: str | None) -> str | None:
+        """The hub refuses other ids when the worker downloads; refused here instead. Blank is a missing id."""
+        if value is None or not value.strip():
+            return None
+        if not _HUB_REPO_ID.fullmatch(value) or "--" in value or ".." in value or value.endswith(".git"):
+            raise ValueError("not a hub repository id: [org/]name of letters, digits, '-', '_' and '.' (no '--' "
+                             "or '..', '-' and '.' neither first nor last, no '.git' ending)")
+        return value
 
     def missing_locator(self) -> str | None:
         """The field a source needs and lacks, named in the 422."""
         if self.source == "hf" and not self.repo_id:
             return "repo_id"
-        if self.source == "local" and not self.path:
+        if self.source == "local" and not (self.path and self.path.strip()):
             return "path"
         return None
 
 
-class HalvingSpec(BaseModel):
+class HalvingSpec(RequestModel):
     """Successive halving: score every candidate on a small stratified sample, drop the ones confidently behind
     the leader (paired bootstrap), grow the sample for the rest; nested samples reuse earlier features."""
 
-    model_config = ConfigDict(extra="forbid")
     initial_rows: int = Field(default=256, ge=16)
     growth: float = Field(default=2.0, gt=1.0, le=16.0)
     confidence: float = Field(default=0.95, gt=0.5, le=1.0)
     min_models: int = Field(default=1, ge=1)
 
 
-class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    dataset_id: str
-    candidates: list[str] | None = Field(default=None, description="model ids; default all compatible models")
-    metrics: list[str] = Field(default_factory=lambda: ["logme"], min_length=1)
+class JobCreate(RequestModel):
+    dataset_id: str = Field(max_length=ID_LENGTH)
+    candidates: list[Annotated[str, Field(max_length=ID_LENGTH)]] | None = Field(
+        default=None, description="model ids; default all compatible models")
+    metrics: list[Annotated[str, Field(max_length=_NAME_LENGTH)]] = Field(default_factory=lambda: ["logme"],
+                                                                         min_length=1)
     sample_size: int | None = Field(default=None, ge=10, description="rank on a stratified sample of this many rows")
-    seed: int = 0
+    seed: int = Field(default=0, ge=LIMITS["seed"][0], le=LIMITS["seed"][1])
     pooling: Literal["mean", "head"] = Field(
         default="mean", description="features the estimators see: mean over tokens, or the token a "
         "sequence-classification head reads (the last for decoder-only models, the first for encoders)")

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from service.contract.text import first_text_error
+
 CSV_DELIMITERS = (",", "\t", ";")
 
 _BOM = codecs.BOM_UTF8
@@ -163,11 +165,7 @@ def _json_objects(path: Path) -> Iterator[tuple[int, Any]]:
                                      row=line_no) from exc
             if not line.strip():
                 continue
-            try:
-                yield line_no, json.loads(line)
-            except ValueError as exc:
-                raise DatasetProblem(422, "malformed JSON", f"line {line_no}: {exc}", field="file",
-                                     row=line_no) from exc
+            yield line_no, parse_json(line, f"line {line_no}", row=line_no)
 
 
 def _json_array(path: Path) -> Iterator[tuple[int, Any]]:
@@ -180,14 +178,41 @@ def _json_array(path: Path) -> Iterator[tuple[int, Any]]:
         line = data.count(b"\n", 0, exc.start) + 1
         raise DatasetProblem(422, "wrong encoding", f"line {line} is not UTF-8 (byte 0x{data[exc.start]:02x}); "
                              "save the file as UTF-8", field="file") from exc
-    try:
-        items = json.loads(text)
-    except ValueError as exc:
-        raise DatasetProblem(422, "malformed JSON", str(exc), field="file") from exc
+    items = parse_json(text, "", unicode=False)
     if not isinstance(items, list):
         raise DatasetProblem(422, "malformed JSON", "expected one object per line or one array of objects",
                              field="file")
-    yield from enumerate(items, start=1)
+    escapes = "\\u" in text
+    for row, item in enumerate(items, start=1):
+        if escapes:
+            check_unicode(item, f"element {row}", row=row)
+        yield row, item
+
+
+def parse_json(text: str, where: str, field: str = "file", row: int | None = None, unicode: bool = True) -> Any:
+    """json.loads(text), or a DatasetProblem naming `where` ("line 3"; "" for the whole file) and the row for JSON
+    that is malformed or nested deeper than the parser can follow; with `unicode`, also for a lone surrogate escape
+    (see check_unicode)."""
+    prefix = f"{where}: " if where else ""
+    try:
+        value = json.loads(text)
+    except RecursionError as exc:
+        raise DatasetProblem(422, "malformed JSON", f"{prefix}nested too deeply", field=field, row=row) from exc
+    except ValueError as exc:
+        raise DatasetProblem(422, "malformed JSON", f"{prefix}{exc}", field=field, row=row) from exc
+    if unicode and "\\u" in text:  # only a \u escape can spell a surrogate: the text itself is valid UTF-8
+        check_unicode(value, where, field, row)
+    return value
+
+
+def check_unicode(value: Any, where: str, field: str = "file", row: int | None = None) -> None:
+    """A DatasetProblem for a string in a parsed JSON value holding a lone surrogate ("\\ud800" decodes to one):
+    no Unicode text, nothing could store or return it."""
+    found = first_text_error(value, nul=False)
+    if found:
+        at = f"at {found[0].lstrip('.')}, " if found[0] else ""
+        raise DatasetProblem(422, "not Unicode text", f"{where}: {at}{found[1]}" if where else f"{at}{found[1]}",
+                             field=field, row=row)
 
 
 # ---- Parquet --------------------------------------------------------------------------------------------------

@@ -6,10 +6,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from pydantic import AfterValidator
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from service.api.problems import Problem
+from service.contract.text import checked_text
 from service.db import ApiKey, Dataset, Job
 from service.jobs import SendTask
 from service.security import LOCAL_OWNER, hash_key
@@ -28,6 +30,9 @@ def get_send(request: Request) -> SendTask:
     return request.app.state.send
 
 
+# A path parameter (an id, a name, a file path): a NUL or a lone surrogate is a 422 naming it, not a database error.
+PathText = Annotated[str, AfterValidator(checked_text)]
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionsDep = Annotated[sessionmaker, Depends(get_sessions)]
 SendDep = Annotated[SendTask, Depends(get_send)]
@@ -42,12 +47,13 @@ def current_owner(request: Request, sessions: SessionsDep) -> str:
         if request.app.state.keyless:
             return LOCAL_OWNER
         raise Problem(401, "API key required", "send Authorization: Bearer <key> (create one with "
-                      "`hubtune keys create`)")
+                      "`hubtune keys create`)", headers={"WWW-Authenticate": "Bearer"})
     with sessions() as session:
         found = session.execute(select(ApiKey).where(ApiKey.key_hash == hash_key(key),
                                                      ApiKey.revoked_at.is_(None))).scalar_one_or_none()
     if found is None:
-        raise Problem(401, "invalid API key", "this key is unknown or revoked")
+        raise Problem(401, "invalid API key", "this key is unknown or revoked",
+                      headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
     return found.id
 
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
+from fastapi import Query
 from sqlalchemy import Select, func, select
 
 from service.schemas import Page
 
 PageT = TypeVar("PageT", bound=Page)
+
+# The largest offset a list takes: beyond a signed 64-bit integer both databases fail, and no list is this long.
+MAX_OFFSET = 2**31 - 1
+OffsetQuery = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="items to skip")]
 
 
 def paginate(session: Any, query: Select, limit: int, offset: int, render: Callable[[Any], Any],

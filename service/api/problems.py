@@ -3,6 +3,7 @@ row, or the file inside a zip) at fault, and /openapi.json documents it so."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -11,20 +12,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.catalog import ModelFolderProblem
 from service.tabular import DatasetProblem
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 class Problem(Exception):
     """An RFC 9457 problem: rendered as application/problem+json with the field or row at fault."""
 
     def __init__(self, status: int, title: str, detail: str = "", field: str | None = None, row: int | None = None,
-                 **extra: Any) -> None:
+                 headers: dict[str, str] | None = None, **extra: Any) -> None:
         super().__init__(detail or title)
         self.status, self.title, self.detail, self.field, self.row = status, title, detail, field, row
+        self.headers = headers  # e.g. WWW-Authenticate on a 401
         self.extra = extra  # further members of the body
 
 
@@ -63,15 +67,26 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ProblemDetail, "description": _DESCRIPTIONS[status]} for status in statuses}
 
 
-def problem_response(status: int, title: str, detail: str, instance: str, **members: Any) -> JSONResponse:
+class ProblemResponse(JSONResponse):
+    """problem+json written as ASCII JSON: a problem may echo what the request sent (a field name, a column), and a
+    lone surrogate in it must come back escaped, not fail to encode."""
+
+    media_type = PROBLEM_MEDIA_TYPE
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def problem_response(status: int, title: str, detail: str, instance: str, headers: dict[str, str] | None = None,
+                     **members: Any) -> JSONResponse:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, "instance": instance}
     body.update({k: v for k, v in members.items() if v is not None})
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE)
+    return ProblemResponse(body, status_code=status, headers=headers)
 
 
 async def _problem(request: Request, exc: Problem) -> JSONResponse:
-    return problem_response(exc.status, exc.title, exc.detail, str(request.url.path), field=exc.field, row=exc.row,
-                            **exc.extra)
+    return problem_response(exc.status, exc.title, exc.detail, str(request.url.path), headers=exc.headers,
+                            field=exc.field, row=exc.row, **exc.extra)
 
 
 async def _dataset_problem(request: Request, exc: DatasetProblem) -> JSONResponse:
@@ -83,16 +98,40 @@ async def _model_folder_problem(request: Request, exc: ModelFolderProblem) -> JS
     return problem_response(exc.status, exc.title, exc.detail, str(request.url.path), field=exc.field)
 
 
+def field_name(loc: tuple[Any, ...] | list[Any]) -> str:
+    """A pydantic error location as the API names fields: tune.regularizer.params.alpha, candidates[0]."""
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path", "form", "header", "cookie"):
+        parts = parts[1:]  # where FastAPI read it; a field may itself be named "path"
+    name = ""
+    for part in parts:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name
+
+
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = [{"field": ".".join(str(p) for p in e["loc"] if p not in ("body", "query", "path", "form")),
-               "message": e["msg"]} for e in exc.errors()]
+    errors = [{"field": field_name(e["loc"]), "message": e["msg"]} for e in exc.errors()]
     first = errors[0] if errors else {"field": None, "message": "invalid request"}
     return problem_response(422, "invalid request", f"{first['field']}: {first['message']}", str(request.url.path),
                             field=first["field"], errors=errors)
 
 
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return problem_response(exc.status_code, str(exc.detail), str(exc.detail), str(request.url.path))
+    """Starlette's own errors (404 for no route, 405), as problem+json with their headers; a 405's Allow lists the
+    methods of every route at the path (Starlette names only the first route's)."""
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = allowed_methods(request) or headers.get("Allow", "")
+    return problem_response(exc.status_code, str(exc.detail), str(exc.detail), str(request.url.path),
+                            headers=headers or None)
+
+
+def allowed_methods(request: Request) -> str:
+    """The methods some route of the app answers at the request's path, e.g. "GET, HEAD, POST"."""
+    routes = request.app.router.routes
+    allowed = [method for method in _METHODS if any(
+        route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)]
+    return ", ".join(allowed)
 
 
 def install_problems(app: FastAPI) -> None:

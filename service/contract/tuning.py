@@ -15,9 +15,10 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from service.contract.names import STRATEGIES
+from service.contract.text import ID_LENGTH, RequestModel
 
 # (low, high) of the settings a request and a run both take; a request cannot ask for what a run refuses.
 LIMITS: dict[str, tuple[float, float]] = {
@@ -312,8 +313,7 @@ class TuneConfig:
         return data
 
 
-class RegularizerSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RegularizerSpec(RequestModel):
     name: Literal[tuple(REGULARIZER_PARAMS)] = "none"  # type: ignore[valid-type]
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -323,13 +323,13 @@ def _limit(name: str) -> dict[str, float]:
     return {"ge": low, "le": high}
 
 
-class TuneSpec(BaseModel):
+class TuneSpec(RequestModel):
     """A job's `tune` block; every default is documented in docs/tuning.md."""
 
-    model_config = ConfigDict(extra="forbid")
     strategy: Literal[STRATEGIES] = "finetune"  # type: ignore[valid-type]
     top_k: int = Field(default=1, ge=1, le=20, description="finetune: tune the top-k; btuning: number of teachers")
-    target: str | None = Field(default=None, description="model id to tune; default the top-ranked")
+    target: str | None = Field(default=None, max_length=ID_LENGTH,
+                               description="model id to tune; default the top-ranked")
     regularizer: RegularizerSpec = Field(default_factory=RegularizerSpec)
     tradeoff: float | list[float] | Literal["auto"] = Field(
         default="auto", description="btuning: weight of the distillation term; \"auto\" (0.01, 0.1, 1, 10, then "

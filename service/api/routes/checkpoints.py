@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 
-from service.api.deps import OwnerDep, SessionsDep, owned_job
+from service.api.deps import OwnerDep, PathText, SessionsDep, owned_job
 from service.api.problems import Problem, problem_responses
 from service.db import Checkpoint, HubModel
 from service.schemas import CheckpointOut
@@ -17,7 +17,7 @@ router = APIRouter(prefix="/jobs/{job_id}/checkpoints", tags=["checkpoints"])
 
 
 @router.get("", responses=problem_responses(401, 404, 422))
-def list_checkpoints(job_id: str, sessions: SessionsDep, who: OwnerDep) -> list[CheckpointOut]:
+def list_checkpoints(job_id: PathText, sessions: SessionsDep, who: OwnerDep) -> list[CheckpointOut]:
     with sessions() as session:
         owned_job(session, job_id, who)
         rows = session.execute(select(Checkpoint, HubModel).join(HubModel, HubModel.id == Checkpoint.model_id)
@@ -28,7 +28,7 @@ def list_checkpoints(job_id: str, sessions: SessionsDep, who: OwnerDep) -> list[
 @router.get("/{name}/files/{file_path:path}", response_class=FileResponse, responses={
     200: {"content": {"application/octet-stream": {}}, "description": "The file; X-Checksum-Sha256 is its SHA-256"},
     **problem_responses(401, 404, 422)})
-def download_checkpoint_file(job_id: str, name: str, file_path: str, sessions: SessionsDep,
+def download_checkpoint_file(job_id: PathText, name: PathText, file_path: PathText, sessions: SessionsDep,
                              who: OwnerDep) -> FileResponse:
     """One file the checkpoint lists (only those: no path leaves the checkpoint)."""
     with sessions() as session:
@@ -40,5 +40,9 @@ def download_checkpoint_file(job_id: str, name: str, file_path: str, sessions: S
     listed = {f["path"]: f for f in checkpoint.files}
     if file_path not in listed:  # only files recorded in the checkpoint are served: no path traversal
         raise Problem(404, "file not found", f"{file_path} is not part of checkpoint {name}")
-    return FileResponse(Path(checkpoint.path) / file_path, filename=Path(file_path).name,
+    stored = Path(checkpoint.path) / file_path
+    if not stored.is_file():  # recorded, but gone from disk (deleted or a lost volume): not found, not a 500
+        raise Problem(404, "file missing", f"{file_path} of checkpoint {name} is recorded but no longer stored",
+                      field="file_path")
+    return FileResponse(stored, filename=Path(file_path).name,
                         headers={"X-Checksum-Sha256": listed[file_path]["sha256"]})

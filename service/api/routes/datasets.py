@@ -8,23 +8,37 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from pydantic import AfterValidator
 from sqlalchemy import select
 
 from service import datasets as dataset_files
-from service.api.deps import OwnerDep, SessionsDep, SettingsDep, owned_dataset
-from service.api.pages import paginate
+from service.api.deps import OwnerDep, PathText, SessionsDep, SettingsDep, owned_dataset
+from service.api.pages import OffsetQuery, paginate
 from service.api.problems import Problem, problem_responses
-from service.db import Dataset, new_id
+from service.contract.text import checked_text, text_error
+from service.db import Dataset, iso_utc, new_id
 from service.schemas import DatasetOut, Page
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+_COLUMN_LENGTH = Dataset.text_column.type.length
+_FILENAME_LENGTH = Dataset.filename.type.length
+
+
+def _checked_optional(value: str | None) -> str | None:
+    return None if value is None else checked_text(value)
+
+
+# A form field naming a column (or the task): storable text, no longer than the column that records it.
+ColumnForm = Annotated[str, Form(max_length=_COLUMN_LENGTH), AfterValidator(checked_text)]
+OptionalColumnForm = Annotated[str | None, Form(max_length=_COLUMN_LENGTH), AfterValidator(_checked_optional)]
 
 
 def dataset_out(d: Dataset) -> DatasetOut:
     return DatasetOut(id=d.id, filename=d.filename, format=d.format, task=d.task, modality=d.modality, rows=d.rows,
                       text_column=d.text_column, text_pair_column=d.text_pair_column, image_column=d.image_column,
                       label_column=d.label_column, label_names=d.label_names, class_counts=d.class_counts,
-                      sha256=d.sha256, size_bytes=d.size_bytes, created_at=d.created_at.isoformat())
+                      sha256=d.sha256, size_bytes=d.size_bytes, created_at=iso_utc(d.created_at))
 
 
 def check_declared_size(request: Request, max_bytes: int) -> None:
@@ -35,15 +49,28 @@ def check_declared_size(request: Request, max_bytes: int) -> None:
                       f"{max_bytes} (HUBTUNE_MAX_UPLOAD_BYTES)", field="file")
 
 
+def checked_filename(filename: str | None) -> str:
+    """The uploaded file's name as recorded ("upload" if none), or a 422 naming `file` for one that cannot be."""
+    name = filename or "upload"
+    error = text_error(name)
+    if error:
+        raise Problem(422, "invalid file name", f"the file name {error}", field="file")
+    if len(name) > _FILENAME_LENGTH:
+        raise Problem(422, "file name too long", f"the file name has {len(name)} characters; at most "
+                      f"{_FILENAME_LENGTH} are recorded", field="file")
+    return name
+
+
 @router.post("", status_code=201, responses=problem_responses(401, 413, 415, 422))
 async def upload_dataset(request: Request, settings: SettingsDep, sessions: SessionsDep, who: OwnerDep,
-                         file: Annotated[UploadFile, File()], task: Annotated[str, Form()],
-                         text_column: Annotated[str, Form()] = "text", label_column: Annotated[str, Form()] = "label",
-                         image_column: Annotated[str | None, Form()] = None,
-                         text_pair_column: Annotated[str | None, Form()] = None) -> DatasetOut:
+                         file: Annotated[UploadFile, File()], task: ColumnForm,
+                         text_column: ColumnForm = "text", label_column: ColumnForm = "label",
+                         image_column: OptionalColumnForm = None,
+                         text_pair_column: OptionalColumnForm = None) -> DatasetOut:
     """Upload CSV, JSON lines, Parquet or a zip of images; every rejection names the field and row at fault, and
     leaves nothing stored."""
     check_declared_size(request, settings.max_upload_bytes)
+    filename = checked_filename(file.filename)
     dataset_id = new_id()
     scratch = settings.datasets_dir / f".upload-{uuid.uuid4().hex}"
     final_dir = settings.datasets_dir / dataset_id
@@ -62,7 +89,7 @@ async def upload_dataset(request: Request, settings: SettingsDep, sessions: Sess
         await run_in_threadpool(dataset_files.write_normalized, parsed, task, data_path)
         with sessions.begin() as session:
             images = parsed.modality == "image"
-            dataset = Dataset(id=dataset_id, owner=who, filename=file.filename or "upload", format=fmt,
+            dataset = Dataset(id=dataset_id, owner=who, filename=filename, format=fmt,
                               task=task, modality=parsed.modality, text_column=None if images else text_column,
                               text_pair_column=text_pair_column or None,
                               image_column=parsed.image_column,
@@ -80,7 +107,7 @@ async def upload_dataset(request: Request, settings: SettingsDep, sessions: Sess
 
 @router.get("", responses=problem_responses(401, 422))
 def list_datasets(sessions: SessionsDep, who: OwnerDep, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                  offset: Annotated[int, Query(ge=0)] = 0) -> Page[DatasetOut]:
+                  offset: OffsetQuery = 0) -> Page[DatasetOut]:
     """The key's datasets, newest first."""
     with sessions() as session:
         query = select(Dataset).where(Dataset.owner == who).order_by(Dataset.created_at.desc(), Dataset.id)
@@ -88,6 +115,6 @@ def list_datasets(sessions: SessionsDep, who: OwnerDep, limit: Annotated[int, Qu
 
 
 @router.get("/{dataset_id}", responses=problem_responses(401, 404, 422))
-def get_dataset(dataset_id: str, sessions: SessionsDep, who: OwnerDep) -> DatasetOut:
+def get_dataset(dataset_id: PathText, sessions: SessionsDep, who: OwnerDep) -> DatasetOut:
     with sessions() as session:
         return dataset_out(owned_dataset(session, dataset_id, who))

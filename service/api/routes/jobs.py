@@ -12,11 +12,11 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from service import jobs as job_states
-from service.api.deps import OwnerDep, SendDep, SessionsDep, owned_dataset, owned_job
-from service.api.pages import paginate
+from service.api.deps import OwnerDep, PathText, SendDep, SessionsDep, owned_dataset, owned_job
+from service.api.pages import OffsetQuery, paginate
 from service.api.problems import Problem, problem_responses
 from service.contract import ESTIMATORS, TERMINAL, JobPhase, estimator_applies, resolve_regularizer
-from service.db import Dataset, HubModel, Job, ranking_rows
+from service.db import Dataset, HubModel, Job, iso_utc, ranking_rows
 from service.schemas import JobCreate, JobOut, Page, RankingEntryOut
 
 log = logging.getLogger("hubtune.api")
@@ -34,9 +34,8 @@ def job_out(session: Any, job: Job) -> JobOut:
                   ranking=ranking, ranking_summary=job.ranking_summary, tuning=job.tuning, error=job.error,
                   ranked_by=(job.ranking_summary or {}).get("ranked_by"),
                   verdict=(job.ranking_summary or {}).get("verdict"),
-                  attempts=job.attempts, created_at=job.created_at.isoformat(),
-                  started_at=job.started_at.isoformat() if job.started_at else None,
-                  finished_at=job.finished_at.isoformat() if job.finished_at else None)
+                  attempts=job.attempts, created_at=iso_utc(job.created_at), started_at=iso_utc(job.started_at),
+                  finished_at=iso_utc(job.finished_at))
 
 
 def check_metrics(body: JobCreate, dataset: Dataset) -> None:
@@ -141,7 +140,7 @@ def create_job(body: JobCreate, sessions: SessionsDep, send: SendDep, who: Owner
 
 @router.get("", responses=problem_responses(401, 422))
 def list_jobs(sessions: SessionsDep, who: OwnerDep, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-              offset: Annotated[int, Query(ge=0)] = 0) -> Page[JobOut]:
+              offset: OffsetQuery = 0) -> Page[JobOut]:
     """The key's jobs, newest first."""
     with sessions() as session:
         query = select(Job).where(Job.owner == who).order_by(Job.created_at.desc(), Job.id)
@@ -149,13 +148,13 @@ def list_jobs(sessions: SessionsDep, who: OwnerDep, limit: Annotated[int, Query(
 
 
 @router.get("/{job_id}", responses=problem_responses(401, 404, 422))
-def get_job(job_id: str, sessions: SessionsDep, who: OwnerDep) -> JobOut:
+def get_job(job_id: PathText, sessions: SessionsDep, who: OwnerDep) -> JobOut:
     with sessions() as session:
         return job_out(session, owned_job(session, job_id, who))
 
 
 @router.post("/{job_id}/cancel", status_code=202, responses=problem_responses(401, 404, 409, 422))
-def cancel_job(job_id: str, sessions: SessionsDep, who: OwnerDep) -> JobOut:
+def cancel_job(job_id: PathText, sessions: SessionsDep, who: OwnerDep) -> JobOut:
     """A queued job is cancelled at once; a running one stops at its next progress report."""
     with sessions() as session:
         job = owned_job(session, job_id, who)
