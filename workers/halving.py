@@ -37,7 +37,6 @@ from workers.pipeline import (
     examples_digest,
     load_dataset,
     model_features,
-    model_parameters,
     ranking_targets,
     ranking_verdict_for,
 )
@@ -154,10 +153,12 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
     run.run()
     ranking = _final_ranking(models, run.survivors, run.last_scores, run.last_boot, run.dropped, run.rounds, metric,
                              run.prior, run.feature_seconds)
+    for entry in ranking:
+        entry.details["parameters"] = run.parameters.get(entry.model_id)
     # an eliminated model is behind by that round's paired bootstrap
     behind = {m: float(info["p_leader_better"]) for m, info in run.dropped.items() if "p_leader_better" in info}
     verdict = ranking_verdict_for(ranking, metric, run.last_boot.get("replicates"), run.prior, run.rounds[-1].rows,
-                                  model_parameters(models, hf_cache_dir), behind=behind)
+                                  behind=behind)
     run.report("ranked", 1.0)
     return HalvingResult(ranking=ranking, rounds=run.rounds, metric=metric, total_rows=n,
                          forward_seconds=run.total_forward, extraction_seconds=run.total_extraction,
@@ -186,6 +187,7 @@ class _Halving:
         self.total_forward = self.total_extraction = 0.0
         self.rows_models = 0
         self.feature_seconds: dict[str, float] = {m.id: 0.0 for m in models}
+        self.parameters: dict[str, int] = {}  # as each model's feature extraction counted them
         self.prior: float | None = None
         self.survivors = [m.id for m in models]
         self.rounds: list[HalvingRound] = []
@@ -246,6 +248,7 @@ class _Halving:
                 continue
             self.chunks[model_id].append(np.asarray(selected))  # float32 until scored: half the memory
             self.prob_chunks[model_id].append(result.source_probs)
+            self.parameters[model_id] = int(result.num_parameters)
             self.done_units += len(new_rows)
             if not from_cache:
                 round_forward += float(result.forward_seconds)

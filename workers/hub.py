@@ -6,8 +6,6 @@ No torch or transformers here; huggingface_hub is imported only when a hub model
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +18,6 @@ HUB_IGNORE = ["*/*"]
 # Files that decide a local folder's content revision (dotfiles and subfolders are not part of the model).
 _MODEL_SUFFIXES = {".json", ".txt", ".model", ".tiktoken", ".safetensors", ".bin", ".gguf"}
 _SMALL_FILE = 1 << 20  # hashed in full below this size; larger files by size and modification time
-SAFETENSORS_HEADER_LIMIT = 100 << 20  # the format caps its JSON header at 100 MB
 
 
 class ModelResolutionError(Exception):
@@ -102,22 +99,3 @@ def _resolve_hf(repo_id: str, revision: str, cache_dir: Path | None) -> Resolved
         raise ModelResolutionError(f"{where} (commit {commit}) has no config.json: not a transformers model")
     return ResolvedModel(folder, commit)
 
-
-def parameter_count(folder: Path) -> int | None:
-    """Parameters in a model folder's safetensors files, read from their headers (no weights loaded, no torch);
-    None when the folder has no safetensors weights."""
-    total, found = 0, False
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        try:
-            with path.open("rb") as fh:
-                size = int.from_bytes(fh.read(8), "little")
-                if not 0 < size <= SAFETENSORS_HEADER_LIMIT:
-                    return None
-                header = json.loads(fh.read(size))
-        except (OSError, ValueError):
-            return None
-        for name, entry in header.items():
-            if name != "__metadata__" and isinstance(entry, dict):
-                total += math.prod(int(d) for d in entry.get("shape", []))
-        found = True
-    return total if found else None

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.hub import ResolvedModel, parameter_count, resolve_model
+from workers.hub import ResolvedModel, resolve_model
 from workers.sampling import stratified_sample
 
 log = logging.getLogger("hubtune.pipeline")
@@ -307,8 +307,7 @@ def rank_with_verdict(dataset: DatasetSpec, models: list[ModelSpec], metrics: li
     prior = prior_only_evidence(labels, dataset.task) if "logme" in metrics else None
     ranked = [_ranked_model(position, model, per_model[model.id], uncertainty, prior)
               for position, model in enumerate(order, start=1)]
-    verdict = ranking_verdict_for(ranked, metrics[0], uncertainty["replicates"], prior, len(examples),
-                                  model_parameters(order, hf_cache_dir))
+    verdict = ranking_verdict_for(ranked, metrics[0], uncertainty["replicates"], prior, len(examples))
     report("ranked", 1.0)
     return ranked, verdict
 
@@ -348,6 +347,7 @@ def _score_candidate(model: ModelSpec, stage: str, where: tuple[float, float], e
         "source_probs": result.source_probs,
         "feature_seconds": 0.0 if from_cache else float(result.total_seconds),
         "details": {"feature_dim": int(features.shape[1]), "rows": len(examples), "features_cached": from_cache,
+                    "parameters": int(result.num_parameters),
                     "forward_seconds": 0.0 if from_cache else float(result.forward_seconds),
                     "wall_seconds": time.perf_counter() - began},
     }
@@ -397,27 +397,14 @@ def _ranked_model(position: int, model: ModelSpec, info: dict[str, Any], uncerta
     return RankedModel(model.id, model.name, position, info["scores"], info["feature_seconds"], details)
 
 
-def model_parameters(models: list[ModelSpec], hf_cache_dir: Path | None) -> dict[str, int | None]:
-    """Each model's parameter count from its weights' headers (None where unknown or unresolvable): the static
-    baseline a ranking is compared with."""
-    out: dict[str, int | None] = {}
-    for model in models:
-        try:
-            out[model.id] = parameter_count(model.resolve(hf_cache_dir).path)
-        except Exception:  # a candidate that failed to resolve has no size; its failure is in its entry
-            out[model.id] = None
-    return out
-
-
 def ranking_verdict_for(ranked: list[RankedModel], estimator: str, replicates: dict[str, np.ndarray] | None,
-                        prior: float | None, rows: int, parameters: dict[str, int | None],
-                        behind: dict[str, float] | None = None) -> dict[str, Any]:
-    """The verdict of a ranking (workers.ranking.verdict), each entry's parameter count recorded beside it.
+                        prior: float | None, rows: int, behind: dict[str, float] | None = None) -> dict[str, Any]:
+    """The verdict of a ranking (workers.ranking.verdict); the static baseline reads each entry's `parameters`
+    (the loaded model's, as its feature extraction counted them; None for a model that failed).
     behind: P(top better) of models already known to be behind it (successive halving's eliminated ones)."""
     from workers.ranking.verdict import ranking_verdict
 
-    for entry in ranked:
-        entry.details["parameters"] = parameters.get(entry.model_id)
+    parameters = {r.model_id: r.details.get("parameters") for r in ranked}
     return ranking_verdict([r.model_id for r in ranked], {r.model_id: r.name for r in ranked}, estimator,
                            replicates, {r.model_id: r.scores for r in ranked}, prior, parameters, rows,
                            behind=behind)

@@ -63,16 +63,3 @@ def test_models_known_to_be_behind_count_as_distinguished() -> None:
     v = ranking_verdict(["a", "b", "c"], NAMES, "logme", reps, scores, None, {}, 50, behind={"c": 0.6})
     assert v["indistinguishable_from_top"] == ["c"]
 
-
-def test_parameter_count_reads_safetensors_headers(tmp_path) -> None:
-    import json
-    import struct
-
-    from workers.hub import parameter_count
-
-    header = json.dumps({"__metadata__": {"format": "pt"}, "w": {"dtype": "F32", "shape": [3, 4],
-                                                                 "data_offsets": [0, 48]},
-                         "b": {"dtype": "F32", "shape": [4], "data_offsets": [48, 64]}}).encode()
-    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(64))
-    assert parameter_count(tmp_path) == 16
-    assert parameter_count(tmp_path / "missing") is None
