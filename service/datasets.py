@@ -30,6 +30,8 @@ Rules (every rejection is a `DatasetProblem` the API renders as RFC 9457 problem
   escape ("\\ud800", no Unicode text), are rejected with their row.
 - Images: a zip, or Parquet with `image_column`; service.image_datasets holds their rules. Labels follow the rules
   above.
+- Bounds: what an upload may expand to (columns, header length, Parquet cells and decoded bytes, zip members,
+  pixels) is bounded by UploadLimits and the constants of service.tabular, each refusal naming its limit.
 
 This module is the entry point; the row readers live in service.tabular, the label rules in service.labels.
 """
@@ -47,15 +49,24 @@ from typing import TYPE_CHECKING, Any, Literal
 from service import image_datasets
 from service.contract import TASKS
 from service.labels import MULTILABEL_SEPARATORS, ParsedDataset, check_row_count, encode_labels
-from service.tabular import CSV_DELIMITERS, DatasetProblem, check_text, csv_records, json_records, parquet_records
+from service.tabular import (
+    CSV_DELIMITERS,
+    DatasetProblem,
+    UploadLimits,
+    check_text,
+    csv_records,
+    json_records,
+    parquet_records,
+)
 
 if TYPE_CHECKING:  # the API passes a Starlette UploadFile; typing only, so this module stays import-light
     from starlette.datastructures import UploadFile
 
 # What callers of the upload rules import from here (some defined in service.labels and service.tabular).
 __all__ = [
-    "CSV_DELIMITERS", "FORMATS", "MULTILABEL_SEPARATORS", "DatasetProblem", "ParsedDataset", "check_row_count",
-    "detect_format", "encode_labels", "parse_dataset", "read_normalized", "stream_upload_to_disk", "write_normalized",
+    "CSV_DELIMITERS", "FORMATS", "MULTILABEL_SEPARATORS", "DatasetProblem", "ParsedDataset", "UploadLimits",
+    "check_row_count", "detect_format", "encode_labels", "parse_dataset", "read_normalized", "stream_upload_to_disk",
+    "write_normalized",
 ]
 
 FORMATS = ("csv", "jsonl", "parquet", "zip")
@@ -122,13 +133,14 @@ def detect_format(filename: str, content_type: str | None,
 
 # ---- parsing --------------------------------------------------------------------------------------------------
 def parse_dataset(path: Path, fmt: str, task: str, text_column: str, label_column: str,
-                  min_rows: int = 2, image_column: str | None = None,
-                  max_image_bytes: int | None = None, text_pair_column: str | None = None) -> ParsedDataset:
+                  min_rows: int = 2, image_column: str | None = None, text_pair_column: str | None = None,
+                  limits: UploadLimits | None = None) -> ParsedDataset:
     """Validate the file against the task and columns; return examples and encoded labels (see the module rules).
 
-    A zip is an image dataset (service.image_datasets); so is Parquet with `image_column` set. max_image_bytes caps
-    the images' uncompressed bytes (a zip's members can expand far beyond the upload). With text_pair_column each
-    example is the pair (text, text_pair) of its row."""
+    A zip is an image dataset (service.image_datasets); so is Parquet with `image_column` set. `limits` bound what
+    the file may expand to once read (a zip's members, a Parquet file's dictionaries, images' pixels); default
+    the settings' defaults. With text_pair_column each example is the pair (text, text_pair) of its row."""
+    limits = limits or UploadLimits()
     if task not in TASKS:
         raise DatasetProblem(422, "unknown task", f"task must be one of {', '.join(TASKS)}; got {task!r}",
                              field="task")
@@ -140,7 +152,7 @@ def parse_dataset(path: Path, fmt: str, task: str, text_column: str, label_colum
                                  "text_pair_column names a second text column; an image dataset has none",
                                  field="text_pair_column")
         return image_datasets.parse_images(path, fmt, task, label_column, image_column=image_column,
-                                           min_rows=min_rows, max_bytes=max_image_bytes)
+                                           min_rows=min_rows, limits=limits)
     if text_column == label_column:
         raise DatasetProblem(422, "same column for text and label", f"both are {text_column!r}",
                              field="label_column")
@@ -156,7 +168,7 @@ def parse_dataset(path: Path, fmt: str, task: str, text_column: str, label_colum
     elif fmt == "jsonl":
         records = json_records(path, columns)
     else:
-        records = parquet_records(path, columns)
+        records = parquet_records(path, columns, limits.max_upload_bytes)
 
     examples: list[Any] = []
     raw_labels: list[Any] = []

@@ -18,8 +18,13 @@ Rules (every rejection is a `DatasetProblem`):
   position in path order, and `path` names it.
 - Parquet with `image_column`: binary cells, or structs with a `bytes` field (what Hugging Face `datasets` writes
   for its Image feature); a cell with only a path is an error (the server cannot read the client's files).
-- Each image must decode (Pillow) and have at most MAX_IMAGE_PIXELS pixels; the images' uncompressed bytes are
-  capped by the upload limit.
+- Bounds (service.tabular.UploadLimits; each a HUBTUNE_ setting, named with its value in the 422 that enforces
+  it, and the zip member or row at fault): one image file inflates to at most max_image_bytes, and all the zip's
+  files together to at most max_upload_bytes. A member is inflated in chunks with a running count, refused as soon
+  as it passes its bound, and refused before a byte is inflated when its declared size already does (an honest
+  zip bomb); one that declares fewer bytes than its data holds fails its CRC at the declared size (a lying one).
+  One image has at most max_image_pixels pixels, all of the upload's images at most max_upload_pixels together:
+  both read from the image's header before it is decoded. Then each image must decode (Pillow).
 """
 
 from __future__ import annotations
@@ -28,51 +33,89 @@ import io
 import uuid
 import warnings
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from service.labels import ParsedDataset, check_row_count, encode_labels
-from service.tabular import DatasetProblem, arrow_values, csv_records, json_records, show, unknown_column
+from service.tabular import (
+    DatasetProblem,
+    UploadLimits,
+    arrow_values,
+    csv_records,
+    json_records,
+    open_parquet,
+    read_parquet_columns,
+    show,
+    unknown_column,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 DEFAULT_FILE_COLUMN = "file_name"
-MAX_IMAGE_PIXELS = 40_000_000  # 8000 × 5000; larger is a decompression bomb or a scan no ranking model reads whole
 _SKIPPED_NAMES = {"thumbs.db", "desktop.ini"}
+_CHUNK = 1 << 20  # bytes inflated at a time
 
 
 def parse_images(path: Path, fmt: str, task: str, label_column: str, *, image_column: str | None = None,
-                 min_rows: int = 2, max_bytes: int | None = None) -> ParsedDataset:
+                 min_rows: int = 2, limits: UploadLimits | None = None) -> ParsedDataset:
     """Validate an image dataset (see the module rules); examples are the images' encoded bytes."""
+    limits = limits or UploadLimits()
     if fmt == "zip":
-        return _parse_zip(path, task, label_column, image_column, min_rows, max_bytes)
+        return _parse_zip(path, task, label_column, image_column, min_rows, limits)
     if fmt == "parquet":
-        return _parse_parquet(path, task, label_column, image_column or "image", min_rows, max_bytes)
+        return _parse_parquet(path, task, label_column, image_column or "image", min_rows, limits)
     raise DatasetProblem(422, "images must be inside the upload",
                          f"a {fmt.upper()} file cannot carry images; send a zip of class folders, a zip with "
                          "metadata.csv naming each image's file, or Parquet with the image bytes in image_column",
                          field="image_column")
 
 
-def check_image(data: bytes, row: int, where: str | None = None, field: str = "file") -> None:
-    """Decode the image fully; a DatasetProblem naming the row (and zip member) if it cannot be read."""
+class Pixels:
+    """The pixels of an upload's images so far, against max_image_pixels (each) and max_upload_pixels (all)."""
+
+    def __init__(self, limits: UploadLimits) -> None:
+        self.limits, self.total = limits, 0
+
+    def add(self, width: int, height: int, label: str, **where: Any) -> None:
+        pixels = width * height
+        if pixels > self.limits.max_image_pixels:
+            raise _over("image too large", f"{label} is {width}×{height} = {pixels} pixels; one image may have at "
+                        f"most {self.limits.max_image_pixels}", "HUBTUNE_MAX_IMAGE_PIXELS",
+                        self.limits.max_image_pixels, **where)
+        self.total += pixels
+        if self.total > self.limits.max_upload_pixels:
+            raise _over("too many pixels", f"{label} ({width}×{height}) brings the images to {self.total} pixels; "
+                        f"an upload's images may have at most {self.limits.max_upload_pixels} together",
+                        "HUBTUNE_MAX_UPLOAD_PIXELS", self.limits.max_upload_pixels, **where)
+
+
+def _over(title: str, detail: str, setting: str, value: int, field: str = "file", **where: Any) -> DatasetProblem:
+    """A 422 for an upload over one of its bounds, naming the setting and its value."""
+    return DatasetProblem(422, title, f"{detail} ({setting})", field=field, limit=setting, limit_value=value, **where)
+
+
+def check_image(data: bytes, row: int, pixels: Pixels, where: str | None = None, field: str = "file") -> None:
+    """Count the image's pixels from its header (refused over a bound before any is decoded), then decode it fully;
+    a DatasetProblem naming the row (and zip member) if it cannot be read."""
     from PIL import Image
 
     label = f"{where} (row {row})" if where else f"row {row}"
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own cap below decides
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise DatasetProblem(422, "image too large", f"{label} is {width}×{height} pixels; the limit is "
-                                         f"{MAX_IMAGE_PIXELS} pixels", field=field, row=row, path=where)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own bounds decide
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                pixels.add(*image.size, label, field=field, row=row, path=where)
                 image.load()
     except DatasetProblem:
         raise
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError...
+    except Image.DecompressionBombError as exc:  # over twice Pillow's own bound: refused by its header there
+        raise _over("image too large", f"{label} has more pixels than Pillow opens ({exc}); one image may have at "
+                    f"most {pixels.limits.max_image_pixels}", "HUBTUNE_MAX_IMAGE_PIXELS",
+                    pixels.limits.max_image_pixels, field=field, row=row, path=where) from exc
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError...
         raise DatasetProblem(422, "unreadable image", f"{label} is not an image Pillow can decode "
-                             f"({type(exc).__name__}: {exc})", field=field, row=row, path=where) from exc
+                             f"({type(exc).__name__}: {str(exc)[:200]})", field=field, row=row, path=where) from exc
 
 
 # ---- zip ------------------------------------------------------------------------------------------------------
@@ -104,32 +147,68 @@ def _is_image(name: str) -> bool:
 
 
 class _Reader:
-    """Reads members, keeping the total uncompressed bytes under the cap."""
+    """Inflates members in chunks with a running count, against max_image_bytes (one image) and max_upload_bytes
+    (all the members read); counts the images' pixels."""
 
-    def __init__(self, archive: zipfile.ZipFile, max_bytes: int | None) -> None:
-        self.archive, self.max_bytes, self.total = archive, max_bytes, 0
+    def __init__(self, archive: zipfile.ZipFile, limits: UploadLimits) -> None:
+        self.archive, self.limits, self.total = archive, limits, 0
+        self.pixels = Pixels(limits)
 
-    def read(self, name: str, info: zipfile.ZipInfo, row: int) -> bytes:
-        self.total += info.file_size
-        if self.max_bytes is not None and self.total > self.max_bytes:
-            raise DatasetProblem(413, "images too large", f"the zip's images exceed {self.max_bytes} bytes "
-                                 "uncompressed (HUBTUNE_MAX_UPLOAD_BYTES)", field="file", row=row, path=name)
+    def read(self, name: str, info: zipfile.ZipInfo, row: int, image: bool = True) -> bytes:
+        room = self.limits.max_upload_bytes - self.total
+        bound, setting = room, "HUBTUNE_MAX_UPLOAD_BYTES"
+        if image and self.limits.max_image_bytes < room:
+            bound, setting = self.limits.max_image_bytes, "HUBTUNE_MAX_IMAGE_BYTES"
+        if info.file_size > bound:  # refused on its declared size: nothing inflated
+            raise self._too_large(name, row, f"declares {info.file_size} bytes", bound, setting)
+        data = io.BytesIO()  # grows in place: its value is taken without a copy
+        count = 0
         try:
-            return self.archive.read(info)
-        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:  # CRC, unsupported method
+            with self.archive.open(info) as member:
+                while chunk := member.read(_CHUNK):
+                    count += len(chunk)
+                    if count > bound:  # zipfile stops at the declared size; this holds whatever it does
+                        raise self._too_large(name, row, f"inflates to more than {count - len(chunk)} bytes",
+                                              bound, setting)
+                    data.write(chunk)
+        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, zlib.error) as exc:
+            if _declares_too_few(info):
+                raise DatasetProblem(422, "zip member larger than it declares", f"{name} declares "
+                                     f"{info.file_size} bytes uncompressed, but its {info.compress_size} bytes of "
+                                     f"compressed data inflate to more; refused at its declared size",
+                                     field="file", row=row, path=name, limit="declared size",
+                                     limit_value=info.file_size) from exc
             raise DatasetProblem(422, "unreadable zip member", f"{name}: {exc}", field="file", row=row,
                                  path=name) from exc
+        self.total += count
+        return data.getvalue()
+
+    def _too_large(self, name: str, row: int, size: str, bound: int, setting: str) -> DatasetProblem:
+        if setting == "HUBTUNE_MAX_IMAGE_BYTES":
+            detail = f"{name} {size}; one image file may have at most {bound}"
+        else:
+            detail = (f"{name} {size}, with {self.total} bytes read before it; a zip's files may inflate to at "
+                      f"most {self.limits.max_upload_bytes} bytes together")
+        value = bound if setting == "HUBTUNE_MAX_IMAGE_BYTES" else self.limits.max_upload_bytes
+        return _over("zip member too large", detail, setting, value, row=row, path=name)
+
+
+def _declares_too_few(info: zipfile.ZipInfo) -> bool:
+    """Whether a deflated member's compressed data is longer than deflate could make its declared size: stored
+    blocks add 5 bytes per 16 KiB at worst (zlib's deflateBound, with room to spare)."""
+    bound = info.file_size + 5 * (info.file_size // 16383 + 1) + 64
+    return info.compress_type == zipfile.ZIP_DEFLATED and info.compress_size > bound
 
 
 def _parse_zip(path: Path, task: str, label_column: str, file_column: str | None, min_rows: int,
-               max_bytes: int | None) -> ParsedDataset:
+               limits: UploadLimits) -> ParsedDataset:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise DatasetProblem(422, "unreadable zip file", str(exc), field="file") from exc
     with archive:
         files = _members(archive)
-        reader = _Reader(archive, max_bytes)
+        reader = _Reader(archive, limits)
         metadata = [name for name in METADATA_FILES if name in files]
         if len(metadata) > 1:
             raise DatasetProblem(422, "two metadata files", "the zip holds both metadata.csv and metadata.jsonl; "
@@ -166,7 +245,7 @@ def _zip_of_class_folders(files: dict[str, zipfile.ZipInfo], reader: _Reader, ta
             raise DatasetProblem(422, "not an image", f"{name} is in class folder {folder!r} but is not one of "
                                  f"{', '.join(IMAGE_SUFFIXES)}", field="file", row=row, path=name)
         data = reader.read(name, files[name], row)
-        check_image(data, row, name)
+        check_image(data, row, reader.pixels, name)
         images.append(data)
         classes.append(folder.strip())
         rows.append(row)
@@ -191,7 +270,7 @@ def _zip_with_metadata(archive: zipfile.ZipFile, files: dict[str, zipfile.ZipInf
     # The CSV/JSONL readers take a path: the metadata goes to a scratch file beside the upload.
     scratch = upload.with_name(f".{upload.name}.{uuid.uuid4().hex}.{metadata_name}")
     try:
-        scratch.write_bytes(reader.read(metadata_name, files[metadata_name], 0))
+        scratch.write_bytes(reader.read(metadata_name, files[metadata_name], 0, image=False))
         columns = {"image": file_column, "label": label_column}
         if metadata_name.endswith(".csv"):
             records = list(csv_records(scratch, {k: v.strip() for k, v in columns.items()}))
@@ -218,7 +297,7 @@ def _zip_with_metadata(archive: zipfile.ZipFile, files: dict[str, zipfile.ZipInf
                                  "which is not in the zip (paths are relative to the metadata file's folder)",
                                  field="image_column", row=row, path=metadata_name)
         data = reader.read(name, files[name], row)
-        check_image(data, row, name)
+        check_image(data, row, reader.pixels, name)
         images.append(data)
         raw_labels.append(label)
         rows.append(row)
@@ -230,23 +309,19 @@ def _zip_with_metadata(archive: zipfile.ZipFile, files: dict[str, zipfile.ZipInf
 
 # ---- Parquet --------------------------------------------------------------------------------------------------
 def _parse_parquet(path: Path, task: str, label_column: str, image_column: str, min_rows: int,
-                   max_bytes: int | None) -> ParsedDataset:
+                   limits: UploadLimits) -> ParsedDataset:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     if image_column == label_column:
         raise DatasetProblem(422, "same column for image and label", f"both are {image_column!r}",
                              field="label_column")
-    try:
-        parquet = pq.ParquetFile(path)
-        names = list(parquet.schema_arrow.names)
-        if image_column not in names:
-            raise unknown_column("image", image_column, names)
-        if label_column not in names:
-            raise unknown_column("label", label_column, names)
-        table = parquet.read(columns=[image_column, label_column])
-    except (pa.ArrowException, OSError) as exc:
-        raise DatasetProblem(422, "unreadable Parquet file", str(exc), field="file") from exc
+    parquet = open_parquet(path)
+    names = list(parquet.schema_arrow.names)
+    if image_column not in names:
+        raise unknown_column("image", image_column, names)
+    if label_column not in names:
+        raise unknown_column("label", label_column, names)
+    table = read_parquet_columns(path, parquet, [image_column, label_column], limits.max_upload_bytes)
     column = table.column(image_column)
     if pa.types.is_struct(column.type):
         if column.type.get_field_index("bytes") < 0:
@@ -259,16 +334,16 @@ def _parse_parquet(path: Path, task: str, label_column: str, image_column: str, 
                              "read here: embed the images", field="image_column")
     cells = column.to_pylist()
     labels = arrow_values(table.column(label_column), "label_column")
-    total = 0
+    pixels = Pixels(limits)
     for row, data in enumerate(cells, start=1):
         if not data:
             raise DatasetProblem(422, "missing image", f"row {row} has no image bytes in {image_column!r}",
                                  field="image_column", row=row)
-        total += len(data)
-        if max_bytes is not None and total > max_bytes:
-            raise DatasetProblem(413, "images too large", f"the images exceed {max_bytes} bytes",
-                                 field="file", row=row)
-        check_image(data, row, field="image_column")
+        if len(data) > limits.max_image_bytes:
+            raise _over("image file too large", f"row {row} holds {len(data)} bytes; one image file may have at "
+                        f"most {limits.max_image_bytes}", "HUBTUNE_MAX_IMAGE_BYTES", limits.max_image_bytes,
+                        field="image_column", row=row)
+        check_image(data, row, pixels, field="image_column")
     check_row_count(len(cells), min_rows)
     parsed = encode_labels(cells, labels, list(range(1, len(cells) + 1)), task, label_column, modality="image")
     parsed.image_column = image_column

@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     tune_time_limit_seconds: int = 12 * 3600
     bootstrap_samples: int = 200
     device: str | None = Field(default=None, description="torch device for workers; default cuda if present else cpu")
+    # What an upload may expand to once read (service.tabular.UploadLimits): one image file (a zip member or a
+    # Parquet cell), one image's pixels, and all the images' pixels together.
+    max_image_bytes: int = 128 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_upload_pixels: int = 1_000_000_000
 
     @property
     def home_dir(self) -> Path:

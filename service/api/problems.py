@@ -91,7 +91,7 @@ async def _problem(request: Request, exc: Problem) -> JSONResponse:
 
 async def _dataset_problem(request: Request, exc: DatasetProblem) -> JSONResponse:
     return problem_response(exc.status, exc.title, exc.detail, str(request.url.path), field=exc.field, row=exc.row,
-                            path=exc.path)
+                            path=exc.path, limit=exc.limit, limit_value=exc.limit_value)
 
 
 async def _model_folder_problem(request: Request, exc: ModelFolderProblem) -> JSONResponse:

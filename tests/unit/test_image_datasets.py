@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service import image_datasets
-from service.datasets import DatasetProblem, parse_dataset, read_normalized, write_normalized
+from service.datasets import DatasetProblem, UploadLimits, parse_dataset, read_normalized, write_normalized
 
 
 def png(value: int, size: tuple[int, int] = (6, 4), mode: str = "RGB") -> bytes:
@@ -80,14 +79,14 @@ def test_zip_rejections_name_the_file(tmp_path: Path) -> None:
 
 def test_uncompressed_bytes_are_capped(tmp_path: Path) -> None:
     path = make_zip(tmp_path / "d.zip", {"a/1.png": png(1, (64, 64)), "b/2.png": png(2, (64, 64))})
-    problem = rejected(path, max_image_bytes=len(png(1, (64, 64))) + 10)
-    assert (problem.status, problem.path) == (413, "b/2.png")
+    problem = rejected(path, limits=UploadLimits(max_upload_bytes=len(png(1, (64, 64))) + 10))
+    assert (problem.status, problem.path, problem.limit) == (422, "b/2.png", "HUBTUNE_MAX_UPLOAD_BYTES")
 
 
-def test_pixel_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(image_datasets, "MAX_IMAGE_PIXELS", 20)
-    problem = rejected(make_zip(tmp_path / "d.zip", {"a/1.png": png(1, (3, 3)), "b/2.png": png(2, (5, 5))}))
-    assert (problem.title, problem.path) == ("image too large", "b/2.png")
+def test_pixel_cap(tmp_path: Path) -> None:
+    path = make_zip(tmp_path / "d.zip", {"a/1.png": png(1, (3, 3)), "b/2.png": png(2, (5, 5))})
+    problem = rejected(path, limits=UploadLimits(max_image_pixels=20))
+    assert (problem.title, problem.path, problem.limit_value) == ("image too large", "b/2.png", 20)
 
 
 def test_zip_with_metadata_csv_multilabel(tmp_path: Path) -> None:

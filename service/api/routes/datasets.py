@@ -18,6 +18,7 @@ from service.api.problems import Problem, problem_responses
 from service.contract.text import checked_text, text_error
 from service.db import Dataset, iso_utc, new_id
 from service.schemas import DatasetOut, Page
+from service.tabular import UploadLimits
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -75,6 +76,8 @@ async def upload_dataset(request: Request, settings: SettingsDep, sessions: Sess
     scratch = settings.datasets_dir / f".upload-{uuid.uuid4().hex}"
     final_dir = settings.datasets_dir / dataset_id
     committed = False
+    limits = UploadLimits(max_upload_bytes=settings.max_upload_bytes, max_image_bytes=settings.max_image_bytes,
+                          max_image_pixels=settings.max_image_pixels, max_upload_pixels=settings.max_upload_pixels)
     try:
         size, sha256 = await dataset_files.stream_upload_to_disk(file, scratch, settings.max_upload_bytes)
         with scratch.open("rb") as fh:
@@ -82,8 +85,7 @@ async def upload_dataset(request: Request, settings: SettingsDep, sessions: Sess
         fmt = dataset_files.detect_format(file.filename or "", file.content_type, head)
         parsed = await run_in_threadpool(dataset_files.parse_dataset, scratch, fmt, task, text_column,
                                          label_column, image_column=image_column,
-                                         max_image_bytes=settings.max_upload_bytes,
-                                         text_pair_column=text_pair_column or None)
+                                         text_pair_column=text_pair_column or None, limits=limits)
         final_dir.mkdir(parents=True)
         data_path = final_dir / "data.parquet"
         await run_in_threadpool(dataset_files.write_normalized, parsed, task, data_path)
