@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from service import jobs as job_states
+from service.api.limits import install_body_limit
 from service.api.main import api_router
 from service.api.problems import install_problems
 from service.db import session_factory
@@ -40,6 +41,7 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
     app.state.keyless = keyless(settings)
     app.state.run_reconciler = run_reconciler
     install_problems(app)
+    install_body_limit(app, settings)
     app.include_router(api_router)
     return app
 

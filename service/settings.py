@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     tune_time_limit_seconds: int = 12 * 3600
     bootstrap_samples: int = 200
     device: str | None = Field(default=None, description="torch device for workers; default cuda if present else cpu")
+    # Request bodies other than a dataset upload (JSON of jobs and models); see service/api/limits.py.
+    max_request_bytes: int = 1024 * 1024
     # What an upload may expand to once read (service.tabular.UploadLimits): one image file (a zip member or a
     # Parquet cell), one image's pixels, and all the images' pixels together.
     max_image_bytes: int = 128 * 1024 * 1024
