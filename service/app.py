@@ -14,6 +14,7 @@ from service import jobs as job_states
 from service.api.limits import install_body_limit
 from service.api.main import api_router
 from service.api.problems import install_problems
+from service.datasets import sweep_scratch
 from service.db import session_factory
 from service.security import keyless
 from service.settings import Settings
@@ -26,6 +27,7 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
     from service.migrate import upgrade
 
     settings.ensure_dirs()
+    sweep_scratch(settings.datasets_dir)  # what API processes killed mid-upload left
     upgrade(settings.sqlalchemy_url)
     if send is None:
         from workers.celery_app import make_celery

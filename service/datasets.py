@@ -32,17 +32,23 @@ Rules (every rejection is a `DatasetProblem` the API renders as RFC 9457 problem
   above.
 - Bounds: what an upload may expand to (columns, header length, Parquet cells and decoded bytes, zip members,
   pixels) is bounded by UploadLimits and the constants of service.tabular, each refusal naming its limit.
+- Scratch: an upload is parsed inside its API process's locked scratch folder (upload_scratch); what a killed
+  process left is removed when the next one starts (sweep_scratch).
 
 This module is the entry point; the row readers live in service.tabular, the label rules in service.labels.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import shutil
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -66,7 +72,7 @@ if TYPE_CHECKING:  # the API passes a Starlette UploadFile; typing only, so this
 __all__ = [
     "CSV_DELIMITERS", "FORMATS", "MULTILABEL_SEPARATORS", "DatasetProblem", "ParsedDataset", "UploadLimits",
     "check_row_count", "detect_format", "encode_labels", "parse_dataset", "read_normalized", "stream_upload_to_disk",
-    "write_normalized",
+    "sweep_scratch", "upload_scratch", "write_normalized",
 ]
 
 FORMATS = ("csv", "jsonl", "parquet", "zip")
@@ -86,6 +92,95 @@ _CONTENT_TYPES: dict[str, str] = {
 }
 _PARQUET_MAGIC = b"PAR1"
 _ZIP_MAGIC = b"PK\x03\x04"
+
+
+# ---- scratch space ---------------------------------------------------------------------------------------------
+# An upload is copied, parsed and normalised inside a scratch folder of the API process that received it,
+# DATASETS/.upload-<pid>-<random>/, which that process holds locked (flock) while any upload is in flight; only a
+# finished dataset folder is moved into DATASETS. A process killed mid-upload leaves an unlocked folder, which the
+# next API process to start removes (sweep_scratch): no age guess for folders, and a live process's are never touched.
+SCRATCH_PREFIX = ".upload-"
+_STAGING_PREFIX = ".staging-upload-"  # a scratch folder not yet locked; renamed once it is
+_LOCK_NAME = ".lock"
+STALE_SECONDS = 600.0  # scratch that no lock can vouch for (older versions' .upload-* files): removed this old
+
+
+class _ProcessScratch:
+    """This process's scratch folder in one datasets folder, locked while uploads use it, removed after the last."""
+
+    def __init__(self, datasets_dir: Path) -> None:
+        self.datasets_dir, self.users = datasets_dir, 0
+        self.root: Path | None = None
+        self._lock: Any = None
+
+    def enter(self) -> Path:
+        if self.root is None:
+            staging = self.datasets_dir / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"
+            staging.mkdir(parents=True)
+            lock = (staging / _LOCK_NAME).open("w")
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh file: nobody else holds it
+            root = self.datasets_dir / f"{SCRATCH_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            staging.rename(root)  # visible to sweep_scratch only once locked
+            self.root, self._lock = root, lock
+        self.users += 1
+        return self.root
+
+    def leave(self) -> None:
+        self.users -= 1
+        if self.users == 0 and self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self._lock.close()
+            self.root = self._lock = None
+
+
+_SCRATCH: dict[Path, _ProcessScratch] = {}
+
+
+@contextmanager
+def upload_scratch(datasets_dir: Path) -> Iterator[Path]:
+    """A fresh folder for one upload's files inside this process's scratch folder; removed on exit, whatever
+    happened. Call it from the event loop's thread (the API's async routes): the count of users is not locked."""
+    scratch = _SCRATCH.setdefault(datasets_dir, _ProcessScratch(datasets_dir))
+    folder = scratch.enter() / uuid.uuid4().hex
+    try:
+        folder.mkdir()
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        scratch.leave()
+
+
+def sweep_scratch(datasets_dir: Path, stale_seconds: float = STALE_SECONDS) -> list[Path]:
+    """Remove the scratch left by API processes that died mid-upload (see above); return what was removed."""
+    removed: list[Path] = []
+    if not datasets_dir.is_dir():
+        return removed
+    now = time.time()
+    for entry in datasets_dir.iterdir():
+        try:
+            if _sweep_one(entry, now, stale_seconds):
+                removed.append(entry)
+        except OSError:
+            continue  # removed meanwhile by another process starting
+    return removed
+
+
+def _sweep_one(entry: Path, now: float, stale_seconds: float) -> bool:
+    if entry.name.startswith(SCRATCH_PREFIX) and (entry / _LOCK_NAME).is_file():
+        with (entry / _LOCK_NAME).open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # its process is alive
+            shutil.rmtree(entry, ignore_errors=True)
+        return True
+    if entry.name.startswith((SCRATCH_PREFIX, _STAGING_PREFIX)) and now - entry.stat().st_mtime > stale_seconds:
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        return True
+    return False
 
 
 # ---- upload ---------------------------------------------------------------------------------------------------

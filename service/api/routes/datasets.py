@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
@@ -64,38 +63,39 @@ async def upload_dataset(settings: SettingsDep, sessions: SessionsDep, who: Owne
     leaves nothing stored. The body is held to HUBTUNE_MAX_UPLOAD_BYTES while it arrives (service.api.limits)."""
     filename = checked_filename(file.filename)
     dataset_id = new_id()
-    scratch = settings.datasets_dir / f".upload-{uuid.uuid4().hex}"
     final_dir = settings.datasets_dir / dataset_id
     committed = False
     limits = UploadLimits(max_upload_bytes=settings.max_upload_bytes, max_image_bytes=settings.max_image_bytes,
                           max_image_pixels=settings.max_image_pixels, max_upload_pixels=settings.max_upload_pixels)
-    try:
-        size, sha256 = await dataset_files.stream_upload_to_disk(file, scratch, settings.max_upload_bytes)
-        with scratch.open("rb") as fh:
-            head = fh.read(8)
-        fmt = dataset_files.detect_format(file.filename or "", file.content_type, head)
-        parsed = await run_in_threadpool(dataset_files.parse_dataset, scratch, fmt, task, text_column,
-                                         label_column, image_column=image_column,
-                                         text_pair_column=text_pair_column or None, limits=limits)
-        final_dir.mkdir(parents=True)
-        data_path = final_dir / "data.parquet"
-        await run_in_threadpool(dataset_files.write_normalized, parsed, task, data_path)
-        with sessions.begin() as session:
-            images = parsed.modality == "image"
-            dataset = Dataset(id=dataset_id, owner=who, filename=filename, format=fmt,
-                              task=task, modality=parsed.modality, text_column=None if images else text_column,
-                              text_pair_column=text_pair_column or None,
-                              image_column=parsed.image_column,
-                              label_column=None if parsed.labels_from_folders else label_column, rows=parsed.rows,
-                              label_names=parsed.label_names, class_counts=parsed.class_counts, sha256=sha256,
-                              size_bytes=size, storage_path=str(data_path))
-            session.add(dataset)
-        committed = True  # the response describes a committed row; anything earlier failing removes the files
-        return dataset_out(dataset)
-    finally:
-        scratch.unlink(missing_ok=True)
-        if not committed:
-            shutil.rmtree(final_dir, ignore_errors=True)
+    with dataset_files.upload_scratch(settings.datasets_dir) as scratch:  # removed whatever happens
+        try:
+            upload = scratch / "upload"
+            size, sha256 = await dataset_files.stream_upload_to_disk(file, upload, settings.max_upload_bytes)
+            with upload.open("rb") as fh:
+                head = fh.read(8)
+            fmt = dataset_files.detect_format(file.filename or "", file.content_type, head)
+            parsed = await run_in_threadpool(dataset_files.parse_dataset, upload, fmt, task, text_column,
+                                             label_column, image_column=image_column,
+                                             text_pair_column=text_pair_column or None, limits=limits)
+            staged = scratch / dataset_id
+            staged.mkdir()
+            await run_in_threadpool(dataset_files.write_normalized, parsed, task, staged / "data.parquet")
+            staged.rename(final_dir)  # the dataset's folder appears whole, just before its row is committed
+            with sessions.begin() as session:
+                images = parsed.modality == "image"
+                dataset = Dataset(id=dataset_id, owner=who, filename=filename, format=fmt, task=task,
+                                  modality=parsed.modality, text_column=None if images else text_column,
+                                  text_pair_column=text_pair_column or None, image_column=parsed.image_column,
+                                  label_column=None if parsed.labels_from_folders else label_column,
+                                  rows=parsed.rows, label_names=parsed.label_names,
+                                  class_counts=parsed.class_counts, sha256=sha256, size_bytes=size,
+                                  storage_path=str(final_dir / "data.parquet"))
+                session.add(dataset)
+            committed = True  # the response describes a committed row; anything earlier failing removes the files
+            return dataset_out(dataset)
+        finally:
+            if not committed:
+                shutil.rmtree(final_dir, ignore_errors=True)
 
 
 @router.get("", responses=problem_responses(401, 422))
