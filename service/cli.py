@@ -4,11 +4,15 @@ jobs)."""
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import os
 import secrets
 import signal
 import subprocess
 import sys
+import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,42 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0  # not reached
 
 
+class WorkerChild:
+    """The worker process `hubtune serve` starts beside the API, and its stop within a deadline."""
+
+    def __init__(self, grace_seconds: float) -> None:
+        from service.lifeline import PARENT_PID_ENV, parent_death_signal
+
+        # Its own session (a terminal's Ctrl-C reaches serve only, which stops it in order), and the kernel's
+        # SIGKILL when serve dies, even by SIGKILL itself: a worker never outlives the serve that started it.
+        self.process = subprocess.Popen(worker_command(), env=dict(os.environ, **{PARENT_PID_ENV: str(os.getpid())}),
+                                        start_new_session=True, preexec_fn=parent_death_signal(signal.SIGKILL))
+        self.grace_seconds = grace_seconds
+        self.stop_by: float | None = None  # when it must be gone: set at the first stop request
+
+    def ask_to_stop(self) -> None:
+        if self.stop_by is not None:
+            return
+        self.stop_by = time.monotonic() + self.grace_seconds
+        if self.process.poll() is None:
+            # SIGTERM to Celery's main process only: its warm shutdown stops the pool children itself (signalling
+            # the whole group made Celery log the pool child's SIGTERM as an ERROR at every clean stop).
+            self.process.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        """Warm shutdown until the deadline, then SIGKILL to whatever is left of its process group (a task still
+        running: its job's lease expires and the reconciler re-queues it)."""
+        self.ask_to_stop()
+        try:
+            self.process.wait(timeout=max(0.0, (self.stop_by or 0.0) - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
@@ -50,42 +90,44 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         print(f"HubTune: keyless mode on {args.host} (loopback only): requests without an API key act as the local "
               "user. Bind another host, or set HUBTUNE_AUTH=required, to require keys.", file=sys.stderr)
     app = create_app(settings)  # migrates first, so the worker starts on a current schema
-    worker = None
-    if not args.no_worker:
-        worker = subprocess.Popen(worker_command(), env=dict(os.environ), start_new_session=True)
-        print(f"HubTune: worker child process pid {worker.pid}", file=sys.stderr)
+    worker = None if args.no_worker else WorkerChild(settings.shutdown_grace_seconds)
+    if worker is not None:
+        print(f"HubTune: worker child process pid {worker.process.pid}", file=sys.stderr)
 
-    def stop_worker() -> None:
-        if worker is None:
-            return
-        if worker.poll() is None:
-            # SIGTERM to Celery's main process only: its warm shutdown stops the pool children itself (signalling
-            # the whole group made Celery log the pool child's SIGTERM as an ERROR at every clean stop).
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass  # a task still running: it is killed below; its job's lease expires and it is re-queued
-        try:
-            os.killpg(worker.pid, signal.SIGKILL)  # whatever is left of the worker's process group
-        except (ProcessLookupError, PermissionError):
-            pass
+    def exit_now(code: int) -> None:
+        """Stop the worker, then leave without waiting for request threads still busy (a long parse): the
+        interpreter would otherwise join them at exit, for as long as they run."""
+        if worker is not None:
+            worker.stop()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
-    def on_signal(signum: int, _frame: object) -> None:
-        stop_worker()
-        sys.exit(128 + signum)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if worker is not None:
+                worker.ask_to_stop()  # the worker's warm shutdown runs alongside the API's graceful one
+            super().handle_exit(sig, frame)
 
-    # uvicorn restores these handlers after its graceful shutdown and re-raises the signal it caught, so the
-    # worker child is stopped on SIGTERM/SIGINT too, not only when uvicorn returns.
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # uvicorn restores these handlers after its graceful shutdown and re-raises the signal it caught.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: exit_now(128 + signum))
+    signal.signal(signal.SIGINT, lambda signum, _frame: exit_now(128 + signum))
     print(f"HubTune: home {settings.home_dir}; database {settings.sqlalchemy_url.split('@')[-1]}; "
           f"broker {settings.celery_broker_url.split('@')[-1]}; http://{args.host}:{args.port}", file=sys.stderr)
+    # Requests still running shutdown_grace_seconds after a stop signal are cancelled.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_seconds)))
+    code = 0
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    finally:
-        stop_worker()
-    return 0
+        Server(config).run()
+    except SystemExit as exc:  # uvicorn could not start (the port is taken): it logged why
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    exit_now(code)
+    return code  # not reached
 
 
 def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:

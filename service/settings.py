@@ -41,6 +41,15 @@ class Settings(BaseSettings):
     max_image_bytes: int = 128 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_upload_pixels: int = 1_000_000_000
+    # Timeouts, so that a stopped or frozen dependency costs a bounded wait and a 503, never a hang. PostgreSQL:
+    # the connect timeout (libpq's minimum is 2 s); the statement timeout, which is also how long the client waits
+    # for any answer (a frozen server cancels nothing) and for a pooled connection; SQLite: its busy timeout.
+    db_connect_timeout_seconds: float = 2.0
+    db_statement_timeout_seconds: float = 3.0
+    # Redis: connect and socket timeouts of every broker call (sending a job id, the health check).
+    broker_timeout_seconds: float = 2.0
+    # `hubtune serve` on SIGTERM: requests still running after this long are cancelled, the worker child killed.
+    shutdown_grace_seconds: float = 5.0
 
     @property
     def home_dir(self) -> Path:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from celery import Celery
-from celery.signals import worker_process_init
+import os
+import signal
 
+from celery import Celery
+from celery.signals import worker_init, worker_process_init
+
+from service.lifeline import PARENT_PID_ENV, die_with_parent, kill_own_group, watch_parent
 from service.settings import Settings, get_settings
 
 
@@ -47,6 +51,24 @@ def make_celery(settings: Settings) -> Celery:
 
 
 app = make_celery(get_settings())
+
+
+@worker_init.connect
+def _die_with_serve(**_kwargs: object) -> None:
+    """The worker child of `hubtune serve` ends when serve does, even when serve is SIGKILLed (the parent-death
+    signal serve set does the same on Linux; this watch covers other systems)."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if parent and parent.isdigit():
+        watch_parent(int(parent), kill_own_group)
+
+
+@worker_process_init.connect
+def _die_with_worker(**_kwargs: object) -> None:
+    """A pool child ends with the Celery process that forked it, so a SIGKILLed worker leaves no orphan running
+    a job."""
+    parent = os.getppid()
+    die_with_parent(signal.SIGKILL, parent)
+    watch_parent(parent, lambda: os._exit(1))
 
 
 @worker_process_init.connect
