@@ -45,20 +45,20 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 class WorkerChild:
     """The worker process `hubtune serve` starts beside the API, and its stop within a deadline."""
 
-    def __init__(self, grace_seconds: float) -> None:
+    def __init__(self, stop_seconds: float) -> None:
         from service.lifeline import PARENT_PID_ENV, parent_death_signal
 
         # Its own session (a terminal's Ctrl-C reaches serve only, which stops it in order), and the kernel's
         # SIGKILL when serve dies, even by SIGKILL itself: a worker never outlives the serve that started it.
         self.process = subprocess.Popen(worker_command(), env=dict(os.environ, **{PARENT_PID_ENV: str(os.getpid())}),
                                         start_new_session=True, preexec_fn=parent_death_signal(signal.SIGKILL))
-        self.grace_seconds = grace_seconds
+        self.stop_seconds = stop_seconds
         self.stop_by: float | None = None  # when it must be gone: set at the first stop request
 
     def ask_to_stop(self) -> None:
         if self.stop_by is not None:
             return
-        self.stop_by = time.monotonic() + self.grace_seconds
+        self.stop_by = time.monotonic() + self.stop_seconds
         if self.process.poll() is None:
             # SIGTERM to Celery's main process only: its warm shutdown stops the pool children itself (signalling
             # the whole group made Celery log the pool child's SIGTERM as an ERROR at every clean stop).
@@ -76,6 +76,10 @@ class WorkerChild:
             os.killpg(self.process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        try:
+            self.process.wait(timeout=5)  # reaped, not left a zombie
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -90,7 +94,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         print(f"HubTune: keyless mode on {args.host} (loopback only): requests without an API key act as the local "
               "user. Bind another host, or set HUBTUNE_AUTH=required, to require keys.", file=sys.stderr)
     app = create_app(settings)  # migrates first, so the worker starts on a current schema
-    worker = None if args.no_worker else WorkerChild(settings.shutdown_grace_seconds)
+    # Twice the requests' grace for the worker: an idle Celery worker's warm shutdown alone takes about 7 s.
+    worker = None if args.no_worker else WorkerChild(2 * settings.shutdown_grace_seconds)
     if worker is not None:
         print(f"HubTune: worker child process pid {worker.process.pid}", file=sys.stderr)
 

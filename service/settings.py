@@ -48,8 +48,9 @@ class Settings(BaseSettings):
     db_statement_timeout_seconds: float = 3.0
     # Redis: connect and socket timeouts of every broker call (sending a job id, the health check).
     broker_timeout_seconds: float = 2.0
-    # `hubtune serve` on SIGTERM: requests still running after this long are cancelled, the worker child killed.
-    shutdown_grace_seconds: float = 5.0
+    # `hubtune serve` on SIGTERM: requests still running after this long are cancelled; the worker child, whose warm
+    # shutdown starts at the same time, is killed after twice this long.
+    shutdown_grace_seconds: float = 10.0
 
     @property
     def home_dir(self) -> Path:
