@@ -15,7 +15,7 @@ from service.api.limits import install_body_limit
 from service.api.main import api_router
 from service.api.problems import install_problems
 from service.datasets import sweep_scratch
-from service.db import session_factory
+from service.db import DatabaseTimeouts, session_factory
 from service.security import keyless
 from service.settings import Settings
 
@@ -23,7 +23,8 @@ log = logging.getLogger("hubtune.api")
 
 
 def create_app(settings: Settings, send: job_states.SendTask | None = None, run_reconciler: bool = True) -> FastAPI:
-    """The app for these settings. `send` puts a job id on the broker (default: the Celery app's send_task)."""
+    """The app for these settings. `send` puts a job id on the broker (default: the Celery app's send_task, with the
+    broker timeouts of the settings)."""
     from service.migrate import upgrade
 
     settings.ensure_dirs()
@@ -38,8 +39,10 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
                   generate_unique_id_function=_operation_id)
     # What the dependencies of service.api.deps read.
     app.state.settings = settings
-    app.state.sessions = session_factory(settings.sqlalchemy_url)
+    app.state.sessions = session_factory(settings.sqlalchemy_url, DatabaseTimeouts.from_settings(settings))
     app.state.send = send
+    app.state.broker_probe = job_states.broker_probe(settings.celery_broker_url, settings.broker_dir / "queue",
+                                                     settings.broker_timeout_seconds)
     app.state.keyless = keyless(settings)
     app.state.run_reconciler = run_reconciler
     install_problems(app)

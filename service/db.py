@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -25,11 +28,14 @@ from sqlalchemy import (
     event,
     select,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from service.contract import JobPhase, JobStatus
 from service.contract.text import ID_LENGTH
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 
 def utcnow() -> datetime:
@@ -194,31 +200,104 @@ def dumps_finite(value: Any) -> str:
     return json.dumps(finite_json(value), allow_nan=False)
 
 
-def make_engine(url: str) -> Engine:
+@dataclass(frozen=True)
+class DatabaseTimeouts:
+    """How long one database call may take (see Settings.db_*_timeout_seconds)."""
+
+    connect_seconds: float = 2.0
+    statement_seconds: float = 3.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DatabaseTimeouts:
+        return cls(settings.db_connect_timeout_seconds, settings.db_statement_timeout_seconds)
+
+    @property
+    def answer_seconds(self) -> float:
+        """How long the client waits for a PostgreSQL answer: a little longer than the server's own statement
+        timeout, so a live server's cancellation (a clear error) comes first and only a frozen one hits this."""
+        return self.statement_seconds + 0.5
+
+
+def make_engine(url: str, timeouts: DatabaseTimeouts | None = None) -> Engine:
+    """The engine for `url`. With `timeouts`, no call waits longer than they say (the service's sessions); without
+    (migrations, which may rewrite a large table), statements run as long as they need."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+        busy_seconds = timeouts.statement_seconds if timeouts else 30.0
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_seconds},
                                json_serializer=dumps_finite)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
-            # WAL lets the API read while a worker writes; busy_timeout waits instead of failing.
+            # WAL lets the API read while a worker writes; busy_timeout waits (a bounded time) instead of failing.
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_seconds * 1000)}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, json_serializer=dumps_finite)
+    if timeouts is None:
+        return create_engine(url, pool_pre_ping=True, json_serializer=dumps_finite)
+    options = make_url(url).query.get("options", "")
+    options = " ".join(o for o in (options if isinstance(options, str) else " ".join(options),
+                                   f"-c statement_timeout={int(timeouts.statement_seconds * 1000)}") if o)
+    connect_args = {"connect_timeout": max(2, math.ceil(timeouts.connect_seconds)), "options": options}
+    engine = create_engine(url, pool_pre_ping=True, pool_timeout=timeouts.statement_seconds,
+                           connect_args=connect_args, json_serializer=dumps_finite)
+    connection_class = _answer_deadline_connection(timeouts.answer_seconds)
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(_dialect, _record, cargs, cparams):  # type: ignore[no-untyped-def]
+        return connection_class.connect(*cargs, **cparams)
+
+    # The pool's ping before each checkout answers in milliseconds on a live server: on a frozen one, waiting the
+    # whole statement timeout for it would only add to the wait for the 503. (This engine's own dialect instance.)
+    ping = engine.dialect.do_ping
+
+    def quick_ping(dbapi_connection: Any) -> bool:
+        with dbapi_connection.answer_within(min(1.0, timeouts.answer_seconds)):
+            return ping(dbapi_connection)
+
+    engine.dialect.do_ping = quick_ping  # type: ignore[method-assign]
+    return engine
+
+
+def _answer_deadline_connection(seconds: float) -> type:
+    """A psycopg connection class that waits at most `seconds` for any answer of the server. PostgreSQL's
+    statement_timeout cannot fire on a frozen (SIGSTOPped) server, whose kernel still accepts the bytes: without
+    this every request would wait for as long as the freeze lasts. On expiry the connection is closed (its protocol
+    state is unknown), so SQLAlchemy sees a disconnect and the pool drops it."""
+    import psycopg
+
+    class AnswerDeadlineConnection(psycopg.Connection):
+        answer_seconds = seconds
+
+        def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+            limit = self.answer_seconds if timeout is None else timeout
+            try:
+                return super().wait(gen, interval, limit)
+            except psycopg.errors._WaitTimeout as exc:  # psycopg's own wait timeout (3.2+)
+                self.close()
+                raise psycopg.OperationalError(f"the database did not answer within {limit:g} s") from exc
+
+        @contextmanager
+        def answer_within(self, limit: float) -> Iterator[None]:
+            self.answer_seconds = limit
+            try:
+                yield
+            finally:
+                del self.answer_seconds  # back to the class's limit
+
+    return AnswerDeadlineConnection
 
 
 @lru_cache
-def engine_for(url: str) -> Engine:
-    return make_engine(url)
+def engine_for(url: str, timeouts: DatabaseTimeouts | None = None) -> Engine:
+    return make_engine(url, timeouts)
 
 
-def session_factory(url: str) -> sessionmaker:
-    return sessionmaker(bind=engine_for(url), expire_on_commit=False)
+def session_factory(url: str, timeouts: DatabaseTimeouts | None = DatabaseTimeouts()) -> sessionmaker:
+    return sessionmaker(bind=engine_for(url, timeouts), expire_on_commit=False)
 
 
 def ranking_rows(session: Any, job_id: str) -> list[tuple[RankingEntry, HubModel]]:

@@ -8,13 +8,17 @@ No torch here: the API process imports this module.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, case, or_, select, update
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as SQLTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.contract import JobPhase, JobStatus
@@ -44,11 +48,57 @@ def celery_sender(celery_app: Any) -> SendTask:
     return send
 
 
-def enqueue(sessions: sessionmaker, send: SendTask, job_id: str, phase: str) -> None:
-    """Send the job id to the broker. Called only after the row is committed."""
-    send(TASK_FOR_PHASE[phase], job_id, QUEUE_FOR_PHASE[phase])
-    with sessions.begin() as session:
-        session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+# The stage of a queued job whose message could not be sent (the broker was down or did not answer in time): the
+# reconciler sends it again at its next pass, instead of after requeue_queued_after_seconds.
+UNSENT_STAGE = "waiting for the broker"
+
+
+def enqueue(sessions: sessionmaker, send: SendTask, job_id: str, phase: str) -> bool:
+    """Send the job id to the broker. Called only after the row is committed. False when the broker could not take
+    it: the job is then marked unsent, and the reconciler sends it as soon as the broker answers again."""
+    try:
+        send(TASK_FOR_PHASE[phase], job_id, QUEUE_FOR_PHASE[phase])
+    except Exception as exc:  # any broker failure: refused, timed out, a lost connection
+        log.warning("job %s: the broker did not take its message (%s); it will be sent again", job_id,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        _record(sessions, job_id, enqueued_at=None, stage=UNSENT_STAGE)
+        return False
+    _record(sessions, job_id, enqueued_at=utcnow(), stage=case((Job.stage == UNSENT_STAGE, "queued"), else_=Job.stage))
+    return True
+
+
+def _record(sessions: sessionmaker, job_id: str, **values: Any) -> None:
+    """Write what became of a queued job's message. A database that is down too is only logged: a queued job
+    whose enqueued_at is old or missing is re-sent after requeue_queued_after_seconds anyway."""
+    try:
+        with sessions.begin() as session:
+            session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED).values(**values))
+    except SQLAlchemyError:
+        log.exception("job %s: could not record its message's state", job_id)
+
+
+def broker_probe(broker_url: str, queue_folder: Path, timeout_seconds: float) -> Callable[[], object]:
+    """A check that raises unless the broker answers within the timeout (for /healthz)."""
+    if broker_url.startswith(("redis://", "rediss://", "unix://")):
+        import redis
+
+        client = redis.Redis.from_url(broker_url, socket_timeout=timeout_seconds,
+                                      socket_connect_timeout=timeout_seconds)
+        return client.ping
+    if broker_url.startswith("filesystem"):
+        def folder_writable() -> None:
+            if not (queue_folder.is_dir() and os.access(queue_folder, os.W_OK)):
+                raise OSError(f"the broker folder {queue_folder} is not a writable folder")
+
+        return folder_writable
+
+    def connects() -> None:
+        from kombu import Connection
+
+        with Connection(broker_url, connect_timeout=timeout_seconds) as connection:
+            connection.ensure_connection(max_retries=1, timeout=timeout_seconds)
+
+    return connects
 
 
 def claim(sessions: sessionmaker, job_id: str, phase: str, token: str, lease_seconds: float) -> bool:
@@ -130,12 +180,14 @@ def reconcile_once(sessions: sessionmaker, send: SendTask, max_attempts: int,
             select(Job.id, Job.phase, Job.attempts, Job.cancel_requested)
             .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
         ).all()
+        cutoff = now - timedelta(seconds=requeue_queued_after_seconds)
         stale = session.execute(
             select(Job.id, Job.phase).where(
                 Job.status == JobStatus.QUEUED,
-                or_(Job.enqueued_at.is_(None), Job.enqueued_at < now - timedelta(seconds=requeue_queued_after_seconds)),
-                Job.created_at < now - timedelta(seconds=requeue_queued_after_seconds),
-            )
+                or_(Job.stage == UNSENT_STAGE,  # its send failed: at once
+                    # sent long ago or never recorded (the API died between commit and send): the message may be lost
+                    and_(or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff), Job.created_at < cutoff)),
+            ).order_by(Job.created_at)
         ).all()
     for job_id, phase, attempts, cancel_requested in expired:
         if cancel_requested:
@@ -156,8 +208,9 @@ def reconcile_once(sessions: sessionmaker, send: SendTask, max_attempts: int,
             enqueue(sessions, send, job_id, phase)
             requeued.append(job_id)
     for job_id, phase in stale:
-        log.warning("job %s queued without a live message; re-sending", job_id)
-        enqueue(sessions, send, job_id, phase)
+        log.warning("job %s queued without a live message; sending it", job_id)
+        if not enqueue(sessions, send, job_id, phase):
+            break  # the broker is still down: the others wait for the next pass rather than one timeout each
         requeued.append(job_id)
     return requeued
 
@@ -187,5 +240,7 @@ class Reconciler:
         while not self._stop.wait(self.interval):
             try:
                 reconcile_once(self.sessions, self.send, self.max_attempts, self.requeue_queued_after_seconds)
-            except Exception:  # keep reconciling through transient DB/broker errors
+            except (OperationalError, SQLTimeoutError) as exc:  # the database is down: one line a pass, not a trace
+                log.warning("reconciler pass skipped, database unavailable: %s", str(exc).splitlines()[0])
+            except Exception:  # keep reconciling through any other transient error
                 log.exception("reconciler pass failed")

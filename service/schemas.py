@@ -18,8 +18,8 @@ from service.contract.text import ID_LENGTH, RequestModel
 from service.db import HubModel
 
 __all__ = [
-    "CheckpointFileOut", "CheckpointOut", "DatasetOut", "HalvingSpec", "Health", "JobCreate", "JobOut", "ModelCreate",
-    "ModelOut", "Page", "RankingEntryOut", "RegularizerParam", "TuneSpec",
+    "CheckpointFileOut", "CheckpointOut", "DatasetOut", "DependencyHealth", "HalvingSpec", "Health", "JobCreate",
+    "JobOut", "ModelCreate", "ModelOut", "Page", "RankingEntryOut", "RegularizerParam", "TuneSpec",
 ]
 
 ItemT = TypeVar("ItemT")
@@ -212,5 +212,19 @@ class RegularizerParam(BaseModel):
     choices: list[Any] | None = Field(default=None, description="present only for a parameter with fixed choices")
 
 
+class DependencyHealth(BaseModel):
+    """One dependency as /healthz saw it. `required`: the API cannot serve without it (503 when it is down)."""
+
+    status: Literal["ok", "down", "unknown", "stale"]
+    required: bool
+    latency_ms: float | None = Field(description="how long the check took; null when it was not run")
+    detail: str | None = None
+    running_jobs: int | None = Field(default=None, description="worker: jobs running now")
+    queued_jobs: int | None = Field(default=None, description="worker: jobs waiting for a worker")
+    last_heartbeat_seconds_ago: float | None = Field(
+        default=None, description="worker: age of the newest heartbeat of a running job")
+
+
 class Health(BaseModel):
     status: Literal["ok"]
+    checks: dict[str, DependencyHealth] = Field(description="database, broker and worker")

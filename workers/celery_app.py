@@ -29,11 +29,19 @@ def make_celery(settings: Settings) -> Celery:
         remote_control = False  # the filesystem transport has no fanout exchange
     else:
         # An unacknowledged message comes back only after the visibility timeout: keep it above the longest task.
-        transport_options = {"visibility_timeout": longest_task + 3600}
+        # The socket timeouts bound every broker call (a frozen Redis accepts the connection and never answers), so
+        # sending a job id costs at most about two of them: one try and one retry on a fresh connection.
+        transport_options = {"visibility_timeout": longest_task + 3600,
+                             "socket_timeout": settings.broker_timeout_seconds,
+                             "socket_connect_timeout": settings.broker_timeout_seconds}
         remote_control = True
     app.conf.update(
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
+        broker_connection_timeout=settings.broker_timeout_seconds,
+        # One retry covers a pooled connection the broker closed (a restart); more would only lengthen the wait of a
+        # request while the broker is down: an unsent job is sent again by the reconciler.
+        task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2},
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,

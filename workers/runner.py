@@ -16,11 +16,23 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as SQLTimeoutError
 from sqlalchemy.orm import sessionmaker
 
 from service import jobs as job_states
 from service.contract import JobPhase, JobStatus
-from service.db import Checkpoint, Dataset, HubModel, Job, RankingEntry, ranking_rows, session_factory, utcnow
+from service.db import (
+    Checkpoint,
+    DatabaseTimeouts,
+    Dataset,
+    HubModel,
+    Job,
+    RankingEntry,
+    ranking_rows,
+    session_factory,
+    utcnow,
+)
 from service.settings import Settings, get_settings
 from workers.phases.inputs import FeatureSettings, RankedCandidate, RankInput, TuneDataset, TuneInput
 from workers.phases.rank import run_rank
@@ -73,7 +85,12 @@ class ProgressReporter:
         if stage == self._last_stage and now - self._last_time < self.min_interval and fraction < 1.0:
             return
         self._last_stage, self._last_time = stage, now
-        job_states.report_progress(self.sessions, self.job_id, self.token, stage, fraction)
+        try:
+            job_states.report_progress(self.sessions, self.job_id, self.token, stage, fraction)
+        except (OperationalError, SQLTimeoutError):
+            # The database is down or frozen for now: progress is shown, not needed. The work goes on; the heartbeat
+            # keeps trying, and the lease covers several beats (the job is re-queued only if it runs out).
+            log.warning("job %s: progress not recorded, database unavailable", self.job_id)
 
 
 def model_spec(model: HubModel) -> ModelSpec:
@@ -155,7 +172,7 @@ def _tune(sessions: sessionmaker, job_id: str, token: str, progress: ProgressRep
 def run_phase(job_id: str, phase: str, settings: Settings | None = None) -> str:
     """Claim and run one phase ("rank" or "tune") of a job. Returns what happened, for logs and tests."""
     settings = settings or get_settings()
-    sessions = session_factory(settings.sqlalchemy_url)
+    sessions = session_factory(settings.sqlalchemy_url, DatabaseTimeouts.from_settings(settings))
     token = uuid.uuid4().hex
     if not job_states.claim(sessions, job_id, phase, token, settings.lease_seconds):
         log.info("job %s (%s) not claimable: already taken, finished or cancelled", job_id, phase)

@@ -4,9 +4,11 @@ row, or the file inside a zip) at fault, and /openapi.json documents it so."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -16,6 +18,8 @@ from starlette.routing import Match
 
 from service.catalog import ModelFolderProblem
 from service.tabular import DatasetProblem
+
+log = logging.getLogger("hubtune.api")
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -53,18 +57,32 @@ class ProblemDetail(BaseModel):
 
 
 _DESCRIPTIONS = {
+    400: "The request body could not be parsed (a malformed multipart upload)",
     401: "No API key, or an unknown or revoked one",
+    403: "This key may not do this",
     404: "Not found, or owned by another key",
     409: "The job has already finished",
     413: "The upload is larger than HUBTUNE_MAX_UPLOAD_BYTES",
     415: "Not a file type HubTune reads",
     422: "Invalid request: `field` (and `row`, `path` for a dataset) names what is wrong",
+    429: "Too many requests, or a per-key limit reached: the body names the limit and its value",
+    503: "The database did not answer within its timeout (or refused the connection): retry after Retry-After "
+         "seconds",
 }
+# Every response of these carries the header.
+_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+    503: {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+}
+# Seconds a client is asked to wait when a dependency is down: about one reconnect attempt's worth.
+RETRY_AFTER_SECONDS = 5
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The `responses=` of a route that can fail with these statuses."""
-    return {status: {"model": ProblemDetail, "description": _DESCRIPTIONS[status]} for status in statuses}
+    return {status: {"model": ProblemDetail, "description": _DESCRIPTIONS[status],
+                     **({"headers": _HEADERS[status]} if status in _HEADERS else {})} for status in statuses}
 
 
 class ProblemResponse(JSONResponse):
@@ -134,6 +152,16 @@ def allowed_methods(request: Request) -> str:
     return ", ".join(allowed)
 
 
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The database refused the connection, did not answer within its timeout, cancelled a statement that ran past
+    it, or (SQLite) stayed locked past the busy timeout: the service is unavailable for now, not broken."""
+    log.warning("database unavailable on %s %s: %s", request.method, request.url.path,
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return problem_response(503, "database unavailable", "the database did not answer in time or refused the "
+                            f"connection; retry in {RETRY_AFTER_SECONDS} s", str(request.url.path),
+                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)}, dependency="database")
+
+
 def install_problems(app: FastAPI) -> None:
     """Render every error as problem+json, and document the error responses with that media type."""
     app.add_exception_handler(Problem, _problem)
@@ -141,20 +169,44 @@ def install_problems(app: FastAPI) -> None:
     app.add_exception_handler(ModelFolderProblem, _model_folder_problem)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
+    # OperationalError: refused, timed out, cancelled by statement_timeout, locked; TimeoutError: no pooled
+    # connection came free in time (the others are stuck on a frozen server).
+    for unavailable in (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError):
+        app.add_exception_handler(unavailable, _database_unavailable)
     app.openapi = _problem_openapi(app.openapi)  # type: ignore[method-assign]
 
 
 def _problem_openapi(generate: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
-    """FastAPI documents every response model as application/json; errors are application/problem+json."""
+    """FastAPI documents every response model as application/json; errors are application/problem+json. A route
+    reading a multipart body can also answer 400 (a body the form parser cannot read), and FastAPI's own
+    HTTPValidationError never reaches a client: every 422 is a ProblemDetail."""
 
     def openapi() -> dict[str, Any]:
-        schema = generate()  # built once, then cached on the app; the renaming below is idempotent
+        schema = generate()  # built once, then cached on the app; the changes below are idempotent
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
-                for status, response in operation.get("responses", {}).items():
+                responses = operation.get("responses", {})
+                if "multipart/form-data" in operation.get("requestBody", {}).get("content", {}):
+                    responses.setdefault("400", _documented(400))
+                for status, response in responses.items():
                     content = response.get("content", {})
                     if status[:1] in ("4", "5") and "application/json" in content:
                         content[PROBLEM_MEDIA_TYPE] = content.pop("application/json")
+                    if status[:1] in ("4", "5") and PROBLEM_MEDIA_TYPE in content:
+                        content[PROBLEM_MEDIA_TYPE]["schema"] = {"$ref": "#/components/schemas/ProblemDetail"}
+        components = schema.get("components", {}).get("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
         return schema
 
     return openapi
+
+
+def _documented(status: int) -> dict[str, Any]:
+    """One problem response as the OpenAPI document spells it."""
+    response: dict[str, Any] = {"description": _DESCRIPTIONS[status],
+                                "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/"
+                                                                                    "ProblemDetail"}}}}
+    if status in _HEADERS:
+        response["headers"] = _HEADERS[status]
+    return response

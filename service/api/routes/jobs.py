@@ -4,7 +4,6 @@ A job is committed before it is sent to the broker; if the send fails the reconc
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -18,8 +17,6 @@ from service.api.problems import Problem, problem_responses
 from service.contract import ESTIMATORS, TERMINAL, JobPhase, estimator_applies, resolve_regularizer
 from service.db import Dataset, HubModel, Job, iso_utc, ranking_rows
 from service.schemas import JobCreate, JobOut, Page, RankingEntryOut
-
-log = logging.getLogger("hubtune.api")
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -126,11 +123,9 @@ def create_job(body: JobCreate, sessions: SessionsDep, send: SendDep, who: Owner
               tune=body.tune.model_dump() if body.tune else None)
     with sessions.begin() as session:
         session.add(job)
-    # Enqueued only after the row is committed; if this send fails the reconciler re-sends it.
-    try:
-        job_states.enqueue(sessions, send, job.id, JobPhase.RANK)
-    except Exception:
-        log.exception("could not enqueue job %s now; the reconciler will", job.id)
+    # Sent only after the row is committed. A broker that is down costs at most its timeout here: the job is
+    # accepted all the same, marked unsent, and the reconciler sends it once the broker answers.
+    job_states.enqueue(sessions, send, job.id, JobPhase.RANK)
     with sessions() as session:
         created = job_out(session, session.get(Job, job.id))
     # Rendered by json.dumps, as this route always was (pydantic's JSON writer spells some floats otherwise:
