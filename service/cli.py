@@ -7,7 +7,6 @@ import argparse
 import logging
 import math
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -135,18 +134,73 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return code  # not reached
 
 
-def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
-    from service.db import ApiKey, session_factory
+def _key_sessions(settings: Settings) -> Any:
+    from service.db import session_factory
     from service.migrate import upgrade
-    from service.security import hash_key
 
     settings.ensure_dirs()
     upgrade(settings.sqlalchemy_url)
-    key = "ht_" + secrets.token_urlsafe(32)
-    with session_factory(settings.sqlalchemy_url).begin() as session:
-        session.add(ApiKey(name=args.name, prefix=key[:8], key_hash=hash_key(key)))
+    return session_factory(settings.sqlalchemy_url)
+
+
+def _one_key(sessions: Any, ref: str) -> Any:
+    from service.security import find_keys
+
+    found = find_keys(sessions, ref)
+    if len(found) != 1:
+        raise SystemExit(f"{ref!r} names {len(found)} keys; give a key's id or prefix from `hubtune keys list`")
+    return found[0]
+
+
+def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
+    from service.security import ADMIN, USER, create_key, parse_duration
+
+    try:
+        expires_in = parse_duration(args.expires_in) if args.expires_in else None
+    except ValueError as exc:
+        raise SystemExit(f"--expires-in: {exc}") from exc
+    key, row = create_key(_key_sessions(settings), args.name, ADMIN if args.admin else USER, expires_in)
     print(key)
-    print("Store this key now: only its hash is kept.", file=sys.stderr)
+    until = f", expires {row.expires_at.isoformat(timespec='seconds')}" if row.expires_at else ""
+    print(f"{row.role} key {row.id} ({row.prefix}){until}. Store it now: only its hash is kept.", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_list(_args: argparse.Namespace, settings: Settings) -> int:
+    from sqlalchemy import select
+
+    from service.client import format_table
+    from service.db import ApiKey
+    from service.security import key_status
+
+    with _key_sessions(settings)() as session:
+        keys = session.execute(select(ApiKey).order_by(ApiKey.created_at)).scalars().all()
+    print(format_table([[k.id, k.prefix, k.name, k.role, key_status(k), k.created_at.isoformat(timespec="seconds"),
+                         k.expires_at.isoformat(timespec="seconds") if k.expires_at else ""] for k in keys],
+                       ["id", "prefix", "name", "role", "status", "created", "expires"]))
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    from service.db import ApiKey, utcnow
+
+    sessions = _key_sessions(settings)
+    key = _one_key(sessions, args.key)
+    with sessions.begin() as session:
+        row = session.get(ApiKey, key.id)
+        row.revoked_at = row.revoked_at or utcnow()
+    print(f"revoked key {key.id} ({key.prefix}); requests with it get 401 from now on", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_set_role(args: argparse.Namespace, settings: Settings) -> int:
+    from service.db import ApiKey
+
+    sessions = _key_sessions(settings)
+    key = _one_key(sessions, args.key)
+    with sessions.begin() as session:
+        session.get(ApiKey, key.id).role = args.role
+    print(f"key {key.id} ({key.prefix}) is now a {args.role} key", file=sys.stderr)
     return 0
 
 
@@ -176,14 +230,21 @@ def cmd_models(args: argparse.Namespace, _settings: Settings) -> int:
     from service.client import format_table, print_json
 
     client = _client(args)
-    if args.action == "add":
+    if args.action == "add" and args.checkpoint:
+        job_id, _, name = args.checkpoint.partition("/")
+        print_json(client.post("/v1/models", {"source": "checkpoint", "job_id": job_id, "name": name}))
+    elif args.action == "add":
         if not args.path and not args.repo_id:
-            raise SystemExit("give --path FOLDER or --repo-id ORG/NAME [--revision REV]")
+            raise SystemExit("give --path FOLDER, --repo-id ORG/NAME [--revision REV] or --checkpoint JOB_ID/NAME")
         print_json(client.add_model(args.path, args.repo_id, args.revision, args.name))
+    elif args.action == "remove":
+        client.delete(f"/v1/models/{args.id}")
+        print(f"removed model {args.id}", file=sys.stderr)
     else:
         items = client.get("/v1/models", limit=1000)["items"]
-        print(format_table([[m["id"], m["name"], m["source"], m["revision"][:16], m["model_type"], m["hidden_size"]]
-                            for m in items], ["id", "name", "source", "revision", "type", "dim"]))
+        print(format_table([[m["id"], m["name"], m["source"], m["revision"][:16], m["model_type"], m["hidden_size"],
+                             "catalog" if m["shared"] else "own"] for m in items],
+                           ["id", "name", "source", "revision", "type", "dim", "scope"]))
     return 0
 
 
@@ -266,10 +327,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("migrate", help="upgrade the database to the latest schema").set_defaults(func=cmd_migrate)
 
-    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
+    keys = sub.add_parser("keys", help="API keys (on the server: they write its database)").add_subparsers(
+        dest="action", required=True)
     create = keys.add_parser("create", help="create a key and print it once")
     create.add_argument("--name", default="")
+    create.add_argument("--admin", action="store_true",
+                        help="an admin key: manages the shared catalog, registers local folders, sees server paths")
+    create.add_argument("--expires-in", help="the key stops working after this long: 90m, 12h, 30d, 2w")
     create.set_defaults(func=cmd_keys_create)
+    keys.add_parser("list", help="every key: id, prefix, role, status").set_defaults(func=cmd_keys_list)
+    revoke = keys.add_parser("revoke", help="stop a key (its datasets and jobs stay)")
+    revoke.add_argument("key", help="the key's id or prefix")
+    revoke.set_defaults(func=cmd_keys_revoke)
+    set_role = keys.add_parser("set-role", help="make a key an admin or a user key")
+    set_role.add_argument("key", help="the key's id or prefix")
+    set_role.add_argument("role", choices=["admin", "user"])
+    set_role.set_defaults(func=cmd_keys_set_role)
 
     def with_client(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--url", default=os.environ.get("HUBTUNE_URL", "http://127.0.0.1:8000"))
@@ -301,7 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--repo-id")
     add.add_argument("--revision")
     add.add_argument("--name")
-    for p in (add, with_client(models.add_parser("list"))):
+    add.add_argument("--checkpoint", help="JOB_ID/NAME: a checkpoint of one of your jobs, as your own candidate")
+    remove = with_client(models.add_parser("remove", help="take an entry out (admins: any; users: their own)"))
+    remove.add_argument("id")
+    for p in (add, remove, with_client(models.add_parser("list"))):
         p.set_defaults(func=cmd_models)
 
     def job_args(p: argparse.ArgumentParser) -> None:

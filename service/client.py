@@ -42,6 +42,11 @@ class Client:
     def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
         return self._check(self.http.post(path, json=body or {}))
 
+    def delete(self, path: str) -> None:
+        response = self.http.delete(path)
+        if response.status_code >= 400:
+            raise ApiError(response)
+
     def upload(self, file: Path, task: str, text_column: str, label_column: str,
                image_column: str | None = None, text_pair_column: str | None = None) -> dict[str, Any]:
         form = {"task": task, "text_column": text_column, "label_column": label_column}

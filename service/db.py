@@ -88,6 +88,14 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # "admin": manages the catalog, registers local folders, sees server paths; "user": everything else
+    role: Mapped[str] = mapped_column(String(16), default="user", server_default="user")
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+# The owner of the shared catalog's entries (added by an admin, or before keys had roles); any other owner is the
+# one key whose own addition the entry is, seen by that key alone.
+CATALOG = ""
 
 
 class Dataset(Base):
@@ -115,12 +123,16 @@ class Dataset(Base):
 
 class HubModel(Base):
     __tablename__ = "models"
-    __table_args__ = (UniqueConstraint("source", "locator", "revision", name="uq_models_source_locator_revision"),)
+    __table_args__ = (UniqueConstraint("owner", "source", "locator", "revision",
+                                       name="uq_models_owner_source_locator_revision"),)
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(300))
-    source: Mapped[str] = mapped_column(String(16))  # "hf" | "local"
-    # hf: the repo id; local: the absolute folder path.
+    source: Mapped[str] = mapped_column(String(16))  # "hf" | "local" | "checkpoint"
+    # hf: the repo id; local, checkpoint: the absolute folder path (never shown to a user key).
     locator: Mapped[str] = mapped_column(Text)
+    owner: Mapped[str] = mapped_column(String(64), default=CATALOG, server_default=CATALOG)
+    # Removed entries stay for the rankings and checkpoints that name them; no new job sees them.
+    removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     revision: Mapped[str] = mapped_column(String(100), default="")
     modality: Mapped[str] = mapped_column(String(16), default="text")
     model_type: Mapped[str | None] = mapped_column(String(100), nullable=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -51,6 +52,14 @@ class Settings(BaseSettings):
     # `hubtune serve` on SIGTERM: requests still running after this long are cancelled; the worker child, whose warm
     # shutdown starts at the same time, is killed after twice this long.
     shutdown_grace_seconds: float = 10.0
+    # Who may register what, and what one key may hold (README "Keys and limits"); 0 or "" means no limit.
+    model_roots: str = Field(default="", description="os.pathsep-separated folders below which admins register "
+                             "local models")
+    hub_allow: str = Field(default="", description="comma-separated fnmatch patterns of hub repo ids; empty: any")
+    hub_max_bytes: int = 0  # a hub repository's download (the files HubTune fetches), checked before downloading
+    key_max_active_jobs: int = 0  # queued + running jobs per key
+    key_max_bytes: int = 0  # stored datasets + checkpoints per key
+    key_rate_limit: int = 0  # requests per minute per key (a token bucket per API process)
 
     @property
     def home_dir(self) -> Path:
@@ -87,6 +96,15 @@ class Settings(BaseSettings):
     @property
     def celery_broker_url(self) -> str:
         return self.broker_url or "filesystem://"
+
+    @property
+    def model_root_dirs(self) -> list[Path]:
+        """HUBTUNE_MODEL_ROOTS, each resolved (symlinks followed), so a folder is compared to where it really is."""
+        return [Path(root).expanduser().resolve() for root in self.model_roots.split(os.pathsep) if root.strip()]
+
+    @property
+    def hub_allow_patterns(self) -> list[str]:
+        return [pattern.strip() for pattern in self.hub_allow.split(",") if pattern.strip()]
 
     def ensure_dirs(self) -> None:
         for folder in (self.home_dir, self.datasets_dir, self.features_dir, self.jobs_dir, self.broker_dir / "queue",
