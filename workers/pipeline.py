@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.hub import ResolvedModel, resolve_model
+from workers.hub import FOLDER_SOURCES, ResolvedModel, resolve_model
 from workers.sampling import stratified_sample
 
 log = logging.getLogger("hubtune.pipeline")
@@ -41,14 +41,14 @@ class UnscorableTargets(ValueError):
 class ModelSpec:
     id: str
     name: str
-    source: str  # "hf" | "local"
+    source: str  # "hf" | "local" | "checkpoint"
     locator: str  # repo id or folder
     revision: str
 
     def resolve(self, hf_cache_dir: Path | None) -> ResolvedModel:
         """The local folder of this model and the revision that pins its content (workers.hub.resolve_model): a hub
-        snapshot in `hf_cache_dir`, or the registered folder."""
-        hub, local = self.source == "hf", self.source == "local"
+        snapshot in `hf_cache_dir`, or the registered folder (a local one, or a job's checkpoint)."""
+        hub, local = self.source == "hf", self.source in FOLDER_SOURCES
         return resolve_model(self.source, repo_id=self.locator if hub else None,
                              revision=self.revision if hub else None, path=self.locator if local else None,
                              cache_dir=hf_cache_dir)

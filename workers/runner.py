@@ -103,11 +103,12 @@ def dataset_spec(dataset: Dataset) -> DatasetSpec:
 
 
 def _load(sessions: sessionmaker, job_id: str) -> tuple[Job, Dataset, list[HubModel]]:
-    """The job, its dataset and its candidate models that still exist, in the job's order."""
+    """The job, its dataset and its candidate models that are still in the catalog, in the job's order."""
     with sessions() as session:
         job = session.get(Job, job_id)
         dataset = session.get(Dataset, job.dataset_id)
-        models = {m.id: m for m in session.execute(select(HubModel).where(HubModel.id.in_(job.candidates))).scalars()}
+        models = {m.id: m for m in session.execute(select(HubModel).where(
+            HubModel.id.in_(job.candidates), HubModel.removed_at.is_(None))).scalars()}  # removed: not run
         candidates = [models[i] for i in job.candidates if i in models]
     if not candidates:
         raise ValueError("none of the job's candidate models exist any more")

@@ -209,6 +209,8 @@ def _card(job: TuneInput, candidate: RankedCandidate, selection: dict[str, Any] 
     """What the checkpoint's model card records beyond the run itself: the data, the base model, the job."""
     model = candidate.model
     return {"dataset_sha256": job.dataset.sha256, "dataset_columns": dict(job.dataset.columns),
-            "base_model": model.name, "base_model_source": model.source, "base_model_locator": model.locator,
+            # a hub repo id; a folder's path is the server's, which the checkpoint's owner may not see
+            "base_model": model.name, "base_model_source": model.source,
+            "base_model_locator": model.locator if model.source == "hf" else None,
             "base_model_revision": model.revision, "job_id": job.job_id, "ranking_scores": candidate.scores,
             "tune": job.spec, **({"tradeoff_selection": selection} if selection is not None else {})}
