@@ -11,12 +11,14 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from service import jobs as job_states
+from service.api.guards import HideServerPaths, KeylessGuard
 from service.api.limits import install_body_limit
 from service.api.main import api_router
 from service.api.problems import install_problems
+from service.api.quotas import RateLimiter
 from service.datasets import sweep_scratch
 from service.db import DatabaseTimeouts, session_factory
-from service.security import keyless
+from service.security import keyless, server_path_pattern
 from service.settings import Settings
 
 log = logging.getLogger("hubtune.api")
@@ -45,8 +47,12 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
                                                      settings.broker_timeout_seconds)
     app.state.keyless = keyless(settings)
     app.state.run_reconciler = run_reconciler
+    app.state.rate_limiter = RateLimiter(settings.key_rate_limit)
     install_problems(app)
     install_body_limit(app, settings)
+    app.add_middleware(HideServerPaths, pattern=server_path_pattern(settings))
+    if app.state.keyless:  # added last: the outermost, so a refused request reaches nothing else
+        app.add_middleware(KeylessGuard, settings=settings)
     app.include_router(api_router)
     return app
 

@@ -1,16 +1,19 @@
-"""What the catalog records about a local model folder, read from its config.json alone. Torch-free.
+"""Which local folders may enter the catalog, and what the catalog records about one, read from its config.json
+alone. Torch-free.
 
-A folder that cannot be catalogued raises `ModelFolderProblem`; the API renders it as a 422 problem+json naming
-the field (`path`).
+A folder that cannot be catalogued raises `ModelFolderProblem`; the API renders it as a problem+json naming the
+field (`path`): 403, always the same, for a folder the caller may not register, 422 for one that is no model.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from service.contract import IMAGE_PROCESSOR_FILE, TOKENIZER_ENTRY_FILES
+from service.settings import Settings
 
 # Classification heads whose softmax LEEP and NCE read (with an id2label in the config).
 SOURCE_HEADS = ("ForSequenceClassification", "ForImageClassification")
@@ -29,6 +32,36 @@ class ModelFolderProblem(Exception):
     def __init__(self, status: int, title: str, detail: str = "", field: str | None = "path") -> None:
         super().__init__(detail or title)
         self.status, self.title, self.detail, self.field = status, title, detail, field
+
+
+def folder_refused() -> ModelFolderProblem:
+    """The one answer to every folder the caller may not register. It says nothing of the folder itself (whether
+    it exists, is a folder, holds a model), so it cannot be used to explore the server's disk."""
+    return ModelFolderProblem(403, "model folder not allowed", "local model folders are registered by an admin, "
+                              "below HUBTUNE_MODEL_ROOTS and outside HubTune's own state (HUBTUNE_HOME); register a "
+                              "hub repository, or a job's checkpoint with {\"source\": \"checkpoint\", \"job_id\", "
+                              "\"name\"}, instead")
+
+
+def registrable_folder(path: str | None, admin: bool, settings: Settings, keyless: bool) -> Path:
+    """The resolved folder `path` names, if this caller may register it: an admin, and the folder (symlinks
+    followed) below one of HUBTUNE_MODEL_ROOTS and outside HUBTUNE_HOME. With no roots set, the keyless local user
+    may register any folder it can read, as before keys had roles; with keys required no one may. Every refusal is
+    folder_refused(); whether the folder exists is only checked for a folder that may be registered."""
+    if not admin:
+        raise folder_refused()
+    roots = settings.model_root_dirs
+    if not roots:
+        if keyless:
+            return local_folder(path)
+        raise folder_refused()
+    named = Path(path or "").expanduser()
+    if not named.is_absolute():
+        raise folder_refused()
+    real = Path(os.path.realpath(named))
+    if real.is_relative_to(settings.home_dir) or not any(real.is_relative_to(root) for root in roots):
+        raise folder_refused()
+    return local_folder(str(real))
 
 
 def local_folder(path: str | None) -> Path:

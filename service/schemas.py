@@ -36,13 +36,16 @@ _NAME_LENGTH = 64  # an estimator's name (service.contract.ESTIMATORS)
 
 
 class ModelCreate(RequestModel):
-    source: Literal["hf", "local"]
+    source: Literal["hf", "local", "checkpoint"]
     repo_id: str | None = Field(default=None, max_length=HUB_REPO_ID_LENGTH,
                                 description="hf: the hub repository id, e.g. org/name")
     revision: str | None = Field(default=None, max_length=HubModel.revision.type.length,
                                  description="hf: a commit hash, tag or branch (default main)")
-    path: str | None = Field(default=None, max_length=PATH_LENGTH, description="local: a folder the server can read")
-    name: str | None = Field(default=None, max_length=HubModel.name.type.length)
+    path: str | None = Field(default=None, max_length=PATH_LENGTH,
+                             description="local (admins only): a folder below HUBTUNE_MODEL_ROOTS")
+    job_id: str | None = Field(default=None, max_length=ID_LENGTH, description="checkpoint: the job that tuned it")
+    name: str | None = Field(default=None, max_length=HubModel.name.type.length,
+                             description="hf, local: the entry's name; checkpoint: the checkpoint's name")
 
     @field_validator("repo_id")
     @classmethod
@@ -61,6 +64,8 @@ class ModelCreate(RequestModel):
             return "repo_id"
         if self.source == "local" and not (self.path and self.path.strip()):
             return "path"
+        if self.source == "checkpoint":
+            return next((f for f in ("job_id", "name") if not (getattr(self, f) or "").strip()), None)
         return None
 
 
@@ -139,9 +144,11 @@ class DatasetOut(BaseModel):
 class ModelOut(BaseModel):
     id: str
     name: str
-    source: Literal["hf", "local"]
+    source: Literal["hf", "local", "checkpoint"]
     repo_id: str | None = Field(description="hf: the hub repository id")
-    path: str | None = Field(description="local: the absolute folder")
+    path: str | None = Field(description="local, checkpoint: the absolute folder, shown to admins only")
+    shared: bool = Field(description="true: in the catalog every key sees (added by an admin); false: this key's "
+                         "own entry, seen by it alone")
     revision: str = Field(description="hf: as registered (default main); local: a hash of the folder's files")
     modality: Literal[MODALITIES]  # type: ignore[valid-type]
     model_type: str | None

@@ -1,5 +1,6 @@
 """What the routes depend on, read from the app's state (service.app sets it): the settings, the session factory,
-the broker sender, and the owner the request's API key stands for. Also the lookups of a row the owner owns."""
+the broker sender, and the caller the request's API key stands for (its owner id, whether it is an admin). Also the
+lookups of a row the caller owns or may use."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from pydantic import AfterValidator
-from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
+from service.api.quotas import check_rate
 from service.api.problems import Problem
 from service.contract.text import checked_text
-from service.db import ApiKey, Dataset, Job
+from service.db import CATALOG, Dataset, HubModel, Job
 from service.jobs import SendTask
-from service.security import LOCAL_OWNER, hash_key
+from service.security import LOCAL_OWNER, Caller, caller_for_key
 from service.settings import Settings
 
 
@@ -38,23 +39,34 @@ SessionsDep = Annotated[sessionmaker, Depends(get_sessions)]
 SendDep = Annotated[SendTask, Depends(get_send)]
 
 
-def current_owner(request: Request, sessions: SessionsDep) -> str:
-    """The owner of the request's API key (Authorization: Bearer <key>, or X-API-Key); in keyless mode a request
-    without a key acts as the local user. 401 otherwise."""
+def current_caller(request: Request, sessions: SessionsDep) -> Caller:
+    """Who the request's API key (Authorization: Bearer <key>, or X-API-Key) stands for; in keyless mode a request
+    without a key acts as the local user, an admin. 401 otherwise; 429 past the key's rate limit. Kept on the
+    request's state, where the response's path hiding (service.api.guards) reads it."""
     header = request.headers.get("authorization", "")
     key = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
     if not key:
-        if request.app.state.keyless:
-            return LOCAL_OWNER
-        raise Problem(401, "API key required", "send Authorization: Bearer <key> (create one with "
-                      "`hubtune keys create`)", headers={"WWW-Authenticate": "Bearer"})
-    with sessions() as session:
-        found = session.execute(select(ApiKey).where(ApiKey.key_hash == hash_key(key),
-                                                     ApiKey.revoked_at.is_(None))).scalar_one_or_none()
-    if found is None:
-        raise Problem(401, "invalid API key", "this key is unknown or revoked",
-                      headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
-    return found.id
+        if not request.app.state.keyless:
+            raise Problem(401, "API key required", "send Authorization: Bearer <key> (create one with "
+                          "`hubtune keys create`)", headers={"WWW-Authenticate": "Bearer"})
+        caller = Caller(owner=LOCAL_OWNER, admin=True)
+    else:
+        found = caller_for_key(sessions, key)
+        if found is None:
+            raise Problem(401, "invalid API key", "this key is unknown, revoked or expired",
+                          headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        caller = found
+    request.state.caller = caller
+    check_rate(request.app.state.rate_limiter, caller.owner)
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(current_caller)]
+
+
+def current_owner(caller: CallerDep) -> str:
+    """The owner of what the request reads and creates (see current_caller)."""
+    return caller.owner
 
 
 OwnerDep = Annotated[str, Depends(current_owner)]
@@ -74,3 +86,11 @@ def owned_job(session: Any, job_id: str, who: str) -> Job:
     if job is None or job.owner != who:
         raise Problem(404, "job not found", f"no job {job_id}")
     return job
+
+
+def visible_model(session: Any, model_id: str, who: str) -> HubModel | None:
+    """A catalog entry `who` may use: one of the shared catalog or its own, not removed."""
+    model = session.get(HubModel, model_id)
+    if model is None or model.removed_at is not None or model.owner not in (CATALOG, who):
+        return None
+    return model

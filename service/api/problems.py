@@ -58,16 +58,17 @@ class ProblemDetail(BaseModel):
 
 _DESCRIPTIONS = {
     400: "The request body could not be parsed (a malformed multipart upload)",
-    401: "No API key, or an unknown or revoked one",
-    403: "This key may not do this",
+    401: "No API key, or an unknown, revoked or expired one",
+    403: "Not allowed for this key (a local folder, a hub repository outside HUBTUNE_HUB_ALLOW, a catalog entry)",
     404: "Not found, or owned by another key",
     409: "The job has already finished",
     413: "The upload is larger than HUBTUNE_MAX_UPLOAD_BYTES",
     415: "Not a file type HubTune reads",
     422: "Invalid request: `field` (and `row`, `path` for a dataset) names what is wrong",
-    429: "Too many requests, or a per-key limit reached: the body names the limit and its value",
+    429: "Past the key's request rate or active-job limit (`limit` names it); Retry-After says when to ask again",
     503: "The database did not answer within its timeout (or refused the connection): retry after Retry-After "
          "seconds",
+    507: "The key's stored bytes would pass HUBTUNE_KEY_MAX_BYTES (`limit` names it)",
 }
 # Every response of these carries the header.
 _HEADERS = {

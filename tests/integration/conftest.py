@@ -93,8 +93,10 @@ class Stack:
                               capture_output=True,
                               text=True, timeout=timeout)
 
-    def create_key(self, name: str) -> str:
-        done = self.cli("keys", "create", "--name", name)
+    def create_key(self, name: str, admin: bool = True) -> str:
+        """A key for the flows, an admin by default: they register local folders (below HUBTUNE_MODEL_ROOTS, the
+        tests' temporary folders), which only an admin may."""
+        done = self.cli("keys", "create", "--name", name, *(["--admin"] if admin else []))
         assert done.returncode == 0, done.stderr
         return done.stdout.strip().splitlines()[-1]
 
@@ -124,6 +126,7 @@ def _make_stack(kind: str, tmp: Path, **extra_env: str) -> Iterator[Stack]:
         "HUBTUNE_RECONCILE_SECONDS": "1", "HUBTUNE_BOOTSTRAP_SAMPLES": "30", "HUBTUNE_AUTH": "required",
         "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(REPO),
+        "HUBTUNE_MODEL_ROOTS": str(tmp.parent),  # pytest's base folder: the tiny hub and each test's own models
     })
     env.update(extra_env)
     database = None

@@ -30,7 +30,8 @@ DEEP = "[" * 100_000 + "]" * 100_000  # RecursionError in json.loads
 def make_client(home: Path, url: str, auth: str = "auto") -> TestClient:
     settings = Settings(home=home, database_url=url, auth=auth, bind_host="127.0.0.1")
     app = create_app(settings, send=lambda *a: None, run_reconciler=False)
-    return TestClient(app, raise_server_exceptions=False)
+    # a loopback Host: in keyless mode the API refuses any other (TestClient says "testserver" by default)
+    return TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False)
 
 
 @pytest.fixture(scope="module", params=BOTH)

@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from service import datasets as dataset_files
 from service.api.deps import OwnerDep, PathText, SessionsDep, SettingsDep, owned_dataset
+from service.api.quotas import check_stored_bytes
 from service.api.pages import OffsetQuery, paginate
 from service.api.problems import Problem, problem_responses
 from service.contract.text import checked_text, text_error
@@ -53,7 +54,7 @@ def checked_filename(filename: str | None) -> str:
     return name
 
 
-@router.post("", status_code=201, responses=problem_responses(401, 413, 415, 422))
+@router.post("", status_code=201, responses=problem_responses(401, 413, 415, 422, 507))
 async def upload_dataset(settings: SettingsDep, sessions: SessionsDep, who: OwnerDep,
                          file: Annotated[UploadFile, File()], task: ColumnForm,
                          text_column: ColumnForm = "text", label_column: ColumnForm = "label",
@@ -61,6 +62,7 @@ async def upload_dataset(settings: SettingsDep, sessions: SessionsDep, who: Owne
                          text_pair_column: OptionalColumnForm = None) -> DatasetOut:
     """Upload CSV, JSON lines, Parquet or a zip of images; every rejection names the field and row at fault, and
     leaves nothing stored. The body is held to HUBTUNE_MAX_UPLOAD_BYTES while it arrives (service.api.limits)."""
+    check_stored_bytes(sessions, who, settings)
     filename = checked_filename(file.filename)
     dataset_id = new_id()
     final_dir = settings.datasets_dir / dataset_id
@@ -71,6 +73,7 @@ async def upload_dataset(settings: SettingsDep, sessions: SessionsDep, who: Owne
         try:
             upload = scratch / "upload"
             size, sha256 = await dataset_files.stream_upload_to_disk(file, upload, settings.max_upload_bytes)
+            await run_in_threadpool(check_stored_bytes, sessions, who, settings, size)
             with upload.open("rb") as fh:
                 head = fh.read(8)
             fmt = dataset_files.detect_format(file.filename or "", file.content_type, head)

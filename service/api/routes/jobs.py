@@ -11,11 +11,21 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from service import jobs as job_states
-from service.api.deps import OwnerDep, PathText, SendDep, SessionsDep, owned_dataset, owned_job
+from service.api.deps import (
+    OwnerDep,
+    PathText,
+    SendDep,
+    SessionsDep,
+    SettingsDep,
+    owned_dataset,
+    owned_job,
+    visible_model,
+)
+from service.api.quotas import check_active_jobs, check_stored_bytes
 from service.api.pages import OffsetQuery, paginate
 from service.api.problems import Problem, problem_responses
 from service.contract import ESTIMATORS, TERMINAL, JobPhase, estimator_applies, resolve_regularizer
-from service.db import Dataset, HubModel, Job, iso_utc, ranking_rows
+from service.db import CATALOG, Dataset, HubModel, Job, iso_utc, ranking_rows
 from service.schemas import JobCreate, JobOut, Page, RankingEntryOut
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -45,12 +55,13 @@ def check_metrics(body: JobCreate, dataset: Dataset) -> None:
                           field=f"metrics[{i}]")
 
 
-def resolve_candidates(session: Any, body: JobCreate, dataset: Dataset) -> list[str]:
-    """The model ids to rank: those asked for (each registered, of the dataset's modality; duplicates dropped), or
-    every model of the dataset's modality."""
+def resolve_candidates(session: Any, body: JobCreate, dataset: Dataset, who: str) -> list[str]:
+    """The model ids to rank: those asked for (each in the shared catalog or the key's own entries, of the
+    dataset's modality; duplicates dropped), or every such model of the dataset's modality."""
     if body.candidates is None:
-        candidates = list(session.execute(select(HubModel.id).where(HubModel.modality == dataset.modality)
-                                          .order_by(HubModel.created_at)).scalars())
+        candidates = list(session.execute(select(HubModel.id).where(
+            HubModel.modality == dataset.modality, HubModel.removed_at.is_(None),
+            HubModel.owner.in_((CATALOG, who))).order_by(HubModel.created_at)).scalars())
         if not candidates:
             raise Problem(422, "no candidate models", f"no {dataset.modality} model is registered; register "
                           "models with POST /v1/models first", field="candidates")
@@ -58,8 +69,8 @@ def resolve_candidates(session: Any, body: JobCreate, dataset: Dataset) -> list[
     if not body.candidates:
         raise Problem(422, "no candidate models", "candidates is empty", field="candidates")
     for i, model_id in enumerate(body.candidates):
-        candidate = session.get(HubModel, model_id)
-        if candidate is None:
+        candidate = visible_model(session, model_id, who)
+        if candidate is None:  # another key's own entry is as unknown as one never registered
             raise Problem(422, "unknown model", f"no model {model_id}", field=f"candidates[{i}]")
         if candidate.modality != dataset.modality:
             raise Problem(422, f"not an {dataset.modality} model" if dataset.modality == "image"
@@ -106,15 +117,19 @@ def check_options(body: JobCreate, candidates: list[str]) -> None:
                           "tuning uses the whole dataset; rank on a sample in a separate job", field="sample_size")
 
 
-@router.post("", status_code=202, response_model=JobOut, responses=problem_responses(401, 404, 422))
-def create_job(body: JobCreate, sessions: SessionsDep, send: SendDep, who: OwnerDep) -> JSONResponse:
+@router.post("", status_code=202, response_model=JobOut, responses=problem_responses(401, 404, 422, 429, 507))
+def create_job(body: JobCreate, sessions: SessionsDep, send: SendDep, who: OwnerDep,
+               settings: SettingsDep) -> JSONResponse:
     """Rank the candidates for the dataset (then tune, with `tune`); the job runs on a worker. Location names it."""
     with sessions() as session:
         dataset = owned_dataset(session, body.dataset_id, who)
         check_metrics(body, dataset)
         check_layers(body, dataset)
-        candidates = resolve_candidates(session, body, dataset)
+        candidates = resolve_candidates(session, body, dataset, who)
         check_options(body, candidates)
+        check_active_jobs(session, who, settings)
+    if body.tune is not None:  # tuning stores checkpoints
+        check_stored_bytes(sessions, who, settings)
     job = Job(owner=who, dataset_id=dataset.id, candidates=candidates, metrics=list(dict.fromkeys(body.metrics)),
               options={"sample_size": body.sample_size, "seed": body.seed, "pooling": body.pooling,
                        "layers": body.layers,
