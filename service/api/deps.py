@@ -10,8 +10,8 @@ from fastapi import Depends, Request
 from pydantic import AfterValidator
 from sqlalchemy.orm import sessionmaker
 
-from service.api.quotas import check_rate
 from service.api.problems import Problem
+from service.api.quotas import check_rate
 from service.contract.text import checked_text
 from service.db import CATALOG, Dataset, HubModel, Job
 from service.jobs import SendTask

@@ -12,9 +12,9 @@ from sqlalchemy import select
 
 from service import datasets as dataset_files
 from service.api.deps import OwnerDep, PathText, SessionsDep, SettingsDep, owned_dataset
-from service.api.quotas import check_stored_bytes
 from service.api.pages import OffsetQuery, paginate
 from service.api.problems import Problem, problem_responses
+from service.api.quotas import check_stored_bytes
 from service.contract.text import checked_text, text_error
 from service.db import Dataset, iso_utc, new_id
 from service.schemas import DatasetOut, Page

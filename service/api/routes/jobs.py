@@ -21,9 +21,9 @@ from service.api.deps import (
     owned_job,
     visible_model,
 )
-from service.api.quotas import check_active_jobs, check_stored_bytes
 from service.api.pages import OffsetQuery, paginate
 from service.api.problems import Problem, problem_responses
+from service.api.quotas import check_active_jobs, check_stored_bytes
 from service.contract import ESTIMATORS, TERMINAL, JobPhase, estimator_applies, resolve_regularizer
 from service.db import CATALOG, Dataset, HubModel, Job, iso_utc, ranking_rows
 from service.schemas import JobCreate, JobOut, Page, RankingEntryOut
