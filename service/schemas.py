@@ -13,7 +13,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.contract import LIMITS, MODALITIES, TASKS, JobStatus, TuneSpec
+from service.contract import ESTIMATORS, LIMITS, MODALITIES, TASKS, JobStatus, TuneSpec
 from service.contract.text import ID_LENGTH, RequestModel
 from service.db import HubModel
 
@@ -83,8 +83,11 @@ class JobCreate(RequestModel):
     dataset_id: str = Field(max_length=ID_LENGTH)
     candidates: list[Annotated[str, Field(max_length=ID_LENGTH)]] | None = Field(
         default=None, description="model ids; default all compatible models")
-    metrics: list[Annotated[str, Field(max_length=_NAME_LENGTH)]] = Field(default_factory=lambda: ["logme"],
-                                                                         min_length=1)
+    # the names are listed in the schema (the dashboard's form reads them) but checked by the route, whose 422
+    # names the unknown metric and the known ones
+    metrics: list[Annotated[str, Field(max_length=_NAME_LENGTH, json_schema_extra={"enum": list(ESTIMATORS)})]] = (
+        Field(default_factory=lambda: ["logme"], min_length=1, json_schema_extra={"default": ["logme"]},
+              description="the estimators; the first orders the ranking"))
     sample_size: int | None = Field(default=None, ge=10, description="rank on a stratified sample of this many rows")
     seed: int = Field(default=0, ge=LIMITS["seed"][0], le=LIMITS["seed"][1])
     pooling: Literal["mean", "head"] = Field(
@@ -235,3 +238,23 @@ class DependencyHealth(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"]
     checks: dict[str, DependencyHealth] = Field(description="database, broker and worker")
+
+
+class FeatureMapModel(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    model_id: str
+    model: str = Field(description="the model's name")
+    points: list[list[float]] = Field(description="[x, y] per shown row, in the order of `labels`")
+    explained_variance: list[float] = Field(description="share of the variance on each axis (PC1, PC2)")
+
+
+class FeatureMapOut(BaseModel):
+    """Each scored model's features on the ranked rows, projected to 2-D by the worker when it ranked the job."""
+
+    method: Literal["pca"]
+    rows: int = Field(description="rows shown (a stratified sample of at most 300)")
+    of_rows: int = Field(description="rows the ranking scored")
+    task: Literal[TASKS]  # type: ignore[valid-type]
+    labels: list[str | float] = Field(description="per shown row: the class (multilabel: labels joined by '+'), "
+                                      "or the regression target")
+    models: list[FeatureMapModel] = Field(description="in ranking order; successive halving: the last round's")

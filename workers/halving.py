@@ -74,6 +74,7 @@ class HalvingResult:
     rows_models_full: int  # what a full ranking extracts: total_rows x number of models
     seconds: float  # wall time of the whole call
     verdict: dict[str, Any] = field(default_factory=dict)  # workers.ranking.verdict, on the last round's rows
+    feature_map: dict[str, Any] = field(default_factory=dict)  # workers.projection: the last round's models, rows
 
     def to_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "total_rows": self.total_rows, "forward_seconds": self.forward_seconds,
@@ -163,7 +164,8 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
     return HalvingResult(ranking=ranking, rounds=run.rounds, metric=metric, total_rows=n,
                          forward_seconds=run.total_forward, extraction_seconds=run.total_extraction,
                          rows_models=run.rows_models, rows_models_full=n * len(models),
-                         seconds=time.perf_counter() - began, verdict=verdict)
+                         seconds=time.perf_counter() - began, verdict=verdict,
+                         feature_map=run.feature_map(dataset.label_names))
 
 
 class _Halving:
@@ -222,6 +224,16 @@ class _Halving:
                 self.chunks[model_id], self.prob_chunks[model_id] = [], []
             if size >= n or len(self.survivors) <= self.min_models:
                 break
+
+    def feature_map(self, label_names: list[str] | None) -> dict[str, Any]:
+        """The 2-D map (workers.projection) of the models scored in the last round, on that round's rows: the
+        features of eliminated models are freed as they leave."""
+        from workers.projection import feature_map
+
+        seen = self.order[:self.rounds[-1].rows]
+        alive = {m: np.concatenate(self.chunks[m]) for m in self.last_scores if self.chunks[m]}
+        return feature_map(alive, {m: model.name for m, model in self.by_id.items()}, self.labels[seen], self.task,
+                           label_names, seed=self.seed)
 
     def extract(self, r: int, size: int) -> tuple[int, float]:
         """Features of the round's new rows for every survivor; (new rows, forward seconds of the round)."""

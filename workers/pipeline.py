@@ -264,21 +264,38 @@ def rank(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], **op
     return rank_with_verdict(dataset, models, metrics, **options)[0]
 
 
-def rank_with_verdict(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, cache_root: Path,
-                      hf_cache_dir: Path, sample_size: int | None = None, seed: int = 0, max_length: int = 128,
-                      batch_size: int = 32, device: str | None = None, bootstrap_samples: int = 200,
-                      progress: Progress | None = None, pooling: str = "mean", layers: str | list[int] = "last"
+@dataclass
+class FullRanking:
+    ranked: list[RankedModel]  # best first
+    verdict: dict[str, Any]  # workers.ranking.verdict
+    feature_map: dict[str, Any]  # workers.projection.feature_map of the scored models on the ranked rows
+
+
+def rank_with_verdict(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], **options: Any
                       ) -> tuple[list[RankedModel], dict[str, Any]]:
+    """The ranking and verdict of `rank_in_full`."""
+    full = rank_in_full(dataset, models, metrics, **options)
+    return full.ranked, full.verdict
+
+
+def rank_in_full(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, cache_root: Path,
+                 hf_cache_dir: Path, sample_size: int | None = None, seed: int = 0, max_length: int = 128,
+                 batch_size: int = 32, device: str | None = None, bootstrap_samples: int = 200,
+                 progress: Progress | None = None, pooling: str = "mean", layers: str | list[int] = "last"
+                 ) -> FullRanking:
     """Rank `models` for `dataset` by the first metric; every score comes with an interval and, against the next
     model down, the probability that the higher-ranked one is really better (paired bootstrap over rows). Also
-    returns the verdict (workers.ranking.verdict): what the ranking lets a user conclude."""
+    the verdict (workers.ranking.verdict): what the ranking lets a user conclude, and the feature map
+    (workers.projection): each scored model's features in 2-D, coloured by the labels as uploaded."""
     from workers.features import TokenIdsCache
+    from workers.projection import feature_map
     from workers.ranking import prior_only_evidence
 
     report = progress or (lambda stage, fraction: None)
     examples, labels = load_dataset(dataset)
     rows = sample_rows(labels, dataset.task, sample_size, seed)
-    examples, labels = [examples[i] for i in rows], ranking_targets(labels[rows], dataset.task)
+    examples, raw_labels = [examples[i] for i in rows], labels[rows]
+    labels = ranking_targets(raw_labels, dataset.task)
     extraction = dict(cache_tag=examples_digest(examples), cache_root=cache_root, hf_cache_dir=hf_cache_dir,
                       max_length=max_length, batch_size=batch_size, device=device, pooling=pooling,
                       token_ids=TokenIdsCache(len(examples)))  # candidates sharing a tokenizer tokenise once
@@ -308,8 +325,10 @@ def rank_with_verdict(dataset: DatasetSpec, models: list[ModelSpec], metrics: li
     ranked = [_ranked_model(position, model, per_model[model.id], uncertainty, prior)
               for position, model in enumerate(order, start=1)]
     verdict = ranking_verdict_for(ranked, metrics[0], uncertainty["replicates"], prior, len(examples))
+    projected = feature_map({m.id: features_by_model[m.id] for m in order if m.id in features_by_model},
+                            {m.id: m.name for m in models}, raw_labels, dataset.task, dataset.label_names, seed=seed)
     report("ranked", 1.0)
-    return ranked, verdict
+    return FullRanking(ranked, verdict, projected)
 
 
 def _score_candidate(model: ModelSpec, stage: str, where: tuple[float, float], examples: Examples,

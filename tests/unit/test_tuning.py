@@ -69,6 +69,10 @@ def test_tiny_bert_learns_a_separable_task(baseline):
     assert 0.0 <= result.metrics["ece"] < 0.5
     assert [p["step"] for p in seen] == list(range(1, 33))
     assert [p["step"] for p in seen if "val_loss" in p] == [8, 16, 24, 32]
+    # the last validation pass, as the dashboard plots it: all 32 rows right, on the diagonal
+    diagnostics = result.details["diagnostics"]
+    assert diagnostics["confusion_matrix"] == [[16, 0], [0, 16]]
+    assert sum(b["count"] for b in diagnostics["reliability"]) == 32
 
 
 def test_same_seed_gives_identical_metrics_and_another_seed_does_not(bert_dir, baseline, tmp_path):
@@ -267,6 +271,8 @@ def test_multilabel_and_regression_report_their_metrics(bert_dir, tmp_path):
                 ExampleDataset(VAL.examples, VAL.labels * 2.0 - 1.0), "regression", None, tmp_path / "r",
                 tmp_path / "sr")
     assert set(reg.metrics) == {"val_loss", "rmse", "r2"}
+    assert len(reg.details["diagnostics"]["predicted_vs_true"]) == 32
+    assert "reliability" in multi.details["diagnostics"]
     assert reg.metrics["rmse"] < 1.0  # better than predicting 0 for targets of +-1
     data = json.loads((tmp_path / "sr" / "result.json").read_text())
     assert data["result"]["task"] == "regression"

@@ -13,7 +13,7 @@ from workers.phases.inputs import RankInput
 @dataclass
 class RankOutcome:
     ranking: list[pipeline.RankedModel]  # best first
-    summary: dict[str, Any]  # ranked_by and verdict; successive halving's rounds too
+    summary: dict[str, Any]  # ranked_by, verdict, feature_map (all rows or a sample); successive halving's rounds
 
 
 def run_rank(job: RankInput, progress: pipeline.Progress) -> RankOutcome:
@@ -27,12 +27,14 @@ def run_rank(job: RankInput, progress: pipeline.Progress) -> RankOutcome:
         progress=progress)
     halving = options.get("successive_halving")
     if not halving:
-        ranked, verdict = pipeline.rank_with_verdict(job.dataset, job.models, job.metrics,
-                                                     sample_size=options.get("sample_size"), **common)
-        return RankOutcome(ranking=ranked, summary={"ranked_by": ranked_by(job), "verdict": verdict})
+        full = pipeline.rank_in_full(job.dataset, job.models, job.metrics, sample_size=options.get("sample_size"),
+                                     **common)
+        return RankOutcome(ranking=full.ranked, summary={"ranked_by": ranked_by(job), "verdict": full.verdict,
+                                                         "feature_map": full.feature_map})
     result = rank_successive_halving(job.dataset, job.models, job.metrics[0], **halving, **common)
     summary = {key: value for key, value in result.to_dict().items() if key != "ranking"}
-    summary.update(mode="successive_halving", ranked_by=ranked_by(job), verdict=result.verdict)
+    summary.update(mode="successive_halving", ranked_by=ranked_by(job), verdict=result.verdict,
+                   feature_map=result.feature_map)
     return RankOutcome(ranking=result.ranking, summary=summary)
 
 

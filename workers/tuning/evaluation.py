@@ -95,3 +95,44 @@ def task_metrics(task: str, outputs: np.ndarray, labels: np.ndarray) -> dict[str
 
 
 MAIN_METRIC = {"classification": "accuracy", "multilabel": "micro_f1", "regression": "rmse"}
+
+
+RELIABILITY_BINS = 10
+MAX_PREDICTION_POINTS = 300  # regression: predicted-vs-true pairs kept for the plot
+
+
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = RELIABILITY_BINS
+                     ) -> list[dict[str, float | int]]:
+    """The reliability diagram's bars: per equal-width confidence bin (lo, hi], its rows, mean confidence and
+    accuracy (the binning of expected_calibration_error); empty bins are left out."""
+    confidence = np.asarray(confidence, dtype=np.float64).ravel()
+    correct = np.asarray(correct, dtype=np.float64).ravel()
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    out: list[dict[str, float | int]] = []
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            out.append({"lo": b / bins, "hi": (b + 1) / bins, "count": int(sel.sum()),
+                        "confidence": float(confidence[sel].mean()), "accuracy": float(correct[sel].mean())})
+    return out
+
+
+def evaluation_diagnostics(task: str, outputs: np.ndarray, labels: np.ndarray) -> dict[str, object]:
+    """What the dashboard plots of the last validation pass: classification the confusion matrix (rows the true
+    class, columns the predicted, in label-index order) and the reliability bins; multi-label the reliability bins
+    of every (row, label) decision; regression up to MAX_PREDICTION_POINTS (true, predicted) pairs of the first
+    target."""
+    out = np.asarray(outputs, dtype=np.float64)
+    if task == "classification":
+        probs = softmax(out)
+        pred, true = probs.argmax(1), np.asarray(labels).astype(np.int64)
+        classes = out.shape[1]
+        matrix = np.zeros((classes, classes), dtype=np.int64)
+        np.add.at(matrix, (true, pred), 1)
+        return {"confusion_matrix": matrix.tolist(), "reliability": reliability_bins(probs.max(1), pred == true)}
+    if task == "multilabel":
+        p = sigmoid(out)
+        return {"reliability": reliability_bins(np.maximum(p, 1 - p), (p > 0.5) == (np.asarray(labels) > 0.5))}
+    y = np.asarray(labels, dtype=np.float64).reshape(out.shape)
+    keep = np.linspace(0, len(y) - 1, min(len(y), MAX_PREDICTION_POINTS)).round().astype(int) if len(y) else []
+    return {"predicted_vs_true": [[round(float(y[i, 0]), 6), round(float(out[i, 0]), 6)] for i in keep]}

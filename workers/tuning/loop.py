@@ -53,7 +53,7 @@ from workers.tuning.checkpoint import (
     write_json_atomic,
 )
 from workers.tuning.data import ExampleDataset, check_labels, holds_images, label_count
-from workers.tuning.evaluation import MAIN_METRIC, task_metrics
+from workers.tuning.evaluation import MAIN_METRIC, evaluation_diagnostics, task_metrics
 from workers.tuning.regularizers import (
     Regularizer,
     SetupInfo,
@@ -84,7 +84,8 @@ class TuneResult:
     """What a finished run reports. metrics keys by task: classification {val_loss, accuracy, macro_f1, ece};
     multilabel {val_loss, micro_f1, macro_f1, ece}; regression {val_loss, rmse, r2}. curve: one point per
     evaluation (end of each epoch, and every eval_every_steps): {step, epoch, train_loss (mean task loss since the
-    previous point), train_total_loss (with the regularizer's terms), val_loss, val_<main metric>}."""
+    previous point), train_total_loss (with the regularizer's terms), val_loss, val_<main metric>}. details holds
+    the run's facts (device, bf16...) and the diagnostics of its last validation pass (evaluation_diagnostics)."""
 
     task: str
     metrics: dict[str, float | None]
@@ -172,11 +173,12 @@ def _scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> tor
 
 
 def _evaluate(model: nn.Module, data: Batches, task: str, device: torch.device, batch_size: int,
-              autocast: Callable[[], Any], scale: TargetScale | None = None) -> dict[str, float | None]:
-    """Validation loss and metrics; regression outputs read back on the targets' own scale when the model trains on
-    standardised ones (`scale`), so the loss is the MSE of y itself."""
+              autocast: Callable[[], Any], scale: TargetScale | None = None
+              ) -> tuple[dict[str, float | None], np.ndarray | None]:
+    """Validation loss and metrics, and the outputs they were computed from; regression outputs read back on the
+    targets' own scale when the model trains on standardised ones (`scale`), so the loss is the MSE of y itself."""
     if len(data) == 0:
-        return {"val_loss": None}
+        return {"val_loss": None}, None
     model.eval()
     outputs, losses = [], []
     with torch.no_grad():
@@ -192,7 +194,7 @@ def _evaluate(model: nn.Module, data: Batches, task: str, device: torch.device, 
     out = torch.cat(outputs).numpy()
     metrics: dict[str, float | None] = {"val_loss": float(torch.cat(losses).mean())}
     metrics.update(task_metrics(task, out, data.labels))
-    return metrics
+    return metrics, out
 
 
 # ------------------------------------------------------------------------------------------------- setting up
@@ -306,6 +308,7 @@ class _Trainer:
         self.interval = [0.0, 0.0, 0]  # task loss sum, total loss sum, steps since the last curve point
         self.elapsed_before = 0.0
         self.last_eval: dict[str, float | None] | None = None
+        self.last_outputs: np.ndarray | None = None  # of the last evaluation, for the diagnostics
         self.eval_batch = max(1, 2 * config.batch_size)
         self._order: Tensor | None = None
         self._order_epoch = -1
@@ -439,8 +442,9 @@ class _Trainer:
         return progress
 
     def evaluate(self) -> dict[str, float | None]:
-        return _evaluate(self.model, self.val_data, self.task, self.device, self.eval_batch, self.autocast,
-                         self.scale)
+        metrics, self.last_outputs = _evaluate(self.model, self.val_data, self.task, self.device, self.eval_batch,
+                                               self.autocast, self.scale)
+        return metrics
 
     def finish(self, fold_scale: bool, max_length: int | None) -> dict[str, Any]:
         """Undo the pieces' wrappers and, for a checkpoint, fold the target scale into the head; the run's
@@ -448,6 +452,8 @@ class _Trainer:
         for piece in self.pieces:
             piece.teardown(self.model)
         details: dict[str, Any] = {"device": str(self.device), "bf16": self.use_bf16}
+        if self.last_outputs is not None:  # the confusion matrix, reliability or predicted-vs-true of the end
+            details["diagnostics"] = evaluation_diagnostics(self.task, self.last_outputs, self.val_data.labels)
         if max_length is not None:
             details["max_length"] = max_length  # config.max_length capped by the model's positions
         if self.scale is not None and fold_scale:  # the checkpoint predicts y itself (see target_scale)

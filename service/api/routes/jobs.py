@@ -38,11 +38,20 @@ def job_out(session: Any, job: Job) -> JobOut:
         "feature_seconds": entry.feature_seconds, **entry.details}) for entry, model in ranking_rows(session, job.id)]
     return JobOut(id=job.id, status=job.status, stage=job.stage, progress=job.progress, dataset_id=job.dataset_id,
                   candidates=job.candidates, metrics=job.metrics, options=job.options, tune=job.tune,
-                  ranking=ranking, ranking_summary=job.ranking_summary, tuning=job.tuning, error=job.error,
+                  ranking=ranking, ranking_summary=summary_without_map(job.ranking_summary), tuning=job.tuning,
+                  error=job.error,
                   ranked_by=(job.ranking_summary or {}).get("ranked_by"),
                   verdict=(job.ranking_summary or {}).get("verdict"),
                   attempts=job.attempts, created_at=iso_utc(job.created_at), started_at=iso_utc(job.started_at),
                   finished_at=iso_utc(job.finished_at))
+
+
+def summary_without_map(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ranking summary a job shows: its feature map is served by GET /v1/jobs/{id}/feature-map, so polling a
+    job does not carry a few hundred points per model."""
+    if summary is None:
+        return None
+    return {key: value for key, value in summary.items() if key != "feature_map"}
 
 
 def check_metrics(body: JobCreate, dataset: Dataset) -> None:
