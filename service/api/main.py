@@ -1,4 +1,4 @@
-"""Every route of the API: /healthz, and the resources under /v1."""
+"""Every route of the API: /healthz, the resources under /v1, and the dashboard's pages (service.web)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from fastapi import APIRouter
 
 from service.api.problems import problem_responses
 from service.api.routes import checkpoints, datasets, health, jobs, models, regularizers, views
+from service.web import routes as web_routes
 
 # Every route under /v1 reads the database, so any of them answers 503 while it is down.
 v1_router = APIRouter(prefix="/v1", responses=problem_responses(503))
@@ -15,3 +16,4 @@ for _resource in (datasets, models, jobs, checkpoints, regularizers, views):
 api_router = APIRouter()
 api_router.include_router(health.router)
 api_router.include_router(v1_router)
+api_router.include_router(web_routes.router)  # the dashboard's pages, on the same port
