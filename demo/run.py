@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n[demo] hub preparation {prepared - began:.1f}s; rank job {ranked - submitted:.1f}s; "
               f"total {ranked - began:.1f}s")
         print(f"[demo] the service's state is in {settings.home_dir}; run `hubtune serve` to keep using it")
+        port = url.rsplit(":", 1)[1]
+        print(f"[demo] the job's page (ranking chart, feature maps), once `hubtune serve --port {port}` runs:\n"
+              f"{url}/jobs/{job['id']}")
         return 0
     finally:
         if server.poll() is None:

@@ -189,7 +189,8 @@
     if (metricKey) data.push({ type: "scatter", mode: "lines+markers", name: metricKey.replace("_", " "), x: steps,
       y: tuned.curve.map((p) => p[metricKey]), yaxis: "y2", line: { color: COLOURS[2], dash: "dot" }, marker: { symbol: "diamond" } });
     setTimeout(() => plot(node, data, { title: { text: `${tuned.model}: loss and ${metricKey || "metric"} per step` }, height: 340,
-      xaxis: { title: { text: "step" } }, yaxis: { title: { text: "loss" } }, legend: { orientation: "h", y: -0.25 },
+      margin: { t: 40, r: 70, b: 90, l: 60 }, xaxis: { title: { text: "step" } }, yaxis: { title: { text: "loss" } },
+      legend: { orientation: "h", y: -0.35 },
       yaxis2: { title: { text: metricKey || "" }, overlaying: "y", side: "right" } },
     `Training curves of ${tuned.model}: ${tuned.curve.length} points`));
     return node;
@@ -202,7 +203,7 @@
     if (d.confusion_matrix) {
       const node = el("div", { class: "chart confusion", id: `confusion-${k}` });
       const classes = labelNames || d.confusion_matrix.map((_, i) => String(i));
-      setTimeout(() => plot(node, [{ type: "heatmap", z: d.confusion_matrix, x: classes, y: classes, colorscale: "Blues",
+      setTimeout(() => plot(node, [{ type: "heatmap", z: d.confusion_matrix, x: classes, y: classes, colorscale: "Blues", reversescale: true,
         texttemplate: "%{z}", hovertemplate: "true %{y}, predicted %{x}: %{z}<extra></extra>" }],
       { title: { text: "Confusion matrix (validation)" }, height: 340, xaxis: { title: { text: "predicted" } },
         yaxis: { title: { text: "true" }, autorange: "reversed", automargin: true } }, "Confusion matrix"));
@@ -216,7 +217,8 @@
           width: bins.map((b) => b.hi - b.lo), text: bins.map((b) => `n=${b.count}`), marker: { color: COLOURS[4] } },
         { type: "scatter", mode: "lines", name: "perfect calibration", x: [0, 1], y: [0, 1], line: { dash: "dash", color: "#555" } }],
       { title: { text: "Reliability (validation)" }, height: 340, xaxis: { title: { text: "confidence" }, range: [0, 1] },
-        yaxis: { title: { text: "accuracy" }, range: [0, 1] }, legend: { orientation: "h", y: -0.25 } }, "Reliability diagram"));
+        yaxis: { title: { text: "accuracy" }, range: [0, 1] }, legend: { orientation: "h", y: -0.35 },
+        margin: { t: 40, r: 20, b: 90, l: 60 } }, "Reliability diagram"));
       out.push(node);
     }
     if (d.predicted_vs_true) {
