@@ -231,9 +231,11 @@ class _Halving:
         from workers.projection import feature_map
 
         seen = self.order[:self.rounds[-1].rows]
-        alive = {m: np.concatenate(self.chunks[m]) for m in self.last_scores if self.chunks[m]}
-        return feature_map(alive, {m: model.name for m, model in self.by_id.items()}, self.labels[seen], self.task,
-                           label_names, seed=self.seed)
+        ascending = np.argsort(seen, kind="stable")  # dataset order, as score() reads them: on all rows, rank()'s map
+        best_first = sorted(self.last_scores, key=lambda m: -float(self.last_scores[m]))  # type: ignore[arg-type]
+        alive = {m: np.concatenate(self.chunks[m])[ascending] for m in best_first if self.chunks[m]}
+        return feature_map(alive, {m: model.name for m, model in self.by_id.items()}, self.labels[seen[ascending]],
+                           self.task, label_names, seed=self.seed)
 
     def extract(self, r: int, size: int) -> tuple[int, float]:
         """Features of the round's new rows for every survivor; (new rows, forward seconds of the round)."""

@@ -15,7 +15,7 @@ from service.datasets import ParsedDataset, write_normalized  # noqa: E402
 from tests.tiny_models import _COMMON_WORDS, make_tiny_bert  # noqa: E402
 from workers import features as features_module  # noqa: E402
 from workers.halving import nested_order, paired_elimination, rank_successive_halving, round_sizes  # noqa: E402
-from workers.pipeline import DatasetSpec, ModelSpec, rank, rank_with_verdict  # noqa: E402
+from workers.pipeline import DatasetSpec, ModelSpec, rank, rank_in_full, rank_with_verdict  # noqa: E402
 
 ROWS = 256
 
@@ -130,6 +130,10 @@ def test_clearly_worse_model_is_eliminated_early_and_best_wins(setup: dict, tmp_
     # less work than a full ranking: D's features were never extracted for most rows
     assert result.rows_models < result.rows_models_full == 3 * ROWS
     assert sum(r.new_rows * len(r.survivors) for r in rounds) == result.rows_models
+    # the feature map shows the models of the last round, on its rows: the eliminated one's features are gone
+    mapped = result.feature_map
+    assert "d" not in {m["model_id"] for m in mapped["models"]} and mapped["of_rows"] == rounds[-1].rows
+    assert all(len(m["points"]) == mapped["rows"] == len(mapped["labels"]) for m in mapped["models"])
 
 
 def test_eliminated_models_rank_by_elimination_order() -> None:
@@ -197,6 +201,14 @@ def test_confidence_one_eliminates_nothing_and_equals_full_rank(setup: dict, tmp
         assert mine.details["intervals"]["logme"] == pytest.approx(theirs.details["intervals"]["logme"], rel=1e-6)
         assert mine.details["p_better_than_next"] == pytest.approx(theirs.details["p_better_than_next"])
         assert mine.details["logme_prior_only"] == pytest.approx(theirs.details["logme_prior_only"], rel=1e-12)
+    # on all rows the halving's feature map is the full ranking's (rows in dataset order either way)
+    mapped = rank_in_full(setup["dataset"], setup["models"], ["logme"], cache_root=tmp_path / "full",
+                          hf_cache_dir=setup["root"] / "hf").feature_map
+    assert result.feature_map["labels"] == mapped["labels"]
+    theirs = {m["model_id"]: m["points"] for m in mapped["models"]}
+    assert {m["model_id"] for m in result.feature_map["models"]} == set(theirs)
+    for mine in result.feature_map["models"]:
+        assert np.allclose(np.abs(mine["points"]), np.abs(theirs[mine["model_id"]]), atol=1e-3)
 
 
 def test_a_rank_job_tokenises_each_text_once_for_candidates_sharing_a_tokenizer(
