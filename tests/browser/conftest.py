@@ -15,7 +15,8 @@ from tests.integration.conftest import Stack, _make_stack, tiny_hub  # noqa: F40
 CHROMIUM = os.environ.get("HUBTUNE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
 
-@pytest.fixture(scope="session")
+# module, not session: sync Playwright runs an event loop in this thread, and asyncio.run fails beside it
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     if not Path(CHROMIUM).is_file():
         if os.environ.get("CI"):

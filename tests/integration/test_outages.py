@@ -51,6 +51,7 @@ def private_stack(servers: tuple[PrivatePostgres, PrivateRedis], tmp_path: Path)
         "HUBTUNE_AUTH": "required", "HUBTUNE_LEASE_SECONDS": "8", "HUBTUNE_HEARTBEAT_SECONDS": "0.5",
         "HUBTUNE_RECONCILE_SECONDS": "1", "HUBTUNE_BOOTSTRAP_SAMPLES": "30", "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+        "HUBTUNE_MODEL_ROOTS": str(tmp_path.parent),  # pytest's base folder: the tiny hub is below it
     })
     stack = Stack(kind="postgres", home=home, env=env, url=f"http://127.0.0.1:{free_port()}", cwd=cwd)
     try:

@@ -58,7 +58,8 @@ def test_a_pass_stops_at_the_first_send_the_broker_refuses(sessions) -> None:  #
 @pytest.fixture
 def client(tmp_path: Path) -> TestClient:
     settings = Settings(home=tmp_path / "home", auth="auto", bind_host="127.0.0.1", db_statement_timeout_seconds=0.5)
-    return TestClient(create_app(settings, send=lambda *a: None, run_reconciler=False), raise_server_exceptions=False)
+    return TestClient(create_app(settings, send=lambda *a: None, run_reconciler=False), raise_server_exceptions=False,
+                      base_url="http://127.0.0.1")  # keyless mode answers loopback hosts only
 
 
 def test_a_database_locked_past_its_busy_timeout_is_a_503_with_retry_after(client: TestClient,
