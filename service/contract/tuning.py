@@ -155,6 +155,15 @@ REGULARIZER_PARAMS: dict[str, dict[str, Param]] = {
         "relabel_start": Param(1 / 3, "fraction of training after which relabeling starts (repo: epoch 10 of 30)",
                                low=0.0, high=1.0),
     },
+    # Sharpness-aware minimisation (Foret et al., ICLR 2021: rho 0.05, the paper's default; Bahri et al., ACL 2022
+    # fine-tune language models with rho in 0.02-0.15) and ASAM (Kwon et al., ICML 2021; SamsungLabs/ASAM:
+    # eta 0.01, rho 0.5 on CIFAR-10, about 10x SAM's, because the scaled ball is smaller).
+    "sam": {
+        "rho": Param(0.05, "radius of the neighbourhood: the gradient is taken at w + e, ||e|| = rho (ASAM: "
+                           "||e / (|w| + eta)|| = rho; its paper uses about 10x SAM's rho)", low=0.0),
+        "adaptive": Param(False, "ASAM: scale the neighbourhood per weight by |w| + eta (biases unscaled)"),
+        "eta": Param(0.01, "ASAM's offset in |w| + eta, which keeps weights at 0 perturbable", low=0.0),
+    },
 }
 
 

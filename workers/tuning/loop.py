@@ -61,6 +61,7 @@ from workers.tuning.regularizers import (
     build_regularizer,
     per_example_loss,
 )
+from workers.tuning.regularizers.base import get_rng_state, set_rng_state
 from workers.tuning.target_scale import TargetScale, fold_into_head
 
 log = logging.getLogger("hubtune.tuning")
@@ -380,6 +381,8 @@ class _Trainer:
         with self.autocast():
             task_loss, loss = self.losses(ctx)
         loss.backward()
+        for piece in self.pieces:
+            piece.after_backward(self.model, loss, lambda: self.regrad(ctx))
         if self.config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
@@ -391,6 +394,23 @@ class _Trainer:
         self.interval[0] += float(task_loss.detach())
         self.interval[1] += float(loss.detach())
         self.interval[2] += 1
+
+    def regrad(self, ctx: StepContext) -> Tensor:
+        """The step's total loss at the model's current weights, its gradients replacing those there (SAM): the
+        same batch, and the random state of the step's first pass (the same dropout masks and noise), after which
+        the generator is put back."""
+        saved = get_rng_state(self.device)
+        set_rng_state(ctx.rng_state, self.device)
+        try:
+            self.model.zero_grad(set_to_none=True)
+            again = StepContext(self.model, ctx.batch, self.task, step=ctx.step, total_steps=self.total_steps,
+                                steps_per_epoch=self.steps_per_epoch, want_hidden=self.want_hidden)
+            with self.autocast():
+                _, loss = self.losses(again)
+            loss.backward()
+        finally:
+            set_rng_state(saved, self.device)
+        return loss.detach()
 
     def losses(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
         """(task loss, total loss) of one batch: a piece's own forward, or the clean forward with the pieces'
@@ -465,6 +485,8 @@ class _Trainer:
                 details["labels_changed"] = getattr(piece, "changed", 0)
             if piece.name == "btuning":
                 details["btuning"] = piece.teacher.describe()
+            if piece.name == "sam":
+                details["sam"] = piece.describe()
         return details
 
 
@@ -531,6 +553,7 @@ def _save_run(result: TuneResult, loaded: _Loaded, names: list[str], config: Tun
         "hyperparameters": result.config, "seed": config.seed, "scores": result.metrics, "steps": result.steps,
         "wall_seconds": round(result.wall_seconds, 3), "device": details["device"], "bf16": details["bf16"],
         **({"btuning": details["btuning"]} if "btuning" in details else {}),
+        **({"sam": details["sam"]} if "sam" in details else {}),
         **({"target_scaling": details["target_scaling"]} if "target_scaling" in details else {}),
     })
     loaded.model.eval()

@@ -7,6 +7,8 @@ A piece (a `Regularizer`) may do any of these; the training loop (workers/tuning
     relabel(ctx, labels)      change this batch's labels (self-labeling)                     -> labels
     example_weights(ctx, l)   weights of the per-example losses, summing to 1 (self-labeling) -> weights | None
     extra_loss(ctx)           a term added to the task loss (L2-SP, SMART, R3F, VAT, SiFT, LNSR, B-Tuning)
+    after_backward(model, loss, recompute)   after backward, before the step: replace the gradients (SAM: by
+                              those of the whole loss, every piece's terms included, at perturbed weights)
     after_step(model)         after optimizer.step(): project weights (self-labeling)
     teardown(model)           undo wrappers and hooks before the model is saved
     state_dict/load_state_dict   whatever must survive a resume (self-labeling's corrected labels)
@@ -22,8 +24,9 @@ Registry: `build_regularizer(name, params)`; names, defaults and meanings are in
 Pure tensors in, tensors out: no files, database or HTTP here.
 
 The pieces by family: weight_space (L2-SP, Mixout, self-labeling: where the weights may go), adversarial (SMART,
-R3F, VAT, SiFT: perturbed input embeddings), noise (LNSR, HyPe, noisy feature mixup: noise in hidden states);
-base holds the protocol and `StepContext`, anatomy finds a model's backbone, head and layers.
+R3F, VAT, SiFT: perturbed input embeddings), noise (LNSR, HyPe, noisy feature mixup: noise in hidden states),
+sharpness (SAM, ASAM: the gradient taken at the worst nearby weights); base holds the protocol and
+`StepContext`, anatomy finds a model's backbone, head and layers.
 """
 from __future__ import annotations
 
@@ -50,17 +53,18 @@ from workers.tuning.regularizers.base import (
     symmetric_kl,
 )
 from workers.tuning.regularizers.noise import LNSR, NFM, HyPe, mix_targets, noisy_mixup
+from workers.tuning.regularizers.sharpness import SAM, sam_perturbation
 from workers.tuning.regularizers.weight_space import L2SP, MixLinear, Mixout, SelfLabeling, project_frobenius
 
-__all__ = ["HyPe", "L2SP", "LNSR", "MixLinear", "Mixout", "NFM", "NoRegularizer", "R3F", "REGULARIZERS", "SMART",
-           "SelfLabeling", "SetupInfo", "SiFT", "StepContext", "VAT", "Regularizer", "backbone_and_head",
+__all__ = ["HyPe", "L2SP", "LNSR", "MixLinear", "Mixout", "NFM", "NoRegularizer", "R3F", "REGULARIZERS", "SAM",
+           "SMART", "SelfLabeling", "SetupInfo", "SiFT", "StepContext", "VAT", "Regularizer", "backbone_and_head",
            "backbone_module", "build_regularizer", "input_embedding", "kl_divergence", "layer_depth", "mean_pool",
-           "mix_targets", "noisy_mixup", "per_example_loss", "pooled_features", "project_frobenius", "symmetric_kl",
-           "transformer_layers"]
+           "mix_targets", "noisy_mixup", "per_example_loss", "pooled_features", "project_frobenius", "sam_perturbation",
+           "symmetric_kl", "transformer_layers"]
 
 
 _IMPLEMENTATIONS: tuple[type[Regularizer], ...] = (NoRegularizer, L2SP, Mixout, SMART, R3F, VAT, SiFT, LNSR, HyPe,
-                                                     NFM, SelfLabeling)
+                                                     NFM, SelfLabeling, SAM)
 REGULARIZERS: dict[str, type[Regularizer]] = {cls.name: cls for cls in _IMPLEMENTATIONS}
 # The contract names every regularizer a job may ask for; each must be implemented here (checked at import).
 if set(REGULARIZERS) != set(REGULARIZER_PARAMS):

@@ -282,6 +282,10 @@ class Regularizer:
     def extra_loss(self, ctx: StepContext) -> Tensor | None:
         return None
 
+    def after_backward(self, model: nn.Module, loss: Tensor, recompute: Callable[[], Tensor]) -> None:
+        """After loss.backward(), before clipping and the optimizer step; `recompute()` replaces the gradients
+        with those of the step's total loss at the model's current weights and returns that loss."""
+
     def after_step(self, model: nn.Module) -> None:
         pass
 
