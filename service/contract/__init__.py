@@ -18,6 +18,7 @@ from service.contract.names import (
 )
 from service.contract.status import TERMINAL, TRANSITIONS, JobPhase, JobStatus
 from service.contract.tuning import (
+    AUGMENTATIONS,
     LIMITS,
     MAX_TRADEOFF_TRIALS,
     REGULARIZER_PARAMS,
@@ -25,13 +26,15 @@ from service.contract.tuning import (
     RegularizerSpec,
     TuneConfig,
     TuneSpec,
+    check_tune_for_dataset,
     describe_regularizers,
+    resolve_augment,
     resolve_regularizer,
 )
 
 __all__ = [
-    "ESTIMATORS", "IMAGE_PROCESSOR_FILE", "LIMITS", "MAX_TRADEOFF_TRIALS", "MODALITIES", "POOLINGS",
+    "AUGMENTATIONS", "ESTIMATORS", "IMAGE_PROCESSOR_FILE", "LIMITS", "MAX_TRADEOFF_TRIALS", "MODALITIES", "POOLINGS",
     "REGULARIZER_PARAMS", "STRATEGIES", "TASKS", "TERMINAL", "TOKENIZER_ENTRY_FILES", "TOKENIZER_FILES",
     "TRANSITIONS", "EstimatorInfo", "JobPhase", "JobStatus", "Param", "RegularizerSpec", "TuneConfig", "TuneSpec",
-    "describe_regularizers", "estimator_applies", "resolve_regularizer",
+    "check_tune_for_dataset", "describe_regularizers", "estimator_applies", "resolve_augment", "resolve_regularizer",
 ]

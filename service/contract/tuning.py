@@ -30,6 +30,9 @@ LIMITS: dict[str, tuple[float, float]] = {
 }
 # B-Tuning's tradeoff given as a list: each value costs one trial run
 MAX_TRADEOFF_TRIALS = 8
+# Text augmentations of the training rows (workers/tuning/augment.py): EDA's operations without synonyms
+AUGMENTATIONS = ("swap", "delete", "insert", "eda")
+AUGMENT_P_DEFAULT = 0.1  # EDA's recommended alpha for its operations
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,30 @@ def describe_regularizers() -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
+def resolve_augment(value: Any, where: str = "augment") -> dict[str, Any] | None:
+    """{"name", "p"} checked, p defaulted; None for no augmentation. ValueError names the bad field."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected an object {{\"name\": ..., \"p\": ...}} or null")
+    unknown = sorted(set(value) - {"name", "p"})
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown field (expected name, p)")
+    name = value.get("name")
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"{where}.name: must be one of {list(AUGMENTATIONS)}, got {name!r}")
+    p = Param(AUGMENT_P_DEFAULT, "", low=0.0, high=1.0).check(f"{where}.p", value.get("p", AUGMENT_P_DEFAULT))
+    return {"name": name, "p": p}
+
+
+def check_tune_for_dataset(tune: dict[str, Any], modality: str, where: str = "tune") -> None:
+    """What a tune block cannot ask of a dataset of this modality; ValueError naming the field. The API calls it
+    with the dataset's modality before queueing a job, the worker before training."""
+    if tune.get("augment") is not None and modality != "text":
+        raise ValueError(f"{where}.augment: text augmentation applies to text datasets; this dataset holds "
+                         f"{modality}s")
+
+
 @dataclass
 class TuneConfig:
     """Settings of one tuning run. Every field has a default; `validate()` names the first bad field.
@@ -222,6 +249,7 @@ class TuneConfig:
     device: "cpu", "cuda", "cuda:1"...; None picks cuda when available.
     bf16: autocast the forward passes to bfloat16 on CUDA (master weights stay float32); ignored on CPU, and
         ignored for smart, r3f, vat and hype, whose 1e-5-scale noise bfloat16 cannot represent.
+    augment: {"name", "p"} (resolve_augment): the training texts re-augmented every epoch; None: as given.
     """
 
     strategy: str = "finetune"
@@ -241,6 +269,7 @@ class TuneConfig:
     eval_every_steps: int = 0
     device: str | None = None
     bf16: bool = True
+    augment: dict[str, Any] | None = None
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], tradeoff: float = 1.0, device: str | None = None) -> TuneConfig:
@@ -249,7 +278,8 @@ class TuneConfig:
         return cls(strategy=spec["strategy"], regularizer=spec["regularizer"]["name"],
                    regularizer_params=spec["regularizer"]["params"], epochs=spec["epochs"], lr=spec["lr"],
                    batch_size=spec["batch_size"], max_length=spec["max_length"], seed=spec["seed"],
-                   tradeoff=tradeoff, temperature=spec["temperature"], device=device).validate()
+                   tradeoff=tradeoff, temperature=spec["temperature"], device=device,
+                   augment=spec.get("augment")).validate()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TuneConfig:
@@ -311,6 +341,7 @@ class TuneConfig:
             raise ValueError(f"device: expected a string such as 'cpu' or 'cuda', got {self.device!r}")
         if not isinstance(self.bf16, bool):
             raise ValueError(f"bf16: expected true or false, got {self.bf16!r}")
+        self.augment = resolve_augment(self.augment)
         return self
 
     def resolved_regularizer_params(self) -> dict[str, Any]:
@@ -325,6 +356,12 @@ class TuneConfig:
 class RegularizerSpec(RequestModel):
     name: Literal[tuple(REGULARIZER_PARAMS)] = "none"  # type: ignore[valid-type]
     params: dict[str, Any] = Field(default_factory=dict)
+
+
+class AugmentSpec(RequestModel):
+    name: Literal[AUGMENTATIONS]  # type: ignore[valid-type]
+    p: float = Field(default=AUGMENT_P_DEFAULT, ge=0.0, le=1.0,
+                     description="swap, insert: p x the row's tokens (at least 1); delete: each token's probability")
 
 
 def _limit(name: str) -> dict[str, float]:
@@ -351,6 +388,9 @@ class TuneSpec(RequestModel):
     max_length: int = Field(default=128, **_limit("max_length"))
     seed: int = Field(default=0, **_limit("seed"))
     validation_fraction: float = Field(default=0.2, gt=0, lt=0.9)
+    augment: AugmentSpec | None = Field(default=None, description="text augmentation of the training rows, "
+                                        "afresh every epoch: swap, delete, insert (corpus words) or eda (one of "
+                                        "them per row); null: none")
 
     @field_validator("tradeoff", mode="before")
     @classmethod

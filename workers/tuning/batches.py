@@ -66,6 +66,38 @@ class EncodedTexts:
         return {k: v.to(device) for k, v in out.items()}
 
 
+class AugmentedTexts:
+    """Training texts augmented afresh every epoch (workers.tuning.augment) and tokenised then; `set_epoch(e)`
+    before reading epoch e's batches. The vocabulary of insertions is the original rows'."""
+
+    def __init__(self, tokenizer: Any, texts: list[str] | list[tuple[str, str]], labels: np.ndarray,
+                 max_length: int, token_types: bool, augment: dict[str, Any], seed: int) -> None:
+        from workers.tuning.augment import Vocabulary
+
+        self.tokenizer, self.texts, self.labels = tokenizer, list(texts), labels
+        self.max_length, self.token_types, self.augment, self.seed = max_length, token_types, augment, seed
+        self.vocabulary = Vocabulary.of(self.texts)
+        self.epoch = -1
+        self.encoded: EncodedTexts | None = None
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        from workers.tuning.augment import augment_rows
+
+        if epoch == self.epoch:
+            return
+        rows = augment_rows(self.texts, self.augment["name"], self.augment["p"], self.seed, epoch, self.vocabulary)
+        self.encoded = EncodedTexts(self.tokenizer, rows, self.labels, self.max_length, self.token_types)
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def batch(self, index: Tensor, device: torch.device, task: str) -> dict[str, Tensor]:
+        assert self.encoded is not None
+        return self.encoded.batch(index, device, task)
+
+
 class EncodedImages:
     """Encoded images, decoded and run through the model's image processor per batch (holding every image as
     224×224 floats would take 0.6 MB each)."""
@@ -87,4 +119,4 @@ class EncodedImages:
         return {k: v.to(device) for k, v in out.items()}
 
 
-Batches = EncodedTexts | EncodedImages
+Batches = EncodedTexts | AugmentedTexts | EncodedImages

@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from service.contract import TASKS, TuneConfig
-from workers.tuning.batches import Batches, EncodedImages, EncodedTexts, epoch_order, model_inputs
+from service.contract import TASKS, TuneConfig, check_tune_for_dataset
+from workers.tuning.batches import AugmentedTexts, Batches, EncodedImages, EncodedTexts, epoch_order, model_inputs
 from workers.tuning.btuning import BTuningLoss, BTuningTeacher
 from workers.tuning.checkpoint import (
     discard_partial,
@@ -255,6 +255,7 @@ def _load_model(config: TuneConfig, model_dir: Path, train: ExampleDataset, val:
                 ignore_mismatched_sizes=True, dtype=torch.float32)  # transformers 5 defaults to the file's dtype
     with _quiet_transformers():
         if holds_images(train):
+            check_tune_for_dataset({"augment": config.augment}, "image")
             # a source head of another size (ImageNet's 1000 classes) is replaced by a new one
             preprocessor = AutoImageProcessor.from_pretrained(model_dir)
             model = image_classifier(model_dir, head)
@@ -270,8 +271,10 @@ def _load_model(config: TuneConfig, model_dir: Path, train: ExampleDataset, val:
             # what the model can read: a longer max_length overflowed its position embeddings mid-training
             max_length = length_limit(preprocessor, model, config.max_length)
             token_types = takes_token_types(model.config)
-            loaded = _Loaded(model, preprocessor,
-                             EncodedTexts(preprocessor, train.examples, targets.fit, max_length, token_types),
+            train_batches = (AugmentedTexts(preprocessor, train.examples, targets.fit, max_length, token_types,
+                                            config.augment, config.seed) if config.augment is not None else
+                             EncodedTexts(preprocessor, train.examples, targets.fit, max_length, token_types))
+            loaded = _Loaded(model, preprocessor, train_batches,
                              EncodedTexts(preprocessor, val.examples, targets.val, max_length, token_types),
                              max_length)
     model.to(device)
@@ -373,6 +376,8 @@ class _Trainer:
         epoch, pos = divmod(self.step, self.steps_per_epoch)
         if epoch != self._order_epoch:
             self._order, self._order_epoch = epoch_order(self.config.seed, epoch, len(self.train_data)), epoch
+            if isinstance(self.train_data, AugmentedTexts):
+                self.train_data.set_epoch(epoch)
         size = self.config.batch_size
         batch = self.train_data.batch(self._order[pos * size:(pos + 1) * size], self.device, self.task)
         self.model.train()
