@@ -21,20 +21,24 @@ from service.contract.tuning import (
     AUGMENTATIONS,
     LIMITS,
     MAX_TRADEOFF_TRIALS,
+    PEFT_REFUSED,
     REGULARIZER_PARAMS,
     Param,
+    PeftSpec,
     RegularizerSpec,
     TuneConfig,
     TuneSpec,
     check_tune_for_dataset,
     describe_regularizers,
     resolve_augment,
+    resolve_peft,
     resolve_regularizer,
 )
 
 __all__ = [
-    "AUGMENTATIONS", "ESTIMATORS", "IMAGE_PROCESSOR_FILE", "LIMITS", "MAX_TRADEOFF_TRIALS", "MODALITIES", "POOLINGS",
-    "REGULARIZER_PARAMS", "STRATEGIES", "TASKS", "TERMINAL", "TOKENIZER_ENTRY_FILES", "TOKENIZER_FILES",
-    "TRANSITIONS", "EstimatorInfo", "JobPhase", "JobStatus", "Param", "RegularizerSpec", "TuneConfig", "TuneSpec",
-    "check_tune_for_dataset", "describe_regularizers", "estimator_applies", "resolve_augment", "resolve_regularizer",
+    "AUGMENTATIONS", "ESTIMATORS", "IMAGE_PROCESSOR_FILE", "LIMITS", "MAX_TRADEOFF_TRIALS", "MODALITIES",
+    "PEFT_REFUSED", "POOLINGS", "REGULARIZER_PARAMS", "STRATEGIES", "TASKS", "TERMINAL", "TOKENIZER_ENTRY_FILES",
+    "TOKENIZER_FILES", "TRANSITIONS", "EstimatorInfo", "JobPhase", "JobStatus", "Param", "PeftSpec",
+    "RegularizerSpec", "TuneConfig", "TuneSpec", "check_tune_for_dataset", "describe_regularizers",
+    "estimator_applies", "resolve_augment", "resolve_peft", "resolve_regularizer",
 ]

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, StringConstraints, ValidationInfo, field_validator
 
 from service.contract.names import STRATEGIES
 from service.contract.text import ID_LENGTH, RequestModel
@@ -220,6 +220,40 @@ def resolve_augment(value: Any, where: str = "augment") -> dict[str, Any] | None
     return {"name": name, "p": p}
 
 
+# Regularizers that refer to the pretrained weights, with adapters (docs/tuning.md, "LoRA"): l2sp penalises the
+# adapters' update ||s B A||^2 (the frozen base is w0 exactly), self_labeling bounds ||s B A||_F per layer;
+# mixout, which mixes each fine-tuned weight back to its pretrained value, has no fine-tuned weight to mix.
+PEFT_REFUSED = {
+    "mixout": "mixout mixes fine-tuned weights back to their pretrained values, and with LoRA the pretrained "
+              "weights are frozen; use peft.dropout, or full fine-tuning (peft null) with mixout",
+}
+
+
+def _peft_error(exc: Exception, where: str) -> ValueError:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        return ValueError(f"{where}{'.' + loc if loc else ''}: {first['msg']}")
+    return ValueError(f"{where}: {exc}")
+
+
+def resolve_peft(value: Any, regularizer: str = "none", where: str = "peft") -> dict[str, Any] | None:
+    """The peft block with its defaults (PeftSpec), checked, and checked against the regularizer; None for full
+    fine-tuning. ValueError names the bad field."""
+    if value is None:
+        return None
+    try:
+        spec = PeftSpec.model_validate(value)
+    except Exception as exc:  # pydantic's ValidationError, re-raised naming the field
+        raise _peft_error(exc, where) from None
+    if regularizer in PEFT_REFUSED:
+        raise ValueError(f"{where}: {spec.method} cannot be combined with regularizer {regularizer}: "
+                         f"{PEFT_REFUSED[regularizer]}")
+    return spec.model_dump()
+
+
 def check_tune_for_dataset(tune: dict[str, Any], modality: str, where: str = "tune") -> None:
     """What a tune block cannot ask of a dataset of this modality; ValueError naming the field. The API calls it
     with the dataset's modality before queueing a job, the worker before training."""
@@ -250,6 +284,8 @@ class TuneConfig:
     bf16: autocast the forward passes to bfloat16 on CUDA (master weights stay float32); ignored on CPU, and
         ignored for smart, r3f, vat and hype, whose 1e-5-scale noise bfloat16 cannot represent.
     augment: {"name", "p"} (resolve_augment): the training texts re-augmented every epoch; None: as given.
+    peft: {"method": "lora", "r", "alpha", "dropout", "target_modules", "merge"} (resolve_peft): train LoRA
+        adapters and the head only; None: full fine-tuning.
     """
 
     strategy: str = "finetune"
@@ -270,6 +306,7 @@ class TuneConfig:
     device: str | None = None
     bf16: bool = True
     augment: dict[str, Any] | None = None
+    peft: dict[str, Any] | None = None
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], tradeoff: float = 1.0, device: str | None = None) -> TuneConfig:
@@ -279,7 +316,7 @@ class TuneConfig:
                    regularizer_params=spec["regularizer"]["params"], epochs=spec["epochs"], lr=spec["lr"],
                    batch_size=spec["batch_size"], max_length=spec["max_length"], seed=spec["seed"],
                    tradeoff=tradeoff, temperature=spec["temperature"], device=device,
-                   augment=spec.get("augment")).validate()
+                   augment=spec.get("augment"), peft=spec.get("peft")).validate()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TuneConfig:
@@ -342,6 +379,7 @@ class TuneConfig:
         if not isinstance(self.bf16, bool):
             raise ValueError(f"bf16: expected true or false, got {self.bf16!r}")
         self.augment = resolve_augment(self.augment)
+        self.peft = resolve_peft(self.peft, self.regularizer)
         return self
 
     def resolved_regularizer_params(self) -> dict[str, Any]:
@@ -362,6 +400,31 @@ class AugmentSpec(RequestModel):
     name: Literal[AUGMENTATIONS]  # type: ignore[valid-type]
     p: float = Field(default=AUGMENT_P_DEFAULT, ge=0.0, le=1.0,
                      description="swap, insert: p x the row's tokens (at least 1); delete: each token's probability")
+
+
+_MODULE_NAME = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,100}$")]
+
+
+class PeftSpec(RequestModel):
+    """LoRA (Hu et al. 2022) through peft; the defaults are peft's LoraConfig documentation example (r 8, alpha 16)
+    and its common dropout 0.05."""
+
+    method: Literal["lora"] = "lora"
+    r: int = Field(default=8, ge=1, le=1024, description="rank of the update B A")
+    alpha: float = Field(default=16.0, gt=0, le=1e4, description="scaling alpha / r of the update")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: Literal["auto", "all-linear"] | list[_MODULE_NAME] = Field(
+        default="auto", description="\"auto\": the attention's query and value projections; \"all-linear\": "
+        "every linear layer of the backbone; or module names (1 to 64)")
+    merge: bool = Field(default=False, description="also write merged/: the weights with the update added, a "
+                                                   "plain Hugging Face folder")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        if isinstance(value, list) and not 1 <= len(value) <= 64:
+            raise ValueError("give 1 to 64 module names")
+        return value
 
 
 def _limit(name: str) -> dict[str, float]:
@@ -391,6 +454,17 @@ class TuneSpec(RequestModel):
     augment: AugmentSpec | None = Field(default=None, description="text augmentation of the training rows, "
                                         "afresh every epoch: swap, delete, insert (corpus words) or eda (one of "
                                         "them per row); null: none")
+    peft: PeftSpec | None = Field(default=None, description="LoRA adapters instead of full fine-tuning; null: "
+                                  "full fine-tuning")
+
+    @field_validator("peft")
+    @classmethod
+    def _peft_with_regularizer(cls, value: PeftSpec | None, info: ValidationInfo) -> PeftSpec | None:
+        regularizer = info.data.get("regularizer")
+        name = regularizer.name if isinstance(regularizer, RegularizerSpec) else "none"
+        if value is not None and name in PEFT_REFUSED:
+            raise ValueError(f"{value.method} cannot be combined with regularizer {name}: {PEFT_REFUSED[name]}")
+        return value
 
     @field_validator("tradeoff", mode="before")
     @classmethod

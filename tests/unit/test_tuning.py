@@ -266,11 +266,12 @@ def test_multilabel_and_regression_report_their_metrics(bert_dir, tmp_path):
     v_multi = np.stack([VAL.labels, 1 - VAL.labels, np.ones_like(VAL.labels)], 1)
     multi = train(config(epochs=2), bert_dir, ExampleDataset(TRAIN.examples, y_multi),
                   ExampleDataset(VAL.examples, v_multi), "multilabel", ["a", "b", "c"], tmp_path / "m", tmp_path / "sm")
-    assert set(multi.metrics) == {"val_loss", "micro_f1", "macro_f1", "ece"}
+    assert set(multi.metrics) == {"val_loss", "micro_f1", "macro_f1", "ece", "trainable_parameters",
+                                  "total_parameters"}
     reg = train(config(epochs=2), bert_dir, ExampleDataset(TRAIN.examples, TRAIN.labels * 2.0 - 1.0),
                 ExampleDataset(VAL.examples, VAL.labels * 2.0 - 1.0), "regression", None, tmp_path / "r",
                 tmp_path / "sr")
-    assert set(reg.metrics) == {"val_loss", "rmse", "r2"}
+    assert set(reg.metrics) == {"val_loss", "rmse", "r2", "trainable_parameters", "total_parameters"}
     assert len(reg.details["diagnostics"]["predicted_vs_true"]) == 32
     assert "reliability" in multi.details["diagnostics"]
     assert reg.metrics["rmse"] < 1.0  # better than predicting 0 for targets of +-1
@@ -311,7 +312,8 @@ def test_an_empty_validation_split_tunes_and_reports_no_scores(task, bert_dir, t
     y = TRAIN.labels if task == "classification" else TRAIN.labels * 3.0 + 50.0
     result = train(config(epochs=1), bert_dir, ExampleDataset(TRAIN.examples, y), ExampleDataset([], y[:0]), task,
                    NAMES if task == "classification" else None, tmp_path / "ckpt", tmp_path / "state")
-    assert result.metrics == {"val_loss": None}
+    assert result.metrics == {"val_loss": None, "trainable_parameters": result.metrics["total_parameters"],
+                              "total_parameters": result.metrics["total_parameters"]}
     assert (tmp_path / "ckpt" / "model.safetensors").is_file()
 
 

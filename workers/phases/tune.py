@@ -53,9 +53,10 @@ class _BTuning:
     fit_on: Callable[[np.ndarray], Any]
 
 
-def checkpoint_name(model_name: str, strategy: str, regularizer: str) -> str:
+def checkpoint_name(model_name: str, strategy: str, regularizer: str, peft: dict[str, Any] | None = None) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-") or "model"
-    return f"{safe}-{strategy}" + (f"-{regularizer}" if strategy == "finetune" and regularizer != "none" else "")
+    return (f"{safe}-{strategy}" + (f"-{regularizer}" if strategy == "finetune" and regularizer != "none" else "")
+            + (f"-{peft['method']}" if peft else ""))
 
 
 def run_tune(job: TuneInput, progress: pipeline.Progress) -> TuneOutcome:
@@ -152,7 +153,7 @@ def _tune_model(job: TuneInput, candidate: RankedCandidate, position: tuple[int,
     from workers.tuning.loop import train
 
     spec, model, dataset = job.spec, candidate.model, job.dataset.spec
-    name = checkpoint_name(model.name, spec["strategy"], spec["regularizer"]["name"])
+    name = checkpoint_name(model.name, spec["strategy"], spec["regularizer"]["name"], spec.get("peft"))
     checkpoint_dir = job.job_dir / "checkpoints" / name
     result_path = job.job_dir / "results" / f"{name}.json"
     if checkpoint_dir.is_dir() and result_path.is_file():  # finished before a crash: keep it

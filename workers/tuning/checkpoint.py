@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,19 @@ def model_card(card: dict[str, Any]) -> str:
     lines += [f"# {card.get('name') or 'HubTune checkpoint'}", ""]
     loaders = (("AutoModelForImageClassification", "AutoImageProcessor") if card.get("modality") == "image"
                else ("AutoModelForSequenceClassification", "AutoTokenizer"))
-    lines += [f"Fine-tuned by HubTune. Loads offline with `{loaders[0]}.from_pretrained(folder)` "
-              f"and `{loaders[1]}.from_pretrained(folder)`.", ""]
+    peft = card.get("peft")
+    if peft:
+        peft_loader = "AutoPeftModelForSequenceClassification" if card.get("modality") != "image" else "AutoPeftModel"
+        lines += [f"LoRA adapter (r {peft.get('r')}, alpha {peft.get('alpha')}) and the trained head, tuned by "
+                  f"HubTune. Loads offline with `peft.{peft_loader}.from_pretrained(folder)` where its base, "
+                  f"`{card.get('adapter_base')}` (the classifier's config and links to the pretrained weights), "
+                  f"exists; elsewhere load the base model `{card.get('base_model')}` with "
+                  "`config=AutoConfig.from_pretrained(folder)` and then `peft.PeftModel.from_pretrained(base, "
+                  "folder)`." + (f" `merged/` is the model with the update added: `{loaders[0]}.from_pretrained("
+                                 "folder / 'merged')`." if peft.get("merge") else ""), ""]
+    else:
+        lines += [f"Fine-tuned by HubTune. Loads offline with `{loaders[0]}.from_pretrained(folder)` "
+                  f"and `{loaders[1]}.from_pretrained(folder)`.", ""]
     pair = (card.get("dataset_columns") or {}).get("text_pair")
     if pair:
         lines += [f"Trained on text pairs: encode each example as `tokenizer(text, text_pair)` (the dataset's "
@@ -93,9 +105,10 @@ def model_card(card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_checkpoint(model: Any, preprocessor: Any, checkpoint_dir: Path, card: dict[str, Any]) -> Path:
+def write_checkpoint(model: Any, preprocessor: Any, checkpoint_dir: Path, card: dict[str, Any],
+                     save: Callable[[Path], None] | None = None) -> Path:
     """Write model + its tokenizer or image processor + model card to `checkpoint_dir` atomically; returns the
-    final path.
+    final path. `save(folder)` writes the model's files instead of `model.save_pretrained` (LoRA adapters).
 
     An existing checkpoint under the same name is replaced only once the new one is complete.
     """
@@ -104,10 +117,13 @@ def write_checkpoint(model: Any, preprocessor: Any, checkpoint_dir: Path, card: 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if save is not None:
+        save(tmp)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
     preprocessor.save_pretrained(tmp)
     (tmp / "README.md").write_text(model_card(card), encoding="utf-8")
-    for path in tmp.iterdir():  # flush file contents before the rename makes them visible
+    for path in tmp.rglob("*"):  # flush file contents before the rename makes them visible
         if path.is_file():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from service.contract import TASKS, TuneConfig, check_tune_for_dataset
+from workers.tuning.adapters import parameter_counts
 from workers.tuning.batches import AugmentedTexts, Batches, EncodedImages, EncodedTexts, epoch_order, model_inputs
 from workers.tuning.btuning import BTuningLoss, BTuningTeacher
 from workers.tuning.checkpoint import (
@@ -236,6 +237,8 @@ class _Loaded:
     train: Batches
     val: Batches
     max_length: int | None  # texts: config.max_length capped by the model's positions; images: None
+    peft: Any = None  # the PeftModel wrapping `model` when LoRA adapters train (workers/tuning/adapters.py)
+    adapter: dict[str, Any] | None = None  # what was adapted
 
     @property
     def modality(self) -> str:
@@ -277,6 +280,10 @@ def _load_model(config: TuneConfig, model_dir: Path, train: ExampleDataset, val:
             loaded = _Loaded(model, preprocessor, train_batches,
                              EncodedTexts(preprocessor, val.examples, targets.val, max_length, token_types),
                              max_length)
+    if config.peft is not None:
+        from workers.tuning.adapters import attach_lora
+
+        loaded.peft, loaded.adapter = attach_lora(model, config.peft, loaded.modality)
     model.to(device)
     return loaded
 
@@ -537,17 +544,22 @@ def train(config: TuneConfig, model_dir: Path, train: ExampleDataset, val: Examp
         trainer.resume(state_path, model_dir)
     trainer.run(on_progress, should_cancel, state_path)
     details = trainer.finish(fold_scale=not trial, max_length=loaded.max_length)
-    result = TuneResult(task=task, metrics=trainer.last_eval, curve=trainer.curve, wall_seconds=trainer.wall_seconds(),
+    if loaded.adapter is not None:
+        details["peft"] = loaded.adapter
+    metrics = {**trainer.last_eval, **parameter_counts(loaded.model)}
+    result = TuneResult(task=task, metrics=metrics, curve=trainer.curve, wall_seconds=trainer.wall_seconds(),
                         steps=trainer.step, total_steps=trainer.total_steps, resumed_from_step=trainer.resumed_from,
                         checkpoint_dir="" if trial else str(checkpoint_dir), config=config.to_dict(), details=details)
     if trial:
         return result
-    _save_run(result, loaded, targets.names, config, card, checkpoint_dir, state_dir, fingerprint)
+    _save_run(result, loaded, targets.names, config, card, checkpoint_dir, state_dir, fingerprint, model_dir)
     return result
 
 
+# long: the model card's record, then the checkpoint (full model, or adapter and its base), result and state
 def _save_run(result: TuneResult, loaded: _Loaded, names: list[str], config: TuneConfig,
-              card: dict[str, Any] | None, checkpoint_dir: Path, state_dir: Path, fingerprint: str) -> None:
+              card: dict[str, Any] | None, checkpoint_dir: Path, state_dir: Path, fingerprint: str,
+              model_dir: Path) -> None:
     """Write the checkpoint with its model card, then the result (so a re-run returns it), then drop the state."""
     details, task = result.details, result.task
     record = dict(card or {})
@@ -559,11 +571,21 @@ def _save_run(result: TuneResult, loaded: _Loaded, names: list[str], config: Tun
         "wall_seconds": round(result.wall_seconds, 3), "device": details["device"], "bf16": details["bf16"],
         **({"btuning": details["btuning"]} if "btuning" in details else {}),
         **({"sam": details["sam"]} if "sam" in details else {}),
+        **({"peft": details["peft"]} if "peft" in details else {}),
         **({"target_scaling": details["target_scaling"]} if "target_scaling" in details else {}),
     })
     loaded.model.eval()
+    save = None
+    if loaded.peft is not None:
+        from workers.tuning.adapters import save_adapter, write_base_view
+
+        base = write_base_view(loaded.model, model_dir, checkpoint_dir.with_name(checkpoint_dir.name + ".base"))
+        record["adapter_base"] = str(base)
+
+        def save(folder: Path) -> None:
+            save_adapter(loaded.peft, loaded.model, loaded.preprocessor, folder, base, bool(config.peft["merge"]))
     with _quiet_transformers():
-        write_checkpoint(loaded.model, loaded.preprocessor, checkpoint_dir, record)
+        write_checkpoint(loaded.model, loaded.preprocessor, checkpoint_dir, record, save=save)
     write_json_atomic(state_dir / RESULT_FILE, {"fingerprint": fingerprint, "result": result.to_dict()})
     state_path = state_dir / STATE_FILE
     if state_path.exists():

@@ -102,3 +102,21 @@ def set_dropout(module: nn.Module, p: float | None, saved: dict[nn.Dropout, floa
                 sub.p = p
 
 
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers LoRA adapted (peft's LoraLayer: lora_A, lora_B, the frozen base layer), found without importing
+    peft; empty for a model tuned in full."""
+    return [(name, m) for name, m in model.named_modules()
+            if hasattr(m, "lora_A") and hasattr(m, "get_delta_weight") and hasattr(m, "get_base_layer")]
+
+
+def delta_weight(layer: nn.Module) -> Tensor:
+    """A LoRA layer's update W - W0 = scaling * B A (differentiable; in the base weight's layout)."""
+    return layer.get_delta_weight(layer.active_adapters[0])
+
+
+def scale_update(layer: nn.Module, factor: float) -> None:
+    """Multiply the layer's update B A by `factor` (through B: a radial scaling of W - W0)."""
+    for name in layer.active_adapters:
+        layer.lora_B[name].weight.mul_(factor)

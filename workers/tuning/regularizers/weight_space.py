@@ -1,5 +1,9 @@
 """Pieces that keep the weights near where they started: L2-SP (a penalty toward w0), Mixout (mixing weights back
-to w0), regularized self-labeling (projection onto balls around w0, with reweighted and corrected labels)."""
+to w0), regularized self-labeling (projection onto balls around w0, with reweighted and corrected labels).
+
+With LoRA adapters (workers/tuning/adapters.py) the base weights are frozen at w0, so w - w0 is each adapted
+layer's update s B A: L2-SP penalises ||s B A||^2, self-labeling bounds ||s B A||_F by scaling B, and Mixout,
+which has no fine-tuned weight to mix back, refuses (so does the contract)."""
 
 from __future__ import annotations
 
@@ -13,7 +17,10 @@ from torch import Tensor, nn
 from workers.tuning.regularizers.anatomy import (
     backbone_and_head,
     backbone_module,
+    delta_weight,
     layer_depth,
+    lora_layers,
+    scale_update,
     set_dropout,
     transformer_layers,
 )
@@ -32,17 +39,22 @@ class L2SP(Regularizer):
         self.alpha, self.beta = alpha, beta
         self._backbone: list[tuple[nn.Parameter, Tensor]] = []
         self._head: list[nn.Parameter] = []
+        self._adapted: list[nn.Module] = []  # LoRA layers: w - w0 is their update
 
     def setup(self, model: nn.Module, info: SetupInfo | None = None) -> None:
         backbone, head = backbone_and_head(model)
-        self._backbone = [(p, p.detach().clone()) for _, p in backbone if p.requires_grad]
+        self._adapted = [m for _, m in lora_layers(model)]
+        self._backbone = [(p, p.detach().clone()) for n, p in backbone if p.requires_grad and "lora_" not in n]
         self._head = [p for _, p in head if p.requires_grad]
 
     def penalty(self) -> Tensor:
-        device = self._backbone[0][0].device if self._backbone else self._head[0].device
-        total = torch.zeros((), device=device)
+        some = [p for p, _ in self._backbone[:1]] + self._head[:1] + [m.lora_B[n].weight for m in self._adapted[:1]
+                                                                       for n in m.active_adapters]
+        total = torch.zeros((), device=some[0].device)
         if self.alpha:
             total = total + 0.5 * self.alpha * sum(((p - p0) ** 2).sum() for p, p0 in self._backbone)
+            if self._adapted:
+                total = total + 0.5 * self.alpha * sum((delta_weight(m).float() ** 2).sum() for m in self._adapted)
         if self.beta and self._head:
             total = total + 0.5 * self.beta * sum((p ** 2).sum() for p in self._head)
         return total
@@ -107,6 +119,9 @@ class Mixout(Regularizer):
         self._dropout: dict[nn.Dropout, float] = {}
 
     def setup(self, model: nn.Module, info: SetupInfo | None = None) -> None:
+        if lora_layers(model):
+            raise ValueError("regularizer: mixout cannot be combined with peft (LoRA freezes the pretrained weights "
+                             "it mixes back to)")
         root = backbone_module(model)
         targets = [(name, m) for name, m in root.named_modules() if type(m) is nn.Linear]
         for name, linear in targets:
@@ -164,6 +179,7 @@ class SelfLabeling(Regularizer):
         self.head_radius, self.temperature, self.threshold = head_radius, temperature, threshold
         self.reweight_start, self.relabel_start = reweight_start, relabel_start
         self.constraints: list[tuple[str, nn.Parameter, Tensor | None, float]] = []  # name, W, W0, bound
+        self.adapted: list[tuple[str, nn.Module, float]] = []  # LoRA layers: ||s B A||_F <= bound
         self.labels: Tensor | None = None
         self.task = "classification"
         self.changed = 0
@@ -175,8 +191,14 @@ class SelfLabeling(Regularizer):
         except ValueError:
             num_layers = max([layer_depth(n, 0) for n, _ in backbone] + [0])
         self.constraints = []
+        self.adapted = []
+        for name, layer in lora_layers(model):
+            bound = self.radius * self.growth ** layer_depth(name + ".", num_layers)
+            if self.relative:
+                bound *= float(layer.get_base_layer().weight.detach().norm())
+            self.adapted.append((name, layer, bound))
         for name, p in backbone:
-            if p.dim() != 2 or not p.requires_grad:
+            if p.dim() != 2 or not p.requires_grad or "lora_" in name:
                 continue
             bound = self.radius * self.growth ** layer_depth(name, num_layers)
             w0 = p.detach().clone()
@@ -195,6 +217,10 @@ class SelfLabeling(Regularizer):
     def after_step(self, model: nn.Module) -> None:
         for _, p, w0, bound in self.constraints:
             p.copy_(project_frobenius(p, w0, bound))
+        for _, layer, bound in self.adapted:  # the projection of w0 + s B A onto the ball: B scaled radially
+            norm = float(delta_weight(layer).norm())
+            if norm > bound:
+                scale_update(layer, bound / norm)
 
     def current_temperature(self, progress: float) -> float:
         return self.temperature * max(0.5, math.exp(-3.0 * max(0.0, progress - self.reweight_start)))
