@@ -8,12 +8,17 @@ of the training texts are computed once and cached, LogME (workers.ranking.logme
 posterior means, and the target's own m_t comes from LogME on its pretrained features.
 
 Every method runs with the library's defaults (service/contract/tuning.py) and the same TuneConfig, over several
-training seeds on the same data split; the table reports mean +- std of validation accuracy, macro-F1, ECE and
-wall seconds per run. Results go to a JSON file as they finish, and runs already there are skipped, so the
+training seeds on the same data split; the table reports mean +- std of validation accuracy, macro-F1, ECE,
+wall seconds and peak memory per run, and each run's trainable parameters and checkpoint size. Besides the
+regularizers and B-Tuning, the second wave's options run as methods of their own (VARIANTS): sam, asam (adaptive,
+rho 0.5 as the ASAM paper), lora (tune.peft defaults, at --lora-lr: LoRA's paper tunes RoBERTa-base at 4e-4 to
+5e-4 where full fine-tuning uses 1e-5 to 3e-5), lora_sam, and the text augmentations eda, swap, delete, insert
+(p 0.1). Results go to a JSON file as they finish, and runs already there are skipped, so the
 benchmark can be run in pieces (--max-minutes) and then reported with --report-only.
 
     .venv/bin/python benchmarks/tune_compare.py                      # defaults below, all methods, 3 seeds
     .venv/bin/python benchmarks/tune_compare.py --methods none,l2sp --seeds 0 --max-minutes 4
+    .venv/bin/python benchmarks/tune_compare.py --methods none,sam,asam,lora,eda --lr 1e-4   # second wave
     .venv/bin/python benchmarks/tune_compare.py --report-only        # table from what has run
 """
 
@@ -248,28 +253,103 @@ def load_bundle(bundle: Path):
 # --------------------------------------------------------------------------------------------------- running
 
 
-ALL_METHODS = "none,l2sp,mixout,smart,r3f,vat,sift,lnsr,hype,nfm,self_labeling,btuning"
+ALL_METHODS = ("none,l2sp,mixout,smart,r3f,vat,sift,lnsr,hype,nfm,self_labeling,btuning,sam,asam,lora,lora_sam,"
+               "eda,swap,delete,insert")
+LORA = {"method": "lora"}  # tune.peft's defaults: r 8, alpha 16, dropout 0.05, auto targets
+# method -> (regularizer, its params, tune.peft, tune.augment); the other methods are a regularizer's name
+VARIANTS: dict[str, tuple[str, dict, dict | None, dict | None]] = {
+    "asam": ("sam", {"adaptive": True, "rho": 0.5}, None, None),
+    "lora": ("none", {}, LORA, None),
+    "lora_sam": ("sam", {}, LORA, None),
+    **{name: ("none", {}, None, {"name": name, "p": 0.1}) for name in ("eda", "swap", "delete", "insert")},
+}
+
+
+class PeakMemory:
+    """Peak memory of one run: on CUDA torch's max allocated; on the CPU the process's resident set sampled every
+    20 ms, minus where it started (the model loaded by the run counts; each run has a process of its own unless
+    --in-process)."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.peak, self._stop = device, 0, None
+
+    def __enter__(self) -> PeakMemory:
+        import threading
+
+        import psutil
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        process = psutil.Process()
+        start = process.memory_info().rss
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.02):
+                self.peak = max(self.peak, process.memory_info().rss - start)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.device.startswith("cuda"):
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
 
 
 def run_one(method: str, seed: int, args, train, val, names, teacher, sha: str, model_dir: Path) -> dict:
     from service.contract.tuning import TuneConfig
+    from workers.tuning.checkpoint import list_files
     from workers.tuning.loop import train as tune
 
     strategy = "btuning" if method == "btuning" else "finetune"
-    config = TuneConfig(strategy=strategy, regularizer="none" if method == "btuning" else method,
-                        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-                        seed=seed, tradeoff=args.tradeoff, save_every_steps=0, device=args.device)
+    regularizer, params, peft, augment = VARIANTS.get(method, ("none" if method == "btuning" else method, {}, None,
+                                                               None))
+    config = TuneConfig(strategy=strategy, regularizer=regularizer, regularizer_params=params, peft=peft,
+                        augment=augment, epochs=args.epochs, lr=args.lora_lr if peft else args.lr,
+                        batch_size=args.batch_size, max_length=args.max_length, seed=seed, tradeoff=args.tradeoff,
+                        save_every_steps=0, device=args.device)
     work = Path(tempfile.mkdtemp(prefix="tune-compare-"))
     try:
-        result = tune(config, model_dir, train, val, "classification", names, work / "ckpt", work / "state",
-                      teacher=teacher if strategy == "btuning" else None,
-                      card={"base_model": "sentence-transformers/all-MiniLM-L6-v2", "dataset_sha256": sha})
+        with PeakMemory(args.device) as memory:
+            result = tune(config, model_dir, train, val, "classification", names, work / "ckpt", work / "state",
+                          teacher=teacher if strategy == "btuning" else None,
+                          card={"base_model": "sentence-transformers/all-MiniLM-L6-v2", "dataset_sha256": sha})
+        checkpoint_bytes = sum(f["size"] for f in list_files(work / "ckpt"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"method": method, "seed": seed, "accuracy": result.metrics["accuracy"],
             "macro_f1": result.metrics["macro_f1"], "ece": result.metrics["ece"],
             "val_loss": result.metrics["val_loss"], "wall_seconds": result.wall_seconds, "steps": result.steps,
+            "lr": config.lr, "trainable_parameters": result.metrics.get("trainable_parameters"),
+            "checkpoint_bytes": checkpoint_bytes, "peak_memory_bytes": memory.peak,
             "bf16": result.details.get("bf16"), "curve": result.curve}
+
+
+def _child_run(method: str, seed: int, args, train, val, names, teacher, sha: str, model_dir: Path) -> dict:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    return run_one(method, seed, args, train, val, names, teacher, sha, model_dir)
+
+
+def run_isolated(*run_args) -> dict:
+    """run_one in a fresh process, so that each run's peak memory starts from an empty allocator."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_child_run, *run_args).result()
 
 
 def mean_std(values: list[float], digits: int = 4) -> str:
@@ -281,12 +361,25 @@ def mean_std(values: list[float], digits: int = 4) -> str:
 
 
 def method_params(method: str, settings: dict, teachers: list) -> str:
-    from service.contract.tuning import resolve_regularizer
+    from service.contract.tuning import resolve_peft, resolve_regularizer
 
     if method == "btuning":
         return f"tradeoff={settings['tradeoff']:g}, T=0.1, k={len(teachers)}"
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in resolve_regularizer(method).items()) or "-"
+    regularizer, params, peft, augment = VARIANTS.get(method, (method, {}, None, None))
+    parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+             for k, v in resolve_regularizer(regularizer, params).items()]
+    if peft:
+        lora = resolve_peft(peft)
+        parts = [f"LoRA r={lora['r']}, alpha={lora['alpha']:g}, dropout={lora['dropout']:g}, "
+                 f"lr={settings.get('lora_lr', settings['lr']):g}"] + parts
+    if augment:
+        parts.append(f"{augment['name']} p={augment['p']:g}")
+    return ", ".join(parts) or "-"
+
+
+def _mean_or_dash(rows: list[dict], key: str, scale: float = 1.0, digits: int = 1) -> str:
+    values = [r[key] / scale for r in rows if r.get(key) is not None]
+    return mean_std(values, digits) if values else "-"
 
 
 def section(tag: str, runs: list[dict], settings: dict, meta: dict) -> list[str]:
@@ -297,13 +390,21 @@ def section(tag: str, runs: list[dict], settings: dict, meta: dict) -> list[str]
              f"device {settings['device']}{', ' + meta['machine'] if meta.get('machine') else ''}.", ""]
     if meta.get("note"):
         lines += [meta["note"], ""]
+    measured = any(r.get("peak_memory_bytes") is not None for r in runs)
+    extra = " trainable params | checkpoint MB | peak memory MB |" if measured else ""
     lines += ["| method | parameters (defaults) | seeds | val accuracy | val macro-F1 | val ECE (15 bins) | "
-              "wall s / run |", "|---|---|---|---|---|---|---|"]
+              "wall s / run |" + extra, "|---|---|---|---|---|---|---|" + ("---|---|---|" if measured else "")]
     for method in order:
         rows = sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"])
-        lines.append(f"| {method} | {method_params(method, settings, meta.get('teachers', []))} | {len(rows)} | "
-                     f"{mean_std([r['accuracy'] for r in rows])} | {mean_std([r['macro_f1'] for r in rows])} | "
-                     f"{mean_std([r['ece'] for r in rows])} | {mean_std([r['wall_seconds'] for r in rows], 1)} |")
+        line = (f"| {method} | {method_params(method, settings, meta.get('teachers', []))} | {len(rows)} | "
+                f"{mean_std([r['accuracy'] for r in rows])} | {mean_std([r['macro_f1'] for r in rows])} | "
+                f"{mean_std([r['ece'] for r in rows])} | {mean_std([r['wall_seconds'] for r in rows], 1)} |")
+        if measured:
+            trainable = {r.get("trainable_parameters") for r in rows} - {None}
+            line += (f" {', '.join(f'{t:,}' for t in sorted(trainable)) or '-'} | "
+                     f"{_mean_or_dash(rows, 'checkpoint_bytes', 2**20)} | "
+                     f"{_mean_or_dash(rows, 'peak_memory_bytes', 2**20, 0)} |")
+        lines.append(line)
     if meta.get("teachers"):
         lines += ["", "B-Tuning teachers: LogME on the training features (mean pooling, max_length as above), "
                       "weights softmax(LogME / 0.1). Their features are computed once and cached; that time is not "
@@ -347,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=32, help="tokens per text (training and features)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--lora-lr", type=float, default=5e-4, help="learning rate of the LoRA methods (LoRA's "
+                                                                     "paper: 4e-4 to 5e-4 on RoBERTa-base)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--tradeoff", type=float, default=1.0, help="B-Tuning lambda")
     parser.add_argument("--seeds", default="0,1,2")
@@ -366,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "tune_compare.json"))
     parser.add_argument("--markdown", default=str(REPO / "benchmarks" / "results" / "tune_compare.md"))
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--in-process", action="store_true", help="run every training in this process (faster; "
+                        "the peak memory of later runs then reads what the allocator kept from earlier ones)")
     args = parser.parse_args(argv)
 
     import torch
@@ -401,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"train": len(train.examples), "val": len(val.examples), "max_length": args.max_length,
                 "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "tradeoff": args.tradeoff,
                 "data_sha256": sha, "device": args.device}
+    if any(VARIANTS.get(m, (None, None, None))[2] for m in methods):  # (in the run keys only where it applies)
+        settings["lora_lr"] = args.lora_lr
     tag = args.tag or f"{args.device}, {len(train.examples)} train, max_length {args.max_length}"
     meta = stored.setdefault("meta", {}).setdefault(tag, {})
     meta["settings"] = settings
@@ -425,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 if method == "btuning" and teacher is None:
                     teacher, meta["teachers"] = build_teacher(args, train, cache, log)
-                row = run_one(method, seed, args, train, val, names, teacher, sha, model_dir)
+                run = run_one if args.in_process else run_isolated
+                row = run(method, seed, args, train, val, names, teacher, sha, model_dir)
                 row["tag"] = tag
                 stored["runs"][key] = row
                 log(f"[run] {method:14s} seed {seed}: acc {row['accuracy']:.4f} macro-F1 {row['macro_f1']:.4f} "

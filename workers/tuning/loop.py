@@ -556,7 +556,6 @@ def train(config: TuneConfig, model_dir: Path, train: ExampleDataset, val: Examp
     return result
 
 
-# long: the model card's record, then the checkpoint (full model, or adapter and its base), result and state
 def _save_run(result: TuneResult, loaded: _Loaded, names: list[str], config: TuneConfig,
               card: dict[str, Any] | None, checkpoint_dir: Path, state_dir: Path, fingerprint: str,
               model_dir: Path) -> None:
