@@ -105,7 +105,7 @@ def test_the_api_refuses_a_bad_augmentation_with_422_naming_the_field(tmp_path: 
     settings = Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", auth="auto",
                         bind_host="127.0.0.1")
     with TestClient(create_app(settings, send=lambda *a: None, run_reconciler=False),
-                    raise_server_exceptions=False) as client:
+                    raise_server_exceptions=False, base_url="http://127.0.0.1") as client:
         for bad, where in (({"name": "back_translate"}, "tune.augment.name"),
                            ({"name": "delete", "p": 2}, "tune.augment.p")):
             response = client.post("/v1/jobs", json={"dataset_id": "d", "tune": {"augment": bad}})
@@ -138,3 +138,36 @@ def test_training_rows_are_augmented_every_epoch_and_validation_rows_never(tmp_p
     assert train_encodings[0] == augment_rows(train_set.examples, "eda", 0.2, seed=0, epoch=0)
     assert result.metrics["accuracy"] == 1.0
     assert result.config["augment"] == {"name": "eda", "p": 0.2}
+
+
+def test_the_api_refuses_augmenting_an_image_dataset_before_queueing(tmp_path: Path):
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from tests.tiny_models import make_tiny_mobilenet
+
+    def png(value: int) -> bytes:
+        out = io.BytesIO()
+        Image.new("RGB", (6, 4), (value, value, value)).save(out, "PNG")
+        return out.getvalue()
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(4):
+            zf.writestr(f"{'dark' if i % 2 else 'light'}/{i}.png", png(40 * i))
+    settings = Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", auth="auto",
+                        bind_host="127.0.0.1")
+    with TestClient(create_app(settings, send=lambda *a: None, run_reconciler=False),
+                    raise_server_exceptions=False, base_url="http://127.0.0.1") as client:
+        uploaded = client.post("/v1/datasets", files={"file": ("shades.zip", archive.getvalue())},
+                               data={"task": "classification"})
+        assert uploaded.status_code == 201, uploaded.text
+        model = client.post("/v1/models", json={"source": "local", "path": str(make_tiny_mobilenet(tmp_path / "m"))})
+        assert model.status_code == 201, model.text
+        body = {"dataset_id": uploaded.json()["id"], "candidates": [model.json()["id"]],
+                "tune": {"augment": {"name": "swap", "p": 0.1}}}
+        response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "tune.augment"

@@ -233,7 +233,7 @@ def test_mixout_with_peft_is_refused_with_a_422_naming_the_combination(tmp_path)
     settings = Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", auth="auto",
                         bind_host="127.0.0.1")
     with TestClient(create_app(settings, send=lambda *a: None, run_reconciler=False),
-                    raise_server_exceptions=False) as client:
+                    raise_server_exceptions=False, base_url="http://127.0.0.1") as client:
         for tune, where in (({"regularizer": {"name": "mixout"}, "peft": {}}, "tune.peft"),
                             ({"peft": {"r": 0}}, "tune.peft.r"), ({"peft": {"method": "ia3"}}, "tune.peft.method"),
                             ({"peft": {"dropout": 1}}, "tune.peft.dropout")):

@@ -24,7 +24,14 @@ from service.api.deps import (
 from service.api.pages import OffsetQuery, paginate
 from service.api.problems import Problem, problem_responses
 from service.api.quotas import check_active_jobs, check_stored_bytes
-from service.contract import ESTIMATORS, TERMINAL, JobPhase, estimator_applies, resolve_regularizer
+from service.contract import (
+    ESTIMATORS,
+    TERMINAL,
+    JobPhase,
+    check_tune_for_dataset,
+    estimator_applies,
+    resolve_regularizer,
+)
 from service.db import CATALOG, Dataset, HubModel, Job, iso_utc, ranking_rows
 from service.schemas import JobCreate, JobOut, Page, RankingEntryOut
 
@@ -103,7 +110,7 @@ def check_layers(body: JobCreate, dataset: Dataset) -> None:
         raise Problem(422, "invalid layers", f"give 1 to {MAX_LAYER_INDICES} layer indices", field="layers")
 
 
-def check_options(body: JobCreate, candidates: list[str]) -> None:
+def check_options(body: JobCreate, candidates: list[str], modality: str) -> None:
     """Successive halving and tuning, each with what it cannot be combined with."""
     if body.successive_halving is not None:
         if len(body.metrics) != 1:
@@ -117,6 +124,11 @@ def check_options(body: JobCreate, candidates: list[str]) -> None:
         except ValueError as exc:
             field_name, _, message = str(exc).partition(": ")
             raise Problem(422, "invalid regularizer setting", message, field=field_name) from exc
+        try:
+            check_tune_for_dataset(body.tune.model_dump(), modality)
+        except ValueError as exc:
+            field_name, _, message = str(exc).partition(": ")
+            raise Problem(422, "tuning option does not apply to this dataset", message, field=field_name) from exc
         if body.tune.target is not None and body.tune.target not in candidates:
             raise Problem(422, "tune target is not a candidate", body.tune.target, field="tune.target")
         if body.tune.strategy == "btuning" and "logme" not in body.metrics:
@@ -135,7 +147,7 @@ def create_job(body: JobCreate, sessions: SessionsDep, send: SendDep, who: Owner
         check_metrics(body, dataset)
         check_layers(body, dataset)
         candidates = resolve_candidates(session, body, dataset, who)
-        check_options(body, candidates)
+        check_options(body, candidates, dataset.modality)
         check_active_jobs(session, who, settings)
     if body.tune is not None:  # tuning stores checkpoints
         check_stored_bytes(sessions, who, settings)
