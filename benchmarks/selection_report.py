@@ -158,6 +158,22 @@ def model_table(store: dict[str, Any]) -> list[str]:
     return lines
 
 
+def truth_resolution(store: dict[str, Any]) -> str | None:
+    """Whether the head-only truth itself tells its best two models apart: their gap against the standard error of
+    a difference of two accuracies on the test split (classification; binomial)."""
+    meta = store["meta"]
+    probe = truths(store).get("probe")
+    if probe is None or meta["task"] != "classification":
+        return None
+    ranked = sorted(probe.values(), reverse=True)
+    n = len(meta["test"])
+    se = math.sqrt(sum(q * (1 - q) / n for q in ranked[:2]))
+    verdict = ("resolved" if ranked[0] - ranked[1] > 2 * se
+               else "not resolved: the top is a tie within the truth's noise")
+    return (f"Truth resolution: best − second {ranked[0] - ranked[1]:.3f} against a standard error of the difference "
+            f"{se:.3f} ({n} test rows): {verdict}; spread of all models {ranked[0] - ranked[-1]:.3f}.")
+
+
 def agreement_table(result: dict[str, dict[int, dict[str, float]]]) -> list[str]:
     sizes = sorted({r for v in result.values() for r in v})
     head = " | ".join(f"{k} @{r}" for r in sizes for k in ("wτ", "Kendall", "Pearson", "Rel@1", "Rel@3"))
@@ -205,6 +221,9 @@ def report(stores: dict[str, dict[str, Any]], holdout: list[str]) -> list[str]:
                   f"{len(meta['train'])} train pool / {len(meta['test'])} test", "",
                   f"Machine: {meta['machine']}; max_length {meta['max_length']}", ""]
         lines += model_table(store) + [""]
+        resolution = truth_resolution(store)
+        if resolution:
+            lines += [resolution, ""]
         for truth_name in truths(store):
             lines += [f"Agreement with the {truth_name} truth (mean over draws, per sample size):", ""]
             lines += agreement_table(agreements(store, truth_name)) + [""]

@@ -10,6 +10,10 @@ from dataclasses import dataclass
 TASKS = ("classification", "multilabel", "regression")
 MODALITIES = ("text", "image")
 POOLINGS = ("mean", "head")
+# What a rank job reads when it names no `layers`, by the dataset's modality: the mean of every layer's pooled
+# output for text models, chosen by benchmarks/model_selection.py (benchmarks/RESULTS.md, model_selection); image
+# models are read at their last layer only.
+DEFAULT_LAYERS = {"text": "all", "image": "last"}
 STRATEGIES = ("finetune", "btuning")
 
 _ALL_TASKS = frozenset(TASKS)

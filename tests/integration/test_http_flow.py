@@ -98,7 +98,8 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
         assert 0.0 <= low <= entry["scores"]["ridge_loo"] <= high <= 1.0
     assert 0.0 <= ranking[0]["p_better_than_next"]["logme"] <= 1.0
     # Every finished job says what ordered it and what the data let it conclude.
-    assert job["ranked_by"] == {"estimator": "logme", "features": {"pooling": "mean", "layers": "last"}}
+    # the default for text: every layer (service.contract.DEFAULT_LAYERS)
+    assert job["ranked_by"] == {"estimator": "logme", "features": {"pooling": "mean", "layers": "all"}}
     verdict = job["verdict"]
     assert verdict["top"] == ranking[0]["model_id"] and isinstance(verdict["confident"], bool)
     assert set(verdict["indistinguishable_from_top"]) <= set(model_ids) - {verdict["top"]}
@@ -147,11 +148,11 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
     assert any(abs(r["scores"]["logme"] - mean_scores[r["model_id"]]) > 1e-6 for r in head["ranking"])
     bad_pooling = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "pooling": "max"})
     assert bad_pooling.status_code == 422 and bad_pooling.json()["field"] == "pooling"
-    # The mean of every layer, from the cache the first job filled: no forward pass.
+    # The last layer alone (the default reads every layer), from the cache the first job filled: no forward pass.
     layered = wait_for(alice, alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "metrics": ["logme"],
-                                                           "layers": "all"}).json()["id"], stack)
+                                                           "layers": "last"}).json()["id"], stack)
     assert layered["status"] == "succeeded", (layered, stack.log_text())
-    assert layered["ranked_by"]["features"]["layers"] == "all"
+    assert layered["ranked_by"]["features"]["layers"] == "last"
     assert all(r["features_cached"] for r in layered["ranking"])
     bad_layers = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "layers": "first"})
     assert bad_layers.status_code == 422 and bad_layers.json()["field"] == "layers"
@@ -331,6 +332,7 @@ def test_image_rank_flow(stack: Stack, tiny_hub: dict[str, Path], tmp_path: Path
     assert sorted(job.json()["candidates"]) == sorted(image_ids)
     done = wait_for(client, job.json()["id"], stack)
     assert done["status"] == "succeeded", (done, stack.log_text())
+    assert done["ranked_by"]["features"]["layers"] == "last"  # image models: the last layer by default
     ranking = {r["model"]: r for r in done["ranking"]}
     assert set(ranking) == set(image_hub)
     assert ranking["vit-head"]["scores"]["leep"] is not None and ranking["mobilenet"]["scores"]["leep"] is None

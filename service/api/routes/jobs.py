@@ -25,6 +25,7 @@ from service.api.pages import OffsetQuery, paginate
 from service.api.problems import Problem, problem_responses
 from service.api.quotas import check_active_jobs, check_stored_bytes
 from service.contract import (
+    DEFAULT_LAYERS,
     ESTIMATORS,
     TERMINAL,
     JobPhase,
@@ -99,15 +100,19 @@ def resolve_candidates(session: Any, body: JobCreate, dataset: Dataset, who: str
 MAX_LAYER_INDICES = 64
 
 
-def check_layers(body: JobCreate, dataset: Dataset) -> None:
-    """`layers` reads a text model's hidden states; an image model is read at its last layer only."""
+def job_layers(body: JobCreate, dataset: Dataset) -> str | list[int]:
+    """The layers the job reads: the request's, else the default for the dataset's modality (DEFAULT_LAYERS).
+    A choice other than "last" reads a text model's hidden states; an image model is read at its last layer only."""
+    if body.layers is None:
+        return DEFAULT_LAYERS[dataset.modality]
     if body.layers == "last":
-        return
+        return body.layers
     if dataset.modality != "text":
         raise Problem(422, "layers applies to text models", f"this dataset holds {dataset.modality}s, whose models "
                       "are read at their last layer; leave layers at \"last\"", field="layers")
     if isinstance(body.layers, list) and not 1 <= len(body.layers) <= MAX_LAYER_INDICES:
         raise Problem(422, "invalid layers", f"give 1 to {MAX_LAYER_INDICES} layer indices", field="layers")
+    return body.layers
 
 
 def check_options(body: JobCreate, candidates: list[str], modality: str) -> None:
@@ -145,7 +150,7 @@ def create_job(body: JobCreate, sessions: SessionsDep, send: SendDep, who: Owner
     with sessions() as session:
         dataset = owned_dataset(session, body.dataset_id, who)
         check_metrics(body, dataset)
-        check_layers(body, dataset)
+        layers = job_layers(body, dataset)
         candidates = resolve_candidates(session, body, dataset, who)
         check_options(body, candidates, dataset.modality)
         check_active_jobs(session, who, settings)
@@ -153,7 +158,7 @@ def create_job(body: JobCreate, sessions: SessionsDep, send: SendDep, who: Owner
         check_stored_bytes(sessions, who, settings)
     job = Job(owner=who, dataset_id=dataset.id, candidates=candidates, metrics=list(dict.fromkeys(body.metrics)),
               options={"sample_size": body.sample_size, "seed": body.seed, "pooling": body.pooling,
-                       "layers": body.layers,
+                       "layers": layers,
                        "successive_halving": body.successive_halving.model_dump()
                        if body.successive_halving else None},
               tune=body.tune.model_dump() if body.tune else None)
