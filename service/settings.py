@@ -14,6 +14,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HUBTUNE_", extra="ignore")
 
     home: Path = Field(default=Path("~/.hubtune"), description="All local state: SQLite, broker folder, artifacts.")
+    # Artifacts (datasets, checkpoints, the feature cache): "" keeps them under HOME/artifacts; s3://bucket/prefix
+    # puts them in S3-compatible storage (service/artifacts.py), with endpoint and credentials from AWS_* variables.
+    artifacts_url: str = ""
+    # With object storage: the local disk cache of what is read from it, and a worker's files in progress
+    # (uploads being parsed, training state, features before upload); default ~/.cache/hubtune, never in HOME.
+    cache_dir: Path | None = None
+    cache_max_bytes: int = 20 * 1024**3  # the cache of objects read from the store; 0: no cap
     database_url: str | None = Field(default=None, description="Default: SQLite file in HOME.")
     broker_url: str | None = Field(default=None, description="Default: Celery filesystem:// broker in HOME.")
     max_upload_bytes: int = 512 * 1024 * 1024
@@ -70,20 +77,42 @@ class Settings(BaseSettings):
         return self.home_dir / "artifacts"
 
     @property
+    def remote_artifacts(self) -> bool:
+        return bool(self.artifacts_url)
+
+    @property
+    def cache_root_dir(self) -> Path:
+        return (self.cache_dir or Path("~/.cache/hubtune")).expanduser().resolve()
+
+    @property
+    def _work_dir(self) -> Path:
+        """Where files in progress are written: beside the artifacts, or in the local cache with object storage."""
+        return self.cache_root_dir if self.remote_artifacts else self.artifacts_dir
+
+    @property
     def datasets_dir(self) -> Path:
         return self.artifacts_dir / "datasets"
 
     @property
+    def upload_scratch_dir(self) -> Path:
+        """Uploads being parsed (service.datasets.upload_scratch): inside the datasets folder, so the finished
+        folder is renamed into place; with object storage, in the local cache."""
+        return self.cache_root_dir / "uploads" if self.remote_artifacts else self.datasets_dir
+
+    @property
     def features_dir(self) -> Path:
-        return self.artifacts_dir / "features"
+        """The feature cache; with object storage, where entries are written before upload."""
+        return self._work_dir / "features"
 
     @property
     def jobs_dir(self) -> Path:
-        return self.artifacts_dir / "jobs"
+        """Jobs' checkpoints, results and training state; with object storage, the worker's working copy (finished
+        checkpoints are uploaded)."""
+        return self._work_dir / "jobs"
 
     @property
     def hf_cache_dir(self) -> Path:
-        return self.home_dir / "hf-cache"
+        return (self.cache_root_dir if self.remote_artifacts else self.home_dir) / "hf-cache"
 
     @property
     def broker_dir(self) -> Path:
@@ -107,8 +136,11 @@ class Settings(BaseSettings):
         return [pattern.strip() for pattern in self.hub_allow.split(",") if pattern.strip()]
 
     def ensure_dirs(self) -> None:
-        for folder in (self.home_dir, self.datasets_dir, self.features_dir, self.jobs_dir, self.broker_dir / "queue",
-                       self.broker_dir / "processed", self.broker_dir / "control"):
+        """The folders HubTune writes to; with object storage, nothing of the artifacts in HOME."""
+        artifacts = (self.upload_scratch_dir, self.features_dir, self.jobs_dir) if self.remote_artifacts else (
+            self.datasets_dir, self.features_dir, self.jobs_dir)
+        broker = (self.broker_dir / "queue", self.broker_dir / "processed", self.broker_dir / "control")
+        for folder in (self.home_dir, *artifacts, *broker):
             folder.mkdir(parents=True, exist_ok=True)
 
 
