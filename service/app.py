@@ -16,6 +16,7 @@ from service.api.limits import install_body_limit
 from service.api.main import api_router
 from service.api.problems import install_problems
 from service.api.quotas import RateLimiter
+from service.artifacts import ensure_artifact_store
 from service.datasets import sweep_scratch
 from service.db import DatabaseTimeouts, session_factory
 from service.security import keyless, server_path_pattern
@@ -30,7 +31,8 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
     from service.migrate import upgrade
 
     settings.ensure_dirs()
-    sweep_scratch(settings.datasets_dir)  # what API processes killed mid-upload left
+    sweep_scratch(settings.upload_scratch_dir)  # what API processes killed mid-upload left
+    ensure_artifact_store(settings)
     upgrade(settings.sqlalchemy_url)
     if send is None:
         from workers.celery_app import make_celery

@@ -106,6 +106,14 @@ class ArtifactStore(ABC):
     def local_folder(self, prefix: str) -> Path:
         """A real folder holding the whole folder stored under `prefix` (FileNotFoundError when there is none)."""
 
+    def local_copy(self, location: str) -> Path:
+        """A real file for a location recorded in the database (a dataset's storage_path)."""
+        return self.local_file(self.key_of(location))
+
+    def local_copy_folder(self, location: str) -> Path:
+        """A real folder for a folder location recorded in the database (a checkpoint's path)."""
+        return self.local_folder(self.key_of(location))
+
 
 class LocalStore(ArtifactStore):
     """Keys are files under `root` (HUBTUNE_HOME/artifacts): the paths HubTune has always used."""
@@ -216,6 +224,12 @@ class LocalStore(ArtifactStore):
         if not path.is_dir():
             raise FileNotFoundError(prefix)
         return path
+
+    def local_copy(self, location: str) -> Path:
+        return Path(location)  # recorded as a path, possibly by an older HOME: read where it is
+
+    def local_copy_folder(self, location: str) -> Path:
+        return Path(location)
 
 
 class DiskCache:
@@ -408,11 +422,16 @@ class S3Store(ArtifactStore):
             raise FileNotFoundError(prefix)
 
         def fill(folder: Path) -> None:
+            from botocore.exceptions import ClientError
+
             for relative in manifest:
                 target = folder / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
-                self.client.download_file(self.bucket, self._name(prefix + relative), str(target),
-                                          Config=self.transfer)
+                try:
+                    self.client.download_file(self.bucket, self._name(prefix + relative), str(target),
+                                              Config=self.transfer)
+                except ClientError as exc:  # the folder is being written again: absent until its manifest is back
+                    raise FileNotFoundError(prefix) if _missing(exc) else exc from None
 
         # the manifest's content names the entry: a folder written again is fetched again
         digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
@@ -448,3 +467,32 @@ def artifact_store(settings: Any) -> ArtifactStore:
     """The store these settings name (service.settings.Settings): one per process and configuration."""
     return _store(settings.artifacts_url, str(settings.artifacts_dir), str(settings.cache_root_dir),
                   settings.cache_max_bytes)
+
+
+def is_remote_location(location: str) -> bool:
+    return location.startswith("s3://")
+
+
+def dataset_key(dataset_id: str) -> str:
+    return f"datasets/{dataset_id}/data.parquet"
+
+
+def checkpoint_prefix(job_id: str, name: str) -> str:
+    return f"jobs/{job_id}/checkpoints/{name}"
+
+
+def publish_checkpoint(store: ArtifactStore, job_id: str, name: str, folder: Path) -> str:
+    """Store a finished checkpoint folder; the location its row records (locally: the folder, written in place)."""
+    if not store.remote:
+        return str(folder)
+    prefix = checkpoint_prefix(job_id, name)
+    store.put_folder(prefix, folder)
+    return store.location(prefix)
+
+
+def ensure_artifact_store(settings: Any) -> ArtifactStore:
+    """The store, its bucket created when it does not exist yet (a fresh MinIO): called as a process starts."""
+    store = artifact_store(settings)
+    if isinstance(store, S3Store):
+        store.ensure_bucket()
+    return store

@@ -78,6 +78,19 @@ def _size_refusal(where: str, size: int, max_bytes: int) -> str:
     return f"{where} is {size} bytes to download; HUBTUNE_HUB_MAX_BYTES is {max_bytes}"
 
 
+def _stored_folder(location: str) -> Path:
+    """A registered folder as a real one: a path as is, a checkpoint in object storage through the local cache."""
+    from service.artifacts import artifact_store, is_remote_location
+    from service.settings import get_settings
+
+    if not is_remote_location(location):
+        return Path(location)
+    try:
+        return artifact_store(get_settings()).local_copy_folder(location)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ModelResolutionError(f"the stored checkpoint {location} is missing or incomplete") from exc
+
+
 def resolve_model(source: str, *, repo_id: str | None = None, revision: str | None = None, path: str | None = None,
                   cache_dir: Path | None = None) -> ResolvedModel:
     """A local folder AutoModel.from_pretrained can load, with the revision that pins its content.
@@ -89,7 +102,7 @@ def resolve_model(source: str, *, repo_id: str | None = None, revision: str | No
     returned. The hub policy (HUBTUNE_HUB_ALLOW, HUBTUNE_HUB_MAX_BYTES) is read from this process's settings.
     """
     if source in FOLDER_SOURCES:
-        folder = Path(path or "")
+        folder = _stored_folder(path or "")
         if not (folder / "config.json").is_file():
             raise ModelResolutionError(f"local model folder {folder} is missing or has no config.json")
         return ResolvedModel(folder, content_revision(folder))

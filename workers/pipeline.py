@@ -170,7 +170,7 @@ def model_features(model: ModelSpec, examples: Examples, cache_tag: str, *, cach
     resolved = model.resolve(hf_cache_dir)
     # The resolved revision: a hub commit hash, or a local folder's content hash recomputed now, so a folder
     # changed after registration does not get its old features back.
-    cache = FeatureCache(cache_root)
+    cache = FeatureCache.configured(cache_root)
     key = cache.key(cache_tag, model.id, resolved.revision, pooling, max_length)
     cached = cache.load(key)
     if cached is not None:

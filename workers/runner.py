@@ -9,10 +9,10 @@ token, so a job re-run after a crash ends with one ranking (one set of checkpoin
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -21,6 +21,7 @@ from sqlalchemy.exc import TimeoutError as SQLTimeoutError
 from sqlalchemy.orm import sessionmaker
 
 from service import jobs as job_states
+from service.artifacts import artifact_store, publish_checkpoint
 from service.contract import JobPhase, JobStatus
 from service.db import (
     Checkpoint,
@@ -98,8 +99,10 @@ def model_spec(model: HubModel) -> ModelSpec:
     return ModelSpec(model.id, model.name, model.source, model.locator, model.revision)
 
 
-def dataset_spec(dataset: Dataset) -> DatasetSpec:
-    return DatasetSpec(path=Path(dataset.storage_path), task=dataset.task, label_names=dataset.label_names)
+def dataset_spec(dataset: Dataset, settings: Settings) -> DatasetSpec:
+    """The dataset as a real file: where it is stored, or the worker's cached copy of an object in S3."""
+    path = artifact_store(settings).local_copy(dataset.storage_path)
+    return DatasetSpec(path=path, task=dataset.task, label_names=dataset.label_names)
 
 
 def _load(sessions: sessionmaker, job_id: str) -> tuple[Job, Dataset, list[HubModel]]:
@@ -117,8 +120,8 @@ def _load(sessions: sessionmaker, job_id: str) -> tuple[Job, Dataset, list[HubMo
 
 def _rank(sessions: sessionmaker, job_id: str, token: str, progress: ProgressReporter, settings: Settings) -> None:
     job, dataset, models = _load(sessions, job_id)
-    inputs = RankInput(dataset=dataset_spec(dataset), models=[model_spec(m) for m in models], metrics=job.metrics,
-                       options=job.options, features=FeatureSettings.from_settings(settings),
+    inputs = RankInput(dataset=dataset_spec(dataset, settings), models=[model_spec(m) for m in models],
+                       metrics=job.metrics, options=job.options, features=FeatureSettings.from_settings(settings),
                        bootstrap_samples=settings.bootstrap_samples)
     outcome = run_rank(inputs, progress)
     tuning_next = job.tune is not None
@@ -147,7 +150,7 @@ def _tune_input(sessions: sessionmaker, job_id: str, settings: Settings) -> Tune
     # the columns say what the checkpoint reads: a text, a pair for tokenizer(text, text_pair), or images
     columns = {"text": dataset.text_column, "text_pair": dataset.text_pair_column, "image": dataset.image_column,
                "label": dataset.label_column}
-    data = TuneDataset(spec=dataset_spec(dataset), sha256=dataset.sha256,
+    data = TuneDataset(spec=dataset_spec(dataset, settings), sha256=dataset.sha256,
                        columns={k: v for k, v in columns.items() if v is not None})
     return TuneInput(job_id=job.id, spec=job.tune or {}, pooling=job.options.get("pooling", "mean"), dataset=data,
                      ranking=ranking, features=FeatureSettings.from_settings(settings),
@@ -162,12 +165,17 @@ def _tune(sessions: sessionmaker, job_id: str, token: str, progress: ProgressRep
         outcome = run_tune(_tune_input(sessions, job_id, settings), progress)
     except TuningCancelled as exc:
         raise job_states.JobCancelled(job_id) from exc
+    # in object storage, each checkpoint is uploaded whole (its manifest last) before its row is written
+    store = artifact_store(settings)
+    paths = {c.name: publish_checkpoint(store, job_id, c.name, c.path) for c in outcome.checkpoints}
     with sessions.begin() as session:
         session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id))
-        session.add_all(Checkpoint(job_id=job_id, name=c.name, model_id=c.model_id, path=str(c.path), files=c.files)
-                        for c in outcome.checkpoints)
+        session.add_all(Checkpoint(job_id=job_id, name=c.name, model_id=c.model_id, path=paths[c.name],
+                                   files=c.files) for c in outcome.checkpoints)
         job_states.finish(session, job_id, token, status=JobStatus.SUCCEEDED, stage="done", progress=1.0,
                           tuning=outcome.tuning, finished_at=utcnow())
+    if store.remote:  # the worker's working copy (training state, results) is of no more use
+        shutil.rmtree(settings.jobs_dir / job_id, ignore_errors=True)
 
 
 def run_phase(job_id: str, phase: str, settings: Settings | None = None) -> str:

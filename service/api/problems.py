@@ -64,6 +64,7 @@ _DESCRIPTIONS = {
     409: "The job has already finished",
     413: "The upload is larger than HUBTUNE_MAX_UPLOAD_BYTES",
     415: "Not a file type HubTune reads",
+    416: "The Range asked lies outside the file",
     422: "Invalid request: `field` (and `row`, `path` for a dataset) names what is wrong",
     429: "Past the key's request rate or active-job limit (`limit` names it); Retry-After says when to ask again",
     503: "The database did not answer within its timeout (or refused the connection): retry after Retry-After "

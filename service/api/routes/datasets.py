@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
@@ -15,6 +14,7 @@ from service.api.deps import OwnerDep, PathText, SessionsDep, SettingsDep, owned
 from service.api.pages import OffsetQuery, paginate
 from service.api.problems import Problem, problem_responses
 from service.api.quotas import check_stored_bytes
+from service.artifacts import artifact_store, dataset_key
 from service.contract.text import checked_text, text_error
 from service.db import Dataset, iso_utc, new_id
 from service.schemas import DatasetOut, Page
@@ -65,11 +65,11 @@ async def upload_dataset(settings: SettingsDep, sessions: SessionsDep, who: Owne
     check_stored_bytes(sessions, who, settings)
     filename = checked_filename(file.filename)
     dataset_id = new_id()
-    final_dir = settings.datasets_dir / dataset_id
+    store, key = artifact_store(settings), dataset_key(dataset_id)
     committed = False
     limits = UploadLimits(max_upload_bytes=settings.max_upload_bytes, max_image_bytes=settings.max_image_bytes,
                           max_image_pixels=settings.max_image_pixels, max_upload_pixels=settings.max_upload_pixels)
-    with dataset_files.upload_scratch(settings.datasets_dir) as scratch:  # removed whatever happens
+    with dataset_files.upload_scratch(settings.upload_scratch_dir) as scratch:  # removed whatever happens
         try:
             upload = scratch / "upload"
             size, sha256 = await dataset_files.stream_upload_to_disk(file, upload, settings.max_upload_bytes)
@@ -80,10 +80,10 @@ async def upload_dataset(settings: SettingsDep, sessions: SessionsDep, who: Owne
             parsed = await run_in_threadpool(dataset_files.parse_dataset, upload, fmt, task, text_column,
                                              label_column, image_column=image_column,
                                              text_pair_column=text_pair_column or None, limits=limits)
-            staged = scratch / dataset_id
-            staged.mkdir()
-            await run_in_threadpool(dataset_files.write_normalized, parsed, task, staged / "data.parquet")
-            staged.rename(final_dir)  # the dataset's folder appears whole, just before its row is committed
+            staged = scratch / "data.parquet"
+            await run_in_threadpool(dataset_files.write_normalized, parsed, task, staged)
+            # the file appears whole (renamed locally, a completed multipart upload in S3), just before its row
+            await run_in_threadpool(store.put_file, key, staged, move=True)
             with sessions.begin() as session:
                 images = parsed.modality == "image"
                 dataset = Dataset(id=dataset_id, owner=who, filename=filename, format=fmt, task=task,
@@ -92,13 +92,13 @@ async def upload_dataset(settings: SettingsDep, sessions: SessionsDep, who: Owne
                                   label_column=None if parsed.labels_from_folders else label_column,
                                   rows=parsed.rows, label_names=parsed.label_names,
                                   class_counts=parsed.class_counts, sha256=sha256, size_bytes=size,
-                                  storage_path=str(final_dir / "data.parquet"))
+                                  storage_path=store.location(key))
                 session.add(dataset)
             committed = True  # the response describes a committed row; anything earlier failing removes the files
             return dataset_out(dataset)
         finally:
             if not committed:
-                shutil.rmtree(final_dir, ignore_errors=True)
+                await run_in_threadpool(store.delete_prefix, f"datasets/{dataset_id}")
 
 
 @router.get("", responses=problem_responses(401, 422))

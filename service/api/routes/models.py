@@ -16,11 +16,13 @@ from sqlalchemy.exc import IntegrityError
 from service.api.deps import CallerDep, PathText, SessionsDep, SettingsDep, current_owner, owned_job
 from service.api.pages import OffsetQuery, paginate
 from service.api.problems import Problem, problem_responses
+from service.artifacts import artifact_store
 from service.catalog import ModelFolderProblem, read_model_config, registrable_folder
 from service.contract.text import text_error
 from service.db import CATALOG, Checkpoint, HubModel, iso_utc, utcnow
 from service.schemas import ModelCreate, ModelOut, Page
 from service.security import Caller
+from service.settings import Settings
 from workers.hub import FOLDER_SOURCES, content_revision, hub_allow_refusal, hub_repo_allowed  # no torch
 
 router = APIRouter(prefix="/models", tags=["models"], dependencies=[Depends(current_owner)])
@@ -73,8 +75,8 @@ def register_model(body: ModelCreate, request: Request, sessions: SessionsDep, s
         described = checked_config(read_model_config(folder))
         owner, locator, revision, name = CATALOG, str(folder), content_revision(folder), body.name or folder.name
     elif body.source == "checkpoint":
-        folder, described = checkpoint_folder(sessions, body.job_id or "", body.name or "", caller)
-        owner, locator, revision, name = caller.owner, str(folder), content_revision(folder), \
+        folder, described, stored = checkpoint_folder(sessions, settings, body.job_id or "", body.name or "", caller)
+        owner, locator, revision, name = caller.owner, stored, content_revision(folder), \
             f"{body.job_id}/{body.name}"
     else:
         patterns = settings.hub_allow_patterns
@@ -90,21 +92,26 @@ def register_model(body: ModelCreate, request: Request, sessions: SessionsDep, s
     return model_out(model, caller)
 
 
-def checkpoint_folder(sessions: Any, job_id: str, name: str, caller: Caller) -> tuple[Path, dict[str, Any]]:
-    """The folder of checkpoint `name` of the caller's job `job_id` and what its config.json says; 404 for a job
-    of another key, as for one that does not exist. Problems name the checkpoint, never its folder."""
+def checkpoint_folder(sessions: Any, settings: Settings, job_id: str, name: str,
+                      caller: Caller) -> tuple[Path, dict[str, Any], str]:
+    """The folder of checkpoint `name` of the caller's job `job_id` (a real one: from object storage, the local
+    cache's copy), what its config.json says, and where it is stored; 404 for a job of another key, as for one that
+    does not exist. Problems name the checkpoint, never its folder."""
     with sessions() as session:
         owned_job(session, job_id, caller.owner)
         checkpoint = session.execute(select(Checkpoint).where(Checkpoint.job_id == job_id,
                                                               Checkpoint.name == name)).scalar_one_or_none()
     if checkpoint is None:
         raise Problem(404, "checkpoint not found", f"no checkpoint {name} in job {job_id}", field="name")
-    folder = Path(checkpoint.path)
-    if not folder.is_dir():
+    try:
+        folder = artifact_store(settings).local_copy_folder(checkpoint.path)
+    except (FileNotFoundError, ValueError):
+        folder = None
+    if folder is None or not folder.is_dir():
         raise Problem(404, "checkpoint missing", f"checkpoint {name} of job {job_id} is recorded but no longer "
                       "stored", field="name")
     try:
-        return folder, checked_config(read_model_config(folder), field="name")
+        return folder, checked_config(read_model_config(folder), field="name"), checkpoint.path
     except ModelFolderProblem as exc:
         raise Problem(422, exc.title, f"checkpoint {name} of job {job_id} cannot be ranked: {exc.title}",
                       field="name") from exc
