@@ -27,16 +27,21 @@ def worker_command(queues: str = "rank,tune", concurrency: int = 1, loglevel: st
 
 
 def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
+    from service.artifacts import ensure_artifact_store
     from service.migrate import upgrade
 
     settings.ensure_dirs()
     upgrade(settings.sqlalchemy_url)
+    ensure_artifact_store(settings)  # the bucket, on a fresh object store
     print(f"database at head: {settings.sqlalchemy_url.split('@')[-1]}")
     return 0
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from service.artifacts import ensure_artifact_store
+
     settings.ensure_dirs()
+    ensure_artifact_store(settings)  # fails fast on a wrong HUBTUNE_ARTIFACTS_URL or credentials
     os.execv(sys.executable, worker_command(args.queues, args.concurrency, args.loglevel))
     return 0  # not reached
 
