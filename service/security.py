@@ -152,12 +152,14 @@ def allowed_origin(method: str, headers: dict[str, str], scheme: str, settings: 
 # ---- server paths ---------------------------------------------------------------------------------------------
 
 def server_path_pattern(settings: Settings) -> re.Pattern[bytes]:
-    """Where a server path could show in a response body: HubTune's state (datasets, checkpoints, the hub cache),
-    the model roots, the temporary folder (spooled uploads) and the Python installation (tracebacks), each as
-    configured and as resolved. A match stays inside its JSON string (it stops before a quote or an escape), so
-    the JSON stays valid."""
+    """Where a server path could show in a response body: HubTune's state (datasets, checkpoints, the hub cache,
+    the local cache of object storage), the model roots, the temporary folder (spooled uploads) and the Python
+    installation (tracebacks), each as configured and as resolved. A match stays inside its JSON string (it stops
+    before a quote or an escape), so the JSON stays valid."""
     places = {settings.home, settings.home_dir, Path(tempfile.gettempdir()), Path(sys.prefix), Path(sys.base_prefix)}
     places.update(settings.model_root_dirs)
+    if settings.remote_artifacts:  # the local cache of object storage: uploads being parsed, copies of checkpoints
+        places.add(settings.cache_root_dir)
     places.update(Path(root) for root in settings.model_roots.split(os.pathsep) if root.strip())
     prefixes = {str(place.expanduser()).rstrip("/") for place in places} | {
         str(place.expanduser().resolve()).rstrip("/") for place in places}
