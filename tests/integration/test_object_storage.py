@@ -1,6 +1,7 @@
 """The whole stack with its artifacts in S3-compatible storage (moto's server, started here): upload a dataset, rank,
 rank and tune, download a checkpoint file whole and by Range with its sha256, register the checkpoint as a model;
-nothing but the SQLite database and the broker folder is written under HUBTUNE_HOME."""
+nothing but the SQLite database and the broker folder is written under HUBTUNE_HOME (nothing at all with
+PostgreSQL and Redis)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import httpx
 import pytest
 
 from service.artifacts import DiskCache, S3Store
-from tests.integration.conftest import Stack, _make_stack
+from tests.integration.conftest import Stack, _make_stack, postgres_available
 from tests.integration.test_http_flow import register_hub, topic_csv, upload, wait_for
 from tests.s3_server import S3Server, s3_server
 
@@ -24,11 +25,16 @@ def s3(tmp_path: Path) -> Iterator[S3Server]:
         yield server
 
 
-@pytest.fixture
-def s3_stack(s3: S3Server, tmp_path: Path) -> Iterator[tuple[Stack, S3Store]]:
+@pytest.fixture(params=["sqlite", "postgres"])
+def s3_stack(request: pytest.FixtureRequest, s3: S3Server, tmp_path: Path) -> Iterator[tuple[Stack, S3Store]]:
+    if request.param == "postgres" and not postgres_available():
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL/Redis on 127.0.0.1 are required in CI")
+        pytest.skip("PostgreSQL/Redis not reachable on 127.0.0.1")
     url = s3.bucket_url()
     cache = tmp_path / "worker-cache"
-    for stack in _make_stack("sqlite", tmp_path, HUBTUNE_ARTIFACTS_URL=url, HUBTUNE_CACHE_DIR=str(cache), **s3.env):
+    for stack in _make_stack(request.param, tmp_path, HUBTUNE_ARTIFACTS_URL=url, HUBTUNE_CACHE_DIR=str(cache),
+                             **s3.env):
         os.environ.update(s3.env)  # this process reads the bucket too, to look at what the stack stored
         try:
             yield stack, S3Store(url, DiskCache(tmp_path / "test-cache", 0))
@@ -91,4 +97,7 @@ def test_rank_tune_and_download_with_object_storage(s3_stack: tuple[Stack, S3Sto
     assert registered.status_code == 201, registered.text
 
     stored = written_under_home(stack.home)
-    assert stored and all(p.startswith("broker/") or p.startswith("hubtune.db") for p in stored), stored
+    if stack.kind == "sqlite":  # the database file and the filesystem broker's messages, nothing else
+        assert stored and all(p.startswith(("broker/", "hubtune.db")) for p in stored), stored
+    else:  # PostgreSQL and Redis: no file at all
+        assert stored == [], stored

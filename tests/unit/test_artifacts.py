@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from service.api.problems import Problem
+from service.api.routes.checkpoints import parse_range
 from service.artifacts import PART, ArtifactStore, DiskCache, LocalStore, S3Store, checked_key
 from tests.s3_server import S3Server, s3_server
 
@@ -154,3 +156,18 @@ def test_the_cache_evicts_least_recently_used_entries(tmp_path: Path) -> None:
     assert cache.get("a", filler(0)) == first and (first / "blob").stat().st_size == 1000  # a hit: not refilled
     cache.get("c", filler(1000))  # 3000 > 2500: the least recently used (b) goes
     assert first.is_dir() and not second.exists() and cache.entry("c").is_dir()
+
+
+@pytest.mark.parametrize(("header", "wanted"), [
+    (None, None), ("bytes=0-9", (0, 9)), ("bytes=90-", (90, 99)), ("bytes=-10", (90, 99)), ("bytes=-500", (0, 99)),
+    ("bytes=50-5000", (50, 99)), ("bytes=0-1,5-6", None), ("items=0-1", None), ("bytes=x-y", None),
+    ("bytes=-", None), ("bytes=9-3", None)])
+def test_range_headers(header: str | None, wanted: tuple[int, int] | None) -> None:
+    assert parse_range(header, 100) == wanted
+
+
+@pytest.mark.parametrize("header", ["bytes=100-", "bytes=100-200"])
+def test_ranges_past_the_end_are_416(header: str) -> None:
+    with pytest.raises(Problem) as caught:
+        parse_range(header, 100)
+    assert caught.value.status == 416 and caught.value.headers == {"Content-Range": "bytes */100"}

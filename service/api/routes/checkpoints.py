@@ -78,10 +78,13 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         if not first_text:  # a suffix: the last n bytes
             first, last = max(size - int(last_text), 0), size - 1
         else:
-            first, last = int(first_text), min(int(last_text), size - 1) if last_text else size - 1
+            first, last = int(first_text), int(last_text) if last_text else size - 1
+            if last_text and last < first:  # an invalid range-spec (RFC 9110 14.1.1): answered whole
+                return None
+            last = min(last, size - 1)
     except ValueError:
         return None
-    if first < 0 or first > last or first >= size:
+    if first < 0 or first >= size:
         raise Problem(416, "range not satisfiable", f"Range {header!r} lies outside the file's {size} bytes",
                       headers={"Content-Range": f"bytes */{size}"})
     return first, last
