@@ -274,8 +274,11 @@ class DiskCache:
             for entry in self.root.iterdir():
                 if entry.name.startswith(".") or not entry.is_dir():
                     continue
-                size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
-                entries.append((entry.stat().st_mtime, size, entry))
+                try:
+                    size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+                    entries.append((entry.stat().st_mtime, size, entry))
+                except OSError:  # evicted meanwhile by another process
+                    continue
             total = sum(size for _, size, _ in entries)
             for _, size, entry in sorted(entries):
                 if total <= self.max_bytes:
