@@ -16,7 +16,7 @@ from service.api.limits import install_body_limit
 from service.api.main import api_router
 from service.api.problems import install_problems
 from service.api.quotas import RateLimiter
-from service.artifacts import ensure_artifact_store
+from service.artifacts import ArtifactStoreUnavailable, ensure_artifact_store
 from service.datasets import sweep_scratch
 from service.db import DatabaseTimeouts, session_factory
 from service.security import keyless, server_path_pattern
@@ -32,7 +32,10 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
 
     settings.ensure_dirs()
     sweep_scratch(settings.upload_scratch_dir)  # what API processes killed mid-upload left
-    ensure_artifact_store(settings)
+    try:
+        ensure_artifact_store(settings)
+    except ArtifactStoreUnavailable as exc:  # as with a database that is down: 503s until it answers
+        log.warning("artifact store unavailable at start: %s", exc)
     upgrade(settings.sqlalchemy_url)
     if send is None:
         from workers.celery_app import make_celery

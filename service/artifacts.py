@@ -20,6 +20,7 @@ Torch-free: the API process imports this module. boto3 is imported only when an 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -36,6 +37,25 @@ from urllib.parse import urlparse
 MANIFEST = "MANIFEST"  # written last in an S3 folder: the files and their sizes
 CHUNK = 1024 * 1024  # bytes per read when streaming an object
 PART = 8 * 1024 * 1024  # multipart threshold and part size: the bounded buffer of an upload
+
+
+class ArtifactStoreUnavailable(Exception):
+    """The object store did not answer, refused the credentials or failed: the API answers 503, a job fails."""
+
+
+def _translated(method: Callable[..., Any]) -> Callable[..., Any]:
+    """S3 errors other than "no such key" (handled where absence is an answer) as ArtifactStoreUnavailable."""
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return method(*args, **kwargs)
+        except (BotoCoreError, ClientError) as exc:
+            raise ArtifactStoreUnavailable(f"object storage: {type(exc).__name__}: {exc}") from exc
+
+    return call
 
 
 def checked_key(key: str) -> str:
@@ -322,6 +342,7 @@ class S3Store(ArtifactStore):
             raise ValueError(f"{location!r} is not in {self.url}")
         return checked_key(location[len(self.url):])
 
+    @_translated
     def ensure_bucket(self) -> None:
         """Create the bucket when it does not exist (a fresh MinIO or test server)."""
         from botocore.exceptions import ClientError
@@ -335,6 +356,7 @@ class S3Store(ArtifactStore):
                 if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
 
+    @_translated
     def put_file(self, key: str, path: Path, *, move: bool = False) -> int:
         size = Path(path).stat().st_size
         self.client.upload_file(str(path), self.bucket, self._name(key), Config=self.transfer)
@@ -342,11 +364,13 @@ class S3Store(ArtifactStore):
             Path(path).unlink(missing_ok=True)
         return size
 
+    @_translated
     def put_stream(self, key: str, stream: BinaryIO) -> int:
         counted = _CountingReader(stream)
         self.client.upload_fileobj(counted, self.bucket, self._name(key), Config=self.transfer)
         return counted.count
 
+    @_translated
     def put_folder(self, prefix: str, folder: Path) -> list[str]:
         prefix = _prefix(prefix)
         self.delete_prefix(prefix)  # a folder written again (a job re-run) is whole again only with its manifest
@@ -370,17 +394,25 @@ class S3Store(ArtifactStore):
             raise
         return json.loads(body.read())["files"]
 
+    @_translated
     def folder_complete(self, prefix: str) -> bool:
         return self._manifest(prefix) is not None
 
+    @_translated
     def open_range(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        # the GET is sent now, so that a store that is down fails the call, not the stream it would start
         extra = {"Range": f"bytes={start}-{'' if end is None else end}"} if start or end is not None else {}
         body = self.client.get_object(Bucket=self.bucket, Key=self._name(key), **extra)["Body"]
-        try:
-            yield from body.iter_chunks(CHUNK)
-        finally:
-            body.close()
 
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from body.iter_chunks(CHUNK)
+            finally:
+                body.close()
+
+        return chunks()
+
+    @_translated
     def size(self, key: str) -> int | None:
         from botocore.exceptions import ClientError
 
@@ -391,6 +423,7 @@ class S3Store(ArtifactStore):
                 return None
             raise
 
+    @_translated
     def list(self, prefix: str = "") -> list[str]:
         keys = []
         paginator = self.client.get_paginator("list_objects_v2")
@@ -398,6 +431,7 @@ class S3Store(ArtifactStore):
             keys.extend(item["Key"][len(self.base):] for item in page.get("Contents", []))
         return sorted(keys)
 
+    @_translated
     def delete_prefix(self, prefix: str) -> int:
         keys = self.list(prefix)
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
@@ -405,6 +439,7 @@ class S3Store(ArtifactStore):
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
         return len(keys)
 
+    @_translated
     def local_file(self, key: str) -> Path:
         from botocore.exceptions import ClientError
 
@@ -418,6 +453,7 @@ class S3Store(ArtifactStore):
 
         return self.cache.get(self.location(key), fill) / name
 
+    @_translated
     def local_folder(self, prefix: str) -> Path:
         prefix = _prefix(prefix)
         manifest = self._manifest(prefix)

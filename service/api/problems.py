@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from service.artifacts import ArtifactStoreUnavailable
 from service.catalog import ModelFolderProblem
 from service.tabular import DatasetProblem
 
@@ -164,6 +165,14 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
                             headers={"Retry-After": str(RETRY_AFTER_SECONDS)}, dependency="database")
 
 
+async def _artifacts_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The object store (HUBTUNE_ARTIFACTS_URL) did not answer or refused: unavailable for now, as a database."""
+    log.warning("artifact store unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(503, "artifact store unavailable", "the object store did not answer or refused the "
+                            f"request; retry in {RETRY_AFTER_SECONDS} s", str(request.url.path),
+                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)}, dependency="artifacts")
+
+
 def install_problems(app: FastAPI) -> None:
     """Render every error as problem+json, and document the error responses with that media type."""
     app.add_exception_handler(Problem, _problem)
@@ -175,6 +184,7 @@ def install_problems(app: FastAPI) -> None:
     # connection came free in time (the others are stuck on a frozen server).
     for unavailable in (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError):
         app.add_exception_handler(unavailable, _database_unavailable)
+    app.add_exception_handler(ArtifactStoreUnavailable, _artifacts_unavailable)
     app.openapi = _problem_openapi(app.openapi)  # type: ignore[method-assign]
 
 

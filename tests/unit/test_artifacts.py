@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import os
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +15,15 @@ import pytest
 
 from service.api.problems import Problem
 from service.api.routes.checkpoints import parse_range
-from service.artifacts import PART, ArtifactStore, DiskCache, LocalStore, S3Store, checked_key
+from service.artifacts import (
+    PART,
+    ArtifactStore,
+    ArtifactStoreUnavailable,
+    DiskCache,
+    LocalStore,
+    S3Store,
+    checked_key,
+)
 from tests.s3_server import S3Server, s3_server
 
 
@@ -171,3 +181,34 @@ def test_ranges_past_the_end_are_416(header: str) -> None:
     with pytest.raises(Problem) as caught:
         parse_range(header, 100)
     assert caught.value.status == 416 and caught.value.headers == {"Content-Range": "bytes */100"}
+
+
+def test_a_store_that_is_down_is_a_503(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing listens at the endpoint: the store raises ArtifactStoreUnavailable within seconds, and an upload is
+    a 503 problem naming the dependency, with nothing left in the scratch folder."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+    from tests.integration.test_http_flow import topic_csv
+    from tests.s3_server import _free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    credentials = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}
+    for name, value in credentials.items():
+        monkeypatch.setenv(name, value)
+    url = f"s3://down-{uuid.uuid4().hex[:8]}/p"
+    started = time.monotonic()
+    with pytest.raises(ArtifactStoreUnavailable):
+        S3Store(url, DiskCache(tmp_path / "c", 0), timeout_seconds=1).size("datasets/d/data.parquet")
+    assert time.monotonic() - started < 15
+    settings = Settings(home=tmp_path / "home", artifacts_url=url, cache_dir=tmp_path / "cache")
+    app = create_app(settings, send=lambda *a, **k: None, run_reconciler=False)  # starts; the store may come later
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        response = client.post("/v1/datasets", files={"file": ("d.csv", topic_csv(30))},
+                               data={"task": "classification"})
+    assert response.status_code == 503, response.text
+    assert response.json()["dependency"] == "artifacts" and response.headers["retry-after"]
+    scratch = tmp_path / "cache" / "uploads"
+    assert not any(p.is_file() for p in scratch.rglob("*")) if scratch.exists() else True
+    assert not (tmp_path / "home" / "artifacts").exists()

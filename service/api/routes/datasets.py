@@ -66,7 +66,7 @@ async def upload_dataset(settings: SettingsDep, sessions: SessionsDep, who: Owne
     filename = checked_filename(file.filename)
     dataset_id = new_id()
     store, key = artifact_store(settings), dataset_key(dataset_id)
-    committed = False
+    stored = committed = False
     limits = UploadLimits(max_upload_bytes=settings.max_upload_bytes, max_image_bytes=settings.max_image_bytes,
                           max_image_pixels=settings.max_image_pixels, max_upload_pixels=settings.max_upload_pixels)
     with dataset_files.upload_scratch(settings.upload_scratch_dir) as scratch:  # removed whatever happens
@@ -83,6 +83,7 @@ async def upload_dataset(settings: SettingsDep, sessions: SessionsDep, who: Owne
             staged = scratch / "data.parquet"
             await run_in_threadpool(dataset_files.write_normalized, parsed, task, staged)
             # the file appears whole (renamed locally, a completed multipart upload in S3), just before its row
+            stored = True
             await run_in_threadpool(store.put_file, key, staged, move=True)
             with sessions.begin() as session:
                 images = parsed.modality == "image"
@@ -97,7 +98,7 @@ async def upload_dataset(settings: SettingsDep, sessions: SessionsDep, who: Owne
             committed = True  # the response describes a committed row; anything earlier failing removes the files
             return dataset_out(dataset)
         finally:
-            if not committed:
+            if stored and not committed:
                 await run_in_threadpool(store.delete_prefix, f"datasets/{dataset_id}")
 
 
