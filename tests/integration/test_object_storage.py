@@ -96,6 +96,10 @@ def test_rank_tune_and_download_with_object_storage(s3_stack: tuple[Stack, S3Sto
                                                  "name": checkpoint["name"]})
     assert registered.status_code == 201, registered.text
 
+    store.client.delete_object(Bucket=store.bucket, Key=store.base + f"{prefix}/README.md")  # a lost object
+    gone = client.get(url + "README.md")
+    assert gone.status_code == 404 and gone.json()["title"] == "file missing", gone.text
+
     stored = written_under_home(stack.home)
     if stack.kind == "sqlite":  # the database file and the filesystem broker's messages, nothing else
         assert stored and all(p.startswith(("broker/", "hubtune.db")) for p in stored), stored
