@@ -14,6 +14,7 @@ from service import jobs as job_states
 from service.api.guards import HideServerPaths, KeylessGuard
 from service.api.limits import install_body_limit
 from service.api.main import api_router
+from service.api.metrics import ApiMetrics, RequestMetrics, broker_queue_length
 from service.api.problems import install_problems
 from service.api.quotas import RateLimiter
 from service.artifacts import ArtifactStoreUnavailable, ensure_artifact_store
@@ -53,11 +54,16 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
     app.state.keyless = keyless(settings)
     app.state.run_reconciler = run_reconciler
     app.state.rate_limiter = RateLimiter(settings.key_rate_limit)
+    app.state.metrics = ApiMetrics()
+    app.state.metrics.watch_database(app.state.sessions, broker_queue_length(
+        settings.celery_broker_url, settings.broker_dir / "queue", settings.broker_timeout_seconds))
     install_problems(app)
     install_body_limit(app, settings)
     app.add_middleware(HideServerPaths, pattern=server_path_pattern(settings))
     if app.state.keyless:  # added last: the outermost, so a refused request reaches nothing else
         app.add_middleware(KeylessGuard, settings=settings)
+    # the outermost of all: it times and counts every request, refused ones too
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     app.include_router(api_router)
     return app
 

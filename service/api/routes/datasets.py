@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from pydantic import AfterValidator
 from sqlalchemy import select
 
 from service import datasets as dataset_files
 from service.api.deps import OwnerDep, PathText, SessionsDep, SettingsDep, owned_dataset
+from service.api.metrics import record_upload
 from service.api.pages import OffsetQuery, paginate
 from service.api.problems import Problem, problem_responses
 from service.api.quotas import check_stored_bytes
@@ -55,7 +56,7 @@ def checked_filename(filename: str | None) -> str:
 
 
 @router.post("", status_code=201, responses=problem_responses(401, 413, 415, 422, 507))
-async def upload_dataset(settings: SettingsDep, sessions: SessionsDep, who: OwnerDep,
+async def upload_dataset(request: Request, settings: SettingsDep, sessions: SessionsDep, who: OwnerDep,
                          file: Annotated[UploadFile, File()], task: ColumnForm,
                          text_column: ColumnForm = "text", label_column: ColumnForm = "label",
                          image_column: OptionalColumnForm = None,
@@ -96,6 +97,7 @@ async def upload_dataset(settings: SettingsDep, sessions: SessionsDep, who: Owne
                                   storage_path=store.location(key))
                 session.add(dataset)
             committed = True  # the response describes a committed row; anything earlier failing removes the files
+            record_upload(request.app.state, size)
             return dataset_out(dataset)
         finally:
             if stored and not committed:
