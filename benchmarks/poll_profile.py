@@ -35,7 +35,7 @@ def finished_job(sessions: Any, owner: str, models: int = 8) -> str:
                             storage_path="/nowhere/d.parquet", size_bytes=1000, sha256="0" * 64))
         ids = [uuid.uuid4().hex for _ in range(models)]
         for i, model_id in enumerate(ids):
-            session.add(HubModel(id=model_id, name=f"model-{i}", source="hf", locator=f"org/model-{i}"))
+            session.add(HubModel(id=model_id, name=f"model-{i}", source="hf", locator=f"org/model-{job_id[:8]}-{i}"))
     summary = {"ranked_by": {"estimator": "logme", "pooling": "mean", "layers": "last"},
                "verdict": {"top": ids[0], "confident": False, "indistinguishable_from_top": ids[1:3],
                            "summary": "model-0 leads; model-1 and model-2 are within noise"}}
@@ -112,14 +112,30 @@ def main(argv: list[str] | None = None) -> None:
         statuses = asyncio.run(poll(app, path, key, args.polls, etag))
         profiler.disable()
         elapsed = time.perf_counter() - started
-        print(f"{args.polls} polls of {path.split('/')[-1][:12]}... ({settings.sqlalchemy_url.split(':')[0]}, "
-              f"statuses {sorted(set(statuses))}): {elapsed / args.polls * 1e6:.0f} us per poll under cProfile")
+        print(f"{args.polls} polls of /v1/jobs/{{id}}{args.path_suffix}{' with If-None-Match' if etag else ''} "
+              f"({settings.sqlalchemy_url.split(':')[0]}, statuses {sorted(set(statuses))}): "
+              f"{elapsed / args.polls * 1e6:.0f} us per poll under cProfile")
+        print(breakdown(profiler, args.polls))
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.top)
         print(out.getvalue())
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.top + 15)
         print(out.getvalue())
+
+
+# The steps of a poll, by function name: what each costs per poll, its callees included.
+STEPS = ("solve_dependencies", "caller_for_key", "get_job", "get_job_status", "_job_version", "owned_job",
+         "ranking_rows", "job_out", "serialize_response", "_match")
+
+
+def breakdown(profiler: cProfile.Profile, polls: int) -> str:
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    cost: dict[str, float] = {}
+    for (filename, _line, name), (_calls, _primitive, _own, cumulative, _callers) in stats.items():
+        if name in STEPS and ("/service/" in filename or "fastapi" in filename):
+            cost[name] = max(cost.get(name, 0.0), cumulative)
+    return "  ".join(f"{name} {cost[name] / polls * 1e6:.0f} us" for name in STEPS if name in cost)
 
 
 def _first_etag(app: Any, path: str, key: str) -> str | None:

@@ -19,7 +19,7 @@ from service.api.problems import install_problems
 from service.api.quotas import RateLimiter
 from service.artifacts import ArtifactStoreUnavailable, ensure_artifact_store
 from service.datasets import sweep_scratch
-from service.db import DatabaseTimeouts, session_factory
+from service.db import DatabaseTimeouts, PoolLimits, session_factory
 from service.security import keyless, server_path_pattern
 from service.settings import Settings
 
@@ -47,7 +47,8 @@ def create_app(settings: Settings, send: job_states.SendTask | None = None, run_
                   generate_unique_id_function=_operation_id)
     # What the dependencies of service.api.deps read.
     app.state.settings = settings
-    app.state.sessions = session_factory(settings.sqlalchemy_url, DatabaseTimeouts.from_settings(settings))
+    app.state.sessions = session_factory(settings.sqlalchemy_url, DatabaseTimeouts.from_settings(settings),
+                                         PoolLimits.from_settings(settings))
     app.state.send = send
     app.state.broker_probe = job_states.broker_probe(settings.celery_broker_url, settings.broker_dir / "queue",
                                                      settings.broker_timeout_seconds)

@@ -230,13 +230,29 @@ class DatabaseTimeouts:
         return self.statement_seconds + 0.5
 
 
-def make_engine(url: str, timeouts: DatabaseTimeouts | None = None) -> Engine:
+@dataclass(frozen=True)
+class PoolLimits:
+    """The connections one engine keeps open (`size`) and opens beyond them under load (`overflow`, closed when
+    returned). The API's default of 10 + 30 covers the 40 threads its sync routes run on (AnyIO's default), so a
+    burst of polls waits for the database, not for a connection (with SQLAlchemy's own 5 + 10, 25 of the 40 threads
+    could queue for one and, past pool_timeout, answer 503). Workers keep SQLAlchemy's default."""
+
+    size: int = 5
+    overflow: int = 10
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PoolLimits:
+        return cls(settings.db_pool_size, settings.db_pool_overflow)
+
+
+def make_engine(url: str, timeouts: DatabaseTimeouts | None = None, pool: PoolLimits = PoolLimits()) -> Engine:
     """The engine for `url`. With `timeouts`, no call waits longer than they say (the service's sessions); without
-    (migrations, which may rewrite a large table), statements run as long as they need."""
+    (migrations, which may rewrite a large table), statements run as long as they need. Both backends pool their
+    connections (QueuePool) within `pool`."""
     if url.startswith("sqlite"):
         busy_seconds = timeouts.statement_seconds if timeouts else 30.0
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_seconds},
-                               json_serializer=dumps_finite)
+                               json_serializer=dumps_finite, pool_size=pool.size, max_overflow=pool.overflow)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
@@ -255,7 +271,8 @@ def make_engine(url: str, timeouts: DatabaseTimeouts | None = None) -> Engine:
                                    f"-c statement_timeout={int(timeouts.statement_seconds * 1000)}") if o)
     connect_args = {"connect_timeout": max(2, math.ceil(timeouts.connect_seconds)), "options": options}
     engine = create_engine(url, pool_pre_ping=True, pool_timeout=timeouts.statement_seconds,
-                           connect_args=connect_args, json_serializer=dumps_finite)
+                           connect_args=connect_args, json_serializer=dumps_finite, pool_size=pool.size,
+                           max_overflow=pool.overflow)
     connection_class = _answer_deadline_connection(timeouts.answer_seconds)
 
     @event.listens_for(engine, "do_connect")
@@ -304,12 +321,13 @@ def _answer_deadline_connection(seconds: float) -> type:
 
 
 @lru_cache
-def engine_for(url: str, timeouts: DatabaseTimeouts | None = None) -> Engine:
-    return make_engine(url, timeouts)
+def engine_for(url: str, timeouts: DatabaseTimeouts | None = None, pool: PoolLimits = PoolLimits()) -> Engine:
+    return make_engine(url, timeouts, pool)
 
 
-def session_factory(url: str, timeouts: DatabaseTimeouts | None = DatabaseTimeouts()) -> sessionmaker:
-    return sessionmaker(bind=engine_for(url, timeouts), expire_on_commit=False)
+def session_factory(url: str, timeouts: DatabaseTimeouts | None = DatabaseTimeouts(),
+                    pool: PoolLimits = PoolLimits()) -> sessionmaker:
+    return sessionmaker(bind=engine_for(url, timeouts, pool), expire_on_commit=False)
 
 
 def ranking_rows(session: Any, job_id: str) -> list[tuple[RankingEntry, HubModel]]:

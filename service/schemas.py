@@ -203,6 +203,19 @@ class JobOut(BaseModel):
     finished_at: str | None = Field(description="ISO 8601")
 
 
+class JobStatusOut(BaseModel):
+    """What a poll needs (GET /v1/jobs/{id}/status): one small read, no ranking."""
+
+    id: str
+    status: JobStatus
+    phase: str = Field(description="rank, then tune when tuning was asked for")
+    stage: str = Field(description="what the job is doing now, e.g. features 2/3")
+    progress: float = Field(description="0 to 1")
+    error: str | None
+    attempts: int
+    finished_at: str | None = Field(description="ISO 8601")
+
+
 class CheckpointFileOut(BaseModel):
     model_config = ConfigDict(extra="allow")
     path: str = Field(description="relative to the checkpoint; download at .../files/{path}")

@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     key_max_active_jobs: int = 0  # queued + running jobs per key
     key_max_bytes: int = 0  # stored datasets + checkpoints per key
     key_rate_limit: int = 0  # requests per minute per key (a token bucket per API process)
+    # The API's database connections (service.db.PoolLimits): kept open, and opened beyond them under load.
+    db_pool_size: int = 10
+    db_pool_overflow: int = 30
+    # Log lines: "text" (the default) or "json", one object a line with job_id and model_id where known.
+    log_format: str = "text"
 
     @property
     def home_dir(self) -> Path:

@@ -1,17 +1,25 @@
-"""Jobs: POST /v1/jobs (rank, then optionally tune), GET /v1/jobs[/{id}], POST /v1/jobs/{id}/cancel.
+"""Jobs: POST /v1/jobs (rank, then optionally tune), GET /v1/jobs[/{id}[/status]], POST /v1/jobs/{id}/cancel.
 
-A job is committed before it is sent to the broker; if the send fails the reconciler sends it later."""
+A job is committed before it is sent to the broker; if the send fails the reconciler sends it later.
+
+A poll is cheap: GET /v1/jobs/{id} and /status carry a strong ETag, and If-None-Match with it is a 304 without a
+body, decided from one small read of the job's row (no ranking, no rendering). The ETag is a hash of the row's
+version fields (status, phase, stage, progress, attempts, started_at, finished_at): everything else a job shows is
+written in the same transaction as one of them changes (results commit with the final status, service/jobs.py),
+and the caller's admin flag, since server paths are hidden from other keys (service.api.guards)."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from service import jobs as job_states
 from service.api.deps import (
+    CallerDep,
     OwnerDep,
     PathText,
     SendDep,
@@ -34,7 +42,7 @@ from service.contract import (
     resolve_regularizer,
 )
 from service.db import CATALOG, Dataset, HubModel, Job, iso_utc, ranking_rows
-from service.schemas import JobCreate, JobOut, Page, RankingEntryOut
+from service.schemas import JobCreate, JobOut, JobStatusOut, Page, RankingEntryOut
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -183,10 +191,70 @@ def list_jobs(sessions: SessionsDep, who: OwnerDep, limit: Annotated[int, Query(
         return paginate(session, query, limit, offset, lambda j: job_out(session, j), Page[JobOut])
 
 
-@router.get("/{job_id}", responses=problem_responses(401, 404, 422))
-def get_job(job_id: PathText, sessions: SessionsDep, who: OwnerDep) -> JobOut:
+# The version fields of a job (see the module's docstring): its ETag is a hash of these.
+_VERSION = (Job.owner, Job.status, Job.phase, Job.stage, Job.progress, Job.attempts, Job.started_at, Job.finished_at)
+_ETAG_HEADER = {"ETag": {"description": "a strong validator of this view of the job: send it back as "
+                                        "If-None-Match for a 304 while the job has not changed",
+                         "schema": {"type": "string"}}}
+_POLL_RESPONSES = {200: {"headers": _ETAG_HEADER},
+                   304: {"description": "Not modified: the job is as the If-None-Match ETag saw it (no body)",
+                         "headers": _ETAG_HEADER},
+                   **problem_responses(401, 404, 422)}
+IfNoneMatch = Annotated[str | None, Header(description="an ETag of an earlier answer: 304 while it still holds")]
+
+
+def job_etag(version: Any, view: str, admin: bool) -> str:
+    """The strong ETag of one view ("full" or "status") of a job, as its caller sees it."""
+    fields = "\x1f".join(map(str, (*version[1:], view, admin)))
+    return '"' + hashlib.sha256(fields.encode()).hexdigest()[:32] + '"'
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """If-None-Match's weak comparison (RFC 9110 13.1.2): any listed tag, W/ or not, or "*"."""
+    if not if_none_match:
+        return False
+    listed = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in listed or etag in listed
+
+
+def _job_version(session: Any, job_id: str, who: str) -> Any:
+    """The job's version fields; 404 for one that does not exist or belongs to another key."""
+    version = session.execute(select(*_VERSION).where(Job.id == job_id)).one_or_none()
+    if version is None or version.owner != who:
+        raise Problem(404, "job not found", f"no job {job_id}")
+    return version
+
+
+@router.get("/{job_id}", responses=_POLL_RESPONSES)
+def get_job(job_id: PathText, sessions: SessionsDep, caller: CallerDep, response: Response,
+            if_none_match: IfNoneMatch = None) -> JobOut:
+    """The job with its ranking and tuning results; If-None-Match with its ETag is a 304 while it is unchanged."""
     with sessions() as session:
-        return job_out(session, owned_job(session, job_id, who))
+        if if_none_match:  # the one small read that decides a 304
+            etag = job_etag(_job_version(session, job_id, caller.owner), "full", caller.admin)
+            if etag_matches(if_none_match, etag):
+                return Response(status_code=304, headers={"ETag": etag})  # type: ignore[return-value]
+        job = owned_job(session, job_id, caller.owner)
+        out = job_out(session, job)
+    # the ETag of the row the body shows (it may have moved since the version read above)
+    response.headers["ETag"] = job_etag([getattr(job, column.key) for column in _VERSION], "full", caller.admin)
+    return out
+
+
+@router.get("/{job_id}/status", responses=_POLL_RESPONSES)
+def get_job_status(job_id: PathText, sessions: SessionsDep, caller: CallerDep, response: Response,
+                   if_none_match: IfNoneMatch = None) -> JobStatusOut:
+    """What a poll needs, in one small read: status, phase, stage, progress, error. With an ETag like the job's."""
+    with sessions() as session:
+        row = session.execute(select(*_VERSION, Job.id, Job.error).where(Job.id == job_id)).one_or_none()
+    if row is None or row.owner != caller.owner:
+        raise Problem(404, "job not found", f"no job {job_id}")
+    etag = job_etag((*row[:len(_VERSION)], row.error is not None), "status", caller.admin)
+    if etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers={"ETag": etag})  # type: ignore[return-value]
+    response.headers["ETag"] = etag
+    return JobStatusOut(id=row.id, status=row.status, phase=row.phase, stage=row.stage, progress=row.progress,
+                        error=row.error, attempts=row.attempts, finished_at=iso_utc(row.finished_at))
 
 
 @router.post("/{job_id}/cancel", status_code=202, responses=problem_responses(401, 404, 409, 422))
