@@ -19,11 +19,13 @@ from service.contract import JobStatus
 from service.settings import Settings, get_settings
 
 
-def worker_command(queues: str = "rank,tune", concurrency: int = 1, loglevel: str = "info") -> list[str]:
-    """One prefork child per worker (-c 1): one process per GPU; the hard time limits need prefork."""
+def worker_command(queues: str = "rank,tune", concurrency: int = 1, loglevel: str = "info",
+                   heartbeat: bool = False) -> list[str]:
+    """One prefork child per worker (-c 1): one process per GPU; the hard time limits need prefork. `heartbeat`:
+    the worker's event heartbeats, by which Flower tells it is online (only a broker with a fanout exchange)."""
     return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", queues, "-c", str(concurrency),
-            "--prefetch-multiplier", "1", "--without-mingle", "--without-gossip", "--without-heartbeat",
-            "-l", loglevel, "-n", f"hubtune-{os.getpid()}@%h"]
+            "--prefetch-multiplier", "1", "--without-mingle", "--without-gossip",
+            *([] if heartbeat else ["--without-heartbeat"]), "-l", loglevel, "-n", f"hubtune-{os.getpid()}@%h"]
 
 
 def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
@@ -42,7 +44,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     settings.ensure_dirs()
     ensure_artifact_store(settings)  # fails fast on a wrong HUBTUNE_ARTIFACTS_URL or credentials
-    os.execv(sys.executable, worker_command(args.queues, args.concurrency, args.loglevel))
+    os.execv(sys.executable, worker_command(args.queues, args.concurrency, args.loglevel,
+                                            heartbeat=not settings.celery_broker_url.startswith("filesystem")))
     return 0  # not reached
 
 
@@ -94,6 +97,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     os.environ["HUBTUNE_BIND_HOST"] = args.host
     settings = Settings()  # re-read with the bind host
+    if settings.log_format == "json":
+        from service.logs import use_json_logs
+
+        use_json_logs()
     if settings.auth == "auto" and is_loopback(args.host):
         print(f"HubTune: keyless mode on {args.host} (loopback only): requests without an API key act as the local "
               "user. Bind another host, or set HUBTUNE_AUTH=required, to require keys.", file=sys.stderr)
@@ -125,8 +132,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     print(f"HubTune: home {settings.home_dir}; database {settings.sqlalchemy_url.split('@')[-1]}; "
           f"broker {settings.celery_broker_url.split('@')[-1]}; http://{args.host}:{args.port}", file=sys.stderr)
     # Requests still running shutdown_grace_seconds after a stop signal are cancelled.
+    # JSON logs: uvicorn's loggers write through the root logger's JSON handler instead of their own
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_seconds)))
+                            timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_seconds)),
+                            **({"log_config": None} if settings.log_format == "json" else {}))
     code = 0
     try:
         Server(config).run()

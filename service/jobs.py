@@ -60,7 +60,7 @@ def enqueue(sessions: sessionmaker, send: SendTask, job_id: str, phase: str) -> 
         send(TASK_FOR_PHASE[phase], job_id, QUEUE_FOR_PHASE[phase])
     except Exception as exc:  # any broker failure: refused, timed out, a lost connection
         log.warning("job %s: the broker did not take its message (%s); it will be sent again", job_id,
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__, extra={"job_id": job_id})
         _record(sessions, job_id, enqueued_at=None, stage=UNSENT_STAGE)
         return False
     _record(sessions, job_id, enqueued_at=utcnow(), stage=case((Job.stage == UNSENT_STAGE, "queued"), else_=Job.stage))
@@ -74,7 +74,7 @@ def _record(sessions: sessionmaker, job_id: str, **values: Any) -> None:
         with sessions.begin() as session:
             session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED).values(**values))
     except SQLAlchemyError:
-        log.exception("job %s: could not record its message's state", job_id)
+        log.exception("job %s: could not record its message's state", job_id, extra={"job_id": job_id})
 
 
 def broker_probe(broker_url: str, queue_folder: Path, timeout_seconds: float) -> Callable[[], object]:
@@ -204,11 +204,11 @@ def reconcile_once(sessions: sessionmaker, send: SendTask, max_attempts: int,
             )
             changed = result.rowcount == 1
         if changed and values["status"] == JobStatus.QUEUED:
-            log.warning("job %s lost its worker (lease expired); re-queued", job_id)
+            log.warning("job %s lost its worker (lease expired); re-queued", job_id, extra={"job_id": job_id})
             enqueue(sessions, send, job_id, phase)
             requeued.append(job_id)
     for job_id, phase in stale:
-        log.warning("job %s queued without a live message; sending it", job_id)
+        log.warning("job %s queued without a live message; sending it", job_id, extra={"job_id": job_id})
         if not enqueue(sessions, send, job_id, phase):
             break  # the broker is still down: the others wait for the next pass rather than one timeout each
         requeued.append(job_id)

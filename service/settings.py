@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -71,7 +72,7 @@ class Settings(BaseSettings):
     db_pool_size: int = 10
     db_pool_overflow: int = 30
     # Log lines: "text" (the default) or "json", one object a line with job_id and model_id where known.
-    log_format: str = "text"
+    log_format: Literal["text", "json"] = "text"
 
     @property
     def home_dir(self) -> Path:

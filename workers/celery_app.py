@@ -6,9 +6,10 @@ import os
 import signal
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init
+from celery.signals import setup_logging, worker_init, worker_process_init
 
 from service.lifeline import PARENT_PID_ENV, die_with_parent, kill_own_group, watch_parent
+from service.logs import use_json_logs
 from service.settings import Settings, get_settings
 
 
@@ -46,6 +47,10 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_enable_remote_control=remote_control,
+        # Task events (received, started, succeeded, failed) for Flower and `celery events`; they go out on a fanout
+        # exchange, which only a broker with remote control has. task-sent comes from the API's send_task.
+        worker_send_task_events=remote_control,
+        task_send_sent_event=remote_control,
         task_default_queue="rank",
         task_ignore_result=True,
         task_routes={"hubtune.rank": {"queue": "rank"}, "hubtune.tune": {"queue": "tune"}},
@@ -59,6 +64,15 @@ def make_celery(settings: Settings) -> Celery:
 
 
 app = make_celery(get_settings())
+
+
+def _json_logging(loglevel: int | str = "INFO", **_kwargs: object) -> None:
+    """HUBTUNE_LOG_FORMAT=json: the worker's lines as JSON (service.logs), Celery's own included."""
+    use_json_logs(loglevel or "INFO")
+
+
+if get_settings().log_format == "json":  # a receiver of setup_logging replaces Celery's own logging setup
+    setup_logging.connect(_json_logging, weak=False)
 
 
 @worker_init.connect

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from service.logs import log_context
 from workers.hub import FOLDER_SOURCES, ResolvedModel, resolve_model
 from workers.sampling import stratified_sample
 
@@ -304,9 +305,10 @@ def rank_in_full(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[st
     per_model: dict[str, dict[str, Any]] = {}
     for index, model in enumerate(models):
         where = (index / len(models) * 0.85, 0.85 / len(models))  # its part of the progress scale
-        features, per_model[model.id] = _score_candidate(
-            model, f"features {index + 1}/{len(models)}: {model.name}", where, examples, labels, dataset.task,
-            metrics, report, extraction, layers)
+        with log_context(model_id=model.id):  # this candidate's lines, its features' included
+            features, per_model[model.id] = _score_candidate(
+                model, f"features {index + 1}/{len(models)}: {model.name}", where, examples, labels, dataset.task,
+                metrics, report, extraction, layers)
         if features is not None:
             features_by_model[model.id] = features
 
@@ -357,7 +359,7 @@ def _score_candidate(model: ModelSpec, stage: str, where: tuple[float, float], e
         if interrupted:
             raise
         # One unusable candidate (no tokenizer, not a text model, out of memory) must not sink the others.
-        log.warning("model %s (%s) failed: %r", model.name, model.id, exc)
+        log.warning("model %s (%s) failed: %r", model.name, model.id, exc, extra={"model_id": model.id})
         return None, failed_model(metrics, exc, len(examples), time.perf_counter() - began)
     features = np.asarray(selected, dtype=np.float64)
     scores, scoring = score_model(metrics, features, labels, task, result.source_probs)

@@ -8,6 +8,7 @@ token, so a job re-run after a crash ends with one ranking (one set of checkpoin
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import shutil
 import threading
@@ -34,6 +35,7 @@ from service.db import (
     session_factory,
     utcnow,
 )
+from service.logs import log_context
 from service.settings import Settings, get_settings
 from workers.phases.inputs import FeatureSettings, RankedCandidate, RankInput, TuneDataset, TuneInput
 from workers.phases.rank import run_rank
@@ -49,7 +51,9 @@ class Heartbeat:
         self.sessions, self.job_id, self.token, self.settings = sessions, job_id, token, settings
         self.lost = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+        # run in a copy of this thread's context, so its log lines carry the job's log_context too
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
+                                        name=f"heartbeat-{job_id}", daemon=True)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -179,7 +183,13 @@ def _tune(sessions: sessionmaker, job_id: str, token: str, progress: ProgressRep
 
 
 def run_phase(job_id: str, phase: str, settings: Settings | None = None) -> str:
-    """Claim and run one phase ("rank" or "tune") of a job. Returns what happened, for logs and tests."""
+    """Claim and run one phase ("rank" or "tune") of a job. Returns what happened, for logs and tests. Every line
+    logged meanwhile carries the job's id and phase (service.logs)."""
+    with log_context(job_id=job_id, phase=str(phase)):
+        return _run_phase(job_id, phase, settings)
+
+
+def _run_phase(job_id: str, phase: str, settings: Settings | None) -> str:
     settings = settings or get_settings()
     sessions = session_factory(settings.sqlalchemy_url, DatabaseTimeouts.from_settings(settings))
     token = uuid.uuid4().hex
