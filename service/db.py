@@ -332,6 +332,14 @@ def session_factory(url: str, timeouts: DatabaseTimeouts | None = DatabaseTimeou
 
 def ranking_rows(session: Any, job_id: str) -> list[tuple[RankingEntry, HubModel]]:
     """A job's ranking entries with their models, best first: what the API shows and the tune phase reads."""
+    return rankings_of(session, [job_id]).get(job_id, [])
+
+
+def rankings_of(session: Any, job_ids: list[str]) -> dict[str, list[tuple[RankingEntry, HubModel]]]:
+    """ranking_rows of several jobs in one query (a page of GET /v1/jobs), by job id; a job not ranked is absent."""
     query = (select(RankingEntry, HubModel).join(HubModel, HubModel.id == RankingEntry.model_id)
-             .where(RankingEntry.job_id == job_id).order_by(RankingEntry.rank))
-    return [(entry, model) for entry, model in session.execute(query).all()]
+             .where(RankingEntry.job_id.in_(job_ids)).order_by(RankingEntry.job_id, RankingEntry.rank))
+    found: dict[str, list[tuple[RankingEntry, HubModel]]] = {}
+    for entry, model in session.execute(query).all():
+        found.setdefault(entry.job_id, []).append((entry, model))
+    return found

@@ -18,9 +18,11 @@ OffsetQuery = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="items to sk
 
 
 def paginate(session: Any, query: Select, limit: int, offset: int, render: Callable[[Any], Any],
-             page: type[PageT]) -> PageT:
-    """The page of `query` at `offset`, each row rendered; `page` is the response model, e.g. Page[DatasetOut]."""
+             page: type[PageT], render_all: Callable[[list[Any]], list[Any]] | None = None) -> PageT:
+    """The page of `query` at `offset`, each row rendered; `page` is the response model, e.g. Page[DatasetOut].
+    render_all, if given, renders the page's rows at once instead (one query for what they all need)."""
     total = session.execute(select(func.count()).select_from(query.subquery())).scalar_one()
     rows = session.execute(query.limit(limit).offset(offset)).scalars().all()
-    return page(items=[render(r) for r in rows], total=total, limit=limit, offset=offset,
+    items = render_all(list(rows)) if render_all is not None else [render(r) for r in rows]
+    return page(items=items, total=total, limit=limit, offset=offset,
                 next_offset=offset + limit if offset + limit < total else None)

@@ -33,6 +33,7 @@ def test_etag_round_trip_304_and_a_new_etag_when_the_job_moves(kind: str, view: 
         assert first.status_code == 200 and first.json()["status"] == "queued"
         etag = first.headers["etag"]
         assert etag.startswith('"') and etag.endswith('"')
+        assert first.headers["cache-control"] == "private, no-cache"  # a browser keeps it and asks again each time
         assert user.get(path).headers["etag"] == etag  # stable while nothing changes
         unchanged = user.get(path, headers={"If-None-Match": etag})
         assert unchanged.status_code == 304 and unchanged.content == b"" and unchanged.headers["etag"] == etag
@@ -74,3 +75,28 @@ def test_the_etag_differs_by_view_and_role_and_another_keys_job_is_a_404(tmp_pat
         # another key learns nothing, not even with the owner's ETag
         problem(other.get(path, headers={"If-None-Match": full.headers["etag"]}), 404)
         problem(other.get(path, headers={"If-None-Match": "*"}), 404)
+
+
+def test_a_page_of_jobs_shows_each_jobs_own_ranking(tmp_path: Path) -> None:
+    """GET /v1/jobs reads the page's rankings in one query: each job still shows its own entries, best first."""
+    from service.db import HubModel, RankingEntry
+
+    server = make_server(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    user, owner = server.key()
+    dataset = upload(user).json()["id"]
+    models = [uuid.uuid4().hex for _ in range(3)]
+    jobs = [uuid.uuid4().hex for _ in range(3)]
+    with server.sessions.begin() as session:
+        session.add_all(HubModel(id=m, name=f"m{i}", source="hf", locator=f"org/{m}") for i, m in enumerate(models))
+        session.add_all(Job(id=j, owner=owner, dataset_id=dataset, candidates=models, metrics=["logme"],
+                            status="succeeded", stage="done", progress=1.0) for j in jobs)
+    with server.sessions.begin() as session:
+        for n, job_id in enumerate(jobs[:2]):  # the third is not ranked
+            order = models[n:] + models[:n]
+            session.add_all(RankingEntry(job_id=job_id, model_id=m, rank=r + 1, scores={"logme": -r}, details={},
+                                         feature_seconds=0.0) for r, m in enumerate(order))
+    listed = {item["id"]: item for item in user.get("/v1/jobs").json()["items"]}
+    for n, job_id in enumerate(jobs[:2]):
+        assert [e["model_id"] for e in listed[job_id]["ranking"]] == models[n:] + models[:n]
+        assert listed[job_id]["ranking"] == user.get(f"/v1/jobs/{job_id}").json()["ranking"]
+    assert listed[jobs[2]]["ranking"] == []

@@ -41,17 +41,19 @@ from service.contract import (
     estimator_applies,
     resolve_regularizer,
 )
-from service.db import CATALOG, Dataset, HubModel, Job, iso_utc, ranking_rows
+from service.db import CATALOG, Dataset, HubModel, Job, iso_utc, ranking_rows, rankings_of
 from service.schemas import JobCreate, JobOut, JobStatusOut, Page, RankingEntryOut
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-def job_out(session: Any, job: Job) -> JobOut:
+def job_out(session: Any, job: Job, rows: list[tuple[Any, Any]] | None = None) -> JobOut:
+    """The job as the API shows it; `rows`: its ranking_rows when already read (a page of jobs)."""
     # a ranking entry is its fixed fields and, spread beside them, the details its ranking recorded
     ranking = [RankingEntryOut.model_validate({
         "model": model.name, "model_id": model.id, "rank": entry.rank, "scores": entry.scores,
-        "feature_seconds": entry.feature_seconds, **entry.details}) for entry, model in ranking_rows(session, job.id)]
+        "feature_seconds": entry.feature_seconds, **entry.details})
+        for entry, model in (ranking_rows(session, job.id) if rows is None else rows)]
     return JobOut(id=job.id, status=job.status, stage=job.stage, progress=job.progress, dataset_id=job.dataset_id,
                   candidates=job.candidates, metrics=job.metrics, options=job.options, tune=job.tune,
                   ranking=ranking, ranking_summary=summary_without_map(job.ranking_summary), tuning=job.tuning,
@@ -188,7 +190,14 @@ def list_jobs(sessions: SessionsDep, who: OwnerDep, limit: Annotated[int, Query(
     """The key's jobs, newest first."""
     with sessions() as session:
         query = select(Job).where(Job.owner == who).order_by(Job.created_at.desc(), Job.id)
-        return paginate(session, query, limit, offset, lambda j: job_out(session, j), Page[JobOut])
+        return paginate(session, query, limit, offset, lambda j: job_out(session, j), Page[JobOut],
+                        render_all=lambda jobs: jobs_out(session, jobs))
+
+
+def jobs_out(session: Any, jobs: list[Job]) -> list[JobOut]:
+    """A page of jobs with their rankings read in one query, not one per job."""
+    rankings = rankings_of(session, [job.id for job in jobs]) if jobs else {}
+    return [job_out(session, job, rankings.get(job.id, [])) for job in jobs]
 
 
 # The version fields of a job (see the module's docstring): its ETag is a hash of these.
@@ -207,6 +216,12 @@ def job_etag(version: Any, view: str, admin: bool) -> str:
     """The strong ETag of one view ("full" or "status") of a job, as its caller sees it."""
     fields = "\x1f".join(map(str, (*version[1:], view, admin)))
     return '"' + hashlib.sha256(fields.encode()).hexdigest()[:32] + '"'
+
+
+def _validated(etag: str) -> dict[str, str]:
+    """The headers of a poll's answer: its ETag, and no-cache, so a browser (the dashboard's polls) keeps the body
+    but asks again each time, with If-None-Match, and gets the 304."""
+    return {"ETag": etag, "Cache-Control": "private, no-cache"}
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:
@@ -233,11 +248,12 @@ def get_job(job_id: PathText, sessions: SessionsDep, caller: CallerDep, response
         if if_none_match:  # the one small read that decides a 304
             etag = job_etag(_job_version(session, job_id, caller.owner), "full", caller.admin)
             if etag_matches(if_none_match, etag):
-                return Response(status_code=304, headers={"ETag": etag})  # type: ignore[return-value]
+                return Response(status_code=304, headers=_validated(etag))  # type: ignore[return-value]
         job = owned_job(session, job_id, caller.owner)
         out = job_out(session, job)
     # the ETag of the row the body shows (it may have moved since the version read above)
-    response.headers["ETag"] = job_etag([getattr(job, column.key) for column in _VERSION], "full", caller.admin)
+    response.headers.update(_validated(job_etag([getattr(job, column.key) for column in _VERSION], "full",
+                                                caller.admin)))
     return out
 
 
@@ -251,8 +267,8 @@ def get_job_status(job_id: PathText, sessions: SessionsDep, caller: CallerDep, r
         raise Problem(404, "job not found", f"no job {job_id}")
     etag = job_etag((*row[:len(_VERSION)], row.error is not None), "status", caller.admin)
     if etag_matches(if_none_match, etag):
-        return Response(status_code=304, headers={"ETag": etag})  # type: ignore[return-value]
-    response.headers["ETag"] = etag
+        return Response(status_code=304, headers=_validated(etag))  # type: ignore[return-value]
+    response.headers.update(_validated(etag))
     return JobStatusOut(id=row.id, status=row.status, phase=row.phase, stage=row.stage, progress=row.progress,
                         error=row.error, attempts=row.attempts, finished_at=iso_utc(row.finished_at))
 
