@@ -100,7 +100,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if settings.log_format == "json":
         from service.logs import use_json_logs
 
-        use_json_logs()
+        use_json_logs(logging.WARNING)  # as in text mode, where uvicorn logs warnings: no migration chatter
     if settings.auth == "auto" and is_loopback(args.host):
         print(f"HubTune: keyless mode on {args.host} (loopback only): requests without an API key act as the local "
               "user. Bind another host, or set HUBTUNE_AUTH=required, to require keys.", file=sys.stderr)

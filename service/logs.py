@@ -47,7 +47,9 @@ class JsonFormatter(logging.Formatter):
 
 
 def use_json_logs(level: int | str = logging.INFO) -> None:
-    """The root logger writes JSON lines to stderr (its other handlers removed: one format per stream)."""
+    """The root logger writes JSON lines to stderr (its other handlers removed: one format per stream); Python's
+    warnings go through it too. (Celery's start-up banner and
+    the warnings it gives before logging is set up are printed, not logged, and stay text.)"""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
@@ -55,3 +57,4 @@ def use_json_logs(level: int | str = logging.INFO) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(True)

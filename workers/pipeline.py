@@ -309,6 +309,9 @@ def rank_in_full(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[st
             features, per_model[model.id] = _score_candidate(
                 model, f"features {index + 1}/{len(models)}: {model.name}", where, examples, labels, dataset.task,
                 metrics, report, extraction, layers)
+            record = per_model[model.id]
+            log.info("model %s: features %.2f s, scores %s", model.name, record["feature_seconds"],
+                     record["scores"])
         if features is not None:
             features_by_model[model.id] = features
 

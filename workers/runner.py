@@ -196,11 +196,14 @@ def _run_phase(job_id: str, phase: str, settings: Settings | None) -> str:
     if not job_states.claim(sessions, job_id, phase, token, settings.lease_seconds):
         log.info("job %s (%s) not claimable: already taken, finished or cancelled", job_id, phase)
         return "skipped"
+    began = time.monotonic()
+    log.info("job %s: %s phase claimed", job_id, phase)
     with Heartbeat(sessions, job_id, token, settings) as heartbeat:
         progress = ProgressReporter(sessions, job_id, token, heartbeat)
         try:
             run = _rank if phase == JobPhase.RANK else _tune
             run(sessions, job_id, token, progress, settings)
+            log.info("job %s: %s phase done in %.1f s", job_id, phase, time.monotonic() - began)
             return "done"
         except job_states.LeaseLost:
             log.warning("job %s: lease lost to another worker; dropping this attempt", job_id)
