@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 # Modules of benchmarks/ that are not benchmarks.
-NOT_BENCHMARKS = {"__init__", "collect_results"}
+NOT_BENCHMARKS = {"__init__", "collect_results", "selection_report"}
 # Sections of RESULTS.md that summarise other sections rather than report a run.
 SUMMARY_SECTIONS = {"Targets"}
 

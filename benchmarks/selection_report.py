@@ -213,8 +213,29 @@ def chosen(means: dict[str, dict[str, float]]) -> str | None:
     return max(candidates, key=lambda n: means[n]["weightedtau"]) if candidates else None
 
 
+KEY_RANKINGS = ("logme@last", "logme@all", "logme_projected@all", "ridge_loo@all", "hscore_shrinkage@all",
+                "linear_probe_cv@all", "params", "width", "random order (expected)")
+
+
+def key_table(stores: dict[str, dict[str, Any]], truth_name: str = "probe") -> list[str]:
+    """Per data set and sample size: weighted τ and Rel@1 of the rankings a reader compares first (the old
+    default, the new one, the static orders, a trained probe, chance)."""
+    cols = [(s, rows) for s in stores for rows in sorted({r for v in agreements(stores[s], truth_name).values()
+                                                           for r in v})]
+    lines = ["| ranking | " + " | ".join(f"{s} @{r}" for s, r in cols) + " |", "|---|" + "---|" * len(cols)]
+    results = {s: agreements(stores[s], truth_name) for s in stores}
+    for name in KEY_RANKINGS:
+        cells = []
+        for s, rows in cols:
+            a = results[s].get(name, {}).get(rows)
+            cells.append("n/a" if a is None else f"{fmt(a['weightedtau'], 2)} / {fmt(a['rel1'], 2)}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(stores: dict[str, dict[str, Any]], holdout: list[str]) -> list[str]:
-    lines = ["# Model selection suite", ""]
+    lines = ["# Model selection suite", "", "Weighted τ / Rel@1 against the head-only truth, per set and sample size:",
+             ""] + key_table(stores) + [""]
     for name, store in stores.items():
         meta = store["meta"]
         lines += [f"## {name}: {meta['kind']}, {meta['task']}, {meta['rows']} distinct rows, "
