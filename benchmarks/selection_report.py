@@ -207,9 +207,11 @@ def summary(stores: dict[str, dict[str, Any]], sets: list[str], truth_name: str
     return lines, means
 
 
-def chosen(means: dict[str, dict[str, float]]) -> str | None:
-    """The estimator ranking (not a baseline) with the best mean weighted τ."""
-    candidates = [n for n in means if not n.startswith(("linear_probe", "random")) and n not in STATIC]
+def chosen(means: dict[str, dict[str, float]], single: bool = False) -> str | None:
+    """The estimator ranking (not a baseline) with the best mean weighted τ; single: one estimator, no
+    combination (what a rank job orders by)."""
+    candidates = [n for n in means if not n.startswith(("linear_probe", "random")) and n not in STATIC
+                  and not (single and n.startswith("mean_rank"))]
     return max(candidates, key=lambda n: means[n]["weightedtau"]) if candidates else None
 
 
@@ -256,7 +258,8 @@ def report(stores: dict[str, dict[str, Any]], holdout: list[str]) -> list[str]:
         table, means = summary(stores, sets, truth_name)
         best = chosen(means)
         lines += [f"## Summary against the {truth_name} truth over {', '.join(sets)}", ""]
-        lines += table + ["", f"Best estimator ranking by mean weighted τ: **{best}**", ""]
+        lines += table + ["", f"Best estimator ranking by mean weighted τ: **{best}**; best single estimator: "
+                          f"**{chosen(means, single=True)}**", ""]
         held = [s for s in holdout if s in stores and truth_name in truths(stores[s])]
         if held and best:
             lines += [f"Held-out set(s), added after the choice: {', '.join(held)}", ""]

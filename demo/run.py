@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=400, help="BBC News sample size (stratified)")
     parser.add_argument("--port", type=int, default=8000)
     # hscore, gbc and sfda saturate when rows <= feature width (400 rows, 384-768-d here): not shown by default
-    parser.add_argument("--metrics", default="logme,logme_projected,ridge_loo,hscore_shrinkage,nleep")
+    parser.add_argument("--metrics", default="ridge_loo,logme,logme_projected,hscore_shrinkage,nleep")
     parser.add_argument("--models", default="", help="comma-separated model folder names to use; default all")
     args = parser.parse_args(argv)
 

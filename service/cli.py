@@ -263,7 +263,9 @@ def cmd_models(args: argparse.Namespace, _settings: Settings) -> int:
 
 
 def _job_body(args: argparse.Namespace) -> dict[str, Any]:
-    body: dict[str, Any] = {"dataset_id": args.dataset_id, "metrics": args.metric or ["logme"]}
+    body: dict[str, Any] = {"dataset_id": args.dataset_id}
+    if args.metric:  # else the server's default (service.contract.DEFAULT_METRICS)
+        body["metrics"] = args.metric
     if args.model:
         body["candidates"] = args.model
     if args.sample_size:

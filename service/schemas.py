@@ -13,7 +13,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.contract import ESTIMATORS, LIMITS, MODALITIES, TASKS, JobStatus, TuneSpec
+from service.contract import DEFAULT_METRICS, ESTIMATORS, LIMITS, MODALITIES, TASKS, JobStatus, TuneSpec
 from service.contract.text import ID_LENGTH, RequestModel
 from service.db import HubModel
 
@@ -86,8 +86,11 @@ class JobCreate(RequestModel):
     # the names are listed in the schema (the dashboard's form reads them) but checked by the route, whose 422
     # names the unknown metric and the known ones
     metrics: list[Annotated[str, Field(max_length=_NAME_LENGTH, json_schema_extra={"enum": list(ESTIMATORS)})]] = (
-        Field(default_factory=lambda: ["logme"], min_length=1, json_schema_extra={"default": ["logme"]},
-              description="the estimators; the first orders the ranking"))
+        Field(default_factory=lambda: list(DEFAULT_METRICS), min_length=1,
+              json_schema_extra={"default": list(DEFAULT_METRICS)},
+              description="the estimators; the first orders the ranking. Default: the combination the "
+              "model-selection suite supports (service.contract.DEFAULT_METRICS); with successive_halving, its "
+              "first"))
     sample_size: int | None = Field(default=None, ge=10, description="rank on a stratified sample of this many rows")
     seed: int = Field(default=0, ge=LIMITS["seed"][0], le=LIMITS["seed"][1])
     pooling: Literal["mean", "head"] = Field(
@@ -97,8 +100,7 @@ class JobCreate(RequestModel):
         default=None, description="text models: which hidden states the estimators read, each pooled alike: "
         "\"last\", \"all\" (the mean over every layer's output), or a list of indices into the hidden states "
         "(0 the embedding output, -1 the last layer) averaged; every layer is cached from one forward pass. "
-        "Default: \"all\" for text datasets (it predicted a trained probe best on the model-selection suite), "
-        "\"last\" for image datasets")
+        "Default: \"last\" (service.contract.DEFAULT_LAYERS, chosen on the model-selection suite)")
     successive_halving: HalvingSpec | None = Field(default=None, description="rank many candidates on growing samples")
     tune: TuneSpec | None = None
 

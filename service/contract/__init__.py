@@ -6,6 +6,7 @@ written twice elsewhere.
 
 from service.contract.names import (
     DEFAULT_LAYERS,
+    DEFAULT_METRICS,
     ESTIMATORS,
     IMAGE_PROCESSOR_FILE,
     MODALITIES,
@@ -37,9 +38,9 @@ from service.contract.tuning import (
 )
 
 __all__ = [
-    "AUGMENTATIONS", "DEFAULT_LAYERS", "ESTIMATORS", "IMAGE_PROCESSOR_FILE", "LIMITS", "MAX_TRADEOFF_TRIALS",
-    "MODALITIES", "PEFT_REFUSED", "POOLINGS", "REGULARIZER_PARAMS", "STRATEGIES", "TASKS", "TERMINAL",
-    "TOKENIZER_ENTRY_FILES", "TOKENIZER_FILES", "TRANSITIONS", "EstimatorInfo", "JobPhase", "JobStatus", "Param",
-    "PeftSpec", "RegularizerSpec", "TuneConfig", "TuneSpec", "check_tune_for_dataset", "describe_regularizers",
-    "estimator_applies", "resolve_augment", "resolve_peft", "resolve_regularizer",
+    "AUGMENTATIONS", "DEFAULT_LAYERS", "DEFAULT_METRICS", "ESTIMATORS", "IMAGE_PROCESSOR_FILE", "LIMITS",
+    "MAX_TRADEOFF_TRIALS", "MODALITIES", "PEFT_REFUSED", "POOLINGS", "REGULARIZER_PARAMS", "STRATEGIES", "TASKS",
+    "TERMINAL", "TOKENIZER_ENTRY_FILES", "TOKENIZER_FILES", "TRANSITIONS", "EstimatorInfo", "JobPhase", "JobStatus",
+    "Param", "PeftSpec", "RegularizerSpec", "TuneConfig", "TuneSpec", "check_tune_for_dataset",
+    "describe_regularizers", "estimator_applies", "resolve_augment", "resolve_peft", "resolve_regularizer",
 ]

@@ -98,8 +98,7 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
         assert 0.0 <= low <= entry["scores"]["ridge_loo"] <= high <= 1.0
     assert 0.0 <= ranking[0]["p_better_than_next"]["logme"] <= 1.0
     # Every finished job says what ordered it and what the data let it conclude.
-    # the default for text: every layer (service.contract.DEFAULT_LAYERS)
-    assert job["ranked_by"] == {"estimator": "logme", "features": {"pooling": "mean", "layers": "all"}}
+    assert job["ranked_by"] == {"estimator": "logme", "features": {"pooling": "mean", "layers": "last"}}
     verdict = job["verdict"]
     assert verdict["top"] == ranking[0]["model_id"] and isinstance(verdict["confident"], bool)
     assert set(verdict["indistinguishable_from_top"]) <= set(model_ids) - {verdict["top"]}
@@ -148,11 +147,13 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
     assert any(abs(r["scores"]["logme"] - mean_scores[r["model_id"]]) > 1e-6 for r in head["ranking"])
     bad_pooling = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "pooling": "max"})
     assert bad_pooling.status_code == 422 and bad_pooling.json()["field"] == "pooling"
-    # The last layer alone (the default reads every layer), from the cache the first job filled: no forward pass.
-    layered = wait_for(alice, alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "metrics": ["logme"],
-                                                           "layers": "last"}).json()["id"], stack)
+    # The mean of every layer, from the cache the first job filled: no forward pass. No metrics named: the
+    # default (service.contract.DEFAULT_METRICS) ranks by ridge_loo and shows LogME beside it.
+    layered = wait_for(alice, alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "layers": "all"}).json()["id"],
+                       stack)
     assert layered["status"] == "succeeded", (layered, stack.log_text())
-    assert layered["ranked_by"]["features"]["layers"] == "last"
+    assert layered["ranked_by"] == {"estimator": "ridge_loo", "features": {"pooling": "mean", "layers": "all"}}
+    assert layered["metrics"] == ["ridge_loo", "logme"] and "logme" in layered["ranking"][0]["scores"]
     assert all(r["features_cached"] for r in layered["ranking"])
     bad_layers = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "layers": "first"})
     assert bad_layers.status_code == 422 and bad_layers.json()["field"] == "layers"

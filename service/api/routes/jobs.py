@@ -34,6 +34,7 @@ from service.api.problems import Problem, problem_responses
 from service.api.quotas import check_active_jobs, check_stored_bytes
 from service.contract import (
     DEFAULT_LAYERS,
+    DEFAULT_METRICS,
     ESTIMATORS,
     TERMINAL,
     JobPhase,
@@ -125,10 +126,18 @@ def job_layers(body: JobCreate, dataset: Dataset) -> str | list[int]:
     return body.layers
 
 
+def job_metrics(body: JobCreate) -> list[str]:
+    """The estimators the job scores: the request's (duplicates dropped), else DEFAULT_METRICS (successive halving
+    ranks by one: the default's first)."""
+    if "metrics" in body.model_fields_set:
+        return list(dict.fromkeys(body.metrics))
+    return [DEFAULT_METRICS[0]] if body.successive_halving is not None else list(DEFAULT_METRICS)
+
+
 def check_options(body: JobCreate, candidates: list[str], modality: str) -> None:
     """Successive halving and tuning, each with what it cannot be combined with."""
     if body.successive_halving is not None:
-        if len(body.metrics) != 1:
+        if len(job_metrics(body)) != 1:
             raise Problem(422, "successive halving ranks by one metric", "give exactly one metric", field="metrics")
         if body.sample_size is not None:
             raise Problem(422, "sample_size cannot be combined with successive_halving",
@@ -146,7 +155,7 @@ def check_options(body: JobCreate, candidates: list[str], modality: str) -> None
             raise Problem(422, "tuning option does not apply to this dataset", message, field=field_name) from exc
         if body.tune.target is not None and body.tune.target not in candidates:
             raise Problem(422, "tune target is not a candidate", body.tune.target, field="tune.target")
-        if body.tune.strategy == "btuning" and "logme" not in body.metrics:
+        if body.tune.strategy == "btuning" and "logme" not in job_metrics(body):
             raise Problem(422, "btuning needs LogME", "add 'logme' to metrics", field="tune.strategy")
         if body.sample_size is not None:
             raise Problem(422, "sample_size cannot be combined with tune",
@@ -166,7 +175,7 @@ def create_job(body: JobCreate, sessions: SessionsDep, send: SendDep, who: Owner
         check_active_jobs(session, who, settings)
     if body.tune is not None:  # tuning stores checkpoints
         check_stored_bytes(sessions, who, settings)
-    job = Job(owner=who, dataset_id=dataset.id, candidates=candidates, metrics=list(dict.fromkeys(body.metrics)),
+    job = Job(owner=who, dataset_id=dataset.id, candidates=candidates, metrics=job_metrics(body),
               options={"sample_size": body.sample_size, "seed": body.seed, "pooling": body.pooling,
                        "layers": layers,
                        "successive_halving": body.successive_halving.model_dump()
