@@ -324,6 +324,26 @@ def cmd_jobs(args: argparse.Namespace, _settings: Settings) -> int:
     return 0
 
 
+def _add_keys_commands(sub: Any) -> None:
+    """`hubtune keys create | list | revoke | set-role`."""
+    keys = sub.add_parser("keys", help="API keys (on the server: they write its database)").add_subparsers(
+        dest="action", required=True)
+    create = keys.add_parser("create", help="create a key and print it once")
+    create.add_argument("--name", default="")
+    create.add_argument("--admin", action="store_true",
+                        help="an admin key: manages the shared catalog, registers local folders, sees server paths")
+    create.add_argument("--expires-in", help="the key stops working after this long: 90m, 12h, 30d, 2w")
+    create.set_defaults(func=cmd_keys_create)
+    keys.add_parser("list", help="every key: id, prefix, role, status").set_defaults(func=cmd_keys_list)
+    revoke = keys.add_parser("revoke", help="stop a key (its datasets and jobs stay)")
+    revoke.add_argument("key", help="the key's id or prefix")
+    revoke.set_defaults(func=cmd_keys_revoke)
+    set_role = keys.add_parser("set-role", help="make a key an admin or a user key")
+    set_role.add_argument("key", help="the key's id or prefix")
+    set_role.add_argument("role", choices=["admin", "user"])
+    set_role.set_defaults(func=cmd_keys_set_role)
+
+
 # long: one argparse declaration per command, read top to bottom like the help it prints
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hubtune", description=__doc__)
@@ -343,22 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("migrate", help="upgrade the database to the latest schema").set_defaults(func=cmd_migrate)
 
-    keys = sub.add_parser("keys", help="API keys (on the server: they write its database)").add_subparsers(
-        dest="action", required=True)
-    create = keys.add_parser("create", help="create a key and print it once")
-    create.add_argument("--name", default="")
-    create.add_argument("--admin", action="store_true",
-                        help="an admin key: manages the shared catalog, registers local folders, sees server paths")
-    create.add_argument("--expires-in", help="the key stops working after this long: 90m, 12h, 30d, 2w")
-    create.set_defaults(func=cmd_keys_create)
-    keys.add_parser("list", help="every key: id, prefix, role, status").set_defaults(func=cmd_keys_list)
-    revoke = keys.add_parser("revoke", help="stop a key (its datasets and jobs stay)")
-    revoke.add_argument("key", help="the key's id or prefix")
-    revoke.set_defaults(func=cmd_keys_revoke)
-    set_role = keys.add_parser("set-role", help="make a key an admin or a user key")
-    set_role.add_argument("key", help="the key's id or prefix")
-    set_role.add_argument("role", choices=["admin", "user"])
-    set_role.set_defaults(func=cmd_keys_set_role)
+    _add_keys_commands(sub)
 
     def with_client(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--url", default=os.environ.get("HUBTUNE_URL", "http://127.0.0.1:8000"))
@@ -399,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     def job_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("dataset_id")
         p.add_argument("--model", action="append", help="candidate model id (repeat); default all")
-        p.add_argument("--metric", action="append", help="metric name (repeat); default logme")
+        p.add_argument("--metric", action="append", help="metric name (repeat); default ridge_loo, logme")
         p.add_argument("--sample-size", type=int)
         p.add_argument("--pooling", choices=["mean", "head"], default="mean",
                        help="features to rank: mean over tokens (default) or the token a classification head reads")
