@@ -75,10 +75,15 @@ if get_settings().log_format == "json":  # a receiver of setup_logging replaces 
     setup_logging.connect(_json_logging, weak=False)
 
 
+_worker_main_pid: int | None = None  # the Celery main process, recorded before it forks the pool
+
+
 @worker_init.connect
 def _die_with_serve(**_kwargs: object) -> None:
     """The worker child of `hubtune serve` ends when serve does, even when serve is SIGKILLed (the parent-death
     signal serve set does the same on Linux; this watch covers other systems)."""
+    global _worker_main_pid
+    _worker_main_pid = os.getpid()
     parent = os.environ.get(PARENT_PID_ENV)
     if parent and parent.isdigit():
         watch_parent(int(parent), kill_own_group)
@@ -87,8 +92,9 @@ def _die_with_serve(**_kwargs: object) -> None:
 @worker_process_init.connect
 def _die_with_worker(**_kwargs: object) -> None:
     """A pool child ends with the Celery process that forked it, so a SIGKILLed worker leaves no orphan running
-    a job."""
-    parent = os.getppid()
+    a job. The parent is the pid recorded before the fork, not getppid(): a worker that died between the fork and
+    this handler has already handed its child to another parent."""
+    parent = _worker_main_pid or os.getppid()
     die_with_parent(signal.SIGKILL, parent)
     watch_parent(parent, lambda: os._exit(1))
 
