@@ -20,12 +20,13 @@ from service.settings import Settings, get_settings
 
 
 def worker_command(queues: str = "rank,tune", concurrency: int = 1, loglevel: str = "info",
-                   heartbeat: bool = False) -> list[str]:
+                   heartbeat: bool = False, name: str | None = None) -> list[str]:
     """One prefork child per worker (-c 1): one process per GPU; the hard time limits need prefork. `heartbeat`:
     the worker's event heartbeats, by which Flower tells it is online (only a broker with a fanout exchange)."""
     return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", queues, "-c", str(concurrency),
             "--prefetch-multiplier", "1", "--without-mingle", "--without-gossip",
-            *([] if heartbeat else ["--without-heartbeat"]), "-l", loglevel, "-n", f"hubtune-{os.getpid()}@%h"]
+            *([] if heartbeat else ["--without-heartbeat"]), "-l", loglevel,
+            "-n", f"{name or f'hubtune-{os.getpid()}'}@%h"]
 
 
 def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
@@ -44,9 +45,21 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     settings.ensure_dirs()
     ensure_artifact_store(settings)  # fails fast on a wrong HUBTUNE_ARTIFACTS_URL or credentials
-    os.execv(sys.executable, worker_command(args.queues, args.concurrency, args.loglevel,
-                                            heartbeat=not settings.celery_broker_url.startswith("filesystem")))
-    return 0  # not reached
+    heartbeat = not settings.celery_broker_url.startswith("filesystem")
+    if args.gpus is None:
+        os.execv(sys.executable, worker_command(args.queues, args.concurrency, args.loglevel, heartbeat=heartbeat))
+    from service.gpus import GpuSpecError, choose_gpus, list_gpus, run_per_gpu
+    from service.lifeline import parent_death_signal
+
+    try:
+        gpus = choose_gpus(args.gpus, list_gpus())
+    except GpuSpecError as exc:
+        print(f"hubtune worker: {exc}", file=sys.stderr)
+        return 2
+    print(f"hubtune worker: one worker process per GPU: {', '.join(gpus)}", file=sys.stderr)
+    return run_per_gpu(gpus, lambda gpu: worker_command(args.queues, args.concurrency, args.loglevel,
+                                                        heartbeat=heartbeat, name=f"hubtune-gpu{gpu}-{os.getpid()}"),
+                       preexec_fn=parent_death_signal(signal.SIGKILL))
 
 
 class WorkerChild:
@@ -359,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--queues", default="rank,tune")
     worker.add_argument("--concurrency", type=int, default=1)
     worker.add_argument("--loglevel", default="info")
+    worker.add_argument("--gpus", default=None, metavar="all|N|ID,ID",
+                        help="one worker process per GPU (CUDA_VISIBLE_DEVICES set for each): all visible, the "
+                             "first N, or these ids")
     worker.set_defaults(func=cmd_worker)
 
     sub.add_parser("migrate", help="upgrade the database to the latest schema").set_defaults(func=cmd_migrate)

@@ -31,7 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from service.contract import JobPhase, JobStatus
+from service.contract import CandidateStatus, JobPhase, JobStatus
 from service.contract.text import ID_LENGTH
 
 if TYPE_CHECKING:
@@ -181,6 +181,26 @@ class RankingEntry(Base):
     scores: Mapped[dict] = mapped_column(JSON)
     details: Mapped[dict] = mapped_column(JSON, default=dict)
     feature_seconds: Mapped[float] = mapped_column(Float)
+
+
+class JobCandidate(Base):
+    """One candidate of a rank job, scored by whichever worker claims it (its own lease, like a job's): the rank
+    phase's coordinator assembles the ranking once every candidate is done. `record` holds its scores and details
+    (workers.pipeline's candidate record, its arrays left in the feature cache)."""
+
+    __tablename__ = "job_candidates"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    model_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)  # in the job's candidate order
+    status: Mapped[str] = mapped_column(String(16), default=CandidateStatus.QUEUED.value)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)  # host:pid that scored (or scores) it
+    token: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    record: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class Checkpoint(Base):

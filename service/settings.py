@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     # A queued job whose message may have been lost (API died after commit) is re-sent after this long.
     requeue_queued_after_seconds: float = 300.0
     max_attempts: int = 3
+    # A rank job's coordinator checks this often whether the candidates other workers score are done.
+    candidate_poll_seconds: float = 0.5
     # Keys: "auto" = keyless allowed only when the API is bound to a loopback host; "required" = always.
     auth: str = "auto"
     bind_host: str = "127.0.0.1"

@@ -279,42 +279,87 @@ def rank_with_verdict(dataset: DatasetSpec, models: list[ModelSpec], metrics: li
     return full.ranked, full.verdict
 
 
+@dataclass
+class RankRows:
+    """The rows a rank job scores, read once per process and shared by every candidate it scores."""
+
+    examples: Examples
+    raw_labels: np.ndarray  # as uploaded (the feature map colours by them)
+    labels: np.ndarray  # as the estimators score them (ranking_targets)
+    extraction: dict[str, Any]  # model_features' keyword arguments for these rows
+
+
+def prepare_rows(dataset: DatasetSpec, *, cache_root: Path, hf_cache_dir: Path, sample_size: int | None = None,
+                 seed: int = 0, max_length: int = 128, batch_size: int = 32, device: str | None = None,
+                 pooling: str = "mean") -> RankRows:
+    """The dataset's distinct rows (a stratified sample of them when sample_size is set) with their targets."""
+    from workers.features import TokenIdsCache
+
+    examples, labels = load_dataset(dataset)
+    rows = sample_rows(labels, dataset.task, sample_size, seed)
+    examples, raw_labels = [examples[i] for i in rows], labels[rows]
+    extraction = dict(cache_tag=examples_digest(examples), cache_root=cache_root, hf_cache_dir=hf_cache_dir,
+                      max_length=max_length, batch_size=batch_size, device=device, pooling=pooling,
+                      token_ids=TokenIdsCache(len(examples)))  # candidates sharing a tokenizer tokenise once
+    return RankRows(examples, raw_labels, ranking_targets(raw_labels, dataset.task), extraction)
+
+
 def rank_in_full(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, cache_root: Path,
                  hf_cache_dir: Path, sample_size: int | None = None, seed: int = 0, max_length: int = 128,
                  batch_size: int = 32, device: str | None = None, bootstrap_samples: int = 200,
                  progress: Progress | None = None, pooling: str = "mean", layers: str | list[int] = "last"
                  ) -> FullRanking:
-    """Rank `models` for `dataset` by the first metric; every score comes with an interval and, against the next
-    model down, the probability that the higher-ranked one is really better (paired bootstrap over rows). Also
-    the verdict (workers.ranking.verdict): what the ranking lets a user conclude, and the feature map
-    (workers.projection): each scored model's features in 2-D, coloured by the labels as uploaded."""
-    from workers.features import TokenIdsCache
-    from workers.projection import feature_map
-    from workers.ranking import prior_only_evidence
-
+    """Rank `models` for `dataset` by the first metric, one candidate after another in this process (the service
+    fans candidates out over workers instead and calls assemble_ranking once they are all done)."""
     report = progress or (lambda stage, fraction: None)
-    examples, labels = load_dataset(dataset)
-    rows = sample_rows(labels, dataset.task, sample_size, seed)
-    examples, raw_labels = [examples[i] for i in rows], labels[rows]
-    labels = ranking_targets(raw_labels, dataset.task)
-    extraction = dict(cache_tag=examples_digest(examples), cache_root=cache_root, hf_cache_dir=hf_cache_dir,
-                      max_length=max_length, batch_size=batch_size, device=device, pooling=pooling,
-                      token_ids=TokenIdsCache(len(examples)))  # candidates sharing a tokenizer tokenise once
-
+    rows = prepare_rows(dataset, cache_root=cache_root, hf_cache_dir=hf_cache_dir, sample_size=sample_size,
+                        seed=seed, max_length=max_length, batch_size=batch_size, device=device, pooling=pooling)
     features_by_model: dict[str, np.ndarray] = {}
     per_model: dict[str, dict[str, Any]] = {}
     for index, model in enumerate(models):
         where = (index / len(models) * 0.85, 0.85 / len(models))  # its part of the progress scale
-        with log_context(model_id=model.id):  # this candidate's lines, its features' included
-            features, per_model[model.id] = _score_candidate(
-                model, f"features {index + 1}/{len(models)}: {model.name}", where, examples, labels, dataset.task,
-                metrics, report, extraction, layers)
-            record = per_model[model.id]
-            log.info("model %s: features %.2f s, scores %s", model.name, record["feature_seconds"],
-                     record["scores"])
+        features, per_model[model.id] = score_candidate(
+            model, f"features {index + 1}/{len(models)}: {model.name}", where, rows, dataset.task, metrics, report,
+            layers)
         if features is not None:
             features_by_model[model.id] = features
+    return assemble_ranking(dataset, models, rows, per_model, features_by_model, metrics,
+                            bootstrap_samples=bootstrap_samples, seed=seed, progress=report)
 
+
+def score_candidate(model: ModelSpec, stage: str, where: tuple[float, float], rows: RankRows, task: str,
+                    metrics: list[str], report: Progress, layers: str | list[int] = "last"
+                    ) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """One candidate's features (None if it failed) and its ranking record, its log lines tagged with its id."""
+    with log_context(model_id=model.id):  # this candidate's lines, its features' included
+        features, record = _score_candidate(model, stage, where, rows.examples, rows.labels, task, metrics, report,
+                                            rows.extraction, layers)
+        log.info("model %s: features %.2f s, scores %s", model.name, record["feature_seconds"], record["scores"])
+    return features, record
+
+
+def candidate_features(model: ModelSpec, rows: RankRows, layers: str | list[int] = "last"
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
+    """A scored candidate's features and source probabilities again, for assembling the ranking in another process
+    than the one that scored it: from the feature cache (extracted again only if the cache lost them)."""
+    result, _ = model_features(model, rows.examples, **rows.extraction)
+    return np.asarray(result.select(layers), dtype=np.float64), result.source_probs
+
+
+def assemble_ranking(dataset: DatasetSpec, models: list[ModelSpec], rows: RankRows,
+                     per_model: dict[str, dict[str, Any]], features_by_model: dict[str, np.ndarray],
+                     metrics: list[str], *, bootstrap_samples: int = 200, seed: int = 0,
+                     progress: Progress | None = None) -> FullRanking:
+    """The ranking of scored candidates by the first metric; every score comes with an interval and, against the
+    next model down, the probability that the higher-ranked one is really better (paired bootstrap over rows). Also
+    the verdict (workers.ranking.verdict): what the ranking lets a user conclude, and the feature map
+    (workers.projection): each scored model's features in 2-D, coloured by the labels as uploaded.
+    per_model: each candidate's record (score_candidate's); features_by_model: those that were scored."""
+    from workers.projection import feature_map
+    from workers.ranking import prior_only_evidence
+
+    report = progress or (lambda stage, fraction: None)
+    labels = rows.labels
     failures = {m.name: per_model[m.id]["details"]["error"] for m in models if "error" in per_model[m.id]["details"]}
     if len(failures) == len(models):
         raise CandidatesFailed(failures)
@@ -329,9 +374,10 @@ def rank_in_full(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[st
     prior = prior_only_evidence(labels, dataset.task) if "logme" in metrics else None
     ranked = [_ranked_model(position, model, per_model[model.id], uncertainty, prior)
               for position, model in enumerate(order, start=1)]
-    verdict = ranking_verdict_for(ranked, metrics[0], uncertainty["replicates"], prior, len(examples))
+    verdict = ranking_verdict_for(ranked, metrics[0], uncertainty["replicates"], prior, len(rows.examples))
     projected = feature_map({m.id: features_by_model[m.id] for m in order if m.id in features_by_model},
-                            {m.id: m.name for m in models}, raw_labels, dataset.task, dataset.label_names, seed=seed)
+                            {m.id: m.name for m in models}, rows.raw_labels, dataset.task, dataset.label_names,
+                            seed=seed)
     report("ranked", 1.0)
     return FullRanking(ranked, verdict, projected)
 

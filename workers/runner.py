@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import shutil
+import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -21,9 +24,10 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SQLTimeoutError
 from sqlalchemy.orm import sessionmaker
 
+from service import candidates as candidate_states
 from service import jobs as job_states
 from service.artifacts import artifact_store, publish_checkpoint
-from service.contract import JobPhase, JobStatus
+from service.contract import CandidateStatus, JobPhase, JobStatus
 from service.db import (
     Checkpoint,
     DatabaseTimeouts,
@@ -37,23 +41,30 @@ from service.db import (
 )
 from service.logs import log_context
 from service.settings import Settings, get_settings
+from workers.phases import rank as rank_phase
 from workers.phases.inputs import FeatureSettings, RankedCandidate, RankInput, TuneDataset, TuneInput
-from workers.phases.rank import run_rank
 from workers.pipeline import DatasetSpec, ModelSpec
+
+CANDIDATE_TASK = "hubtune.rank_candidate"  # workers/tasks.py
 
 log = logging.getLogger("hubtune.runner")
 
 
 class Heartbeat:
-    """Renews the job's lease from a daemon thread while the pipeline runs."""
+    """Renews a lease (a job's, or a candidate's) from a daemon thread while the pipeline runs: `renew()` returns
+    False once the lease went to another worker."""
 
-    def __init__(self, sessions: sessionmaker, job_id: str, token: str, settings: Settings) -> None:
-        self.sessions, self.job_id, self.token, self.settings = sessions, job_id, token, settings
+    def __init__(self, renew: Callable[[], bool], name: str, settings: Settings) -> None:
+        self.renew, self.name, self.settings = renew, name, settings
         self.lost = threading.Event()
         self._stop = threading.Event()
         # run in a copy of this thread's context, so its log lines carry the job's log_context too
         self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
-                                        name=f"heartbeat-{job_id}", daemon=True)
+                                        name=f"heartbeat-{name}", daemon=True)
+
+    @classmethod
+    def for_job(cls, sessions: sessionmaker, job_id: str, token: str, settings: Settings) -> Heartbeat:
+        return cls(lambda: job_states.renew_lease(sessions, job_id, token, settings.lease_seconds), job_id, settings)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -66,11 +77,11 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_seconds):
             try:
-                if not job_states.renew_lease(self.sessions, self.job_id, self.token, self.settings.lease_seconds):
+                if not self.renew():
                     self.lost.set()
                     return
             except Exception:  # a transient DB error: try again next beat; the lease covers several beats
-                log.exception("heartbeat for job %s failed", self.job_id)
+                log.exception("heartbeat for %s failed", self.name)
 
 
 class ProgressReporter:
@@ -122,12 +133,160 @@ def _load(sessions: sessionmaker, job_id: str) -> tuple[Job, Dataset, list[HubMo
     return job, dataset, candidates
 
 
+def worker_name() -> str:
+    """Who scored a candidate: this host and process, and its GPU when `hubtune worker --gpus` gave it one."""
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"{socket.gethostname()}:{os.getpid()}" + (f":gpu{gpu}" if gpu else "")
+
+
+def _rank_input(job: Job, dataset: Dataset, models: list[HubModel], settings: Settings) -> RankInput:
+    return RankInput(dataset=dataset_spec(dataset, settings), models=[model_spec(m) for m in models],
+                     metrics=job.metrics, options=job.options, features=FeatureSettings.from_settings(settings),
+                     bootstrap_samples=settings.bootstrap_samples)
+
+
+def _send_candidate_messages(job_id: str, count: int, settings: Settings) -> None:
+    """One message per candidate for other workers to take. A broker that does not take them costs no candidate:
+    the coordinator scores whatever nobody else claims."""
+    if count <= 0:
+        return
+    from workers.celery_app import make_celery
+
+    app = make_celery(settings)
+    try:
+        for _ in range(count):
+            app.send_task(CANDIDATE_TASK, args=[job_id], queue=job_states.QUEUE_FOR_PHASE[JobPhase.RANK])
+    except Exception as exc:
+        log.warning("job %s: candidate messages not sent (%s); scoring them here", job_id, exc)
+
+
+def _rank_fanned_out(sessions: sessionmaker, job_id: str, inputs: RankInput, progress: ProgressReporter,
+                     settings: Settings) -> rank_phase.RankOutcome:
+    """The coordinator of a rank job: open a row per candidate, ask other workers to claim them, score the ones
+    nobody has claimed, wait for the rest, then assemble the ranking (once: this worker holds the job's lease)."""
+    candidate_states.open_candidates(sessions, job_id, [m.id for m in inputs.models])
+    pending = sum(not c.done for c in candidate_states.candidate_states(sessions, job_id))
+    _send_candidate_messages(job_id, pending - 1, settings)
+    rows = rank_phase.job_rows(inputs)
+    models = {m.id: m for m in inputs.models}
+    scored_here: dict[str, Any] = {}  # features of the candidates this worker scored, kept for the assembly
+    while True:
+        states = candidate_states.candidate_states(sessions, job_id)
+        done, count = sum(c.done for c in states), len(states)
+        if done == count:
+            break
+        progress(f"scored {done}/{count} candidates", 0.85 * done / count)  # raises on cancel, a lost lease
+        token = uuid.uuid4().hex
+        claimed = candidate_states.claim_candidate(sessions, job_id, token, worker_name(), settings.lease_seconds,
+                                                   settings.max_attempts)
+        if claimed is None:  # the rest are being scored elsewhere
+            time.sleep(settings.candidate_poll_seconds)
+            continue
+        model = models[claimed]
+        scored_here[claimed] = _score_claimed(sessions, job_id, inputs, rows, model, token, progress, settings,
+                                              stage=f"features {done + 1}/{count}: {model.name}",
+                                              where=(0.85 * done / count, 0.85 / count))
+    # how often each was claimed: more than once when a worker scoring it died
+    records = {c.model_id: dict(c.record or {}, details=dict((c.record or {}).get("details", {}), attempts=c.attempts))
+               for c in states}
+    return rank_phase.assemble(inputs, rows, records, progress, known_features=scored_here)
+
+
+def _score_claimed(sessions: sessionmaker, job_id: str, inputs: RankInput, rows: Any, model: ModelSpec, token: str,
+                   report: Callable[[str, float], None], settings: Settings, *, stage: str,
+                   where: tuple[float, float]) -> Any:
+    """Score a candidate this worker claimed, under its own lease; record it, or hand it back when stopped.
+    stage, where: what `report` is told while it runs, and its (start, span) on report's progress scale.
+    Returns its features and source probabilities (None if it failed)."""
+    heartbeat = Heartbeat(lambda: candidate_states.renew_candidate(sessions, job_id, model.id, token,
+                                                                   settings.lease_seconds),
+                          f"{job_id}-{model.id}", settings)
+
+    def checked(stage: str, fraction: float) -> None:
+        if heartbeat.lost.is_set():
+            raise job_states.LeaseLost(job_id)
+        report(stage, fraction)
+
+    with heartbeat, log_context(model_id=model.id):
+        try:
+            features, record = rank_phase.score_one(inputs, rows, model, stage[:64], where, checked)
+        except BaseException:
+            _release(sessions, job_id, model.id, token)
+            raise
+        record["details"]["worker"] = worker_name()
+        failed = "error" in record["details"]
+        candidate_states.finish_candidate(sessions, job_id, model.id, token,
+                                          CandidateStatus.FAILED if failed else CandidateStatus.SCORED, record)
+    return features
+
+
+def _release(sessions: sessionmaker, job_id: str, model_id: str, token: str) -> None:
+    try:
+        candidate_states.release_candidate(sessions, job_id, model_id, token)
+    except Exception:  # the database is down: the candidate's lease runs out instead
+        log.warning("job %s: candidate %s not handed back; its lease will expire", job_id, model_id)
+
+
+class CandidateProgress:
+    """A candidate's progress on its row (throttled), for a worker other than the job's coordinator: surfaces its
+    job's cancellation and a lost candidate lease."""
+
+    def __init__(self, sessions: sessionmaker, job_id: str, model_id: str, token: str,
+                 min_interval: float = 1.0) -> None:
+        self.sessions, self.job_id, self.model_id, self.token = sessions, job_id, model_id, token
+        self.min_interval, self._last = min_interval, 0.0
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        now = time.monotonic()
+        if now - self._last < self.min_interval:
+            return
+        self._last = now
+        try:
+            candidate_states.report_candidate(self.sessions, self.job_id, self.model_id, self.token, fraction)
+        except (OperationalError, SQLTimeoutError):
+            log.warning("job %s: candidate progress not recorded, database unavailable", self.job_id)
+
+
+def run_candidate(job_id: str, settings: Settings | None = None) -> str:
+    """Claim one candidate of a running rank job and score it (any worker; the job's coordinator assembles the
+    ranking). Returns what happened, for logs and tests."""
+    with log_context(job_id=job_id, phase="rank"):
+        settings = settings or get_settings()
+        sessions = session_factory(settings.sqlalchemy_url, DatabaseTimeouts.from_settings(settings))
+        token = uuid.uuid4().hex
+        model_id = candidate_states.claim_candidate(sessions, job_id, token, worker_name(), settings.lease_seconds,
+                                                    settings.max_attempts)
+        if model_id is None:
+            return "skipped"
+        try:
+            job, dataset, models = _load(sessions, job_id)
+            inputs = _rank_input(job, dataset, models, settings)
+            model = next(m for m in inputs.models if m.id == model_id)
+            rows = rank_phase.job_rows(inputs)
+        except Exception:
+            log.exception("job %s: candidate %s could not be prepared", job_id, model_id)
+            _release(sessions, job_id, model_id, token)
+            return "released"
+        try:
+            features = _score_claimed(sessions, job_id, inputs, rows, model, token,
+                                      CandidateProgress(sessions, job_id, model_id, token), settings,
+                                      stage=f"features: {model.name}", where=(0.0, 1.0))
+            return "scored" if features is not None else "failed"
+        except (job_states.LeaseLost, job_states.JobCancelled):
+            log.info("job %s: candidate %s stopped (job cancelled, ended, or the lease lost)", job_id, model_id)
+            return "stopped"
+        except Exception:
+            log.exception("job %s: candidate %s failed", job_id, model_id)
+            return "released"
+
+
 def _rank(sessions: sessionmaker, job_id: str, token: str, progress: ProgressReporter, settings: Settings) -> None:
     job, dataset, models = _load(sessions, job_id)
-    inputs = RankInput(dataset=dataset_spec(dataset, settings), models=[model_spec(m) for m in models],
-                       metrics=job.metrics, options=job.options, features=FeatureSettings.from_settings(settings),
-                       bootstrap_samples=settings.bootstrap_samples)
-    outcome = run_rank(inputs, progress)
+    inputs = _rank_input(job, dataset, models, settings)
+    if job.options.get("successive_halving"):  # its rounds depend on each other: one process runs them all
+        outcome = rank_phase.run_rank(inputs, progress)
+    else:
+        outcome = _rank_fanned_out(sessions, job_id, inputs, progress, settings)
     tuning_next = job.tune is not None
     with sessions.begin() as session:
         session.execute(delete(RankingEntry).where(RankingEntry.job_id == job.id))
@@ -198,7 +357,7 @@ def _run_phase(job_id: str, phase: str, settings: Settings | None) -> str:
         return "skipped"
     began = time.monotonic()
     log.info("job %s: %s phase claimed", job_id, phase)
-    with Heartbeat(sessions, job_id, token, settings) as heartbeat:
+    with Heartbeat.for_job(sessions, job_id, token, settings) as heartbeat:
         progress = ProgressReporter(sessions, job_id, token, heartbeat)
         try:
             run = _rank if phase == JobPhase.RANK else _tune

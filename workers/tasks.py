@@ -18,3 +18,11 @@ def tune_job(job_id: str) -> str:
     from workers.runner import run_phase
 
     return run_phase(job_id, JobPhase.TUNE)
+
+
+@app.task(name="hubtune.rank_candidate", acks_late=True)
+def rank_candidate(job_id: str) -> str:
+    """One candidate of a running rank job, whichever is next (the message names the job, not the candidate)."""
+    from workers.runner import run_candidate
+
+    return run_candidate(job_id)

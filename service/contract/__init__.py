@@ -18,7 +18,14 @@ from service.contract.names import (
     EstimatorInfo,
     estimator_applies,
 )
-from service.contract.status import TERMINAL, TRANSITIONS, JobPhase, JobStatus
+from service.contract.status import (
+    CANDIDATE_TRANSITIONS,
+    TERMINAL,
+    TRANSITIONS,
+    CandidateStatus,
+    JobPhase,
+    JobStatus,
+)
 from service.contract.tuning import (
     AUGMENTATIONS,
     LIMITS,
@@ -38,7 +45,8 @@ from service.contract.tuning import (
 )
 
 __all__ = [
-    "AUGMENTATIONS", "DEFAULT_LAYERS", "DEFAULT_METRICS", "ESTIMATORS", "IMAGE_PROCESSOR_FILE", "LIMITS",
+    "AUGMENTATIONS", "CANDIDATE_TRANSITIONS", "DEFAULT_LAYERS", "DEFAULT_METRICS", "ESTIMATORS",
+    "IMAGE_PROCESSOR_FILE", "LIMITS", "CandidateStatus",
     "MAX_TRADEOFF_TRIALS", "MODALITIES", "PEFT_REFUSED", "POOLINGS", "REGULARIZER_PARAMS", "STRATEGIES", "TASKS",
     "TERMINAL", "TOKENIZER_ENTRY_FILES", "TOKENIZER_FILES", "TRANSITIONS", "EstimatorInfo", "JobPhase", "JobStatus",
     "Param", "PeftSpec", "RegularizerSpec", "TuneConfig", "TuneSpec", "check_tune_for_dataset",

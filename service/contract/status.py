@@ -43,3 +43,27 @@ TRANSITIONS: dict[str, tuple[JobStatus, JobStatus]] = {
 def allowed(source: JobStatus | str, target: JobStatus | str) -> bool:
     """Whether some named transition takes a job from `source` to `target`."""
     return (JobStatus(source), JobStatus(target)) in TRANSITIONS.values()
+
+
+class CandidateStatus(StrEnum):
+    """One candidate of a fanned-out rank job (service.jobs' candidate leases). Scored and failed are both done: a
+    failed candidate (it could not be loaded, or its workers kept dying) is ranked last with its error."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SCORED = "scored"
+    FAILED = "failed"
+
+    @property
+    def done(self) -> bool:
+        return self in (CandidateStatus.SCORED, CandidateStatus.FAILED)
+
+
+CANDIDATE_TRANSITIONS: dict[str, tuple[CandidateStatus, CandidateStatus]] = {
+    "claim": (CandidateStatus.QUEUED, CandidateStatus.RUNNING),
+    "take_over_expired": (CandidateStatus.RUNNING, CandidateStatus.RUNNING),
+    "give_up_lost": (CandidateStatus.RUNNING, CandidateStatus.FAILED),  # its workers died max_attempts times
+    "score": (CandidateStatus.RUNNING, CandidateStatus.SCORED),
+    "fail": (CandidateStatus.RUNNING, CandidateStatus.FAILED),
+    "release": (CandidateStatus.RUNNING, CandidateStatus.QUEUED),  # its worker stopped without scoring it
+}

@@ -1,0 +1,130 @@
+"""The candidate lease state machine of fanned-out rank jobs (service/candidates.py), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+
+from service import candidates as cs
+from service import jobs as job_states
+from service.contract import CANDIDATE_TRANSITIONS, CandidateStatus
+from service.db import Dataset, Job, session_factory
+from service.migrate import upgrade
+from tests.unit.test_job_states import scratch_database
+
+MODELS = ["m0", "m1", "m2", "m3", "m4"]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator:
+    with scratch_database(request.param, tmp_path) as url:
+        upgrade(url)
+        factory = session_factory(url)
+        with factory.begin() as session:
+            session.add(Dataset(id="d1", owner="o", filename="f.csv", format="csv", task="classification",
+                                text_column="text", label_column="label", rows=2, sha256="0" * 64, size_bytes=1,
+                                storage_path="/nowhere"))
+            session.add(Job(id="j1", owner="o", dataset_id="d1", candidates=MODELS, metrics=["logme"]))
+        assert job_states.claim(factory, "j1", "rank", "coordinator", 60)
+        cs.open_candidates(factory, "j1", MODELS)
+        yield factory
+        factory.kw["bind"].dispose()
+
+
+def claim(sessions, token: str, lease: float = 60, max_attempts: int = 3) -> str | None:  # type: ignore[no-untyped-def]
+    return cs.claim_candidate(sessions, "j1", token, f"host:{token}", lease, max_attempts)
+
+
+def statuses(sessions) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return {c.model_id: c.status.value for c in cs.candidate_states(sessions, "j1")}
+
+
+def test_candidates_are_claimed_in_the_jobs_order_and_each_once(sessions) -> None:
+    assert [claim(sessions, f"w{i}") for i in range(6)] == [*MODELS, None]
+    assert set(statuses(sessions).values()) == {"running"}
+    assert [c.worker for c in cs.candidate_states(sessions, "j1")] == [f"host:w{i}" for i in range(5)]
+
+
+def test_racing_workers_claim_every_candidate_exactly_once(sessions) -> None:
+    claimed: list[str | None] = []
+    barrier = threading.Barrier(8)
+
+    def worker(index: int) -> None:
+        barrier.wait()
+        while (model := claim(sessions, f"t{index}")) is not None:
+            claimed.append(model)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(claimed) == MODELS
+
+
+def test_nothing_is_claimed_for_a_job_that_is_cancelled_or_not_running(sessions) -> None:
+    job_states.request_cancel(sessions, "j1")
+    assert claim(sessions, "w") is None
+    with sessions.begin() as session:
+        session.execute(update(Job).values(cancel_requested=False, status="succeeded"))
+    assert claim(sessions, "w") is None
+
+
+def test_an_expired_candidate_is_taken_over_and_its_old_owner_loses_every_write(sessions) -> None:
+    assert claim(sessions, "old", lease=0.05) == "m0"
+    time.sleep(0.1)
+    assert claim(sessions, "new") == "m0"
+    assert not cs.renew_candidate(sessions, "j1", "m0", "old", 60)
+    with pytest.raises(job_states.LeaseLost):
+        cs.report_candidate(sessions, "j1", "m0", "old", 0.5)
+    with pytest.raises(job_states.LeaseLost):
+        cs.finish_candidate(sessions, "j1", "m0", "old", CandidateStatus.SCORED, {"scores": {}})
+    cs.finish_candidate(sessions, "j1", "m0", "new", CandidateStatus.SCORED, {"scores": {"logme": 1.5}})
+    state = cs.candidate_states(sessions, "j1")[0]
+    assert (state.status, state.attempts, state.worker, state.record) == ("scored", 2, "host:new",
+                                                                          {"scores": {"logme": 1.5}})
+
+
+def test_a_candidate_whose_workers_keep_dying_is_failed_with_its_reason(sessions) -> None:
+    for attempt in range(2):
+        assert claim(sessions, f"w{attempt}", lease=0.01, max_attempts=2) == "m0"
+        time.sleep(0.05)
+    assert claim(sessions, "w-last", max_attempts=2) == "m1"  # m0 is given up, m1 is next
+    m0 = cs.candidate_states(sessions, "j1")[0]
+    assert m0.status == "failed" and "died 2 times" in m0.record["details"]["error"]
+
+
+def test_a_released_candidate_is_queued_again_without_counting_the_attempt(sessions) -> None:
+    assert claim(sessions, "w") == "m0"
+    cs.release_candidate(sessions, "j1", "m0", "w")
+    state = cs.candidate_states(sessions, "j1")[0]
+    assert (state.status, state.attempts) == ("queued", 0)
+    assert claim(sessions, "w2") == "m0"
+
+
+def test_progress_reports_surface_the_jobs_cancellation(sessions) -> None:
+    assert claim(sessions, "w") == "m0"
+    cs.report_candidate(sessions, "j1", "m0", "w", 0.4)
+    assert cs.candidate_states(sessions, "j1")[0].progress == pytest.approx(0.4)
+    job_states.request_cancel(sessions, "j1")
+    with pytest.raises(job_states.JobCancelled):
+        cs.report_candidate(sessions, "j1", "m0", "w", 0.5)
+
+
+def test_reopening_keeps_done_candidates_and_drops_removed_models(sessions) -> None:
+    assert claim(sessions, "w") == "m0"
+    cs.finish_candidate(sessions, "j1", "m0", "w", CandidateStatus.SCORED, {"scores": {"logme": 1.0}})
+    cs.open_candidates(sessions, "j1", ["m0", "m1", "m2"])  # m3, m4 removed from the catalog since
+    assert statuses(sessions) == {"m0": "scored", "m1": "queued", "m2": "queued"}
+
+
+def test_finishing_as_not_done_is_refused_and_the_transitions_table_names_every_change(sessions) -> None:
+    assert claim(sessions, "w") == "m0"
+    with pytest.raises(ValueError):
+        cs.finish_candidate(sessions, "j1", "m0", "w", CandidateStatus.RUNNING, {})
+    assert {target for _, target in CANDIDATE_TRANSITIONS.values()} == set(CandidateStatus)
