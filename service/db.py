@@ -184,12 +184,14 @@ class RankingEntry(Base):
 
 
 class JobCandidate(Base):
-    """One candidate of a rank job, scored by whichever worker claims it (its own lease, like a job's): the rank
-    phase's coordinator assembles the ranking once every candidate is done. `record` holds its scores and details
-    (workers.pipeline's candidate record, its arrays left in the feature cache)."""
+    """One candidate's part of a job step, done by whichever worker claims it (its own lease, like a job's): the
+    step's coordinator (the worker holding the job) goes on once every candidate is done. Steps: "rank" (score
+    it), "halving-<round>" (a successive-halving round's features), "tune" (train it). `record` holds what it
+    produced (scores and details, or a tuned model's summary and checkpoint; arrays stay in the artifact store)."""
 
     __tablename__ = "job_candidates"
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[str] = mapped_column(String(32), primary_key=True)
     model_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     position: Mapped[int] = mapped_column(Integer)  # in the job's candidate order
     status: Mapped[str] = mapped_column(String(16), default=CandidateStatus.QUEUED.value)

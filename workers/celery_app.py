@@ -53,10 +53,13 @@ def make_celery(settings: Settings) -> Celery:
         task_send_sent_event=remote_control,
         task_default_queue="rank",
         task_ignore_result=True,
-        task_routes={"hubtune.rank": {"queue": "rank"}, "hubtune.tune": {"queue": "tune"}},
+        task_routes={"hubtune.rank": {"queue": "rank"}, "hubtune.tune": {"queue": "tune"},
+                     "hubtune.rank_candidate": {"queue": "rank"}, "hubtune.tune_candidate": {"queue": "tune"}},
         task_annotations={
             "hubtune.rank": {"time_limit": settings.rank_time_limit_seconds},
             "hubtune.tune": {"time_limit": settings.tune_time_limit_seconds},
+            "hubtune.rank_candidate": {"time_limit": settings.rank_time_limit_seconds},
+            "hubtune.tune_candidate": {"time_limit": settings.tune_time_limit_seconds},
         },
         worker_hijack_root_logger=False,
     )

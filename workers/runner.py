@@ -8,15 +8,10 @@ token, so a job re-run after a crash ends with one ranking (one set of checkpoin
 
 from __future__ import annotations
 
-import contextvars
 import logging
-import os
 import shutil
-import socket
-import threading
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -27,7 +22,7 @@ from sqlalchemy.orm import sessionmaker
 from service import candidates as candidate_states
 from service import jobs as job_states
 from service.artifacts import artifact_store, publish_checkpoint
-from service.contract import CandidateStatus, JobPhase, JobStatus
+from service.contract import JobPhase, JobStatus
 from service.db import (
     Checkpoint,
     DatabaseTimeouts,
@@ -41,47 +36,12 @@ from service.db import (
 )
 from service.logs import log_context
 from service.settings import Settings, get_settings
+from workers.fanout import CandidateProgress, Heartbeat, Progress, Step, Work, worker_name
 from workers.phases import rank as rank_phase
 from workers.phases.inputs import FeatureSettings, RankedCandidate, RankInput, TuneDataset, TuneInput
 from workers.pipeline import DatasetSpec, ModelSpec
 
-CANDIDATE_TASK = "hubtune.rank_candidate"  # workers/tasks.py
-
 log = logging.getLogger("hubtune.runner")
-
-
-class Heartbeat:
-    """Renews a lease (a job's, or a candidate's) from a daemon thread while the pipeline runs: `renew()` returns
-    False once the lease went to another worker."""
-
-    def __init__(self, renew: Callable[[], bool], name: str, settings: Settings) -> None:
-        self.renew, self.name, self.settings = renew, name, settings
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        # run in a copy of this thread's context, so its log lines carry the job's log_context too
-        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
-                                        name=f"heartbeat-{name}", daemon=True)
-
-    @classmethod
-    def for_job(cls, sessions: sessionmaker, job_id: str, token: str, settings: Settings) -> Heartbeat:
-        return cls(lambda: job_states.renew_lease(sessions, job_id, token, settings.lease_seconds), job_id, settings)
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.settings.heartbeat_seconds):
-            try:
-                if not self.renew():
-                    self.lost.set()
-                    return
-            except Exception:  # a transient DB error: try again next beat; the lease covers several beats
-                log.exception("heartbeat for %s failed", self.name)
 
 
 class ProgressReporter:
@@ -133,151 +93,78 @@ def _load(sessions: sessionmaker, job_id: str) -> tuple[Job, Dataset, list[HubMo
     return job, dataset, candidates
 
 
-def worker_name() -> str:
-    """Who scored a candidate: this host and process, and its GPU when `hubtune worker --gpus` gave it one."""
-    gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return f"{socket.gethostname()}:{os.getpid()}" + (f":gpu{gpu}" if gpu else "")
-
-
 def _rank_input(job: Job, dataset: Dataset, models: list[HubModel], settings: Settings) -> RankInput:
     return RankInput(dataset=dataset_spec(dataset, settings), models=[model_spec(m) for m in models],
                      metrics=job.metrics, options=job.options, features=FeatureSettings.from_settings(settings),
                      bootstrap_samples=settings.bootstrap_samples)
 
 
-def _send_candidate_messages(job_id: str, count: int, settings: Settings) -> None:
-    """One message per candidate for other workers to take. A broker that does not take them costs no candidate:
-    the coordinator scores whatever nobody else claims."""
-    if count <= 0:
-        return
-    from workers.celery_app import make_celery
+def _rank_work(inputs: RankInput, rows: Any) -> Work:
+    """Score one candidate: its record, and its features kept for the assembly when done by the coordinator."""
+    models = {m.id: m for m in inputs.models}
 
-    app = make_celery(settings)
-    try:
-        for _ in range(count):
-            app.send_task(CANDIDATE_TASK, args=[job_id], queue=job_states.QUEUE_FOR_PHASE[JobPhase.RANK])
-    except Exception as exc:
-        log.warning("job %s: candidate messages not sent (%s); scoring them here", job_id, exc)
+    def work(model_id: str, stage: str, report: Progress, where: tuple[float, float]
+             ) -> tuple[Any, dict[str, Any], bool]:
+        kept, record = rank_phase.score_one(inputs, rows, models[model_id], stage, where, report)
+        return kept, record, kept is None
+
+    return work
 
 
 def _rank_fanned_out(sessions: sessionmaker, job_id: str, inputs: RankInput, progress: ProgressReporter,
                      settings: Settings) -> rank_phase.RankOutcome:
-    """The coordinator of a rank job: open a row per candidate, ask other workers to claim them, score the ones
-    nobody has claimed, wait for the rest, then assemble the ranking (once: this worker holds the job's lease)."""
-    candidate_states.open_candidates(sessions, job_id, [m.id for m in inputs.models])
-    pending = sum(not c.done for c in candidate_states.candidate_states(sessions, job_id))
-    _send_candidate_messages(job_id, pending - 1, settings)
+    """Every free worker scores candidates (workers/fanout.py); this one, holding the job's lease, assembles the
+    ranking once from every candidate's record and features."""
     rows = rank_phase.job_rows(inputs)
-    models = {m.id: m for m in inputs.models}
-    scored_here: dict[str, Any] = {}  # features of the candidates this worker scored, kept for the assembly
-    while True:
-        states = candidate_states.candidate_states(sessions, job_id)
-        done, count = sum(c.done for c in states), len(states)
-        if done == count:
-            break
-        progress(f"scored {done}/{count} candidates", 0.85 * done / count)  # raises on cancel, a lost lease
-        token = uuid.uuid4().hex
-        claimed = candidate_states.claim_candidate(sessions, job_id, token, worker_name(), settings.lease_seconds,
-                                                   settings.max_attempts)
-        if claimed is None:  # the rest are being scored elsewhere
-            time.sleep(settings.candidate_poll_seconds)
-            continue
-        model = models[claimed]
-        scored_here[claimed] = _score_claimed(sessions, job_id, inputs, rows, model, token, progress, settings,
-                                              stage=f"features {done + 1}/{count}: {model.name}",
-                                              where=(0.85 * done / count, 0.85 / count))
-    # how often each was claimed: more than once when a worker scoring it died
-    records = {c.model_id: dict(c.record or {}, details=dict((c.record or {}).get("details", {}), attempts=c.attempts))
-               for c in states}
-    return rank_phase.assemble(inputs, rows, records, progress, known_features=scored_here)
+    step = Step(sessions, job_id, candidate_states.RANK_STEP, settings)
+    records, kept = step.coordinate([m.id for m in inputs.models], {m.id: m.name for m in inputs.models},
+                                    "features", _rank_work(inputs, rows), progress)
+    return rank_phase.assemble(inputs, rows, records, progress, known_features=kept)
 
 
-def _score_claimed(sessions: sessionmaker, job_id: str, inputs: RankInput, rows: Any, model: ModelSpec, token: str,
-                   report: Callable[[str, float], None], settings: Settings, *, stage: str,
-                   where: tuple[float, float]) -> Any:
-    """Score a candidate this worker claimed, under its own lease; record it, or hand it back when stopped.
-    stage, where: what `report` is told while it runs, and its (start, span) on report's progress scale.
-    Returns its features and source probabilities (None if it failed)."""
-    heartbeat = Heartbeat(lambda: candidate_states.renew_candidate(sessions, job_id, model.id, token,
-                                                                   settings.lease_seconds),
-                          f"{job_id}-{model.id}", settings)
-
-    def checked(stage: str, fraction: float) -> None:
-        if heartbeat.lost.is_set():
-            raise job_states.LeaseLost(job_id)
-        report(stage, fraction)
-
-    with heartbeat, log_context(model_id=model.id):
-        try:
-            features, record = rank_phase.score_one(inputs, rows, model, stage[:64], where, checked)
-        except BaseException:
-            _release(sessions, job_id, model.id, token)
-            raise
-        record["details"]["worker"] = worker_name()
-        failed = "error" in record["details"]
-        candidate_states.finish_candidate(sessions, job_id, model.id, token,
-                                          CandidateStatus.FAILED if failed else CandidateStatus.SCORED, record)
-    return features
-
-
-def _release(sessions: sessionmaker, job_id: str, model_id: str, token: str) -> None:
-    try:
-        candidate_states.release_candidate(sessions, job_id, model_id, token)
-    except Exception:  # the database is down: the candidate's lease runs out instead
-        log.warning("job %s: candidate %s not handed back; its lease will expire", job_id, model_id)
-
-
-class CandidateProgress:
-    """A candidate's progress on its row (throttled), for a worker other than the job's coordinator: surfaces its
-    job's cancellation and a lost candidate lease."""
-
-    def __init__(self, sessions: sessionmaker, job_id: str, model_id: str, token: str,
-                 min_interval: float = 1.0) -> None:
-        self.sessions, self.job_id, self.model_id, self.token = sessions, job_id, model_id, token
-        self.min_interval, self._last = min_interval, 0.0
-
-    def __call__(self, stage: str, fraction: float) -> None:
-        now = time.monotonic()
-        if now - self._last < self.min_interval:
-            return
-        self._last = now
-        try:
-            candidate_states.report_candidate(self.sessions, self.job_id, self.model_id, self.token, fraction)
-        except (OperationalError, SQLTimeoutError):
-            log.warning("job %s: candidate progress not recorded, database unavailable", self.job_id)
-
-
-def run_candidate(job_id: str, settings: Settings | None = None) -> str:
-    """Claim one candidate of a running rank job and score it (any worker; the job's coordinator assembles the
-    ranking). Returns what happened, for logs and tests."""
-    with log_context(job_id=job_id, phase="rank"):
+def run_candidate(job_id: str, phase: str, settings: Settings | None = None) -> str:
+    """Claim one candidate of a running job's fanned-out step of this phase and do it (any worker; the job's
+    coordinator goes on once all are done). Returns what happened, for logs and tests."""
+    with log_context(job_id=job_id, phase=phase):
         settings = settings or get_settings()
         sessions = session_factory(settings.sqlalchemy_url, DatabaseTimeouts.from_settings(settings))
         token = uuid.uuid4().hex
-        model_id = candidate_states.claim_candidate(sessions, job_id, token, worker_name(), settings.lease_seconds,
-                                                    settings.max_attempts)
-        if model_id is None:
+        claimed = candidate_states.claim_candidate(sessions, job_id, token, worker_name(), settings.lease_seconds,
+                                                   settings.max_attempts, phase=phase)
+        if claimed is None:
             return "skipped"
+        step = Step(sessions, job_id, claimed.step, settings)
         try:
-            job, dataset, models = _load(sessions, job_id)
-            inputs = _rank_input(job, dataset, models, settings)
-            model = next(m for m in inputs.models if m.id == model_id)
-            rows = rank_phase.job_rows(inputs)
+            work = _candidate_work(sessions, job_id, claimed.step, settings)
         except Exception:
-            log.exception("job %s: candidate %s could not be prepared", job_id, model_id)
-            _release(sessions, job_id, model_id, token)
+            log.exception("job %s: candidate %s could not be prepared", job_id, claimed.model_id)
+            step._release(claimed.model_id, token)
             return "released"
         try:
-            features = _score_claimed(sessions, job_id, inputs, rows, model, token,
-                                      CandidateProgress(sessions, job_id, model_id, token), settings,
-                                      stage=f"features: {model.name}", where=(0.0, 1.0))
-            return "scored" if features is not None else "failed"
+            kept = step.do(claimed.model_id, token, work, CandidateProgress(sessions, job_id, claimed.model_id, token),
+                           f"{claimed.step}: {claimed.model_id}", (0.0, 1.0))
+            return "done" if kept is not None else "failed"
         except (job_states.LeaseLost, job_states.JobCancelled):
-            log.info("job %s: candidate %s stopped (job cancelled, ended, or the lease lost)", job_id, model_id)
+            log.info("job %s: candidate %s stopped (job cancelled, ended, or the lease lost)", job_id,
+                     claimed.model_id)
             return "stopped"
         except Exception:
-            log.exception("job %s: candidate %s failed", job_id, model_id)
+            log.exception("job %s: candidate %s failed", job_id, claimed.model_id)
             return "released"
+
+
+def _candidate_work(sessions: sessionmaker, job_id: str, step: str, settings: Settings) -> Work:
+    """What a candidate of this step is: its job's inputs read here, as the coordinator read them."""
+    job, dataset, models = _load(sessions, job_id)
+    if step == candidate_states.RANK_STEP:
+        inputs = _rank_input(job, dataset, models, settings)
+        return _rank_work(inputs, rank_phase.job_rows(inputs))
+    if step == candidate_states.TUNE_STEP:
+        from workers.phases import tune as tune_phase
+
+        tune_input = _tune_input(sessions, job_id, settings)
+        return _tune_work(tune_input, tune_phase.plan_tune(tune_input, lambda stage, fraction: None), settings)
+    raise ValueError(f"no work for step {step!r}")
 
 
 def _rank(sessions: sessionmaker, job_id: str, token: str, progress: ProgressReporter, settings: Settings) -> None:
@@ -320,24 +207,56 @@ def _tune_input(sessions: sessionmaker, job_id: str, settings: Settings) -> Tune
                      job_dir=settings.jobs_dir / job.id)
 
 
+def _tune_work(job: TuneInput, plan: Any, settings: Settings) -> Work:
+    """Train one target and store its checkpoint (in object storage: uploaded whole, its manifest last, before
+    anything names it); the record says where. `where` (start, width) splits the progress scale in equal parts:
+    the target's position among them."""
+    from workers.phases import tune as tune_phase
+
+    store = artifact_store(settings)
+
+    def work(model_id: str, stage: str, report: Progress, where: tuple[float, float]
+             ) -> tuple[Any, dict[str, Any], bool]:
+        start, width = where
+        position = (round(start / width), round(1 / width))
+        name, summary = tune_phase.tune_target(job, plan, model_id, position, report)
+        summary["worker"] = worker_name()
+        checkpoint = tune_phase.checkpoint_record(job, name, summary)
+        path = publish_checkpoint(store, job.job_id, name, checkpoint.path)
+        if store.remote:  # uploaded: this worker's copy and training state are of no more use
+            shutil.rmtree(checkpoint.path, ignore_errors=True)
+            shutil.rmtree(job.job_dir / "train-state" / name, ignore_errors=True)
+        record = {"name": name, "model_id": model_id, "path": path, "files": checkpoint.files, "summary": summary}
+        return record, record, False
+
+    return work
+
+
 def _tune(sessions: sessionmaker, job_id: str, token: str, progress: ProgressReporter, settings: Settings) -> None:
-    from workers.phases.tune import run_tune
+    from workers.phases import tune as tune_phase
     from workers.tuning import TuningCancelled
 
+    job = _tune_input(sessions, job_id, settings)
     try:
-        outcome = run_tune(_tune_input(sessions, job_id, settings), progress)
+        plan = tune_phase.plan_tune(job, progress)
+        work, targets = _tune_work(job, plan, settings), plan.target_ids
+        if job.spec["strategy"] == "finetune" and len(targets) > 1:  # independent runs: one per free worker
+            records, _ = Step(sessions, job_id, candidate_states.TUNE_STEP, settings).coordinate(
+                targets, {m: plan.by_id[m].model.name for m in targets}, "tuning", work, progress, span=(0.0, 1.0))
+            done = [records[model_id] for model_id in targets]
+        else:
+            done = [work(model_id, "", progress, (index / len(targets), 1 / len(targets)))[1]
+                    for index, model_id in enumerate(targets)]
     except TuningCancelled as exc:
         raise job_states.JobCancelled(job_id) from exc
-    # in object storage, each checkpoint is uploaded whole (its manifest last) before its row is written
-    store = artifact_store(settings)
-    paths = {c.name: publish_checkpoint(store, job_id, c.name, c.path) for c in outcome.checkpoints}
     with sessions.begin() as session:
         session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id))
-        session.add_all(Checkpoint(job_id=job_id, name=c.name, model_id=c.model_id, path=paths[c.name],
-                                   files=c.files) for c in outcome.checkpoints)
+        session.add_all(Checkpoint(job_id=job_id, name=c["name"], model_id=c["model_id"], path=c["path"],
+                                   files=c["files"]) for c in done)
         job_states.finish(session, job_id, token, status=JobStatus.SUCCEEDED, stage="done", progress=1.0,
-                          tuning=outcome.tuning, finished_at=utcnow())
-    if store.remote:  # the worker's working copy (training state, results) is of no more use
+                          tuning={"strategy": job.spec["strategy"], "models": [c["summary"] for c in done]},
+                          finished_at=utcnow())
+    if artifact_store(settings).remote:  # the worker's working copy (training state, results) is of no more use
         shutil.rmtree(settings.jobs_dir / job_id, ignore_errors=True)
 
 
@@ -357,7 +276,8 @@ def _run_phase(job_id: str, phase: str, settings: Settings | None) -> str:
         return "skipped"
     began = time.monotonic()
     log.info("job %s: %s phase claimed", job_id, phase)
-    with Heartbeat.for_job(sessions, job_id, token, settings) as heartbeat:
+    renew = lambda: job_states.renew_lease(sessions, job_id, token, settings.lease_seconds)  # noqa: E731
+    with Heartbeat(renew, job_id, settings) as heartbeat:
         progress = ProgressReporter(sessions, job_id, token, heartbeat)
         try:
             run = _rank if phase == JobPhase.RANK else _tune

@@ -25,4 +25,12 @@ def rank_candidate(job_id: str) -> str:
     """One candidate of a running rank job, whichever is next (the message names the job, not the candidate)."""
     from workers.runner import run_candidate
 
-    return run_candidate(job_id)
+    return run_candidate(job_id, JobPhase.RANK)
+
+
+@app.task(name="hubtune.tune_candidate", acks_late=True)
+def tune_candidate(job_id: str) -> str:
+    """One target of a running tune job, whichever is next."""
+    from workers.runner import run_candidate
+
+    return run_candidate(job_id, JobPhase.TUNE)

@@ -1,4 +1,4 @@
-"""job_candidates: a rank job's candidates, each scored by whichever worker claims it (its own lease)
+"""job_candidates: a job step's candidates, each done by whichever worker claims it (its own lease)
 
 Revision ID: 0006
 Revises: 0005
@@ -18,6 +18,7 @@ def upgrade() -> None:
     op.create_table(
         "job_candidates",
         sa.Column("job_id", sa.String(length=32), sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("step", sa.String(length=32), primary_key=True),
         sa.Column("model_id", sa.String(length=32), primary_key=True),
         sa.Column("position", sa.Integer(), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),

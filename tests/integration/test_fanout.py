@@ -108,3 +108,33 @@ def test_a_killed_worker_loses_only_its_candidate(stack: Stack, tiny_hub: dict[s
     assert _pid(entries[taken.model_id]["worker"]) != _pid(taken.worker)
     assert {r["attempts"] for model_id, r in entries.items() if model_id != taken.model_id} == {1}
     engine.dispose()
+
+
+def test_a_tune_job_trains_its_targets_on_several_workers(stack: Stack, tiny_hub: dict[str, Path]) -> None:
+    """Fine-tuning top_k targets is one run per target: each is a candidate any tune worker takes; the
+    checkpoints are recorded once, with the job's final status, and each one downloads whole."""
+    if stack.kind != "postgres":
+        pytest.skip("one stack kind is enough (the SQLite stack runs the share test)")
+    import hashlib
+
+    client = _client(stack)
+    ids = register_hub(client, tiny_hub)
+    dataset = upload(client, topic_csv(120)).json()
+    workers = [stack.start_worker(), stack.start_worker()]
+    _wait_until_ready(stack, workers)
+    tune = {"strategy": "finetune", "top_k": 3, "epochs": 2, "lr": 1e-3, "batch_size": 8, "max_length": 32,
+            "seed": 0}
+    job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "candidates": ids, "tune": tune}).json()
+    job = wait_for(client, job["id"], stack, timeout=300)
+    assert job["status"] == "succeeded", (job, stack.log_text())
+    tuned = job["tuning"]["models"]
+    assert [t["model_id"] for t in tuned] == [r["model_id"] for r in job["ranking"]]  # the ranking's order
+    assert all(t["metrics"]["accuracy"] is not None for t in tuned)
+    processes = {_pid(t["worker"]) for t in tuned}
+    assert all(any(pid in _descendants(w.pid) for pid in processes) for w in workers), processes
+    checkpoints = client.get(f"/v1/jobs/{job['id']}/checkpoints").json()
+    assert sorted(c["name"] for c in checkpoints) == sorted(t["checkpoint"] for t in tuned)
+    for listing in checkpoints:
+        url = f"/v1/jobs/{job['id']}/checkpoints/{listing['name']}/files/"
+        for entry in listing["files"]:
+            assert hashlib.sha256(client.get(url + entry["path"]).content).hexdigest() == entry["sha256"]

@@ -59,9 +59,19 @@ def checkpoint_name(model_name: str, strategy: str, regularizer: str, peft: dict
             + (f"-{peft['method']}" if peft else ""))
 
 
-def run_tune(job: TuneInput, progress: pipeline.Progress) -> TuneOutcome:
-    """Tune the job's targets: the ranking's top_k (or the given target) for fine-tuning, the given target or the
-    best by LogME for B-Tuning, whose teachers are the top_k by LogME."""
+@dataclass
+class TunePlan:
+    """What every target of a tune job is trained from: the split, B-Tuning's teacher, the targets in order."""
+
+    by_id: dict[str, RankedCandidate]
+    split: _Split
+    btuning: _BTuning | None
+    target_ids: list[str]
+
+
+def plan_tune(job: TuneInput, progress: pipeline.Progress) -> TunePlan:
+    """The job's targets: the ranking's top_k (or the given target) for fine-tuning, the given target or the best
+    by LogME for B-Tuning, whose teachers are the top_k by LogME. The split is seeded: every worker plans alike."""
     spec = job.spec
     ranked = usable_ranking(job)
     by_id = {candidate.model.id: candidate for candidate in ranked}
@@ -74,17 +84,32 @@ def run_tune(job: TuneInput, progress: pipeline.Progress) -> TuneOutcome:
         target_ids, btuning = _btuning_teacher(job, ranked, by_id, examples, split, progress)
     else:
         target_ids = [spec["target"]] if spec["target"] else [c.model.id for c in ranked[:spec["top_k"]]]
+    return TunePlan(by_id, split, btuning, target_ids)
 
+
+def tune_target(job: TuneInput, plan: TunePlan, model_id: str, position: tuple[int, int],
+                progress: pipeline.Progress) -> tuple[str, dict[str, Any]]:
+    """Train one of the plan's targets (position: its index and the number of targets); (checkpoint name, its
+    summary). Its checkpoint is job.job_dir/checkpoints/<name> (checkpoint_record)."""
+    return _tune_model(job, plan.by_id[model_id], position, plan.split, plan.btuning, progress)
+
+
+def checkpoint_record(job: TuneInput, name: str, summary: dict[str, Any]) -> CheckpointRecord:
+    folder = job.job_dir / "checkpoints" / name
+    return CheckpointRecord(name, summary["model_id"], folder, list_files(folder))
+
+
+def run_tune(job: TuneInput, progress: pipeline.Progress) -> TuneOutcome:
+    """Tune the job's targets one after another (plan_tune); the service fans several fine-tuning targets out
+    over workers instead (tune_target each)."""
+    plan = plan_tune(job, progress)
     results: dict[str, dict[str, Any]] = {}
-    for index, model_id in enumerate(target_ids):
-        name, summary = _tune_model(job, by_id[model_id], (index, len(target_ids)), split, btuning, progress)
+    for index, model_id in enumerate(plan.target_ids):
+        name, summary = tune_target(job, plan, model_id, (index, len(plan.target_ids)), progress)
         results[name] = summary
     progress("recording checkpoints", 0.99)
-    checkpoints = []
-    for name, summary in results.items():
-        folder = job.job_dir / "checkpoints" / name
-        checkpoints.append(CheckpointRecord(name, summary["model_id"], folder, list_files(folder)))
-    return TuneOutcome(checkpoints, {"strategy": spec["strategy"], "models": list(results.values())})
+    checkpoints = [checkpoint_record(job, name, summary) for name, summary in results.items()]
+    return TuneOutcome(checkpoints, {"strategy": job.spec["strategy"], "models": list(results.values())})
 
 
 def usable_ranking(job: TuneInput) -> list[RankedCandidate]:
