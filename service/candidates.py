@@ -23,8 +23,17 @@ from service.jobs import JobCancelled, LeaseLost
 RANK_STEP, TUNE_STEP = "rank", "tune"
 
 
+_HALVING_PREFIX = f"{RANK_STEP}:halving-"
+
+
 def halving_step(round_index: int) -> str:
-    return f"{RANK_STEP}:halving-{round_index}"
+    return f"{_HALVING_PREFIX}{round_index}"
+
+
+def halving_round_of(step: str) -> int | None:
+    """The round a successive-halving step is of; None for another step."""
+    tail = step.removeprefix(_HALVING_PREFIX)
+    return int(tail) if tail != step and tail.isdigit() else None
 
 
 def step_phase(step: str) -> str:

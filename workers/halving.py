@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,12 +116,50 @@ def paired_elimination(point: dict[str, float], replicates: dict[str, np.ndarray
     return leader, p_better, behind[keep_extra:]
 
 
+# Features of a round extracted elsewhere (other workers) into the feature cache before the round reads them:
+# (round, its survivors, the round's new examples, their cache tag, (start, width) of the round's extraction on the
+# progress scale) -> {model id: round_features' record}.
+Prefetch = Callable[[int, list[ModelSpec], Examples, str, tuple[float, float]], dict[str, dict[str, Any]]]
+
+
+def halving_plan(labels: np.ndarray, task: str, initial_rows: int, growth: float, seed: int
+                 ) -> tuple[np.ndarray, list[int]]:
+    """The nested row order and the round sizes of a successive-halving ranking of these labels."""
+    first = max(initial_rows, len(np.unique(labels)) if task == "classification" else 2)
+    return nested_order(labels, task, seed), round_sizes(len(labels), first, growth)
+
+
+def round_examples(dataset: DatasetSpec, round_index: int, *, initial_rows: int = 256, growth: float = 2.0,
+                   seed: int = 0) -> tuple[Examples, str]:
+    """The examples whose features a round extracts (those new to it) and their cache tag, as the ranking reads
+    them: what another worker needs to extract them for it."""
+    examples, labels = load_dataset(dataset)
+    order, sizes = halving_plan(labels, dataset.task, initial_rows, growth, seed)
+    new_rows = order[sizes[round_index - 1] if round_index else 0:sizes[round_index]]
+    new_examples = [examples[i] for i in new_rows]
+    return new_examples, examples_digest(new_examples)
+
+
+def round_features(model: ModelSpec, examples: Examples, tag: str, extraction: dict[str, Any],
+                   layers: str | list[int] = "last") -> dict[str, Any]:
+    """Extract (or find cached) one model's features of a round's new examples: their timings, or the error that
+    drops the model."""
+    try:
+        result, from_cache = model_features(model, examples, tag, **extraction)
+        result.select(layers)
+    except Exception as exc:  # one unusable candidate must not sink the others
+        return {"error": describe_failure(exc)}
+    return {"computed": not from_cache, "forward_seconds": float(result.forward_seconds),
+            "total_seconds": float(result.total_seconds)}
+
+
 def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metric: str = "logme", *,
                             initial_rows: int = 256, growth: float = 2.0, confidence: float = 0.95,
                             min_models: int = 1, seed: int = 0, cache_root: Path, hf_cache_dir: Path,
                             max_length: int = 128, batch_size: int = 32, device: str | None = None,
                             bootstrap_samples: int = 200, progress: Progress | None = None,
-                            pooling: str = "mean", layers: str | list[int] = "last") -> HalvingResult:
+                            pooling: str = "mean", layers: str | list[int] = "last",
+                            prefetch: Prefetch | None = None) -> HalvingResult:
     """Rank `models` for `dataset` by `metric`, eliminating candidates confidently behind the leader on growing
     nested samples (initial_rows, ×growth, ... up to all rows) until the full data are scored or at most
     min_models remain.
@@ -129,6 +168,7 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
     P(better than the next survivor)), then eliminated models, later eliminations first (within a round by score),
     each with the round and sample size at which it was dropped. With confidence >= 1 nothing is dropped and the
     last round scores all rows in dataset order with `seed`, so the ranking is that of `pipeline.rank`.
+    prefetch: extracts each round's features elsewhere first (the service's workers); None: here.
     """
     if not models:
         raise ValueError("no candidate models")
@@ -142,10 +182,10 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
         raise ValueError("successive halving eliminates by bootstrap: bootstrap_samples must be >= 1")
     began = time.perf_counter()
     examples, labels = load_dataset(dataset)
-    n, task = len(examples), dataset.task
-    first = max(initial_rows, len(np.unique(labels)) if task == "classification" else 2)
-    run = _Halving(models, metric, dataset, examples, labels, order=nested_order(labels, task, seed),
-                   sizes=round_sizes(n, first, growth), report=progress or (lambda stage, fraction: None),
+    n = len(examples)
+    order, sizes = halving_plan(labels, dataset.task, initial_rows, growth, seed)
+    run = _Halving(models, metric, dataset, examples, labels, order=order, sizes=sizes,
+                   report=progress or (lambda stage, fraction: None), prefetch=prefetch,
                    extraction=dict(cache_root=cache_root, hf_cache_dir=hf_cache_dir, max_length=max_length,
                                    batch_size=batch_size, device=device, pooling=pooling),
                    layers=layers,
@@ -176,8 +216,9 @@ class _Halving:
     def __init__(self, models: list[ModelSpec], metric: str, dataset: DatasetSpec, examples: Examples,
                  labels: np.ndarray, *, order: np.ndarray, sizes: list[int], report: Progress,
                  extraction: dict[str, Any], elimination: dict[str, Any],
-                 layers: str | list[int] = "last") -> None:
+                 layers: str | list[int] = "last", prefetch: Prefetch | None = None) -> None:
         self.by_id = {m.id: m for m in models}
+        self.prefetch = prefetch
         self.metric, self.task, self.examples, self.labels = metric, dataset.task, examples, labels
         self.num_classes = len(dataset.label_names or []) if dataset.task == "classification" else None
         self.order, self.sizes, self.report, self.extraction = order, sizes, report, extraction
@@ -247,19 +288,27 @@ class _Halving:
         tag = examples_digest(new_examples)
         round_forward = 0.0
         failed_now: list[str] = []
+        elsewhere = self._prefetched(r, new_examples, tag)
         for k, model_id in enumerate(self.survivors):
             model = self.by_id[model_id]
             stage = (f"round {r + 1}/{len(self.sizes)} ({size} rows), features {k + 1}/{len(self.survivors)}: "
                      f"{model.name}")
             self.report(stage, min(0.99, self.done_units / self.worst_case))
             try:
+                if "error" in elsewhere.get(model_id, {}):
+                    raise RuntimeError(elsewhere[model_id]["error"])
                 result, from_cache = model_features(model, new_examples, tag, token_ids=token_ids, **self.extraction)
                 selected = result.select(self.layers)
             except Exception as exc:  # one unusable candidate must not sink the others (see pipeline.rank)
-                self.dropped[model_id] = {"round": r, "rows": size, "reason": "failed",
-                                          "error": describe_failure(exc), "score": None, "prior": None}
+                error = elsewhere.get(model_id, {}).get("error") or describe_failure(exc)
+                self.dropped[model_id] = {"round": r, "rows": size, "reason": "failed", "error": error,
+                                          "score": None, "prior": None}
                 failed_now.append(model_id)
                 continue
+            if from_cache and elsewhere.get(model_id, {}).get("computed"):  # extracted for this round elsewhere
+                result.forward_seconds = elsewhere[model_id]["forward_seconds"]
+                result.total_seconds = elsewhere[model_id]["total_seconds"]
+                from_cache = False
             self.chunks[model_id].append(np.asarray(selected))  # float32 until scored: half the memory
             self.prob_chunks[model_id].append(result.source_probs)
             self.parameters[model_id] = int(result.num_parameters)
@@ -275,6 +324,13 @@ class _Halving:
             raise CandidatesFailed({self.by_id[m].name: d["error"] for m, d in self.dropped.items()
                                     if d["reason"] == "failed"})
         return len(new_rows), round_forward
+
+    def _prefetched(self, r: int, new_examples: Examples, tag: str) -> dict[str, dict[str, Any]]:
+        if self.prefetch is None:
+            return {}
+        width = len(new_examples) * len(self.survivors) / self.worst_case
+        return self.prefetch(r, [self.by_id[m] for m in self.survivors], new_examples, tag,
+                             (min(0.99, self.done_units / self.worst_case), width))
 
     def score(self, r: int, size: int, seen: np.ndarray
               ) -> tuple[dict[str, float | None], dict[str, np.ndarray], np.ndarray]:

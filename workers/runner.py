@@ -122,6 +122,34 @@ def _rank_fanned_out(sessions: sessionmaker, job_id: str, inputs: RankInput, pro
     return rank_phase.assemble(inputs, rows, records, progress, known_features=kept)
 
 
+def _halving_work(inputs: RankInput, examples: Any, tag: str) -> Work:
+    models = {m.id: m for m in inputs.models}
+
+    def work(model_id: str, stage: str, report: Progress, where: tuple[float, float]
+             ) -> tuple[Any, dict[str, Any], bool]:
+        report(stage, where[0])
+        record = rank_phase.extract_for_round(inputs, models[model_id], examples, tag)
+        return ("error" not in record) or None, record, "error" in record
+
+    return work
+
+
+def _halving_prefetch(sessions: sessionmaker, job_id: str, inputs: RankInput, progress: ProgressReporter,
+                      settings: Settings) -> Any:
+    """Successive halving's rounds fanned out: every survivor's features of a round's new rows extracted by any
+    free worker into the feature cache; the ranking then reads them from there and decides the cut here."""
+
+    def prefetch(round_index: int, survivors: list[ModelSpec], examples: Any, tag: str,
+                 span: tuple[float, float]) -> dict[str, dict[str, Any]]:
+        step = Step(sessions, job_id, candidate_states.halving_step(round_index), settings)
+        records, _ = step.coordinate([m.id for m in survivors], {m.id: m.name for m in survivors},
+                                     f"round {round_index + 1} features", _halving_work(inputs, examples, tag),
+                                     progress, span=span)
+        return records
+
+    return prefetch
+
+
 def run_candidate(job_id: str, phase: str, settings: Settings | None = None) -> str:
     """Claim one candidate of a running job's fanned-out step of this phase and do it (any worker; the job's
     coordinator goes on once all are done). Returns what happened, for logs and tests."""
@@ -159,6 +187,9 @@ def _candidate_work(sessions: sessionmaker, job_id: str, step: str, settings: Se
     if step == candidate_states.RANK_STEP:
         inputs = _rank_input(job, dataset, models, settings)
         return _rank_work(inputs, rank_phase.job_rows(inputs))
+    if (round_index := candidate_states.halving_round_of(step)) is not None:
+        inputs = _rank_input(job, dataset, models, settings)
+        return _halving_work(inputs, *rank_phase.halving_round(inputs, round_index))
     if step == candidate_states.TUNE_STEP:
         from workers.phases import tune as tune_phase
 
@@ -170,8 +201,9 @@ def _candidate_work(sessions: sessionmaker, job_id: str, step: str, settings: Se
 def _rank(sessions: sessionmaker, job_id: str, token: str, progress: ProgressReporter, settings: Settings) -> None:
     job, dataset, models = _load(sessions, job_id)
     inputs = _rank_input(job, dataset, models, settings)
-    if job.options.get("successive_halving"):  # its rounds depend on each other: one process runs them all
-        outcome = rank_phase.run_rank(inputs, progress)
+    if job.options.get("successive_halving"):  # each round's features by every free worker, then its cut here
+        outcome = rank_phase.run_rank(inputs, progress, prefetch=_halving_prefetch(sessions, job_id, inputs,
+                                                                                   progress, settings))
     else:
         outcome = _rank_fanned_out(sessions, job_id, inputs, progress, settings)
     tuning_next = job.tune is not None

@@ -63,6 +63,22 @@ def test_two_workers_share_one_rank_job_and_a_rerun_ranks_alike(stack: Stack, ti
     feature_map = client.get(f"/v1/jobs/{job['id']}/feature-map").json()
     assert len(feature_map["models"]) == len(ids)  # features read back from the cache for every candidate
 
+    halving = client.post("/v1/jobs", json={**spec, "metrics": ["ridge_loo"],
+                                            "successive_halving": {"initial_rows": 64, "confidence": 0.9}})
+    halving = wait_for(client, halving.json()["id"], stack)
+    assert halving["status"] == "succeeded", (halving, stack.log_text())
+    engine = _database(stack)
+    with engine.connect() as connection:
+        rounds = connection.execute(text("SELECT step, model_id, worker, status FROM job_candidates WHERE job_id = "
+                                         ":job"), {"job": halving["id"]}).all()
+    engine.dispose()
+    survivors = {r["index"]: set(r["survivors"]) for r in halving["ranking_summary"]["rounds"]}
+    assert {int(row.step.rsplit("-", 1)[1]) for row in rounds} == set(survivors)  # every round fanned out
+    for index, models in survivors.items():
+        assert {row.model_id for row in rounds if row.step.endswith(f"-{index}")} == models
+    assert all(row.status == "scored" for row in rounds)
+    assert len({_pid(row.worker) for row in rounds}) == 2  # both workers extracted rounds' features
+
     stack.kill_worker(workers[1])  # the same job on one worker: from the feature cache, the same ranking
     again = wait_for(client, client.post("/v1/jobs", json=spec).json()["id"], stack)
     assert again["status"] == "succeeded", (again, stack.log_text())

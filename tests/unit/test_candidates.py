@@ -145,3 +145,4 @@ def test_steps_are_apart_and_a_phase_claims_only_its_own_steps(sessions) -> None
     assert sorted(filter(None, rank_claims)) == sorted([*MODELS, "m1"]) and rank_claims[-1] is None
     assert [c.model_id for c in states(sessions, cs.halving_step(1))] == ["m3", "m1"]
     assert cs.step_phase(cs.halving_step(1)) == "rank" and cs.step_phase(cs.TUNE_STEP) == "tune"
+    assert [cs.halving_round_of(s) for s in (cs.halving_step(12), cs.RANK_STEP, cs.TUNE_STEP)] == [12, None, None]

@@ -392,3 +392,33 @@ def test_every_layer_comes_from_one_forward_pass_and_the_cache(setup: dict, tmp_
     halved = rank_successive_halving(setup["dataset"], setup["models"], "logme", layers="all", initial_rows=40,
                                      **kwargs)
     assert {r.model_id for r in halved.ranking} == {m.id for m in setup["models"]}
+
+
+def test_a_prefetch_extracts_each_rounds_survivors_elsewhere_and_the_ranking_is_unchanged(
+        setup: dict, tmp_path: Path, counted: list) -> None:
+    """The service's workers extract a round's features (prefetch) into the shared cache; the ranking reads them
+    from there, counts their time, and ends as a ranking done in one process does."""
+    from workers.halving import round_examples, round_features
+
+    alone = run(setup, tmp_path / "alone")
+    calls: list[tuple[int, list[str]]] = []
+    extraction = dict(cache_root=tmp_path / "shared", hf_cache_dir=setup["root"] / "hf", max_length=128,
+                      batch_size=32, device=None, pooling="mean")
+
+    def prefetch(round_index, survivors, examples, tag, span):  # type: ignore[no-untyped-def]
+        assert (examples, tag) == round_examples(setup["dataset"], round_index, initial_rows=32)
+        calls.append((round_index, [m.id for m in survivors]))
+        return {m.id: round_features(m, examples, tag, extraction) for m in survivors}
+
+    counted.clear()
+    shared = run(setup, tmp_path / "shared", prefetch=prefetch)
+    assert [(c[0], sorted(c[1])) for c in calls] == [(r.index, sorted(r.survivors)) for r in shared.rounds]
+    assert len(counted) == sum(len(r.survivors) for r in shared.rounds)  # each extraction once, by the prefetch
+    assert [(m.model_id, m.scores) for m in shared.ranking] == [(m.model_id, m.scores) for m in alone.ranking]
+    assert shared.rows_models == alone.rows_models and shared.forward_seconds > 0
+
+    def failing(round_index, survivors, examples, tag, span):  # type: ignore[no-untyped-def]
+        return {"d": {"error": "OutOfMemoryError: CUDA out of memory"}}
+
+    result = run(setup, tmp_path / "failing", prefetch=failing)
+    assert result.ranking[-1].model_id == "d" and result.ranking[-1].details["error"].startswith("OutOfMemory")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from workers import pipeline
-from workers.halving import rank_successive_halving
+from workers.halving import Prefetch, rank_successive_halving, round_examples, round_features
 from workers.phases.inputs import RankInput
 
 
@@ -28,8 +28,9 @@ def _extraction(job: RankInput) -> dict[str, Any]:
                 device=job.features.device)
 
 
-def run_rank(job: RankInput, progress: pipeline.Progress) -> RankOutcome:
-    """Rank `job.models` by `job.metrics[0]`; `progress(stage, fraction)` may raise to stop (cancel, lost lease)."""
+def run_rank(job: RankInput, progress: pipeline.Progress, prefetch: Prefetch | None = None) -> RankOutcome:
+    """Rank `job.models` by `job.metrics[0]`; `progress(stage, fraction)` may raise to stop (cancel, lost lease).
+    prefetch: successive halving's rounds' features extracted by other workers first (workers.halving)."""
     options = job.options
     common: dict[str, Any] = dict(_extraction(job), layers=options.get("layers", "last"),
                                   bootstrap_samples=job.bootstrap_samples, progress=progress)
@@ -39,7 +40,7 @@ def run_rank(job: RankInput, progress: pipeline.Progress) -> RankOutcome:
                                      **common)
         return RankOutcome(ranking=full.ranked, summary={"ranked_by": ranked_by(job), "verdict": full.verdict,
                                                          "feature_map": full.feature_map})
-    result = rank_successive_halving(job.dataset, job.models, job.metrics[0], **halving, **common)
+    result = rank_successive_halving(job.dataset, job.models, job.metrics[0], **halving, **common, prefetch=prefetch)
     summary = {key: value for key, value in result.to_dict().items() if key != "ranking"}
     summary.update(mode="successive_halving", ranked_by=ranked_by(job), verdict=result.verdict,
                    feature_map=result.feature_map)
@@ -91,3 +92,17 @@ def assemble(job: RankInput, rows: pipeline.RankRows, records: dict[str, dict[st
                                      progress=progress)
     return RankOutcome(ranking=full.ranked, summary={"ranked_by": ranked_by(job), "verdict": full.verdict,
                                                      "feature_map": full.feature_map})
+
+
+def halving_round(job: RankInput, round_index: int) -> tuple[pipeline.Examples, str]:
+    """A successive-halving round's new examples and their cache tag (what its candidates extract)."""
+    halving = job.options["successive_halving"]
+    return round_examples(job.dataset, round_index, initial_rows=halving.get("initial_rows", 256),
+                          growth=halving.get("growth", 2.0), seed=job.options.get("seed", 0))
+
+
+def extract_for_round(job: RankInput, model: pipeline.ModelSpec, examples: pipeline.Examples, tag: str
+                      ) -> dict[str, Any]:
+    """One model's features of a round's new examples into the feature cache (workers.halving.round_features)."""
+    extraction = {k: v for k, v in _extraction(job).items() if k != "seed"}
+    return round_features(model, examples, tag, extraction, job.options.get("layers", "last"))
