@@ -21,6 +21,7 @@ from service.contract.names import (
 from service.contract.status import TERMINAL, TRANSITIONS, JobPhase, JobStatus
 from service.contract.tuning import (
     AUGMENTATIONS,
+    HEADS,
     LIMITS,
     MAX_TRADEOFF_TRIALS,
     PEFT_REFUSED,
@@ -28,6 +29,7 @@ from service.contract.tuning import (
     Param,
     PeftSpec,
     RegularizerSpec,
+    SngpSpec,
     TuneConfig,
     TuneSpec,
     check_tune_for_dataset,
@@ -35,12 +37,14 @@ from service.contract.tuning import (
     resolve_augment,
     resolve_peft,
     resolve_regularizer,
+    resolve_sngp,
 )
 
 __all__ = [
-    "AUGMENTATIONS", "DEFAULT_LAYERS", "DEFAULT_METRICS", "ESTIMATORS", "IMAGE_PROCESSOR_FILE", "LIMITS",
+    "AUGMENTATIONS", "DEFAULT_LAYERS", "HEADS", "DEFAULT_METRICS", "ESTIMATORS", "IMAGE_PROCESSOR_FILE", "LIMITS",
     "MAX_TRADEOFF_TRIALS", "MODALITIES", "PEFT_REFUSED", "POOLINGS", "REGULARIZER_PARAMS", "STRATEGIES", "TASKS",
     "TERMINAL", "TOKENIZER_ENTRY_FILES", "TOKENIZER_FILES", "TRANSITIONS", "EstimatorInfo", "JobPhase", "JobStatus",
     "Param", "PeftSpec", "RegularizerSpec", "TuneConfig", "TuneSpec", "check_tune_for_dataset",
     "describe_regularizers", "estimator_applies", "resolve_augment", "resolve_peft", "resolve_regularizer",
+    "resolve_sngp", "SngpSpec",
 ]
