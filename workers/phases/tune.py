@@ -53,10 +53,24 @@ class _BTuning:
     fit_on: Callable[[np.ndarray], Any]
 
 
-def checkpoint_name(model_name: str, strategy: str, regularizer: str, peft: dict[str, Any] | None = None) -> str:
+def checkpoint_name(model_name: str, strategy: str, regularizer: str, peft: dict[str, Any] | None = None,
+                    head: str = "linear") -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-") or "model"
     return (f"{safe}-{strategy}" + (f"-{regularizer}" if strategy == "finetune" and regularizer != "none" else "")
-            + (f"-{peft['method']}" if peft else ""))
+            + (f"-{peft['method']}" if peft else "") + (f"-{head}" if head != "linear" else ""))
+
+
+def ood_examples(job: TuneInput, val_rows: int) -> list[Any] | None:
+    """The rows of the job's out-of-distribution dataset, at most as many as the validation rows (a sample drawn
+    with the job's seed): the AUROC then weighs both sides alike, and costs no more than a validation pass."""
+    if job.ood is None:
+        return None
+    examples, _ = pipeline.load_dataset(job.ood)
+    if len(examples) > max(val_rows, 1):
+        keep = np.sort(np.random.default_rng(job.spec["seed"]).choice(len(examples), max(val_rows, 1),
+                                                                      replace=False))
+        examples = [examples[i] for i in keep]
+    return list(examples)
 
 
 def run_tune(job: TuneInput, progress: pipeline.Progress) -> TuneOutcome:
@@ -69,6 +83,7 @@ def run_tune(job: TuneInput, progress: pipeline.Progress) -> TuneOutcome:
     train_idx, val_idx = split_rows(labels, job.dataset.spec.task, spec["validation_fraction"], spec["seed"])
     split = _Split(ExampleDataset([examples[i] for i in train_idx], labels[train_idx]),
                    ExampleDataset([examples[i] for i in val_idx], labels[val_idx]), train_idx)
+    ood = ood_examples(job, len(val_idx))
     btuning = None
     if spec["strategy"] == "btuning":
         target_ids, btuning = _btuning_teacher(job, ranked, by_id, examples, split, progress)
@@ -77,7 +92,7 @@ def run_tune(job: TuneInput, progress: pipeline.Progress) -> TuneOutcome:
 
     results: dict[str, dict[str, Any]] = {}
     for index, model_id in enumerate(target_ids):
-        name, summary = _tune_model(job, by_id[model_id], (index, len(target_ids)), split, btuning, progress)
+        name, summary = _tune_model(job, by_id[model_id], (index, len(target_ids)), split, btuning, progress, ood)
         results[name] = summary
     progress("recording checkpoints", 0.99)
     checkpoints = []
@@ -148,12 +163,15 @@ def _train_features(job: TuneInput, models: list[pipeline.ModelSpec], examples: 
 
 
 def _tune_model(job: TuneInput, candidate: RankedCandidate, position: tuple[int, int], split: _Split,
-                btuning: _BTuning | None, progress: pipeline.Progress) -> tuple[str, dict[str, Any]]:
-    """Train one target (position: its index and the number of targets); (checkpoint name, its summary)."""
+                btuning: _BTuning | None, progress: pipeline.Progress, ood: list[Any] | None = None
+                ) -> tuple[str, dict[str, Any]]:
+    """Train one target (position: its index and the number of targets); (checkpoint name, its summary). `ood`:
+    out-of-distribution rows the summary's ood_auroc is measured on."""
     from workers.tuning.loop import train
 
     spec, model, dataset = job.spec, candidate.model, job.dataset.spec
-    name = checkpoint_name(model.name, spec["strategy"], spec["regularizer"]["name"], spec.get("peft"))
+    name = checkpoint_name(model.name, spec["strategy"], spec["regularizer"]["name"], spec.get("peft"),
+                           spec.get("head", "linear"))
     checkpoint_dir = job.job_dir / "checkpoints" / name
     result_path = job.job_dir / "results" / f"{name}.json"
     if checkpoint_dir.is_dir() and result_path.is_file():  # finished before a crash: keep it
@@ -170,7 +188,7 @@ def _tune_model(job: TuneInput, candidate: RankedCandidate, position: tuple[int,
     outcome = train(config, resolved.path, split.train, split.val, dataset.task, dataset.label_names,
                     checkpoint_dir=checkpoint_dir, state_dir=job.job_dir / "train-state" / name,
                     on_progress=on_progress, teacher=btuning.teacher if btuning is not None else None,
-                    card=_card(job, candidate, selection))
+                    card=_card(job, candidate, selection), ood=ood)
     summary = {"model": model.name, "model_id": model.id, "checkpoint": name, **outcome.to_dict()}
     if selection is not None:
         summary["details"]["tradeoff_selection"] = selection
