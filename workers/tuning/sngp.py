@@ -12,21 +12,25 @@ The other nn.Linear layers of the new head (RoBERTa's classifier.dense, DistilBE
 spectral bound (`bound_head_layers`).
 
 Covariance: the Laplace approximation with a Gaussian likelihood, one precision matrix for all classes, as the
-reference implementations (edward2's LaplaceRandomFeatureCovariance default, DUE): P = ridge * I + sum_i phi_i
-phi_i^T over the training rows (the exact sum, edward2's momentum -1). We take that sum in one extra pass over the
-training rows after the last step, in eval mode, with the final weights (`fit_precision`), rather than during the
-final epoch's forwards: several regularizers run more than one forward per step (perturbed, mixed, or SAM's second
-pass), which would add rows that are not training rows, and the features move during that epoch.
-Predictive variance var(x) = ridge * phi^T P^-1 phi (the GP's posterior variance with noise variance `ridge`; far
-from the training rows it tends to the prior's phi^T phi), and the mean-field logits (Lu et al. 2020) are
+reference implementations (edward2's LaplaceRandomFeatureCovariance default, DUE): P = ridge * I + sum_i s_i
+s_i^T over the training rows (the exact sum, edward2's momentum -1), s = sqrt(2/D) phi the random features of
+Rahimi & Recht, whose inner products approximate the RBF kernel itself (prior variance s^T s = 1). We take that
+sum in one extra pass over the training rows after the last step, in eval mode, with the final weights
+(`fit_precision`), rather than during the final epoch's forwards: several regularizers run more than one forward
+per step (perturbed, mixed, or SAM's second pass), which would add rows that are not training rows, and the
+features move during that epoch.
+Predictive variance var(x) = ridge * s^T P^-1 s (the GP's posterior variance with noise variance `ridge`; far
+from the training rows it tends to the prior's s^T s = 1), and the mean-field logits (Lu et al. 2020) are
 logits_MAP / sqrt(1 + mean_field_factor * var), mean_field_factor pi/8 as in the paper. In training mode the head
 returns the MAP logits; in eval mode, once fitted, the mean-field logits; unfitted, the MAP logits.
 
-The random features are not scaled by sqrt(2/D) (edward2's scale_random_features=False, which its docs recommend
-for an output layer: the scaling would shrink the head's effective learning rate by sqrt(D/2)); the prior variance
-phi^T phi is then about D/2.
+The logits are phi @ beta with the unscaled phi: the same function as s @ (sqrt(D/2) beta), a parametrisation
+of the output weights whose gradient steps are not sqrt(D/2) times smaller (edward2 leaves its output layer's
+features unscaled for that reason). The covariance is the scaled features' (unit prior variance); with the
+unscaled ones (prior variance D/2 = 512) the mean-field shrank in-distribution logits about 6x (measured, BBC
+News, docs/tuning.md).
 
-Saving and loading: the head's parameters and buffers (Omega, b_rff, the precision and its inverse) are in the
+Saving and loading: the head's parameters and buffers (Omega, b_rff, the inverse precision P^-1) are in the
 model's state dict, so `save_pretrained` writes them into model.safetensors; `sngp.json` beside it says where the
 head sits and its settings. `load_sngp_classifier(folder)` rebuilds the classifier from config.json, installs the
 head and loads every tensor (strict): the reloaded model's eval-mode logits are the mean-field logits.
@@ -106,9 +110,11 @@ class SNGPHead(nn.Module):
         # Omega and b_rff are drawn from torch's generator, seeded by the loop before the head is built
         self.register_buffer("omega", torch.randn(in_features, features) / float(lengthscale))
         self.register_buffer("phase", torch.rand(features) * (2 * math.pi))
+        self.amplitude = math.sqrt(2.0 / features)  # s = amplitude * phi: Rahimi & Recht's RBF features
         self.output = nn.Linear(features, num_labels, bias=False)
         nn.init.normal_(self.output.weight, std=0.01)  # the reference port's gp_output_init_std
-        self.register_buffer("precision", self.ridge * torch.eye(features, dtype=torch.float64))
+        # P is needed only to fit; the checkpoint keeps P^-1
+        self.register_buffer("precision", self.ridge * torch.eye(features, dtype=torch.float64), persistent=False)
         self.register_buffer("covariance", torch.eye(features, dtype=torch.float64))  # P^-1, once fitted
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
         self.collecting = False  # fit_precision's pass: eval-mode forwards add their rows to the precision
@@ -119,17 +125,17 @@ class SNGPHead(nn.Module):
         return torch.cos(self.norm(hidden) @ self.omega + self.phase)
 
     def variance(self, phi: Tensor) -> Tensor:
-        """ridge * phi^T P^-1 phi per row (float64)."""
-        phi = phi.double()
-        return self.ridge * ((phi @ self.covariance) * phi).sum(-1)
+        """ridge * s^T P^-1 s per row (float64), s = amplitude * phi."""
+        scaled = self.amplitude * phi.double()
+        return self.ridge * ((scaled @ self.covariance) * scaled).sum(-1)
 
     def forward(self, x: Tensor) -> Tensor:
         phi = self.random_features(x)
         logits = self.output(phi)
         if self.collecting:
             with torch.no_grad():
-                p = phi.detach().double()
-                self.precision += p.t() @ p
+                scaled = self.amplitude * phi.detach().double()
+                self.precision += scaled.t() @ scaled
         if self.training or not bool(self.fitted):
             return logits
         scale = torch.sqrt(1.0 + self.mean_field_factor * self.variance(phi.detach()))
@@ -197,7 +203,7 @@ def bound_head_layers(model: nn.Module, bound: float) -> list[str]:
 @torch.no_grad()
 def fit_precision(model: nn.Module, batches: Any, device: torch.device, batch_size: int, task: str,
                   autocast: Any) -> int:
-    """Settle the spectral bounds, then P = ridge * I + sum phi phi^T over every row of `batches` (the training
+    """Settle the spectral bounds, then P = ridge * I + sum s s^T over every row of `batches` (the training
     rows), eval mode; then P^-1. The number of rows read."""
     from workers.tuning.batches import model_inputs
 
