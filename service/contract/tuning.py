@@ -36,9 +36,6 @@ AUGMENT_P_DEFAULT = 0.1  # EDA's recommended alpha for its operations
 # The classifier's output layer: a new nn.Linear, or SNGP's Gaussian-process head (workers/tuning/sngp.py)
 HEADS = ("linear", "sngp")
 SNGP_TASKS = ("classification",)  # its Laplace covariance and mean-field logits are for a softmax over classes
-SNGP_REFUSED_WITH_PEFT = ("the SNGP head is not saved with LoRA adapters yet (peft's copy of the head would not "
-                          "carry its covariance into the adapter folder); use full fine-tuning (peft null) with "
-                          "head sngp")
 
 
 @dataclass(frozen=True)
@@ -260,17 +257,15 @@ def resolve_peft(value: Any, regularizer: str = "none", where: str = "peft") -> 
     return spec.model_dump()
 
 
-def resolve_sngp(value: Any, head: str = "sngp", peft: Any = None, where: str = "sngp") -> dict[str, Any] | None:
+def resolve_sngp(value: Any, head: str = "sngp", where: str = "sngp") -> dict[str, Any] | None:
     """The SNGP head's settings with their defaults (SngpSpec) for head "sngp", None for "linear"; ValueError
-    naming the field (settings given for a linear head, or SNGP with LoRA)."""
+    naming the field (settings given for a linear head)."""
     if head not in HEADS:
         raise ValueError(f"head: must be one of {list(HEADS)}, got {head!r}")
     if head == "linear":
         if value is not None:
             raise ValueError(f"{where}: settings of the SNGP head apply with head \"sngp\"")
         return None
-    if peft is not None:
-        raise ValueError(f"head: sngp cannot be combined with peft: {SNGP_REFUSED_WITH_PEFT}")
     try:
         spec = SngpSpec.model_validate(value or {})
     except Exception as exc:  # pydantic's ValidationError, re-raised naming the field
@@ -412,7 +407,7 @@ class TuneConfig:
             raise ValueError(f"bf16: expected true or false, got {self.bf16!r}")
         self.augment = resolve_augment(self.augment)
         self.peft = resolve_peft(self.peft, self.regularizer)
-        self.sngp = resolve_sngp(self.sngp, self.head, self.peft)
+        self.sngp = resolve_sngp(self.sngp, self.head)
         return self
 
     def resolved_regularizer_params(self) -> dict[str, Any]:
@@ -522,13 +517,6 @@ class TuneSpec(RequestModel):
     def _sngp_with_head(cls, value: SngpSpec | None, info: ValidationInfo) -> SngpSpec | None:
         if value is not None and info.data.get("head") != "sngp":
             raise ValueError('settings of the SNGP head apply with head "sngp"')
-        return value
-
-    @field_validator("head")
-    @classmethod
-    def _head_with_peft(cls, value: str, info: ValidationInfo) -> str:
-        if value == "sngp" and info.data.get("peft") is not None:
-            raise ValueError(f"sngp cannot be combined with peft: {SNGP_REFUSED_WITH_PEFT}")
         return value
 
     @field_validator("peft")

@@ -157,7 +157,6 @@ def test_sngp_head_with_an_ood_dataset(stack: Stack, client_and_dataset, tmp_pat
         assert answer.status_code == status and answer.json()["field"] == field, answer.text
 
     refused({"dataset_id": regression["id"], "candidates": ids[:1], "tune": {"head": "sngp"}}, 422, "tune.head")
-    refused({"dataset_id": dataset["id"], "tune": {"head": "sngp", "peft": {"r": 4}}}, 422, "tune.head")
     refused({"dataset_id": dataset["id"], "tune": {"sngp": {"ridge": 2}}}, 422, "tune.sngp")
     refused({"dataset_id": dataset["id"], "tune": {"head": "sngp", "sngp": {"ridge": -1}}}, 422, "tune.sngp.ridge")
     refused({"dataset_id": dataset["id"], "tune": {"ood_dataset_id": foreign["id"]}}, 404, "tune.ood_dataset_id")

@@ -189,8 +189,6 @@ def test_the_contract_refuses_what_sngp_cannot_do():
     with pytest.raises(ValueError, match="sngp"):
         check_tune_for_dataset({"head": "sngp"}, "text", task="regression")
     check_tune_for_dataset({"head": "sngp"}, "text", task="classification")
-    with pytest.raises(ValueError, match="peft"):
-        TuneSpec.model_validate({"head": "sngp", "peft": {}})
     with pytest.raises(ValueError, match="head"):
         TuneSpec.model_validate({"sngp": {"ridge": 2}})
     assert TuneSpec.model_validate({"head": "sngp", "sngp": {"ridge": 2}}).sngp.ridge == 2
@@ -260,3 +258,24 @@ def test_sngp_composes_with_regularizers_that_rerun_the_forward(tuned, tmp_path,
 def test_spectral_norms_reads_only_bounded_layers():
     model = nn.Sequential(bound_spectral_norm(nn.Linear(4, 4), 0.5), nn.Linear(4, 2))
     assert list(spectral_norms(model)) == ["0"]
+
+
+def test_sngp_with_lora_trains_adapters_and_its_checkpoints_reload(tuned, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, _, bert, _ = tuned
+    peft = {"method": "lora", "r": 4, "merge": True}
+    result = train(config(head="sngp", peft=peft), bert, TRAIN, VAL, "classification", NAMES, tmp_path / "ckpt",
+                   tmp_path / "state")
+    folder = tmp_path / "ckpt"
+    assert (folder / "adapter_config.json").exists() and (folder / "sngp.json").exists()
+    assert result.metrics["trainable_parameters"] < result.metrics["total_parameters"]
+    enc = AutoTokenizer.from_pretrained(folder)(VAL.examples, padding=True, truncation=True, max_length=16,
+                                                return_tensors="pt")
+    for reloaded in (load_sngp_classifier(folder), load_sngp_classifier(folder / "merged")):
+        probs = predict_proba(reloaded, **enc).double().numpy()
+        loss = float(-np.log(probs[np.arange(len(VAL.labels)), VAL.labels]).mean())
+        assert loss == pytest.approx(result.metrics["val_loss"], abs=1e-5)
+        assert classification_metrics(np.log(probs), VAL.labels)["ece"] == pytest.approx(result.metrics["ece"],
+                                                                                         abs=1e-5)

@@ -68,6 +68,10 @@ def model_card(card: dict[str, Any]) -> str:
                   "`config=AutoConfig.from_pretrained(folder)` and then `peft.PeftModel.from_pretrained(base, "
                   "folder)`." + (f" `merged/` is the model with the update added: `{loaders[0]}.from_pretrained("
                                  "folder / 'merged')`." if peft.get("merge") else ""), ""]
+        if card.get("sngp"):
+            lines += ["The trained head is an SNGP head (`sngp.json`): load with "
+                      "`workers.tuning.sngp.load_sngp_classifier(folder, base=PRETRAINED_FOLDER)` (HubTune's "
+                      "package) for its calibrated, mean-field probabilities.", ""]
     elif card.get("sngp"):
         lines += ["Fine-tuned by HubTune with an SNGP head (a Gaussian process on random Fourier features after a "
                   "spectrally normalised layer; `sngp.json` describes it). Load it offline with "

@@ -655,6 +655,12 @@ def _save_run(result: TuneResult, loaded: _Loaded, names: list[str], config: Tun
 
         def save(folder: Path) -> None:
             save_adapter(loaded.peft, loaded.model, loaded.preprocessor, folder, base, bool(config.peft["merge"]))
+            if loaded.sngp is not None:  # the adapter folder's head is peft's trained copy of the SNGP head
+                from workers.tuning.sngp import write_sngp_config
+
+                write_sngp_config(folder, loaded.sngp, loaded.modality)
+                if config.peft["merge"]:
+                    write_sngp_config(folder / "merged", loaded.sngp, loaded.modality)
     elif loaded.sngp is not None:
         from workers.tuning.sngp import write_sngp_config
 

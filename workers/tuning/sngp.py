@@ -252,9 +252,12 @@ def write_sngp_config(folder: Path, description: dict[str, Any], modality: str) 
     (Path(folder) / SNGP_FILE).write_text(json.dumps({**description, "modality": modality}, indent=2))
 
 
-def load_sngp_classifier(folder: Path | str) -> nn.Module:
+def load_sngp_classifier(folder: Path | str, base: Path | str | None = None) -> nn.Module:
     """The SNGP classifier saved in `folder` (a HubTune checkpoint with sngp.json), offline, in eval mode: its
-    logits are the mean-field logits, softmax gives the calibrated probabilities (`predict_proba`)."""
+    logits are the mean-field logits, softmax gives the calibrated probabilities (`predict_proba`).
+
+    A LoRA checkpoint (adapter_config.json) is loaded onto its base: `base` (the pretrained model's folder), else
+    the folder adapter_config.json names (`<checkpoint>.base` on the worker); the result is a peft PeftModel."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
 
@@ -263,6 +266,13 @@ def load_sngp_classifier(folder: Path | str) -> nn.Module:
     config = AutoConfig.from_pretrained(folder)
     auto = AutoModelForImageClassification if description.get("modality") == "image" else \
         AutoModelForSequenceClassification
+    if (folder / "adapter_config.json").exists():
+        from peft import PeftConfig, PeftModel
+
+        base = base or PeftConfig.from_pretrained(folder).base_model_name_or_path
+        model = auto.from_pretrained(base, config=config, dtype=torch.float32)  # its linear head is replaced
+        install_sngp_head(model, description["settings"], description["num_labels"])
+        return PeftModel.from_pretrained(model, folder).eval()
     model = auto.from_config(config).to(torch.float32)
     install_sngp_head(model, description["settings"], description["num_labels"])
     model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
