@@ -279,3 +279,42 @@ def test_sngp_with_lora_trains_adapters_and_its_checkpoints_reload(tuned, tmp_pa
         assert loss == pytest.approx(result.metrics["val_loss"], abs=1e-5)
         assert classification_metrics(np.log(probs), VAL.labels)["ece"] == pytest.approx(result.metrics["ece"],
                                                                                          abs=1e-5)
+
+
+@pytest.mark.parametrize("maker", ["roberta", "mobilenet"])
+def test_other_heads_get_the_gp_and_reload(maker, tmp_path, monkeypatch):
+    """RoBERTa's head has a hidden dense layer (bounded too) before out_proj; MobileNetV2 reads images."""
+    from tests.tiny_models import make_tiny_mobilenet, make_tiny_roberta
+    from tests.unit.test_image_tuning import TRAIN as IMAGES_TRAIN
+    from tests.unit.test_image_tuning import VAL as IMAGES_VAL
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if maker == "roberta":
+        folder, train_set, val_set, names = make_tiny_roberta(tmp_path / "m"), TRAIN, VAL, NAMES
+    else:
+        folder, train_set, val_set = make_tiny_mobilenet(tmp_path / "m"), IMAGES_TRAIN, IMAGES_VAL
+        names = ["red", "green", "blue"]
+    result = train(config(head="sngp", epochs=2), folder, train_set, val_set, "classification", names,
+                   tmp_path / "ckpt", tmp_path / "state")
+    described = json.loads((tmp_path / "ckpt" / "sngp.json").read_text())
+    if maker == "roberta":
+        assert described["output_layer"] == "classifier.out_proj"
+        assert described["bounded_layers"] == ["classifier.dense"]
+        assert set(result.details["sngp"]["spectral_norms"]) == {"classifier.dense", "classifier.out_proj.hidden"}
+    model = load_sngp_classifier(tmp_path / "ckpt")
+    if maker == "roberta":
+        from transformers import AutoTokenizer
+
+        inputs = AutoTokenizer.from_pretrained(tmp_path / "ckpt")(val_set.examples, padding=True, truncation=True,
+                                                                 max_length=16, return_tensors="pt")
+    else:
+        from transformers import AutoImageProcessor
+
+        from workers.features import decode_images
+
+        processor = AutoImageProcessor.from_pretrained(tmp_path / "ckpt")
+        inputs = {"pixel_values": processor(images=decode_images(val_set.examples), return_tensors="pt")[
+            "pixel_values"]}
+    probs = predict_proba(model, **inputs).double().numpy()
+    assert classification_metrics(np.log(probs), val_set.labels)["ece"] == pytest.approx(result.metrics["ece"],
+                                                                                         abs=1e-5)
