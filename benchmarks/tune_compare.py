@@ -13,12 +13,16 @@ wall seconds and peak memory per run, and each run's trainable parameters and ch
 regularizers and B-Tuning, the second wave's options run as methods of their own (VARIANTS): sam, asam (adaptive,
 rho 0.5 as the ASAM paper), lora (tune.peft defaults, at --lora-lr: LoRA's paper tunes RoBERTa-base at 4e-4 to
 5e-4 where full fine-tuning uses 1e-5 to 3e-5), lora_sam, and the text augmentations eda, swap, delete, insert
-(p 0.1). Results go to a JSON file as they finish, and runs already there are skipped, so the
+(p 0.1), and sngp (tune.head "sngp" at its defaults). With --ood CSV (a text column of another real
+set, e.g. benchmarks/data/austen.py's lines of Jane Austen's novels) every run also reports ood_auroc: how well
+1 - max probability tells those rows (as many as the validation rows, a fixed sample) from the validation rows.
+Results go to a JSON file as they finish, and runs already there are skipped, so the
 benchmark can be run in pieces (--max-minutes) and then reported with --report-only.
 
     .venv/bin/python benchmarks/tune_compare.py                      # defaults below, all methods, 3 seeds
     .venv/bin/python benchmarks/tune_compare.py --methods none,l2sp --seeds 0 --max-minutes 4
     .venv/bin/python benchmarks/tune_compare.py --methods none,sam,asam,lora,eda --lr 1e-4   # second wave
+    .venv/bin/python benchmarks/tune_compare.py --methods none,sngp --lr 1e-4 --ood /tmp/austen/austen.csv
     .venv/bin/python benchmarks/tune_compare.py --report-only        # table from what has run
 """
 
@@ -254,7 +258,7 @@ def load_bundle(bundle: Path):
 
 
 ALL_METHODS = ("none,l2sp,mixout,smart,r3f,vat,sift,lnsr,hype,nfm,self_labeling,btuning,sam,asam,lora,lora_sam,"
-               "eda,swap,delete,insert")
+               "eda,swap,delete,insert,sngp")
 LORA = {"method": "lora"}  # tune.peft's defaults: r 8, alpha 16, dropout 0.05, auto targets
 # method -> (regularizer, its params, tune.peft, tune.augment); the other methods are a regularizer's name
 VARIANTS: dict[str, tuple[str, dict, dict | None, dict | None]] = {
@@ -262,7 +266,19 @@ VARIANTS: dict[str, tuple[str, dict, dict | None, dict | None]] = {
     "lora": ("none", {}, LORA, None),
     "lora_sam": ("sam", {}, LORA, None),
     **{name: ("none", {}, None, {"name": name, "p": 0.1}) for name in ("eda", "swap", "delete", "insert")},
+    "sngp": ("none", {}, None, None),
 }
+METHOD_HEADS = {"sngp": "sngp"}  # method -> tune.head (the others: "linear")
+
+
+def load_ood(path: str, rows: int, seed: int = 0) -> list[str]:
+    """`rows` texts of a text,label CSV (a fixed sample), the out-of-distribution rows of every run."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        texts = [row["text"] for row in csv.DictReader(fh)]
+    keep = np.random.default_rng(seed).permutation(len(texts))[:rows]
+    return [texts[i] for i in sorted(keep)]
 
 
 class PeakMemory:
@@ -304,7 +320,8 @@ class PeakMemory:
             self._thread.join()
 
 
-def run_one(method: str, seed: int, args, train, val, names, teacher, sha: str, model_dir: Path) -> dict:
+def run_one(method: str, seed: int, args, train, val, names, teacher, sha: str, model_dir: Path,
+            ood: list[str] | None = None) -> dict:
     from service.contract.tuning import TuneConfig
     from workers.tuning.checkpoint import list_files
     from workers.tuning.loop import train as tune
@@ -315,32 +332,35 @@ def run_one(method: str, seed: int, args, train, val, names, teacher, sha: str, 
     config = TuneConfig(strategy=strategy, regularizer=regularizer, regularizer_params=params, peft=peft,
                         augment=augment, epochs=args.epochs, lr=args.lora_lr if peft else args.lr,
                         batch_size=args.batch_size, max_length=args.max_length, seed=seed, tradeoff=args.tradeoff,
-                        save_every_steps=0, device=args.device)
+                        save_every_steps=0, device=args.device, head=METHOD_HEADS.get(method, "linear"))
     work = Path(tempfile.mkdtemp(prefix="tune-compare-"))
     try:
         with PeakMemory(args.device) as memory:
             result = tune(config, model_dir, train, val, "classification", names, work / "ckpt", work / "state",
                           teacher=teacher if strategy == "btuning" else None,
-                          card={"base_model": "sentence-transformers/all-MiniLM-L6-v2", "dataset_sha256": sha})
+                          card={"base_model": "sentence-transformers/all-MiniLM-L6-v2", "dataset_sha256": sha},
+                          ood=ood)
         checkpoint_bytes = sum(f["size"] for f in list_files(work / "ckpt"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"method": method, "seed": seed, "accuracy": result.metrics["accuracy"],
             "macro_f1": result.metrics["macro_f1"], "ece": result.metrics["ece"],
-            "val_loss": result.metrics["val_loss"], "wall_seconds": result.wall_seconds, "steps": result.steps,
+            "val_loss": result.metrics["val_loss"], "ood_auroc": result.metrics.get("ood_auroc"),
+            "wall_seconds": result.wall_seconds, "steps": result.steps,
             "lr": config.lr, "trainable_parameters": result.metrics.get("trainable_parameters"),
             "checkpoint_bytes": checkpoint_bytes, "peak_memory_bytes": memory.peak,
             "bf16": result.details.get("bf16"), "curve": result.curve}
 
 
-def _child_run(method: str, seed: int, args, train, val, names, teacher, sha: str, model_dir: Path) -> dict:
+def _child_run(method: str, seed: int, args, train, val, names, teacher, sha: str, model_dir: Path,
+               ood: list[str] | None = None) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
-    return run_one(method, seed, args, train, val, names, teacher, sha, model_dir)
+    return run_one(method, seed, args, train, val, names, teacher, sha, model_dir, ood)
 
 
 def run_isolated(*run_args) -> dict:
@@ -374,6 +394,12 @@ def method_params(method: str, settings: dict, teachers: list) -> str:
                  f"lr={settings.get('lora_lr', settings['lr']):g}"] + parts
     if augment:
         parts.append(f"{augment['name']} p={augment['p']:g}")
+    if METHOD_HEADS.get(method) == "sngp":
+        from service.contract.tuning import resolve_sngp
+
+        sngp = resolve_sngp(None)
+        parts.append(f"SNGP head: bound {sngp['norm_bound']:g}, {sngp['random_features']} RFF, lengthscale "
+                     f"sqrt(D), ridge {sngp['ridge']:g}, mean-field {sngp['mean_field_factor']:.3g}")
     return ", ".join(parts) or "-"
 
 
@@ -387,18 +413,24 @@ def section(tag: str, runs: list[dict], settings: dict, meta: dict) -> list[str]
     lines = [f"## {tag}", "",
              f"{settings['train']} train / {settings['val']} validation texts, epochs {settings['epochs']}, "
              f"lr {settings['lr']:g}, batch {settings['batch_size']}, max_length {settings['max_length']}, "
-             f"device {settings['device']}{', ' + meta['machine'] if meta.get('machine') else ''}.", ""]
+             f"device {settings['device']}{', ' + meta['machine'] if meta.get('machine') else ''}"
+             f"{'; OOD rows: ' + settings['ood'] if settings.get('ood') else ''}.", ""]
     if meta.get("note"):
         lines += [meta["note"], ""]
     measured = any(r.get("peak_memory_bytes") is not None for r in runs)
-    extra = " trainable params | checkpoint MB | peak memory MB |" if measured else ""
+    with_ood = any(r.get("ood_auroc") is not None for r in runs)
+    extra = (" OOD AUROC |" if with_ood else "") + (" trainable params | checkpoint MB | peak memory MB |"
+                                                    if measured else "")
     lines += ["| method | parameters (defaults) | seeds | val accuracy | val macro-F1 | val ECE (15 bins) | "
-              "wall s / run |" + extra, "|---|---|---|---|---|---|---|" + ("---|---|---|" if measured else "")]
+              "wall s / run |" + extra, "|---|---|---|---|---|---|---|" + ("---|" if with_ood else "")
+              + ("---|---|---|" if measured else "")]
     for method in order:
         rows = sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"])
         line = (f"| {method} | {method_params(method, settings, meta.get('teachers', []))} | {len(rows)} | "
                 f"{mean_std([r['accuracy'] for r in rows])} | {mean_std([r['macro_f1'] for r in rows])} | "
                 f"{mean_std([r['ece'] for r in rows])} | {mean_std([r['wall_seconds'] for r in rows], 1)} |")
+        if with_ood:
+            line += f" {_mean_or_dash(rows, 'ood_auroc', digits=4)} |"
         if measured:
             trainable = {r.get("trainable_parameters") for r in rows} - {None}
             line += (f" {', '.join(f'{t:,}' for t in sorted(trainable)) or '-'} | "
@@ -458,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teachers", default="", help="comma-separated HF folders for B-Tuning (default: the "
                                                        "three packaged models)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ood", default="", help="a text,label CSV of another data set: every run reports "
+                        "ood_auroc against as many of its rows as there are validation rows")
     parser.add_argument("--tag", default="", help="section name in the report (default from device and sizes)")
     parser.add_argument("--note", default="", help="a sentence printed under the section's settings")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -506,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"train": len(train.examples), "val": len(val.examples), "max_length": args.max_length,
                 "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "tradeoff": args.tradeoff,
                 "data_sha256": sha, "device": args.device}
+    ood = load_ood(args.ood, len(val.examples)) if args.ood else None
+    if ood is not None:
+        settings["ood"] = f"{Path(args.ood).name}: {len(ood)} rows"
     if any(VARIANTS.get(m, (None, None, None))[2] for m in methods):  # (in the run keys only where it applies)
         settings["lora_lr"] = args.lora_lr
     tag = args.tag or f"{args.device}, {len(train.examples)} train, max_length {args.max_length}"
@@ -533,11 +570,11 @@ def main(argv: list[str] | None = None) -> int:
                 if method == "btuning" and teacher is None:
                     teacher, meta["teachers"] = build_teacher(args, train, cache, log)
                 run = run_one if args.in_process else run_isolated
-                row = run(method, seed, args, train, val, names, teacher, sha, model_dir)
+                row = run(method, seed, args, train, val, names, teacher, sha, model_dir, ood)
                 row["tag"] = tag
                 stored["runs"][key] = row
                 log(f"[run] {method:14s} seed {seed}: acc {row['accuracy']:.4f} macro-F1 {row['macro_f1']:.4f} "
-                    f"ECE {row['ece']:.4f} {row['wall_seconds']:.1f}s")
+                    f"ECE {row['ece']:.4f} OOD AUROC {row.get('ood_auroc')} {row['wall_seconds']:.1f}s")
                 results_path.parent.mkdir(parents=True, exist_ok=True)
                 results_path.write_text(json.dumps(stored, indent=1))
             else:

@@ -287,6 +287,11 @@ def _job_body(args: argparse.Namespace) -> dict[str, Any]:
         body["pooling"] = args.pooling
     if getattr(args, "tune", None):
         body["tune"] = __import__("json").loads(args.tune)
+        # the flags win over the same keys in --tune's JSON
+        if getattr(args, "head", None):
+            body["tune"]["head"] = args.head
+        if getattr(args, "ood_dataset", None):
+            body["tune"]["ood_dataset_id"] = args.ood_dataset
     return body
 
 
@@ -432,6 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune = with_client(sub.add_parser("tune", help="submit a rank+tune job and watch it"))
     job_args(tune)
     tune.add_argument("--tune", default='{"strategy": "finetune"}', help="the tune object as JSON")
+    tune.add_argument("--head", choices=["linear", "sngp"], help="tune.head: the output layer (sngp: calibrated "
+                      "Gaussian-process head, classification only)")
+    tune.add_argument("--ood-dataset", metavar="DATASET_ID", help="tune.ood_dataset_id: rows out of "
+                      "distribution; each tuned model reports ood_auroc")
     tune.set_defaults(func=cmd_rank)
 
     jobs = sub.add_parser("jobs", help="list, show, watch, cancel, download").add_subparsers(dest="action",

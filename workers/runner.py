@@ -236,7 +236,19 @@ def _tune_input(sessions: sessionmaker, job_id: str, settings: Settings) -> Tune
                        columns={k: v for k, v in columns.items() if v is not None})
     return TuneInput(job_id=job.id, spec=job.tune or {}, pooling=job.options.get("pooling", "mean"), dataset=data,
                      ranking=ranking, features=FeatureSettings.from_settings(settings),
-                     job_dir=settings.jobs_dir / job.id)
+                     job_dir=settings.jobs_dir / job.id, ood=_ood_dataset(sessions, job, settings))
+
+
+def _ood_dataset(sessions: sessionmaker, job: Job, settings: Settings) -> DatasetSpec | None:
+    """The dataset `tune.ood_dataset_id` names (checked by the API when the job was created), if any."""
+    ood_id = (job.tune or {}).get("ood_dataset_id")
+    if not ood_id:
+        return None
+    with sessions() as session:
+        ood = session.get(Dataset, ood_id)
+    if ood is None:
+        raise ValueError(f"tune.ood_dataset_id: the dataset {ood_id} no longer exists")
+    return dataset_spec(ood, settings)
 
 
 def _tune_work(job: TuneInput, plan: Any, settings: Settings) -> Work:

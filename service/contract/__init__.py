@@ -28,6 +28,7 @@ from service.contract.status import (
 )
 from service.contract.tuning import (
     AUGMENTATIONS,
+    HEADS,
     LIMITS,
     MAX_TRADEOFF_TRIALS,
     PEFT_REFUSED,
@@ -35,6 +36,7 @@ from service.contract.tuning import (
     Param,
     PeftSpec,
     RegularizerSpec,
+    SngpSpec,
     TuneConfig,
     TuneSpec,
     check_tune_for_dataset,
@@ -42,13 +44,15 @@ from service.contract.tuning import (
     resolve_augment,
     resolve_peft,
     resolve_regularizer,
+    resolve_sngp,
 )
 
 __all__ = [
-    "AUGMENTATIONS", "CANDIDATE_TRANSITIONS", "DEFAULT_LAYERS", "DEFAULT_METRICS", "ESTIMATORS",
+    "AUGMENTATIONS", "CANDIDATE_TRANSITIONS", "DEFAULT_LAYERS", "DEFAULT_METRICS", "ESTIMATORS", "HEADS",
     "IMAGE_PROCESSOR_FILE", "LIMITS", "CandidateStatus",
     "MAX_TRADEOFF_TRIALS", "MODALITIES", "PEFT_REFUSED", "POOLINGS", "REGULARIZER_PARAMS", "STRATEGIES", "TASKS",
     "TERMINAL", "TOKENIZER_ENTRY_FILES", "TOKENIZER_FILES", "TRANSITIONS", "EstimatorInfo", "JobPhase", "JobStatus",
     "Param", "PeftSpec", "RegularizerSpec", "TuneConfig", "TuneSpec", "check_tune_for_dataset",
     "describe_regularizers", "estimator_applies", "resolve_augment", "resolve_peft", "resolve_regularizer",
+    "resolve_sngp", "SngpSpec",
 ]

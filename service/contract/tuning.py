@@ -33,6 +33,9 @@ MAX_TRADEOFF_TRIALS = 8
 # Text augmentations of the training rows (workers/tuning/augment.py): EDA's operations without synonyms
 AUGMENTATIONS = ("swap", "delete", "insert", "eda")
 AUGMENT_P_DEFAULT = 0.1  # EDA's recommended alpha for its operations
+# The classifier's output layer: a new nn.Linear, or SNGP's Gaussian-process head (workers/tuning/sngp.py)
+HEADS = ("linear", "sngp")
+SNGP_TASKS = ("classification",)  # its Laplace covariance and mean-field logits are for a softmax over classes
 
 
 @dataclass(frozen=True)
@@ -254,12 +257,31 @@ def resolve_peft(value: Any, regularizer: str = "none", where: str = "peft") -> 
     return spec.model_dump()
 
 
-def check_tune_for_dataset(tune: dict[str, Any], modality: str, where: str = "tune") -> None:
-    """What a tune block cannot ask of a dataset of this modality; ValueError naming the field. The API calls it
-    with the dataset's modality before queueing a job, the worker before training."""
+def resolve_sngp(value: Any, head: str = "sngp", where: str = "sngp") -> dict[str, Any] | None:
+    """The SNGP head's settings with their defaults (SngpSpec) for head "sngp", None for "linear"; ValueError
+    naming the field (settings given for a linear head)."""
+    if head not in HEADS:
+        raise ValueError(f"head: must be one of {list(HEADS)}, got {head!r}")
+    if head == "linear":
+        if value is not None:
+            raise ValueError(f"{where}: settings of the SNGP head apply with head \"sngp\"")
+        return None
+    try:
+        spec = SngpSpec.model_validate(value or {})
+    except Exception as exc:  # pydantic's ValidationError, re-raised naming the field
+        raise _peft_error(exc, where) from None
+    return spec.model_dump()
+
+
+def check_tune_for_dataset(tune: dict[str, Any], modality: str, where: str = "tune", task: str | None = None) -> None:
+    """What a tune block cannot ask of a dataset of this modality (and task, when given); ValueError naming the
+    field. The API calls it with the dataset's modality and task before queueing a job, the worker before
+    training."""
     if tune.get("augment") is not None and modality != "text":
         raise ValueError(f"{where}.augment: text augmentation applies to text datasets; this dataset holds "
                          f"{modality}s")
+    if tune.get("head", "linear") == "sngp" and task is not None and task not in SNGP_TASKS:
+        raise ValueError(f"{where}.head: sngp applies to single-label classification; this dataset is {task}")
 
 
 @dataclass
@@ -286,6 +308,8 @@ class TuneConfig:
     augment: {"name", "p"} (resolve_augment): the training texts re-augmented every epoch; None: as given.
     peft: {"method": "lora", "r", "alpha", "dropout", "target_modules", "merge"} (resolve_peft): train LoRA
         adapters and the head only; None: full fine-tuning.
+    head: "linear" (a new nn.Linear output layer) or "sngp" (workers/tuning/sngp.py; classification only).
+    sngp: the SNGP head's settings (resolve_sngp: SngpSpec's defaults for head "sngp"); None for "linear".
     """
 
     strategy: str = "finetune"
@@ -307,6 +331,8 @@ class TuneConfig:
     bf16: bool = True
     augment: dict[str, Any] | None = None
     peft: dict[str, Any] | None = None
+    head: str = "linear"
+    sngp: dict[str, Any] | None = None
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], tradeoff: float = 1.0, device: str | None = None) -> TuneConfig:
@@ -316,7 +342,8 @@ class TuneConfig:
                    regularizer_params=spec["regularizer"]["params"], epochs=spec["epochs"], lr=spec["lr"],
                    batch_size=spec["batch_size"], max_length=spec["max_length"], seed=spec["seed"],
                    tradeoff=tradeoff, temperature=spec["temperature"], device=device,
-                   augment=spec.get("augment"), peft=spec.get("peft")).validate()
+                   augment=spec.get("augment"), peft=spec.get("peft"), head=spec.get("head", "linear"),
+                   sngp=spec.get("sngp")).validate()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TuneConfig:
@@ -380,6 +407,7 @@ class TuneConfig:
             raise ValueError(f"bf16: expected true or false, got {self.bf16!r}")
         self.augment = resolve_augment(self.augment)
         self.peft = resolve_peft(self.peft, self.regularizer)
+        self.sngp = resolve_sngp(self.sngp, self.head)
         return self
 
     def resolved_regularizer_params(self) -> dict[str, Any]:
@@ -427,6 +455,24 @@ class PeftSpec(RequestModel):
         return value
 
 
+class SngpSpec(RequestModel):
+    """SNGP's settings (Liu et al. 2020; edward2's RandomFeatureGaussianProcess and the paper's code): spectral
+    bound 0.95, 1024 random features, ridge 1, mean-field factor pi/8. The lengthscale is the one setting whose
+    reference value (1, on LayerNorm'd inputs) belongs to the paper's ResNets trained from scratch; on a pretrained
+    model's D-dimensional features it would make every pair of rows look unrelated, so null means sqrt(D): a
+    LayerNorm'd input has norm sqrt(D), and the kernel exp(-|z - z'|^2 / 2 l^2) is then exp(-(1 - corr(z, z')))."""
+
+    norm_bound: float = Field(default=0.95, gt=0, le=10, description="spectral-norm bound of the head's hidden "
+                              "layers (W rescaled only when its largest singular value exceeds it)")
+    random_features: int = Field(default=1024, ge=16, le=8192, description="random Fourier features of the GP")
+    lengthscale: float | None = Field(default=None, gt=0, le=1e4, description="RBF lengthscale on the "
+                                      "LayerNorm'd hidden features; null: sqrt(hidden size)")
+    ridge: float = Field(default=1.0, gt=0, le=1e4, description="ridge of the Laplace precision ridge * I + "
+                         "sum phi phi^T (the GP's noise variance)")
+    mean_field_factor: float = Field(default=math.pi / 8, ge=0, le=100, description="lambda in logits / "
+                                     "sqrt(1 + lambda var); 0 reads the MAP logits")
+
+
 def _limit(name: str) -> dict[str, float]:
     low, high = LIMITS[name]
     return {"ge": low, "le": high}
@@ -456,6 +502,22 @@ class TuneSpec(RequestModel):
                                         "them per row); null: none")
     peft: PeftSpec | None = Field(default=None, description="LoRA adapters instead of full fine-tuning; null: "
                                   "full fine-tuning")
+    head: Literal[HEADS] = Field(default="linear", description="the output layer: \"linear\", or \"sngp\" "  # type: ignore[valid-type]
+                                 "(spectral-normalised hidden layer and a Gaussian process on random features: "
+                                 "calibrated probabilities; single-label classification only)")
+    sngp: SngpSpec | None = Field(default=None, description="settings of the SNGP head (head \"sngp\"); null: "
+                                  "its defaults")
+    ood_dataset_id: str | None = Field(default=None, max_length=ID_LENGTH, description="a dataset of yours of "
+                                       "the same modality whose rows are out of distribution: each tuned model "
+                                       "reports ood_auroc, how well 1 - max probability tells them from the "
+                                       "validation rows")
+
+    @field_validator("sngp")
+    @classmethod
+    def _sngp_with_head(cls, value: SngpSpec | None, info: ValidationInfo) -> SngpSpec | None:
+        if value is not None and info.data.get("head") != "sngp":
+            raise ValueError('settings of the SNGP head apply with head "sngp"')
+        return value
 
     @field_validator("peft")
     @classmethod

@@ -131,3 +131,58 @@ def test_cancel_during_training_leaves_no_checkpoint(stack: Stack, client_and_da
     assert client.get(f"/v1/jobs/{job_id}/checkpoints").json() == []
     checkpoints = stack.home / "artifacts" / "jobs" / job_id / "checkpoints"
     assert not checkpoints.exists() or not any(checkpoints.iterdir())
+
+
+def _gibberish_csv(rows: int) -> bytes:
+    """Rows of words no topic uses: out of distribution for topic_csv's classes."""
+    import random
+
+    rng = random.Random(7)
+    vocab = "violin glacier quantum pepper orbit saddle lantern mosaic tundra velvet".split()
+    lines = ["text,label"] + [f"{' '.join(rng.choice(vocab) for _ in range(12))},x{i % 2}" for i in range(rows)]
+    return "\n".join(lines).encode()
+
+
+def test_sngp_head_with_an_ood_dataset(stack: Stack, client_and_dataset, tmp_path: Path) -> None:
+    client, dataset, ids = client_and_dataset
+    stack.start_worker()
+    ood = upload(client, _gibberish_csv(40), name="ood.csv").json()
+    numbers = "\n".join(["text,label"] + [f"row {i} of numbers,{i * 0.5}" for i in range(30)]).encode()
+    regression = upload(client, numbers, name="reg.csv", task="regression").json()
+    other_key = httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {stack.create_key('other')}"})
+    foreign = upload(other_key, _gibberish_csv(20), name="theirs.csv").json()
+
+    def refused(body: dict, status: int, field: str) -> None:
+        answer = client.post("/v1/jobs", json=body)
+        assert answer.status_code == status and answer.json()["field"] == field, answer.text
+
+    refused({"dataset_id": regression["id"], "candidates": ids[:1], "tune": {"head": "sngp"}}, 422, "tune.head")
+    refused({"dataset_id": dataset["id"], "tune": {"sngp": {"ridge": 2}}}, 422, "tune.sngp")
+    refused({"dataset_id": dataset["id"], "tune": {"head": "sngp", "sngp": {"ridge": -1}}}, 422, "tune.sngp.ridge")
+    refused({"dataset_id": dataset["id"], "tune": {"ood_dataset_id": foreign["id"]}}, 404, "tune.ood_dataset_id")
+    refused({"dataset_id": dataset["id"], "tune": {"ood_dataset_id": dataset["id"]}}, 422, "tune.ood_dataset_id")
+
+    tune = {"head": "sngp", "ood_dataset_id": ood["id"], "epochs": 2, "lr": 1e-3, "batch_size": 16,
+            "max_length": 32}
+    job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "candidates": ids[:1], "tune": tune}).json()
+    job = wait_for(client, job["id"], stack, timeout=300)
+    assert job["status"] == "succeeded", (job, stack.log_text())
+    tuned = job["tuning"]["models"][0]
+    assert tuned["checkpoint"].endswith("-finetune-sngp")
+    assert tuned["metrics"]["ece"] is not None and 0 <= tuned["metrics"]["ood_auroc"] <= 1
+    assert tuned["details"]["ood_rows"] == 24  # capped at the 24 validation rows (20% of 120)
+    assert all(v <= 0.95 * 1.001 for v in tuned["details"]["sngp"]["spectral_norms"].values())
+
+    listing = client.get(f"/v1/jobs/{job['id']}/checkpoints").json()[0]
+    target = tmp_path / "sngp"
+    for entry in listing["files"]:
+        (target / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
+        body = client.get(f"/v1/jobs/{job['id']}/checkpoints/{listing['name']}/files/{entry['path']}").content
+        (target / entry["path"]).write_bytes(body)
+    from transformers import AutoTokenizer
+
+    from workers.tuning.sngp import load_sngp_classifier, predict_proba
+
+    model, tokenizer = load_sngp_classifier(target), AutoTokenizer.from_pretrained(target)
+    probs = predict_proba(model, **tokenizer(["the match was won by the team"], return_tensors="pt"))
+    assert probs.shape == (1, 3) and abs(float(probs.sum()) - 1) < 1e-5

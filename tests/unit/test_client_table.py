@@ -35,3 +35,12 @@ def test_rank_command_sends_the_job_options_it_was_given() -> None:
     assert _job_body(args) == {"dataset_id": "ds1", "metrics": ["logme", "ridge_loo"], "sample_size": 50,
                                "pooling": "head"}
     assert "pooling" not in _job_body(build_parser().parse_args(["rank", "ds1"]))
+
+
+def test_tune_command_sets_the_head_and_the_ood_dataset() -> None:
+    from service.cli import _job_body, build_parser
+
+    args = build_parser().parse_args(["tune", "ds1", "--tune", '{"epochs": 2, "head": "linear"}', "--head", "sngp",
+                                      "--ood-dataset", "ds2"])
+    assert _job_body(args)["tune"] == {"epochs": 2, "head": "sngp", "ood_dataset_id": "ds2"}
+    assert "head" not in _job_body(build_parser().parse_args(["tune", "ds1"]))["tune"]

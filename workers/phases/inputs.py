@@ -71,8 +71,8 @@ class TuneDataset:
 
 @dataclass(frozen=True)
 class TuneInput:
-    """A tune phase: the job's tuning spec (service.contract.TuneSpec as stored), its ranking best first, and where
-    its checkpoints, results and training states go (job_dir)."""
+    """A tune phase: the job's tuning spec (service.contract.TuneSpec as stored), its ranking best first, where
+    its checkpoints, results and training states go (job_dir), and the dataset `tune.ood_dataset_id` names."""
 
     job_id: str
     spec: dict[str, Any]
@@ -81,3 +81,4 @@ class TuneInput:
     ranking: list[RankedCandidate]
     features: FeatureSettings
     job_dir: Path
+    ood: DatasetSpec | None = None

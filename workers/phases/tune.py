@@ -53,10 +53,24 @@ class _BTuning:
     fit_on: Callable[[np.ndarray], Any]
 
 
-def checkpoint_name(model_name: str, strategy: str, regularizer: str, peft: dict[str, Any] | None = None) -> str:
+def checkpoint_name(model_name: str, strategy: str, regularizer: str, peft: dict[str, Any] | None = None,
+                    head: str = "linear") -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-") or "model"
     return (f"{safe}-{strategy}" + (f"-{regularizer}" if strategy == "finetune" and regularizer != "none" else "")
-            + (f"-{peft['method']}" if peft else ""))
+            + (f"-{peft['method']}" if peft else "") + (f"-{head}" if head != "linear" else ""))
+
+
+def ood_examples(job: TuneInput, val_rows: int) -> list[Any] | None:
+    """The rows of the job's out-of-distribution dataset, at most as many as the validation rows (a sample drawn
+    with the job's seed): the AUROC then weighs both sides alike, and costs no more than a validation pass."""
+    if job.ood is None:
+        return None
+    examples, _ = pipeline.load_dataset(job.ood)
+    if len(examples) > max(val_rows, 1):
+        keep = np.sort(np.random.default_rng(job.spec["seed"]).choice(len(examples), max(val_rows, 1),
+                                                                      replace=False))
+        examples = [examples[i] for i in keep]
+    return list(examples)
 
 
 @dataclass
@@ -67,6 +81,7 @@ class TunePlan:
     split: _Split
     btuning: _BTuning | None
     target_ids: list[str]
+    ood: list[Any] | None  # out-of-distribution rows each tuned model's ood_auroc is measured on
 
 
 def plan_tune(job: TuneInput, progress: pipeline.Progress) -> TunePlan:
@@ -84,14 +99,14 @@ def plan_tune(job: TuneInput, progress: pipeline.Progress) -> TunePlan:
         target_ids, btuning = _btuning_teacher(job, ranked, by_id, examples, split, progress)
     else:
         target_ids = [spec["target"]] if spec["target"] else [c.model.id for c in ranked[:spec["top_k"]]]
-    return TunePlan(by_id, split, btuning, target_ids)
+    return TunePlan(by_id, split, btuning, target_ids, ood_examples(job, len(val_idx)))
 
 
 def tune_target(job: TuneInput, plan: TunePlan, model_id: str, position: tuple[int, int],
                 progress: pipeline.Progress) -> tuple[str, dict[str, Any]]:
     """Train one of the plan's targets (position: its index and the number of targets); (checkpoint name, its
     summary). Its checkpoint is job.job_dir/checkpoints/<name> (checkpoint_record)."""
-    return _tune_model(job, plan.by_id[model_id], position, plan.split, plan.btuning, progress)
+    return _tune_model(job, plan.by_id[model_id], position, plan.split, plan.btuning, progress, plan.ood)
 
 
 def checkpoint_record(job: TuneInput, name: str, summary: dict[str, Any]) -> CheckpointRecord:
@@ -173,12 +188,15 @@ def _train_features(job: TuneInput, models: list[pipeline.ModelSpec], examples: 
 
 
 def _tune_model(job: TuneInput, candidate: RankedCandidate, position: tuple[int, int], split: _Split,
-                btuning: _BTuning | None, progress: pipeline.Progress) -> tuple[str, dict[str, Any]]:
-    """Train one target (position: its index and the number of targets); (checkpoint name, its summary)."""
+                btuning: _BTuning | None, progress: pipeline.Progress, ood: list[Any] | None = None
+                ) -> tuple[str, dict[str, Any]]:
+    """Train one target (position: its index and the number of targets); (checkpoint name, its summary). `ood`:
+    out-of-distribution rows the summary's ood_auroc is measured on."""
     from workers.tuning.loop import train
 
     spec, model, dataset = job.spec, candidate.model, job.dataset.spec
-    name = checkpoint_name(model.name, spec["strategy"], spec["regularizer"]["name"], spec.get("peft"))
+    name = checkpoint_name(model.name, spec["strategy"], spec["regularizer"]["name"], spec.get("peft"),
+                           spec.get("head", "linear"))
     checkpoint_dir = job.job_dir / "checkpoints" / name
     result_path = job.job_dir / "results" / f"{name}.json"
     if checkpoint_dir.is_dir() and result_path.is_file():  # finished before a crash: keep it
@@ -195,7 +213,7 @@ def _tune_model(job: TuneInput, candidate: RankedCandidate, position: tuple[int,
     outcome = train(config, resolved.path, split.train, split.val, dataset.task, dataset.label_names,
                     checkpoint_dir=checkpoint_dir, state_dir=job.job_dir / "train-state" / name,
                     on_progress=on_progress, teacher=btuning.teacher if btuning is not None else None,
-                    card=_card(job, candidate, selection))
+                    card=_card(job, candidate, selection), ood=ood)
     summary = {"model": model.name, "model_id": model.id, "checkpoint": name, **outcome.to_dict()}
     if selection is not None:
         summary["details"]["tradeoff_selection"] = selection

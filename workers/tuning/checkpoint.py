@@ -68,6 +68,18 @@ def model_card(card: dict[str, Any]) -> str:
                   "`config=AutoConfig.from_pretrained(folder)` and then `peft.PeftModel.from_pretrained(base, "
                   "folder)`." + (f" `merged/` is the model with the update added: `{loaders[0]}.from_pretrained("
                                  "folder / 'merged')`." if peft.get("merge") else ""), ""]
+        if card.get("sngp"):
+            lines += ["The trained head is an SNGP head (`sngp.json`): load with "
+                      "`workers.tuning.sngp.load_sngp_classifier(folder, base=PRETRAINED_FOLDER)` (HubTune's "
+                      "package) for its calibrated, mean-field probabilities.", ""]
+    elif card.get("sngp"):
+        lines += ["Fine-tuned by HubTune with an SNGP head (a Gaussian process on random Fourier features after a "
+                  "spectrally normalised layer; `sngp.json` describes it). Load it offline with "
+                  "`workers.tuning.sngp.load_sngp_classifier(folder)` (HubTune's package) and "
+                  f"`{loaders[1]}.from_pretrained(folder)`; in eval mode its logits are the mean-field logits, "
+                  "whose softmax is the calibrated probability (`workers.tuning.sngp.predict_proba`). "
+                  f"`{loaders[0]}.from_pretrained(folder)` would give the backbone with a new, untrained "
+                  "linear head.", ""]
     else:
         lines += [f"Fine-tuned by HubTune. Loads offline with `{loaders[0]}.from_pretrained(folder)` "
                   f"and `{loaders[1]}.from_pretrained(folder)`.", ""]
@@ -86,6 +98,7 @@ def model_card(card: dict[str, Any]) -> str:
         ("labels", card.get("label_names")),
         ("strategy", card.get("strategy")),
         ("regularizer", card.get("regularizer")),
+        ("head", "sngp" if card.get("sngp") else None),
         ("seed", card.get("seed")),
         ("steps", card.get("steps")),
         ("wall seconds", card.get("wall_seconds")),

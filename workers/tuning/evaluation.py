@@ -84,6 +84,37 @@ def regression_metrics(outputs: np.ndarray, targets: np.ndarray) -> dict[str, fl
     return {"rmse": rmse, "r2": float(np.nanmean(r2)) if np.any(np.isfinite(r2)) else float("nan")}
 
 
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Area under the ROC curve of scores where `positive` rows should score higher: P(s+ > s-) + P(s+ = s-)/2,
+    from the ranks of the pooled scores (ties get their average rank; Mann-Whitney U / (n+ n-))."""
+    positive = np.asarray(positive, dtype=np.float64).ravel()
+    negative = np.asarray(negative, dtype=np.float64).ravel()
+    if positive.size == 0 or negative.size == 0:
+        return float("nan")
+    pooled = np.concatenate([positive, negative])
+    order = np.argsort(pooled, kind="mergesort")
+    ranks = np.empty(pooled.size, dtype=np.float64)
+    sorted_scores = pooled[order]
+    # average rank (1-based) of each run of equal scores
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], pooled.size]
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = (start + end + 1) / 2.0
+    u = ranks[:positive.size].sum() - positive.size * (positive.size + 1) / 2.0
+    return float(u / (positive.size * negative.size))
+
+
+def uncertainty(logits: np.ndarray) -> np.ndarray:
+    """1 - max softmax probability per row: the predictive uncertainty the OOD score ranks by."""
+    return 1.0 - softmax(np.asarray(logits, dtype=np.float64)).max(1)
+
+
+def ood_auroc(in_logits: np.ndarray, out_logits: np.ndarray) -> float:
+    """How well the uncertainty tells out-of-distribution rows (positives) from in-distribution ones: 0.5 is
+    chance, 1 separates them."""
+    return auroc(uncertainty(out_logits), uncertainty(in_logits))
+
+
 def task_metrics(task: str, outputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     if task == "classification":
         return classification_metrics(outputs, labels)

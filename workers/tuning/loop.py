@@ -54,7 +54,7 @@ from workers.tuning.checkpoint import (
     write_json_atomic,
 )
 from workers.tuning.data import ExampleDataset, check_labels, holds_images, label_count
-from workers.tuning.evaluation import MAIN_METRIC, evaluation_diagnostics, task_metrics
+from workers.tuning.evaluation import MAIN_METRIC, evaluation_diagnostics, ood_auroc, task_metrics
 from workers.tuning.regularizers import (
     Regularizer,
     SetupInfo,
@@ -122,6 +122,9 @@ def _fingerprint(config: TuneConfig, model_dir: Path, train: ExampleDataset, val
     settings = config.to_dict()
     for key in ("save_every_steps", "device", "eval_every_steps"):
         settings.pop(key, None)
+    if settings.get("head") == "linear":  # a linear head's runs keep the fingerprint they had before heads existed
+        settings.pop("head")
+        settings.pop("sngp")
     h = hashlib.sha256()
     h.update(json.dumps({"config": settings, "model": str(Path(model_dir).resolve()), "task": task,
                          "labels": label_names}, sort_keys=True, default=str).encode())
@@ -199,6 +202,36 @@ def _evaluate(model: nn.Module, data: Batches, task: str, device: torch.device, 
     return metrics, out
 
 
+def _predict(model: nn.Module, data: Batches, task: str, device: torch.device, batch_size: int,
+             autocast: Callable[[], Any]) -> np.ndarray:
+    """The model's eval-mode outputs of every row of `data` (N, C)."""
+    model.eval()
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            batch = data.batch(torch.arange(start, min(len(data), start + batch_size)), device, task)
+            with autocast():
+                outputs.append(model(**model_inputs(batch)).logits.float().cpu())
+    return torch.cat(outputs).numpy()
+
+
+def _ood_batches(loaded: _Loaded, examples: list[Any] | None) -> Batches | None:
+    """The out-of-distribution rows encoded as the validation rows are (their labels are not read)."""
+    if not examples:
+        return None
+    from workers.features import takes_token_types
+
+    labels = np.zeros(len(examples), dtype=np.int64)
+    if isinstance(loaded.val, EncodedImages):
+        if not holds_images(ExampleDataset(examples, labels)):
+            raise ValueError("ood: out-of-distribution rows must be images, as the dataset's")
+        return EncodedImages(loaded.preprocessor, list(examples), labels, loaded.val.mode)
+    if holds_images(ExampleDataset(examples, labels)):
+        raise ValueError("ood: out-of-distribution rows must be texts, as the dataset's")
+    return EncodedTexts(loaded.preprocessor, list(examples), labels, loaded.max_length,
+                        takes_token_types(loaded.model.config))
+
+
 # ------------------------------------------------------------------------------------------------- setting up
 
 
@@ -239,6 +272,7 @@ class _Loaded:
     max_length: int | None  # texts: config.max_length capped by the model's positions; images: None
     peft: Any = None  # the PeftModel wrapping `model` when LoRA adapters train (workers/tuning/adapters.py)
     adapter: dict[str, Any] | None = None  # what was adapted
+    sngp: dict[str, Any] | None = None  # the SNGP head installed (workers/tuning/sngp.py), written to sngp.json
 
     @property
     def modality(self) -> str:
@@ -280,6 +314,11 @@ def _load_model(config: TuneConfig, model_dir: Path, train: ExampleDataset, val:
             loaded = _Loaded(model, preprocessor, train_batches,
                              EncodedTexts(preprocessor, val.examples, targets.val, max_length, token_types),
                              max_length)
+    if config.head == "sngp":
+        from workers.tuning.sngp import install_sngp_head
+
+        check_tune_for_dataset({"head": config.head}, loaded.modality, task=task)
+        loaded.sngp = install_sngp_head(model, config.sngp, targets.num_labels)  # drawn after the HF head's init
     if config.peft is not None:
         from workers.tuning.adapters import attach_lora
 
@@ -300,6 +339,8 @@ class _Trainer:
         self.config, self.task, self.device, self.scale = config, task, device, targets.scale
         self.model, self.train_data, self.val_data = loaded.model, loaded.train, loaded.val
         self.fingerprint, self.began = fingerprint, began
+        self.sngp = loaded.sngp is not None
+        self.precision_rows = 0  # SNGP: training rows in the Laplace precision
         self.steps_per_epoch = math.ceil(len(self.train_data) / config.batch_size)
         self.total_steps = config.epochs * self.steps_per_epoch
         self.pieces: list[Regularizer] = [build_regularizer(config.regularizer, config.regularizer_params)]
@@ -474,6 +515,13 @@ class _Trainer:
         return progress
 
     def evaluate(self) -> dict[str, float | None]:
+        """Validation metrics; with an SNGP head, the last evaluation first fits its covariance on the training
+        rows (earlier points of the curve read its MAP logits)."""
+        if self.sngp and self.step >= self.total_steps:
+            from workers.tuning.sngp import fit_precision
+
+            self.precision_rows = fit_precision(self.model, self.train_data, self.device, self.eval_batch, self.task,
+                                                self.autocast)
         metrics, self.last_outputs = _evaluate(self.model, self.val_data, self.task, self.device, self.eval_batch,
                                                self.autocast, self.scale)
         return metrics
@@ -499,13 +547,26 @@ class _Trainer:
                 details["btuning"] = piece.teacher.describe()
             if piece.name == "sam":
                 details["sam"] = piece.describe()
+        if self.sngp:
+            from workers.tuning.sngp import spectral_norms
+
+            details["sngp"] = {"precision_rows": self.precision_rows, "spectral_norms": {
+                name: round(value, 6) for name, value in spectral_norms(self.model).items()}}
         return details
+
+    def ood_score(self, ood: Batches | None) -> float | None:
+        """AUROC of the uncertainty 1 - max probability, out-of-distribution rows against the validation rows."""
+        if ood is None or len(ood) == 0 or self.last_outputs is None:
+            return None
+        outputs = _predict(self.model, ood, self.task, self.device, self.eval_batch, self.autocast)
+        return ood_auroc(self.last_outputs, outputs)
 
 
 def train(config: TuneConfig, model_dir: Path, train: ExampleDataset, val: ExampleDataset, task: str,
           label_names: list[str] | None, checkpoint_dir: Path | None, state_dir: Path | None,
           on_progress: Callable[[dict], None] | None = None, should_cancel: Callable[[], bool] | None = None,
-          teacher: BTuningTeacher | None = None, *, card: dict[str, Any] | None = None) -> TuneResult:
+          teacher: BTuningTeacher | None = None, *, card: dict[str, Any] | None = None,
+          ood: list[Any] | None = None) -> TuneResult:
     """Tune the model in `model_dir` (a Hugging Face folder) on `train`, evaluate on `val`, and write a checkpoint
     folder to `checkpoint_dir` (see the module docstring for determinism, cancel and resume).
 
@@ -515,6 +576,8 @@ def train(config: TuneConfig, model_dir: Path, train: ExampleDataset, val: Examp
         tradeoff): nothing is written, and it neither resumes nor can be resumed.
     card: extra fields for the model card, e.g. {"base_model", "base_revision", "dataset_sha256", "name"};
         strategy, regularizer, hyper-parameters, seed and scores are added here.
+    ood: out-of-distribution examples (texts or encoded images, as `train`'s): the metrics add ood_auroc
+        (evaluation.ood_auroc of 1 - max probability against the validation rows).
     """
     began = time.perf_counter()
     config = TuneConfig.from_dict(config if isinstance(config, dict) else asdict(config))  # a validated copy
@@ -527,6 +590,10 @@ def train(config: TuneConfig, model_dir: Path, train: ExampleDataset, val: Examp
         raise ValueError("teacher: B-Tuning needs the teachers' features and LogME weights (BTuningTeacher)")
     targets = _targets(task, train, val, label_names)
     fingerprint = _fingerprint(config, model_dir, train, val, task, label_names, teacher)
+    if ood:  # the result reports on these rows too
+        fingerprint = hashlib.sha256((fingerprint + json.dumps(
+            [e if isinstance(e, (str, list, tuple)) else hashlib.sha256(e).hexdigest() for e in ood])).encode()
+        ).hexdigest()
     if not trial:
         checkpoint_dir, state_dir = Path(checkpoint_dir), Path(state_dir)
         result_path = state_dir / RESULT_FILE
@@ -547,6 +614,10 @@ def train(config: TuneConfig, model_dir: Path, train: ExampleDataset, val: Examp
     if loaded.adapter is not None:
         details["peft"] = loaded.adapter
     metrics = {**trainer.last_eval, **parameter_counts(loaded.model)}
+    ood_batches = _ood_batches(loaded, ood)
+    if ood_batches is not None:
+        metrics["ood_auroc"] = trainer.ood_score(ood_batches)
+        details["ood_rows"] = len(ood_batches)
     result = TuneResult(task=task, metrics=metrics, curve=trainer.curve, wall_seconds=trainer.wall_seconds(),
                         steps=trainer.step, total_steps=trainer.total_steps, resumed_from_step=trainer.resumed_from,
                         checkpoint_dir="" if trial else str(checkpoint_dir), config=config.to_dict(), details=details)
@@ -571,6 +642,7 @@ def _save_run(result: TuneResult, loaded: _Loaded, names: list[str], config: Tun
         **({"btuning": details["btuning"]} if "btuning" in details else {}),
         **({"sam": details["sam"]} if "sam" in details else {}),
         **({"peft": details["peft"]} if "peft" in details else {}),
+        **({"sngp": {**loaded.sngp, **details["sngp"]}} if loaded.sngp is not None else {}),
         **({"target_scaling": details["target_scaling"]} if "target_scaling" in details else {}),
     })
     loaded.model.eval()
@@ -583,6 +655,18 @@ def _save_run(result: TuneResult, loaded: _Loaded, names: list[str], config: Tun
 
         def save(folder: Path) -> None:
             save_adapter(loaded.peft, loaded.model, loaded.preprocessor, folder, base, bool(config.peft["merge"]))
+            if loaded.sngp is not None:  # the adapter folder's head is peft's trained copy of the SNGP head
+                from workers.tuning.sngp import write_sngp_config
+
+                write_sngp_config(folder, loaded.sngp, loaded.modality)
+                if config.peft["merge"]:
+                    write_sngp_config(folder / "merged", loaded.sngp, loaded.modality)
+    elif loaded.sngp is not None:
+        from workers.tuning.sngp import write_sngp_config
+
+        def save(folder: Path) -> None:
+            loaded.model.save_pretrained(folder, safe_serialization=True)
+            write_sngp_config(folder, loaded.sngp, loaded.modality)
     with _quiet_transformers():
         write_checkpoint(loaded.model, loaded.preprocessor, checkpoint_dir, record, save=save)
     write_json_atomic(state_dir / RESULT_FILE, {"fingerprint": fingerprint, "result": result.to_dict()})

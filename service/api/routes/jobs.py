@@ -134,7 +134,7 @@ def job_metrics(body: JobCreate) -> list[str]:
     return [DEFAULT_METRICS[0]] if body.successive_halving is not None else list(DEFAULT_METRICS)
 
 
-def check_options(body: JobCreate, candidates: list[str], modality: str) -> None:
+def check_options(body: JobCreate, candidates: list[str], modality: str, task: str | None = None) -> None:
     """Successive halving and tuning, each with what it cannot be combined with."""
     if body.successive_halving is not None:
         if len(job_metrics(body)) != 1:
@@ -149,7 +149,7 @@ def check_options(body: JobCreate, candidates: list[str], modality: str) -> None
             field_name, _, message = str(exc).partition(": ")
             raise Problem(422, "invalid regularizer setting", message, field=field_name) from exc
         try:
-            check_tune_for_dataset(body.tune.model_dump(), modality)
+            check_tune_for_dataset(body.tune.model_dump(), modality, task=task)
         except ValueError as exc:
             field_name, _, message = str(exc).partition(": ")
             raise Problem(422, "tuning option does not apply to this dataset", message, field=field_name) from exc
@@ -162,6 +162,29 @@ def check_options(body: JobCreate, candidates: list[str], modality: str) -> None
                           "tuning uses the whole dataset; rank on a sample in a separate job", field="sample_size")
 
 
+def check_ood_dataset(session: Any, body: JobCreate, dataset: Dataset, who: str) -> None:
+    """`tune.ood_dataset_id`: another dataset of the caller's, read as the job's dataset is (same modality; for
+    text, single texts or pairs alike)."""
+    ood_id = body.tune.ood_dataset_id if body.tune is not None else None
+    if ood_id is None:
+        return
+    ood = session.get(Dataset, ood_id)
+    if ood is None or ood.owner != who:  # another key's dataset is as unknown as one never uploaded
+        raise Problem(404, "dataset not found", f"no dataset {ood_id}", field="tune.ood_dataset_id")
+    if ood.id == dataset.id:
+        raise Problem(422, "out-of-distribution dataset is the job's own", "give a dataset other than dataset_id",
+                      field="tune.ood_dataset_id")
+    if ood.modality != dataset.modality:
+        raise Problem(422, "out-of-distribution dataset of another modality",
+                      f"it holds {ood.modality}s; this job's dataset holds {dataset.modality}s",
+                      field="tune.ood_dataset_id")
+    if (ood.text_pair_column is None) != (dataset.text_pair_column is None):
+        kinds = {True: "single texts", False: "text pairs"}
+        raise Problem(422, "out-of-distribution dataset read otherwise",
+                      f"it holds {kinds[ood.text_pair_column is None]}; this job's dataset holds "
+                      f"{kinds[dataset.text_pair_column is None]}", field="tune.ood_dataset_id")
+
+
 @router.post("", status_code=202, response_model=JobOut, responses=problem_responses(401, 404, 422, 429, 507))
 def create_job(body: JobCreate, sessions: SessionsDep, send: SendDep, who: OwnerDep,
                settings: SettingsDep) -> JSONResponse:
@@ -171,7 +194,8 @@ def create_job(body: JobCreate, sessions: SessionsDep, send: SendDep, who: Owner
         check_metrics(body, dataset)
         layers = job_layers(body, dataset)
         candidates = resolve_candidates(session, body, dataset, who)
-        check_options(body, candidates, dataset.modality)
+        check_options(body, candidates, dataset.modality, dataset.task)
+        check_ood_dataset(session, body, dataset, who)
         check_active_jobs(session, who, settings)
     if body.tune is not None:  # tuning stores checkpoints
         check_stored_bytes(sessions, who, settings)

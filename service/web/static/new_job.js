@@ -137,7 +137,17 @@
     if (path === "metrics") return metricsField(path, raw);
     if (path === "tune.regularizer") return regularizerField(path);
     if (path === "tune.target") return targetField(path, raw);
+    if (path === "tune.ood_dataset_id") return oodDatasetField(path, raw);
     return null;
+  }
+
+  // tune.ood_dataset_id: another of the user's datasets, or none
+  function oodDatasetField(path, raw) {
+    const select = el("select", { id: path, name: path, "aria-describedby": `${path}-help ${path}-error` },
+      el("option", { value: "" }, "(none)"),
+      datasets.map((d) => el("option", { value: d.id }, `${d.filename} · ${d.modality} · ${d.rows} rows · ${d.id.slice(0, 8)}`)));
+    readers.push([path, () => (select.value === "" ? undefined : select.value)]);
+    return wrap(path, "out-of-distribution dataset", select, raw);
   }
 
   function datasetField(path) {
