@@ -105,3 +105,55 @@ def test_rank_tune_and_download_with_object_storage(s3_stack: tuple[Stack, S3Sto
         assert stored and all(p.startswith(("broker/", "hubtune.db")) for p in stored), stored
     else:  # PostgreSQL and Redis: no file at all
         assert stored == [], stored
+
+
+@pytest.mark.slow  # two workers, a rank job and a tune job: about 60 s on two busy cores
+def test_two_machines_share_one_job_through_object_storage(s3: S3Server, tmp_path: Path,
+                                                            tiny_hub: dict[str, Path]) -> None:
+    """Worker B runs as on another machine: its own HUBTUNE_HOME and cache, nothing shared with the API's machine
+    but PostgreSQL, Redis and the bucket. Both score candidates of one rank job and train targets of one tune
+    job; every feature entry and checkpoint the coordinator reads back comes from the bucket."""
+    from tests.integration.faults import _descendants
+    from tests.integration.test_fanout import _pid, _wait_until_ready
+    from tests.tiny_models import make_tiny_bert
+
+    if not postgres_available():
+        pytest.skip("PostgreSQL/Redis not reachable on 127.0.0.1")
+    url = s3.bucket_url()
+    for stack in _make_stack("postgres", tmp_path, HUBTUNE_ARTIFACTS_URL=url,
+                             HUBTUNE_CACHE_DIR=str(tmp_path / "a-cache"), **s3.env):
+        key = stack.create_key("s3")
+        client = httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        hub = dict(tiny_hub, **{f"bert-{w}": make_tiny_bert(tmp_path / f"bert-{w}", hidden_size=w, num_layers=2,
+                                                            seed=w) for w in (48, 96)})
+        ids = register_hub(client, hub)
+        dataset = upload(client, topic_csv(300, words=30)).json()
+        machine_b = tmp_path / "machine-b"
+        b_env = dict(stack.env, HUBTUNE_HOME=str(machine_b / "home"), HUBTUNE_CACHE_DIR=str(machine_b / "cache"))
+        a = stack.start_worker()
+        stack.env, a_env = b_env, stack.env
+        b = stack.start_worker()
+        stack.env = a_env
+        _wait_until_ready(stack, [a, b])
+
+        tune = {"strategy": "finetune", "top_k": 2, "epochs": 1, "lr": 1e-3, "batch_size": 16, "max_length": 32}
+        job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "candidates": ids, "tune": tune}).json()
+        job = wait_for(client, job["id"], stack, timeout=300)
+        assert job["status"] == "succeeded", (job, stack.log_text())
+        b_pids = set(_descendants(b.pid))
+        assert {_pid(r["worker"]) in b_pids for r in job["ranking"]} == {True, False}  # both scored
+        assert {_pid(t["worker"]) in b_pids for t in job["tuning"]["models"]} == {True, False}  # both trained
+        os.environ.update(s3.env)  # this process reads the bucket too
+        try:
+            store = S3Store(url, DiskCache(tmp_path / "test-cache", 0))
+            checkpoints = client.get(f"/v1/jobs/{job['id']}/checkpoints").json()
+            assert all(store.folder_complete(f"jobs/{job['id']}/checkpoints/{c['name']}") for c in checkpoints)
+        finally:
+            for name in s3.env:
+                os.environ.pop(name, None)
+        for checkpoint in checkpoints:
+            body = client.get(f"/v1/jobs/{job['id']}/checkpoints/{checkpoint['name']}/files/config.json")
+            config = next(f for f in checkpoint["files"] if f["path"] == "config.json")
+            assert hashlib.sha256(body.content).hexdigest() == config["sha256"]
+        assert written_under_home(machine_b / "home") == []  # B kept nothing but its cache
+        assert any((machine_b / "cache").rglob("*"))
