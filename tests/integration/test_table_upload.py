@@ -19,12 +19,12 @@ from service.settings import Settings
 
 # The first rows of UCI Adult (adult.data) with a made-up address column holding the template's own separators.
 ADULT = (
-    "age,workclass,education,hours-per-week,address,income\n"
-    "39,State-gov,Bachelors,40,\"Boston, MA\",<=50K\n"
-    "50,Self-emp-not-inc,Bachelors,13,,<=50K\n"
-    "38,Private,HS-grad,40,what is this,>50K\n"
-    "53,Private,11th,40,\"\"\"quoted\"\"\",<=50K\n"
-).encode()
+    b"age,workclass,education,hours-per-week,address,income\n"
+    b"39,State-gov,Bachelors,40,\"Boston, MA\",<=50K\n"
+    b"50,Self-emp-not-inc,Bachelors,13,,<=50K\n"
+    b"38,Private,HS-grad,40,what is this,>50K\n"
+    b"53,Private,11th,40,\"\"\"quoted\"\"\",<=50K\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +119,26 @@ def test_text_uploads_keep_their_default_text_column(client: TestClient) -> None
                            data={"task": "classification"})
     assert response.status_code == 201, response.text
     assert response.json()["text_column"] == "text" and response.json()["serialization"] is None
+
+
+@pytest.mark.filterwarnings("ignore:You should not use the 'timeout' argument")  # the CLI's upload waits unbounded
+def test_the_cli_uploads_a_table_with_feature_columns(client: TestClient, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from service import cli
+    from service.client import ApiError, Client
+
+    in_process = Client("http://127.0.0.1")
+    in_process.http = client  # the CLI's own client, talking to the app under test
+    monkeypatch.setattr(cli, "_client", lambda args: in_process)
+    data = tmp_path / "adult.csv"
+    data.write_bytes(ADULT)
+    assert cli.main(["datasets", "upload", str(data), "--feature-columns", "age,address",
+                     "--label-column", "income"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["feature_columns"] == ["age", "address"]
+    assert shown["serialization"]["examples"][0] == 'age is 39, address is "Boston, MA"'
+    assert in_process.upload(data, "classification", None, "income", feature_columns=["workclass"])["rows"] == 4
+    with pytest.raises(ApiError) as refused:
+        in_process.upload(data, "classification", "text", "income", feature_columns=["age"])
+    assert refused.value.status == 422 and refused.value.body["field"] == "text_column"
