@@ -243,7 +243,7 @@ def cmd_datasets(args: argparse.Namespace, _settings: Settings) -> int:
     client = _client(args)
     if args.action == "upload":
         print_json(client.upload(Path(args.file), args.task, args.text_column, args.label_column,
-                                 args.image_column, args.text_pair_column))
+                                 args.image_column, args.text_pair_column, args.feature_columns))
     elif args.action == "list":
         items = client.get("/v1/datasets", limit=args.limit)["items"]
         print(format_table([[d["id"], d["filename"], d["task"], d["rows"], ",".join(d["label_names"] or [])]
@@ -395,7 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     up = with_client(datasets.add_parser("upload"))
     up.add_argument("file")
     up.add_argument("--task", default="classification", choices=["classification", "multilabel", "regression"])
-    up.add_argument("--text-column", default="text")
+    up.add_argument("--text-column", default=None, help="the column of the texts (default text)")
+    up.add_argument("--feature-columns", default=None,
+                    help="tables, instead of --text-column: comma-separated columns (or a JSON array) each row is "
+                    "written from as one sentence, in this order (LIFT: 'age is 39, workclass is State-gov')")
     up.add_argument("--text-pair-column", default=None,
                     help="text pairs (premise and hypothesis, question and passage): the column of each row's second "
                     "text; models read the two as one pair")

@@ -47,9 +47,18 @@ class Client:
         if response.status_code >= 400:
             raise ApiError(response)
 
-    def upload(self, file: Path, task: str, text_column: str, label_column: str,
-               image_column: str | None = None, text_pair_column: str | None = None) -> dict[str, Any]:
-        form = {"task": task, "text_column": text_column, "label_column": label_column}
+    def upload(self, file: Path, task: str, text_column: str | None, label_column: str,
+               image_column: str | None = None, text_pair_column: str | None = None,
+               feature_columns: list[str] | str | None = None) -> dict[str, Any]:
+        """POST the file as a dataset; text_column None: the server's default ("text"), or a table's
+        feature_columns (LIFT: each row written as one sentence, docs/datasets.md#tables): a list, or the form's
+        text (comma-separated names, or a JSON array)."""
+        form = {"task": task, "label_column": label_column}
+        if text_column is not None:
+            form["text_column"] = text_column
+        if feature_columns is not None:  # a list goes as a JSON array: names may hold commas
+            form["feature_columns"] = (feature_columns if isinstance(feature_columns, str)
+                                       else json.dumps(feature_columns))
         if image_column is not None:
             form["image_column"] = image_column
         if text_pair_column is not None:

@@ -28,6 +28,13 @@ Rules (every rejection is a `DatasetProblem` the API renders as RFC 9457 problem
   target cannot rank or train anything).
 - JSON (lines, arrays, list labels): nesting deeper than the parser follows, and strings holding a lone surrogate
   escape ("\\ud800", no Unicode text), are rejected with their row.
+- Tables (LIFT): with `feature_columns` (a comma-separated list, or a JSON array of names) instead of
+  `text_column`, each row's example is the sentence service.lift writes of those columns, in that order ("age is
+  39, workclass is State-gov"); the label follows the rules above. The names must exist, be distinct and not
+  include the label; at most MAX_FEATURE_COLUMNS of them; text_column, text_pair_column and image_column do not
+  apply. A row whose feature cells are all missing, whose cell is a list or map, or whose sentence passes
+  MAX_SENTENCE_CHARS is an error naming it; all sentences together may hold at most HUBTUNE_MAX_UPLOAD_BYTES
+  characters (what a text upload may).
 - Images: a zip, or Parquet with `image_column`; service.image_datasets holds their rules. Labels follow the rules
   above.
 - Bounds: what an upload may expand to (columns, header length, Parquet cells and decoded bytes, zip members,
@@ -52,17 +59,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from service import image_datasets
+from service import image_datasets, lift
 from service.contract import TASKS
 from service.labels import MULTILABEL_SEPARATORS, ParsedDataset, check_row_count, encode_labels
 from service.tabular import (
     CSV_DELIMITERS,
+    FEATURE_KIND,
+    MISSING,
     DatasetProblem,
     UploadLimits,
     check_text,
     csv_records,
     json_records,
+    names_listed,
     parquet_records,
+    show,
 )
 
 if TYPE_CHECKING:  # the API passes a Starlette UploadFile; typing only, so this module stays import-light
@@ -71,8 +82,9 @@ if TYPE_CHECKING:  # the API passes a Starlette UploadFile; typing only, so this
 # What callers of the upload rules import from here (some defined in service.labels and service.tabular).
 __all__ = [
     "CSV_DELIMITERS", "FORMATS", "MULTILABEL_SEPARATORS", "DatasetProblem", "ParsedDataset", "UploadLimits",
-    "check_row_count", "detect_format", "encode_labels", "parse_dataset", "read_normalized", "stream_upload_to_disk",
-    "sweep_scratch", "upload_scratch", "write_normalized",
+    "check_feature_columns", "check_row_count", "detect_format", "encode_labels", "feature_column_names",
+    "parse_dataset", "read_normalized", "stream_upload_to_disk", "sweep_scratch", "upload_scratch",
+    "write_normalized",
 ]
 
 FORMATS = ("csv", "jsonl", "parquet", "zip")
@@ -229,18 +241,28 @@ def detect_format(filename: str, content_type: str | None,
 # ---- parsing --------------------------------------------------------------------------------------------------
 def parse_dataset(path: Path, fmt: str, task: str, text_column: str, label_column: str,
                   min_rows: int = 2, image_column: str | None = None, text_pair_column: str | None = None,
-                  limits: UploadLimits | None = None) -> ParsedDataset:
+                  limits: UploadLimits | None = None, feature_columns: list[str] | None = None) -> ParsedDataset:
     """Validate the file against the task and columns; return examples and encoded labels (see the module rules).
 
     A zip is an image dataset (service.image_datasets); so is Parquet with `image_column` set. `limits` bound what
     the file may expand to once read (a zip's members, a Parquet file's dictionaries, images' pixels); default
-    the settings' defaults. With text_pair_column each example is the pair (text, text_pair) of its row."""
+    the settings' defaults. With text_pair_column each example is the pair (text, text_pair) of its row; with
+    feature_columns (a table, LIFT) the sentence of its row, and text_column is not read."""
     limits = limits or UploadLimits()
     if task not in TASKS:
         raise DatasetProblem(422, "unknown task", f"task must be one of {', '.join(TASKS)}; got {task!r}",
                              field="task")
     if fmt not in FORMATS:
         raise DatasetProblem(415, "unsupported file type", f"unknown format {fmt!r}", field="file")
+    if feature_columns is not None:
+        if fmt == "zip" or image_column is not None:
+            raise DatasetProblem(422, "feature columns are for tables", "feature_columns names the columns of a "
+                                 "table (CSV, JSON lines, Parquet); an image dataset has none",
+                                 field="image_column" if image_column is not None else "feature_columns")
+        if text_pair_column is not None:
+            raise DatasetProblem(422, "text pairs are for text datasets", "text_pair_column names a second text "
+                                 "column; a table's rows are written as one sentence", field="text_pair_column")
+        return _parse_table(path, fmt, task, feature_columns, label_column, min_rows, limits)
     if fmt == "zip" or image_column is not None:
         if text_pair_column is not None:
             raise DatasetProblem(422, "text pairs are for text datasets",
@@ -276,6 +298,97 @@ def parse_dataset(path: Path, fmt: str, task: str, text_column: str, label_colum
         row_numbers.append(row)
     check_row_count(len(examples), min_rows)
     return encode_labels(examples, raw_labels, row_numbers, task, label_column)
+
+
+def feature_column_names(field: str) -> list[str]:
+    """The `feature_columns` form field as names: a JSON array of strings (for names holding a comma), else the
+    comma-separated names, each stripped. A DatasetProblem naming the field for an empty, repeated or surplus one."""
+    if field.lstrip().startswith("["):
+        try:
+            names = json.loads(field)
+        except ValueError as exc:
+            raise DatasetProblem(422, "malformed feature columns", f"not a JSON array: {exc}",
+                                 field="feature_columns") from exc
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise DatasetProblem(422, "malformed feature columns", "a JSON array of feature columns holds strings "
+                                 "only", field="feature_columns")
+        names = [n.strip() for n in names]
+    else:
+        names = [n.strip() for n in field.split(",")]
+    check_feature_columns(names)
+    return names
+
+
+def check_feature_columns(names: list[str]) -> None:
+    """A DatasetProblem naming `feature_columns` for no names, an empty, a repeated one, or too many."""
+    if not names or not all(names):
+        raise DatasetProblem(422, "empty feature column", "feature_columns lists an empty name (two commas in a "
+                             "row, or a trailing comma?)", field="feature_columns")
+    if len(names) > lift.MAX_FEATURE_COLUMNS:
+        raise DatasetProblem(422, "too many feature columns", f"{len(names)} feature columns; at most "
+                             f"{lift.MAX_FEATURE_COLUMNS} are written into a sentence (models read its first "
+                             "max_length tokens only)", field="feature_columns", limit="feature columns",
+                             limit_value=lift.MAX_FEATURE_COLUMNS)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DatasetProblem(422, "repeated feature column", f"feature_columns lists {names_listed(repeated)} "
+                             "more than once", field="feature_columns")
+
+
+def _parse_table(path: Path, fmt: str, task: str, features: list[str], label_column: str, min_rows: int,
+                 limits: UploadLimits) -> ParsedDataset:
+    """A table's rows as LIFT sentences (service.lift) of `features`, with their labels (the module rules)."""
+    check_feature_columns(features)
+    if label_column in features:
+        raise DatasetProblem(422, "label among the features", f"the label column {show(label_column)} is listed in "
+                             "feature_columns: a model would read the answer", field="feature_columns")
+    columns = {f"{FEATURE_KIND}{name}": name for name in features} | {"label": label_column}
+    if fmt == "csv":
+        records: Iterable[tuple[int, list[Any]]] = csv_records(path, columns)
+    elif fmt == "jsonl":
+        records = json_records(path, columns)
+    else:
+        records = parquet_records(path, columns, limits.max_upload_bytes)
+    sentences: list[str] = []
+    raw_labels: list[Any] = []
+    row_numbers: list[int] = []
+    total = 0
+    for row, cells in records:
+        sentence = _row_sentence(features, cells[:-1], row)
+        total += len(sentence)
+        if total > limits.max_upload_bytes:
+            raise DatasetProblem(422, "sentences too long", f"by row {row} the rows' sentences hold more than "
+                                 f"{limits.max_upload_bytes} characters (HUBTUNE_MAX_UPLOAD_BYTES, what a text "
+                                 "upload may hold); list fewer feature columns", field="feature_columns", row=row,
+                                 limit="HUBTUNE_MAX_UPLOAD_BYTES", limit_value=limits.max_upload_bytes)
+        sentences.append(sentence)
+        raw_labels.append(cells[-1])
+        row_numbers.append(row)
+    check_row_count(len(sentences), min_rows)
+    parsed = encode_labels(sentences, raw_labels, row_numbers, task, label_column)
+    parsed.serialization = {"method": "lift", "feature_columns": features,
+                            "examples": sentences[:lift.EXAMPLES_SHOWN]}
+    return parsed
+
+
+def _row_sentence(features: list[str], cells: list[Any], row: int) -> str:
+    texts: list[str | None] = []
+    for name, cell in zip(features, cells):
+        try:
+            texts.append(None if cell is MISSING else lift.cell_text(cell))
+        except ValueError as exc:
+            raise DatasetProblem(422, "not a table cell", f"row {row}: {show(name)} holds {show(cell)}; {exc}",
+                                 field="feature_columns", row=row) from exc
+    sentence = lift.row_sentence(features, texts)
+    if not sentence:
+        raise DatasetProblem(422, "no feature values", f"row {row} has no value in any feature column",
+                             field="feature_columns", row=row)
+    if len(sentence) > lift.MAX_SENTENCE_CHARS:
+        raise DatasetProblem(422, "sentence too long", f"row {row} is written as {len(sentence)} characters; at "
+                             f"most {lift.MAX_SENTENCE_CHARS} (list fewer or shorter columns)",
+                             field="feature_columns", row=row, limit="sentence characters",
+                             limit_value=lift.MAX_SENTENCE_CHARS)
+    return sentence
 
 
 # ---- normalised storage ---------------------------------------------------------------------------------------

@@ -112,6 +112,9 @@ class Dataset(Base):
     text_pair_column: Mapped[str | None] = mapped_column(String(200), nullable=True)  # text pairs: the second text
     image_column: Mapped[str | None] = mapped_column(String(200), nullable=True)
     label_column: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # tables (LIFT): {"method": "lift", "feature_columns": [...], "examples": [the first sentences]}; text_column
+    # is None and the sentences are the stored text
+    serialization: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     rows: Mapped[int] = mapped_column(Integer)
     label_names: Mapped[list | None] = mapped_column(JSON, nullable=True)
     class_counts: Mapped[dict | None] = mapped_column(JSON, nullable=True)

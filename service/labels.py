@@ -31,6 +31,8 @@ class ParsedDataset:
     modality: str = "text"  # "text" | "image"
     image_column: str | None = None  # the column that named or held the images (None for class folders)
     labels_from_folders: bool = False  # a zip of class folders: no label column
+    # a table written as sentences (service.lift): {"method": "lift", "feature_columns": [...], "examples": [...]}
+    serialization: dict[str, Any] | None = None
 
 
 def check_row_count(rows: int, min_rows: int) -> None:

@@ -128,6 +128,12 @@ class Page(BaseModel, Generic[ItemT]):
     next_offset: int | None = Field(description="the offset of the next page; null on the last page")
 
 
+class SerializationOut(BaseModel):
+    method: Literal["lift"] = Field(description="lift: each row written as one sentence (docs/datasets.md#tables)")
+    template: str = Field(description="how a row is written")
+    examples: list[str] = Field(description="the first rows' sentences, as models read them")
+
+
 class DatasetOut(BaseModel):
     id: str
     filename: str
@@ -140,6 +146,9 @@ class DatasetOut(BaseModel):
     image_column: str | None = Field(description="image datasets: the column that named or held the images "
                                      "(null for a zip of class folders)")
     label_column: str | None = Field(description="null for a zip of class folders, whose labels are folder names")
+    feature_columns: list[str] | None = Field(default=None, description="tables: the columns each row's sentence "
+                                              "is written from, in order")
+    serialization: SerializationOut | None = Field(default=None, description="tables: how rows became text")
     label_names: list[str] | None = Field(description="the classes, in label-index order; null for regression")
     class_counts: dict[str, int] | None = Field(description="rows per class (multilabel: rows containing it); "
                                                 "null for regression")

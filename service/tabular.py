@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from service.contract.text import first_text_error
+from service.lift import Single
 
 CSV_DELIMITERS = (",", "\t", ";")
 MAX_COLUMNS = 10_000  # HubTune reads two or three of them; wider files are feature tables or hostile
@@ -36,6 +37,12 @@ MESSAGE_NAMES_CHARS = 300  # column names quoted in one error message
 
 _BOM = codecs.BOM_UTF8
 MISSING = object()  # a key absent from a JSON object / a cell absent from a short CSV row
+FEATURE_KIND = "feature:"  # a reader's column kind for a feature column (LIFT): "feature:<name>"
+
+
+def column_field(kind: str) -> str:
+    """The form field that named a column of this kind: `feature_columns` for features, else `<kind>_column`."""
+    return "feature_columns" if kind.startswith(FEATURE_KIND) else f"{kind}_column"
 
 
 @dataclass(frozen=True)
@@ -95,9 +102,9 @@ def names_listed(names: Iterable[str], limit: int = MESSAGE_NAMES_CHARS) -> str:
 
 
 def unknown_column(kind: str, name: str, available: Iterable[str]) -> DatasetProblem:
-    """The problem for a column the file lacks, listing (the first of) the ones it has; field is `<kind>_column`."""
+    """The problem for a column the file lacks, listing (the first of) the ones it has; field as `column_field`."""
     return DatasetProblem(422, "unknown column", f"no column {show(name)}; available columns: "
-                          f"{names_listed(available)}", field=f"{kind}_column")
+                          f"{names_listed(available)}", field=column_field(kind))
 
 
 def check_width(columns: int, what: str = "the header") -> None:
@@ -294,8 +301,8 @@ def parquet_records(path: Path, columns: dict[str, str],
 
     parquet = open_parquet(path)
     names = list(parquet.schema_arrow.names)
-    text_column = columns["text"]
-    if text_column not in names:
+    text_column = columns.get("text")
+    if text_column is not None and text_column not in names:
         problem = unknown_column("text", text_column, names)
         schema = parquet.schema_arrow
         binary = [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)
@@ -308,10 +315,19 @@ def parquet_records(path: Path, columns: dict[str, str],
         if name not in names:
             raise unknown_column(kind, name, names)
     table = read_parquet_columns(path, parquet, list(columns.values()), max_bytes)
-    values = [arrow_values(table.column(name), f"{kind}_column") for kind, name in columns.items()]
+    values = [arrow_values(table.column(name), column_field(kind)) for kind, name in columns.items()]
+    for i, (kind, name) in enumerate(columns.items()):
+        if kind.startswith(FEATURE_KIND) and _is_single(table.column(name).type):
+            values[i] = [None if v is None else Single(v) for v in values[i]]  # written as 32-bit floats
     if not table.num_rows:
         raise DatasetProblem(422, "no rows", "the Parquet file has columns but no rows", field="file")
     return ((i, list(cells)) for i, cells in enumerate(zip(*values), start=1))
+
+
+def _is_single(kind: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_float32(kind) or pa.types.is_float16(kind)
 
 
 def open_parquet(path: Path) -> Any:

@@ -232,6 +232,8 @@ def _tune_input(sessions: sessionmaker, job_id: str, settings: Settings) -> Tune
     # the columns say what the checkpoint reads: a text, a pair for tokenizer(text, text_pair), or images
     columns = {"text": dataset.text_column, "text_pair": dataset.text_pair_column, "image": dataset.image_column,
                "label": dataset.label_column}
+    if dataset.serialization:  # a table: the text is each row's sentence of these columns (service.lift)
+        columns["features"] = ", ".join(dataset.serialization["feature_columns"])
     data = TuneDataset(spec=dataset_spec(dataset, settings), sha256=dataset.sha256,
                        columns={k: v for k, v in columns.items() if v is not None})
     return TuneInput(job_id=job.id, spec=job.tune or {}, pooling=job.options.get("pooling", "mean"), dataset=data,

@@ -162,3 +162,32 @@ def test_tuned_job_shows_curves_and_downloads_a_checkpoint(web_stack: Stack, tin
     assert hashlib.sha256(saved.read_bytes()).hexdigest() == expected["config.json"]
     page.locator("tr:has(button[data-path='config.json']) [role=status]:text('sha256 verified')").wait_for()
     assert page.errors == []
+
+
+def test_upload_a_table_as_sentences(web_stack: Stack, page_for, tmp_path: Path) -> None:
+    """The picker's table mode: feature columns are the file's columns but the label, checked, in the file's order;
+    a refusal lands beside them, marking its row; the upload's answer shows the first row's sentence."""
+    page = page_for()
+    data = tmp_path / "adult.csv"
+    data.write_text("age,workclass,city,income\n39,State-gov,\"Boston, MA\",<=50K\n50,Private,,>50K\n")
+    page.goto(f"{web_stack.url}/datasets")
+    sign_in(page, web_stack.create_key("tables"))
+    page.set_input_files("#file", str(data))
+    page.wait_for_selector("#preview table")
+    assert page.is_hidden("#features-field")
+    page.check("input[name=rows_as][value=table]")
+    assert page.is_visible("#features-field") and page.is_hidden("#text_column")
+    assert page.locator("#feature_columns input").evaluate_all("boxes => boxes.map((b) => b.value)") == [
+        "age", "workclass", "city"]
+    for box in page.locator("#feature_columns input").all():
+        box.uncheck()
+    page.click("#upload-button")
+    expect(page.locator("#feature_columns-error")).to_contain_text("no feature columns")
+    page.check("#feature_columns input[value=city]")
+    page.click("#upload-button")  # row 2 has no city: the server's refusal names it
+    expect(page.locator("#feature_columns-error")).to_contain_text("row 2 has no value in any feature column")
+    assert page.locator("#preview tr.bad-row[data-row='2']").count() == 1
+    page.check("#feature_columns input[value=age]")
+    page.click("#upload-button")
+    page.wait_for_selector("#rank-new-dataset")
+    assert 'age is 39, city is "Boston, MA"' in page.inner_text("#upload-status")

@@ -36,8 +36,10 @@ def topic_csv(rows: int, seed: int = 0, words: int = 12) -> bytes:
     return out.getvalue().encode()
 
 
-def upload(client: httpx.Client, content: bytes, name: str = "data.csv", **form: str) -> httpx.Response:
+def upload(client: httpx.Client, content: bytes, name: str = "data.csv", **form: str | None) -> httpx.Response:
+    """POST a dataset; a form field given as None is not sent."""
     data = {"task": "classification", "text_column": "text", "label_column": "label", **form}
+    data = {k: v for k, v in data.items() if v is not None}
     return client.post("/v1/datasets", files={"file": (name, content)}, data=data)
 
 
@@ -272,6 +274,36 @@ def test_text_pair_flow(stack: Stack, tiny_hub: dict[str, Path]) -> None:
     (checkpoint,) = client.get(f"/v1/jobs/{job['id']}/checkpoints").json()
     card = client.get(f"/v1/jobs/{job['id']}/checkpoints/{checkpoint['name']}/files/README.md").text
     assert "tokenizer(text, text_pair)" in card and '"text_pair": "passage"' in card
+
+
+def test_table_flow(stack: Stack, tiny_hub: dict[str, Path]) -> None:
+    """A table uploaded with feature_columns ranks and tunes as the text of its rows' sentences (LIFT)."""
+    stack.start_worker()
+    client = httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {stack.create_key('tables')}"},
+                          timeout=30)
+    rng = random.Random(0)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["width", "colour", "city", "kind"])
+    for _ in range(60):
+        kind = rng.choice(["small", "large"])
+        width = round(rng.gauss(2 if kind == "small" else 5, 1), 2)
+        writer.writerow([width, rng.choice(["red", "blue"]), rng.choice(["Paris, FR", "Oslo, NO"]), kind])
+    created = upload(client, out.getvalue().encode(), name="shapes.csv", text_column=None,
+                     feature_columns="width, colour, city", label_column="kind")
+    assert created.status_code == 201, created.text
+    dataset = created.json()
+    assert dataset["feature_columns"] == ["width", "colour", "city"]
+    assert all(s.startswith("width is ") and 'city is "' in s for s in dataset["serialization"]["examples"])
+    register_hub(client, tiny_hub)
+    tune = {"strategy": "finetune", "top_k": 1, "epochs": 1, "lr": 1e-3, "batch_size": 16, "max_length": 32}
+    job = wait_for(client, client.post("/v1/jobs", json={"dataset_id": dataset["id"], "tune": tune}).json()["id"],
+                   stack)
+    assert job["status"] == "succeeded", (job, stack.log_text())
+    assert len(job["ranking"]) == 3 and all(math.isfinite(r["scores"]["logme"]) for r in job["ranking"])
+    (checkpoint,) = client.get(f"/v1/jobs/{job['id']}/checkpoints").json()
+    card = client.get(f"/v1/jobs/{job['id']}/checkpoints/{checkpoint['name']}/files/README.md").text
+    assert "written as sentences (LIFT) from the columns `width, colour, city`" in card
 
 
 def class_folder_zip(per_class: int, seed: int = 0, broken: str | None = None) -> bytes:

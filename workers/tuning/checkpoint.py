@@ -89,6 +89,11 @@ def model_card(card: dict[str, Any]) -> str:
                   f"`{card['dataset_columns'].get('text')}` and `{pair}`); with a tokenizer whose pair template "
                   "puts nothing between the two (GPT-2, Llama), text_pair started with its separator token, or "
                   "else a line break.", ""]
+    features = (card.get("dataset_columns") or {}).get("features")
+    if features:
+        lines += [f"Trained on table rows written as sentences (LIFT) from the columns `{features}`: predict on "
+                  "`service.lift.row_sentence(columns, [service.lift.cell_text(v) for v in row])`, e.g. `age is 39, "
+                  "workclass is State-gov`.", ""]
     rows = [
         ("base model", card.get("base_model")),
         ("base revision", card.get("base_revision") or card.get("base_model_revision") or card.get("revision")),

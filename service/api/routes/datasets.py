@@ -10,6 +10,7 @@ from pydantic import AfterValidator
 from sqlalchemy import select
 
 from service import datasets as dataset_files
+from service import lift
 from service.api.deps import OwnerDep, PathText, SessionsDep, SettingsDep, owned_dataset
 from service.api.metrics import record_upload
 from service.api.pages import OffsetQuery, paginate
@@ -18,13 +19,14 @@ from service.api.quotas import check_stored_bytes
 from service.artifacts import artifact_store, dataset_key
 from service.contract.text import checked_text, text_error
 from service.db import Dataset, iso_utc, new_id
-from service.schemas import DatasetOut, Page
+from service.schemas import DatasetOut, Page, SerializationOut
 from service.tabular import UploadLimits
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 _COLUMN_LENGTH = Dataset.text_column.type.length
 _FILENAME_LENGTH = Dataset.filename.type.length
+_FEATURES_LENGTH = lift.MAX_FEATURE_COLUMNS * (_COLUMN_LENGTH + 4)  # as a JSON array: quotes, comma, space
 
 
 def _checked_optional(value: str | None) -> str | None:
@@ -34,13 +36,31 @@ def _checked_optional(value: str | None) -> str | None:
 # A form field naming a column (or the task): storable text, no longer than the column that records it.
 ColumnForm = Annotated[str, Form(max_length=_COLUMN_LENGTH), AfterValidator(checked_text)]
 OptionalColumnForm = Annotated[str | None, Form(max_length=_COLUMN_LENGTH), AfterValidator(_checked_optional)]
+FeatureColumnsForm = Annotated[str | None, Form(max_length=_FEATURES_LENGTH, description=(
+    "tables (LIFT), instead of text_column: the columns each row's sentence is written from, in order, comma-"
+    "separated (or a JSON array of names)")), AfterValidator(_checked_optional)]
 
 
 def dataset_out(d: Dataset) -> DatasetOut:
+    table = d.serialization
+    serialization = None if not table else SerializationOut(method=table["method"], template=lift.TEMPLATE,
+                                                           examples=table["examples"])
     return DatasetOut(id=d.id, filename=d.filename, format=d.format, task=d.task, modality=d.modality, rows=d.rows,
                       text_column=d.text_column, text_pair_column=d.text_pair_column, image_column=d.image_column,
-                      label_column=d.label_column, label_names=d.label_names, class_counts=d.class_counts,
+                      label_column=d.label_column, feature_columns=table["feature_columns"] if table else None,
+                      serialization=serialization, label_names=d.label_names, class_counts=d.class_counts,
                       sha256=d.sha256, size_bytes=d.size_bytes, created_at=iso_utc(d.created_at))
+
+
+def checked_feature_columns(field: str | None, text_column: str | None) -> list[str] | None:
+    """The feature columns named by the form (None: a text or image upload); a 422 when text_column is sent too."""
+    if field is None:
+        return None
+    if text_column is not None:
+        raise Problem(422, "text_column and feature_columns exclude each other", "a table's rows are written as "
+                      "sentences from feature_columns; send text_column for a column of texts instead",
+                      field="text_column")
+    return dataset_files.feature_column_names(field)
 
 
 def checked_filename(filename: str | None) -> str:
@@ -58,11 +78,14 @@ def checked_filename(filename: str | None) -> str:
 @router.post("", status_code=201, responses=problem_responses(401, 413, 415, 422, 507))
 async def upload_dataset(request: Request, settings: SettingsDep, sessions: SessionsDep, who: OwnerDep,
                          file: Annotated[UploadFile, File()], task: ColumnForm,
-                         text_column: ColumnForm = "text", label_column: ColumnForm = "label",
-                         image_column: OptionalColumnForm = None,
-                         text_pair_column: OptionalColumnForm = None) -> DatasetOut:
+                         text_column: OptionalColumnForm = None, label_column: ColumnForm = "label",
+                         image_column: OptionalColumnForm = None, text_pair_column: OptionalColumnForm = None,
+                         feature_columns: FeatureColumnsForm = None) -> DatasetOut:
     """Upload CSV, JSON lines, Parquet or a zip of images; every rejection names the field and row at fault, and
-    leaves nothing stored. The body is held to HUBTUNE_MAX_UPLOAD_BYTES while it arrives (service.api.limits)."""
+    leaves nothing stored. The body is held to HUBTUNE_MAX_UPLOAD_BYTES while it arrives (service.api.limits).
+    text_column defaults to "text"; a table sends feature_columns instead (its rows become LIFT sentences)."""
+    features = checked_feature_columns(feature_columns, text_column)
+    text_column = None if features else (text_column or "text")
     check_stored_bytes(sessions, who, settings)
     filename = checked_filename(file.filename)
     dataset_id = new_id()
@@ -78,9 +101,10 @@ async def upload_dataset(request: Request, settings: SettingsDep, sessions: Sess
             with upload.open("rb") as fh:
                 head = fh.read(8)
             fmt = dataset_files.detect_format(file.filename or "", file.content_type, head)
-            parsed = await run_in_threadpool(dataset_files.parse_dataset, upload, fmt, task, text_column,
+            parsed = await run_in_threadpool(dataset_files.parse_dataset, upload, fmt, task, text_column or "",
                                              label_column, image_column=image_column,
-                                             text_pair_column=text_pair_column or None, limits=limits)
+                                             text_pair_column=text_pair_column or None, limits=limits,
+                                             feature_columns=features)
             staged = scratch / "data.parquet"
             await run_in_threadpool(dataset_files.write_normalized, parsed, task, staged)
             # the file appears whole (renamed locally, a completed multipart upload in S3), just before its row
@@ -92,6 +116,7 @@ async def upload_dataset(request: Request, settings: SettingsDep, sessions: Sess
                                   modality=parsed.modality, text_column=None if images else text_column,
                                   text_pair_column=text_pair_column or None, image_column=parsed.image_column,
                                   label_column=None if parsed.labels_from_folders else label_column,
+                                  serialization=parsed.serialization,
                                   rows=parsed.rows, label_names=parsed.label_names,
                                   class_counts=parsed.class_counts, sha256=sha256, size_bytes=size,
                                   storage_path=store.location(key))

@@ -10,6 +10,10 @@
   const fileInput = document.getElementById("file");
   const selects = ["text_column", "text_pair_column", "label_column", "image_column"]
     .map((id) => document.getElementById(id));
+  const textSelects = selects.filter((select) => select.id !== "label_column");  // not sent for a table
+  const features = document.getElementById("feature_columns");
+  const featuresTyped = document.getElementById("feature_columns-typed");
+  let fileColumns = [];
 
   // RFC 4180 rows of `text` (quoted fields, doubled quotes, newlines inside quotes); the last row may be cut off.
   function parseDelimited(text, delimiter) {
@@ -96,6 +100,8 @@
     fill(selects[1], columns, pair, true);
     fill(selects[2], columns, label, false);
     fill(selects[3], columns, image, true);
+    fileColumns = columns;
+    fillFeatures();
     const task = guessTask(columns, rows, label);
     if (task) document.getElementById("task").value = task;
     document.getElementById("columns-note").textContent = note;
@@ -107,6 +113,29 @@
     document.getElementById("columns").hidden = false;
   }
 
+  // A table's feature columns: every column of the file but the label, checked, in the file's order.
+  function fillFeatures() {
+    const label = selects[2].value;
+    features.replaceChildren(...fileColumns.filter((c) => c !== label).map((c) =>
+      el("label", {}, el("input", { type: "checkbox", value: c, checked: true }), ` ${c}`)));
+  }
+
+  function tableRows() {
+    return form.elements.rows_as.value === "table";
+  }
+
+  function showRowsAs() {
+    const table = tableRows();
+    document.getElementById("features-field").hidden = !table;
+    for (const select of textSelects) select.closest(".field").hidden = table;
+  }
+
+  function featureField() {
+    if (!featuresTyped.disabled) return featuresTyped.value.trim();
+    const chosen = [...features.querySelectorAll("input:checked")].map((box) => box.value);
+    return chosen.length ? JSON.stringify(chosen) : "";  // a JSON array: names may hold commas
+  }
+
   // Parquet and zip files are not read here: their columns are typed (or, for class folders, not needed).
   function typedColumns(typed) {
     for (const select of selects) {
@@ -115,6 +144,8 @@
       input.hidden = input.disabled = !typed;
       input.setAttribute("aria-label", select.labels[0].textContent);
     }
+    features.hidden = typed;
+    featuresTyped.hidden = featuresTyped.disabled = !typed;
   }
 
   function freeColumns(name) {
@@ -149,20 +180,29 @@
     clearProblems(form);
     const file = fileInput.files[0];
     if (!file) { showProblem(form, { problem: { title: "choose a file", detail: "", field: "file" } }); return; }
+    const table = tableRows();
+    if (table && !featureField()) {  // an empty form field reads as absent: the server would look for texts
+      showProblem(form, { problem: { title: "no feature columns", detail: "check the columns each row's sentence is "
+        + "written from", field: "feature_columns" } });
+      return;
+    }
     const body = new FormData();
     body.append("file", file);
     body.append("task", document.getElementById("task").value);
     for (const select of selects) {
+      if (table && textSelects.includes(select)) continue;
       const input = select.disabled ? document.getElementById(`${select.id}-typed`) : select;
       if (input.value.trim()) body.append(select.name, input.value.trim());
     }
+    if (table) body.append("feature_columns", featureField());
     const status = document.getElementById("upload-status");
     const button = document.getElementById("upload-button");
     status.textContent = `Uploading ${file.name}…`;
     button.disabled = true;
     try {
       const dataset = await api("/v1/datasets", { method: "POST", body });
-      status.replaceChildren(`Uploaded ${dataset.filename}: ${dataset.rows} rows, ${dataset.task}. `,
+      const sentence = dataset.serialization ? ` First row as models read it: “${dataset.serialization.examples[0]}”.` : "";
+      status.replaceChildren(`Uploaded ${dataset.filename}: ${dataset.rows} rows, ${dataset.task}.${sentence} `,
         el("a", { href: `/jobs/new?dataset=${encodeURIComponent(dataset.id)}`, id: "rank-new-dataset" },
           "Rank models for it"));
       Lists.refresh();
@@ -182,6 +222,8 @@
   }
 
   fileInput.addEventListener("change", onFile);
+  selects[2].addEventListener("change", fillFeatures);
+  for (const radio of form.elements.rows_as) radio.addEventListener("change", showRowsAs);
   form.addEventListener("submit", onSubmit);
   tasks();
 })();

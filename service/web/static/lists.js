@@ -27,8 +27,8 @@ const Lists = (() => {
       { label: "Task", value: (d) => d.task },
       { label: "Modality", value: (d) => d.modality },
       { label: "Rows", value: (d) => fmt(d.rows), numeric: true },
-      { label: "Columns", value: (d) => [d.text_column, d.text_pair_column, d.image_column, d.label_column]
-        .filter(Boolean).join(", ") },
+      { label: "Columns", value: (d) => [d.text_column, d.text_pair_column, d.image_column,
+        d.feature_columns && `${d.feature_columns.length} features (LIFT)`, d.label_column].filter(Boolean).join(", ") },
       { label: "Classes", value: (d) => (d.label_names ? d.label_names.length : "–"), numeric: true },
       { label: "Created", value: (d) => when(d.created_at) },
       { label: "", value: (d) => el("a", { href: `/jobs/new?dataset=${encodeURIComponent(d.id)}` }, "Rank…") },
