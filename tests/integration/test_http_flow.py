@@ -170,7 +170,8 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
     assert all(abs(r["scores"]["logme"] - plain[r["model_id"]]["logme"]) > 1e-6 for r in decayed["ranking"])
     for bad, field in (({"feature_transform": "whiten"}, "feature_transform"),
                        ({"feature_transform": "softdecay", "softdecay_alpha": -1.0}, "softdecay_alpha"),
-                       ({"softdecay_alpha": -0.3}, "softdecay_alpha")):
+                       ({"softdecay_alpha": -0.3}, "softdecay_alpha"),
+                       ({"tune": {"softdecay": {"alpha": 0.5}}}, "tune.softdecay.alpha")):
         refused = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], **bad})
         assert refused.status_code == 422 and refused.json()["field"] == field, (bad, refused.text)
     # Successive halving: nested samples, one metric, the rounds recorded on the job.
