@@ -11,12 +11,12 @@ Every method runs with the library's defaults (service/contract/tuning.py) and t
 training seeds on the same data split; the table reports mean +- std of validation accuracy, macro-F1, ECE,
 wall seconds and peak memory per run, and each run's trainable parameters and checkpoint size. Besides the
 regularizers and B-Tuning, the second wave's options run as methods of their own (VARIANTS): sam, asam (adaptive,
-rho 0.5 as the ASAM paper), lora (tune.peft defaults, at --lora-lr: LoRA's paper tunes RoBERTa-base at 4e-4 to
-5e-4 where full fine-tuning uses 1e-5 to 3e-5), lora_sam, and the text augmentations eda, swap, delete, insert
-(p 0.1), and sngp (tune.head "sngp" at its defaults). With --ood CSV (a text column of another real
-set, e.g. benchmarks/data/austen.py's lines of Jane Austen's novels) every run also reports ood_auroc: how well
-1 - max probability tells those rows (as many as the validation rows, a fixed sample) from the validation rows.
-Results go to a JSON file as they finish, and runs already there are skipped, so the
+rho 0.5 as the ASAM paper), lora (tune.peft defaults, at --lora-lr: LoRA's paper tunes RoBERTa-base at 4e-4 to 5e-4
+where full fine-tuning uses 1e-5 to 3e-5), lora_sam, and the text augmentations eda, swap, delete, insert (p 0.1),
+sngp (tune.head "sngp" at its defaults), and softdecay (tune.softdecay at its defaults). With --ood CSV (a text
+column of another real set, e.g. benchmarks/data/austen.py's lines of Jane Austen's novels) every run also reports
+ood_auroc: how well 1 - max probability tells those rows (as many as the validation rows, a fixed sample) from the
+validation rows. Results go to a JSON file as they finish, and runs already there are skipped, so the
 benchmark can be run in pieces (--max-minutes) and then reported with --report-only.
 
     .venv/bin/python benchmarks/tune_compare.py                      # defaults below, all methods, 3 seeds
@@ -258,7 +258,7 @@ def load_bundle(bundle: Path):
 
 
 ALL_METHODS = ("none,l2sp,mixout,smart,r3f,vat,sift,lnsr,hype,nfm,self_labeling,btuning,sam,asam,lora,lora_sam,"
-               "eda,swap,delete,insert,sngp")
+               "eda,swap,delete,insert,sngp,softdecay")
 LORA = {"method": "lora"}  # tune.peft's defaults: r 8, alpha 16, dropout 0.05, auto targets
 # method -> (regularizer, its params, tune.peft, tune.augment); the other methods are a regularizer's name
 VARIANTS: dict[str, tuple[str, dict, dict | None, dict | None]] = {
@@ -269,6 +269,8 @@ VARIANTS: dict[str, tuple[str, dict, dict | None, dict | None]] = {
     "sngp": ("none", {}, None, None),
 }
 METHOD_HEADS = {"sngp": "sngp"}  # method -> tune.head (the others: "linear")
+METHOD_SOFTDECAY = {"softdecay": {}}  # method -> tune.softdecay (its defaults: alpha -0.2); the others: off
+VARIANTS["softdecay"] = ("none", {}, None, None)
 
 
 def load_ood(path: str, rows: int, seed: int = 0) -> list[str]:
@@ -332,7 +334,8 @@ def run_one(method: str, seed: int, args, train, val, names, teacher, sha: str, 
     config = TuneConfig(strategy=strategy, regularizer=regularizer, regularizer_params=params, peft=peft,
                         augment=augment, epochs=args.epochs, lr=args.lora_lr if peft else args.lr,
                         batch_size=args.batch_size, max_length=args.max_length, seed=seed, tradeoff=args.tradeoff,
-                        save_every_steps=0, device=args.device, head=METHOD_HEADS.get(method, "linear"))
+                        save_every_steps=0, device=args.device, head=METHOD_HEADS.get(method, "linear"),
+                        softdecay=METHOD_SOFTDECAY.get(method))
     work = Path(tempfile.mkdtemp(prefix="tune-compare-"))
     try:
         with PeakMemory(args.device) as memory:
@@ -400,6 +403,11 @@ def method_params(method: str, settings: dict, teachers: list) -> str:
         sngp = resolve_sngp(None)
         parts.append(f"SNGP head: bound {sngp['norm_bound']:g}, {sngp['random_features']} RFF, lengthscale "
                      f"sqrt(D), ridge {sngp['ridge']:g}, mean-field {sngp['mean_field_factor']:.3g}")
+    if method in METHOD_SOFTDECAY:
+        from service.contract.tuning import resolve_softdecay
+
+        parts.append(f"SoftDecay alpha={resolve_softdecay(METHOD_SOFTDECAY[method])['alpha']:g} on the last layer's "
+                     "token states")
     return ", ".join(parts) or "-"
 
 

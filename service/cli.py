@@ -285,6 +285,10 @@ def _job_body(args: argparse.Namespace) -> dict[str, Any]:
         body["sample_size"] = args.sample_size
     if args.pooling != "mean":
         body["pooling"] = args.pooling
+    if args.softdecay is not None:  # the server's default alpha when the flag is given bare
+        body["feature_transform"] = "softdecay"
+        if args.softdecay != "default":
+            body["softdecay_alpha"] = float(args.softdecay)
     if getattr(args, "tune", None):
         body["tune"] = __import__("json").loads(args.tune)
         # the flags win over the same keys in --tune's JSON
@@ -292,6 +296,9 @@ def _job_body(args: argparse.Namespace) -> dict[str, Any]:
             body["tune"]["head"] = args.head
         if getattr(args, "ood_dataset", None):
             body["tune"]["ood_dataset_id"] = args.ood_dataset
+        if getattr(args, "tune_softdecay", None) is not None:
+            body["tune"]["softdecay"] = {} if args.tune_softdecay == "default" else {
+                "alpha": float(args.tune_softdecay)}
     return body
 
 
@@ -432,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sample-size", type=int)
         p.add_argument("--pooling", choices=["mean", "head"], default="mean",
                        help="features to rank: mean over tokens (default) or the token a classification head reads")
+        p.add_argument("--softdecay", nargs="?", const="default", metavar="ALPHA",
+                       help="feature_transform softdecay: flatten the ranked rows' feature spectrum first (alpha in "
+                       "(-1, 0]; bare: the server's default, -0.6)")
         p.add_argument("--no-watch", action="store_true")
 
     rank = with_client(sub.add_parser("rank", help="submit a rank job and watch it"))
@@ -442,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--tune", default='{"strategy": "finetune"}', help="the tune object as JSON")
     tune.add_argument("--head", choices=["linear", "sngp"], help="tune.head: the output layer (sngp: calibrated "
                       "Gaussian-process head, classification only)")
+    tune.add_argument("--tune-softdecay", nargs="?", const="default", metavar="ALPHA",
+                      help="tune.softdecay: SoftDecay of the last layer's token states while tuning and in the "
+                      "checkpoint (alpha in (-1, 0]; bare: -0.2)")
     tune.add_argument("--ood-dataset", metavar="DATASET_ID", help="tune.ood_dataset_id: rows out of "
                       "distribution; each tuned model reports ood_auroc")
     tune.set_defaults(func=cmd_rank)

@@ -168,6 +168,9 @@ def ranking_table(job: dict[str, Any]) -> str:
     for entry in job["ranking"]:
         if entry.get("error"):
             table += f"\n{entry['model']} could not be scored: {entry['error']}"
+    transform = ((job.get("ranked_by") or {}).get("features") or {}).get("transform")
+    if isinstance(transform, dict):  # the estimators read transformed features: say so beside their scores
+        table += f"\nFeatures transformed: {transform['name']} (alpha {transform['alpha']})"
     verdict = job.get("verdict") or {}
     if verdict.get("summary"):
         table += f"\nVerdict: {verdict['summary']}"

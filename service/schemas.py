@@ -13,7 +13,18 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.contract import DEFAULT_METRICS, ESTIMATORS, LIMITS, MODALITIES, TASKS, JobStatus, TuneSpec
+from service.contract import (
+    DEFAULT_METRICS,
+    ESTIMATORS,
+    FEATURE_TRANSFORMS,
+    LIMITS,
+    MODALITIES,
+    SOFTDECAY_ALPHA_RANGE,
+    SOFTDECAY_RANK_ALPHA,
+    TASKS,
+    JobStatus,
+    TuneSpec,
+)
 from service.contract.text import ID_LENGTH, RequestModel
 from service.db import HubModel
 
@@ -101,6 +112,14 @@ class JobCreate(RequestModel):
         "\"last\", \"all\" (the mean over every layer's output), or a list of indices into the hidden states "
         "(0 the embedding output, -1 the last layer) averaged; every layer is cached from one forward pass. "
         "Default: \"last\" (service.contract.DEFAULT_LAYERS, chosen on the model-selection suite)")
+    feature_transform: Literal[FEATURE_TRANSFORMS] = Field(  # type: ignore[valid-type]
+        default="none", description="what the estimators' features go through first: \"none\", or \"softdecay\" "
+        "(the singular value spectrum of the N x D features of the ranked rows flattened, token uniformity's "
+        "SoftDecay; from cached features, no extra forward pass; docs/estimators.md)")
+    softdecay_alpha: float | None = Field(
+        default=None, gt=SOFTDECAY_ALPHA_RANGE[0], le=SOFTDECAY_ALPHA_RANGE[1],
+        description=f"feature_transform softdecay: its alpha, 0 the identity, towards -1 flatter; default "
+        f"{SOFTDECAY_RANK_ALPHA} (the official code's, for pooled sentence embeddings)")
     successive_halving: HalvingSpec | None = Field(default=None, description="rank many candidates on growing samples")
     tune: TuneSpec | None = None
 
@@ -196,13 +215,14 @@ class JobOut(BaseModel):
     dataset_id: str
     candidates: list[str] = Field(description="the model ids ranked")
     metrics: list[str] = Field(description="the estimators, the first ranks")
-    options: dict[str, Any] = Field(description="sample_size, seed, pooling, successive_halving as submitted")
+    options: dict[str, Any] = Field(description="sample_size, seed, pooling, layers, feature_transform, "
+                                    "softdecay_alpha, successive_halving as submitted (defaults filled in)")
     tune: dict[str, Any] | None = Field(description="the tune block as submitted, defaults filled in")
     ranking: list[RankingEntryOut] = Field(description="best first; empty until ranked")
     ranking_summary: dict[str, Any] | None = Field(description="job-level facts of the ranking (successive "
                                                    "halving's rounds)")
     ranked_by: dict[str, Any] | None = Field(default=None, description="what ordered the ranking: the estimator and "
-                                             "the features it read (pooling, layers)")
+                                             "the features it read (pooling, layers, transform)")
     verdict: dict[str, Any] | None = Field(default=None, description="what the ranking lets you conclude: top, "
                                            "confident, indistinguishable_from_top, below_prior, "
                                            "degenerate_estimators, static_baseline, summary (docs/estimators.md)")

@@ -159,7 +159,8 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
                             max_length: int = 128, batch_size: int = 32, device: str | None = None,
                             bootstrap_samples: int = 200, progress: Progress | None = None,
                             pooling: str = "mean", layers: str | list[int] = "last",
-                            prefetch: Prefetch | None = None) -> HalvingResult:
+                            prefetch: Prefetch | None = None, feature_transform: dict[str, Any] | None = None
+                            ) -> HalvingResult:
     """Rank `models` for `dataset` by `metric`, eliminating candidates confidently behind the leader on growing
     nested samples (initial_rows, ×growth, ... up to all rows) until the full data are scored or at most
     min_models remain.
@@ -169,6 +170,7 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
     each with the round and sample size at which it was dropped. With confidence >= 1 nothing is dropped and the
     last round scores all rows in dataset order with `seed`, so the ranking is that of `pipeline.rank`.
     prefetch: extracts each round's features elsewhere first (the service's workers); None: here.
+    feature_transform: applied to each round's N x D features of the rows seen so far before they are scored.
     """
     if not models:
         raise ValueError("no candidate models")
@@ -188,7 +190,7 @@ def rank_successive_halving(dataset: DatasetSpec, models: list[ModelSpec], metri
                    report=progress or (lambda stage, fraction: None), prefetch=prefetch,
                    extraction=dict(cache_root=cache_root, hf_cache_dir=hf_cache_dir, max_length=max_length,
                                    batch_size=batch_size, device=device, pooling=pooling),
-                   layers=layers,
+                   layers=layers, transform=feature_transform,
                    elimination=dict(confidence=confidence, min_models=min_models, seed=seed,
                                     bootstrap_samples=bootstrap_samples))
     run.run()
@@ -216,13 +218,14 @@ class _Halving:
     def __init__(self, models: list[ModelSpec], metric: str, dataset: DatasetSpec, examples: Examples,
                  labels: np.ndarray, *, order: np.ndarray, sizes: list[int], report: Progress,
                  extraction: dict[str, Any], elimination: dict[str, Any],
-                 layers: str | list[int] = "last", prefetch: Prefetch | None = None) -> None:
+                 layers: str | list[int] = "last", prefetch: Prefetch | None = None,
+                 transform: dict[str, Any] | None = None) -> None:
         self.by_id = {m.id: m for m in models}
         self.prefetch = prefetch
         self.metric, self.task, self.examples, self.labels = metric, dataset.task, examples, labels
         self.num_classes = len(dataset.label_names or []) if dataset.task == "classification" else None
         self.order, self.sizes, self.report, self.extraction = order, sizes, report, extraction
-        self.layers = layers
+        self.layers, self.transform = layers, transform
         self.confidence, self.min_models = elimination["confidence"], elimination["min_models"]
         self.seed, self.bootstrap_samples = elimination["seed"], elimination["bootstrap_samples"]
         self.chunks: dict[str, list[np.ndarray]] = {m.id: [] for m in models}
@@ -274,7 +277,7 @@ class _Halving:
         seen = self.order[:self.rounds[-1].rows]
         ascending = np.argsort(seen, kind="stable")  # dataset order, as score() reads them: on all rows, rank()'s map
         best_first = sorted(self.last_scores, key=lambda m: -float(self.last_scores[m]))  # type: ignore[arg-type]
-        alive = {m: np.concatenate(self.chunks[m])[ascending] for m in best_first if self.chunks[m]}
+        alive = {m: self._features(m, ascending) for m in best_first if self.chunks[m]}
         return feature_map(alive, {m: model.name for m, model in self.by_id.items()}, self.labels[seen[ascending]],
                            self.task, label_names, seed=self.seed)
 
@@ -346,7 +349,7 @@ class _Halving:
         values: dict[str, np.ndarray] = {}
         scores: dict[str, float | None] = {}
         for model_id in self.survivors:
-            features = np.concatenate(self.chunks[model_id])[ascending].astype(np.float64)
+            features = self._features(model_id, ascending)
             probs = self.prob_chunks[model_id]
             source = None if any(p is None for p in probs) else np.concatenate(probs)[ascending]  # type: ignore[arg-type]
             value = score_estimator(metric, features, round_labels, task, source_probs=source)
@@ -354,6 +357,14 @@ class _Halving:
             if value is not None:
                 values[model_id] = source if metric in ("leep", "nce") else features
         return scores, values, round_labels
+
+    def _features(self, model_id: str, ascending: np.ndarray) -> np.ndarray:
+        """A survivor's features of the rows seen so far in dataset order, transformed (the job's
+        feature_transform: on this round's N x D matrix)."""
+        from workers.ranking.softdecay import apply_feature_transform
+
+        features = np.concatenate(self.chunks[model_id])[ascending].astype(np.float64)
+        return apply_feature_transform(features, self.transform)
 
     def eliminate(self, r: int, size: int, scores: dict[str, float | None], values: dict[str, np.ndarray],
                   round_labels: np.ndarray) -> tuple[str | None, dict[str, float], list[str]]:

@@ -287,12 +287,16 @@ class RankRows:
     raw_labels: np.ndarray  # as uploaded (the feature map colours by them)
     labels: np.ndarray  # as the estimators score them (ranking_targets)
     extraction: dict[str, Any]  # model_features' keyword arguments for these rows
+    # the job's feature_transform (workers.ranking.softdecay.apply_feature_transform): applied to the N x D features
+    # of these rows after layer selection, in whichever process scores or assembles; the cache keeps them raw
+    transform: dict[str, Any] | None = None
 
 
 def prepare_rows(dataset: DatasetSpec, *, cache_root: Path, hf_cache_dir: Path, sample_size: int | None = None,
                  seed: int = 0, max_length: int = 128, batch_size: int = 32, device: str | None = None,
-                 pooling: str = "mean") -> RankRows:
-    """The dataset's distinct rows (a stratified sample of them when sample_size is set) with their targets."""
+                 pooling: str = "mean", feature_transform: dict[str, Any] | None = None) -> RankRows:
+    """The dataset's distinct rows (a stratified sample of them when sample_size is set) with their targets, and
+    the transform their features go through before scoring."""
     from workers.features import TokenIdsCache
 
     examples, labels = load_dataset(dataset)
@@ -301,19 +305,20 @@ def prepare_rows(dataset: DatasetSpec, *, cache_root: Path, hf_cache_dir: Path, 
     extraction = dict(cache_tag=examples_digest(examples), cache_root=cache_root, hf_cache_dir=hf_cache_dir,
                       max_length=max_length, batch_size=batch_size, device=device, pooling=pooling,
                       token_ids=TokenIdsCache(len(examples)))  # candidates sharing a tokenizer tokenise once
-    return RankRows(examples, raw_labels, ranking_targets(raw_labels, dataset.task), extraction)
+    return RankRows(examples, raw_labels, ranking_targets(raw_labels, dataset.task), extraction, feature_transform)
 
 
 def rank_in_full(dataset: DatasetSpec, models: list[ModelSpec], metrics: list[str], *, cache_root: Path,
                  hf_cache_dir: Path, sample_size: int | None = None, seed: int = 0, max_length: int = 128,
                  batch_size: int = 32, device: str | None = None, bootstrap_samples: int = 200,
-                 progress: Progress | None = None, pooling: str = "mean", layers: str | list[int] = "last"
-                 ) -> FullRanking:
+                 progress: Progress | None = None, pooling: str = "mean", layers: str | list[int] = "last",
+                 feature_transform: dict[str, Any] | None = None) -> FullRanking:
     """Rank `models` for `dataset` by the first metric, one candidate after another in this process (the service
     fans candidates out over workers instead and calls assemble_ranking once they are all done)."""
     report = progress or (lambda stage, fraction: None)
     rows = prepare_rows(dataset, cache_root=cache_root, hf_cache_dir=hf_cache_dir, sample_size=sample_size,
-                        seed=seed, max_length=max_length, batch_size=batch_size, device=device, pooling=pooling)
+                        seed=seed, max_length=max_length, batch_size=batch_size, device=device, pooling=pooling,
+                        feature_transform=feature_transform)
     features_by_model: dict[str, np.ndarray] = {}
     per_model: dict[str, dict[str, Any]] = {}
     for index, model in enumerate(models):
@@ -333,7 +338,7 @@ def score_candidate(model: ModelSpec, stage: str, where: tuple[float, float], ro
     """One candidate's features (None if it failed) and its ranking record, its log lines tagged with its id."""
     with log_context(model_id=model.id):  # this candidate's lines, its features' included
         features, record = _score_candidate(model, stage, where, rows.examples, rows.labels, task, metrics, report,
-                                            rows.extraction, layers)
+                                            rows.extraction, layers, rows.transform)
         log.info("model %s: features %.2f s, scores %s", model.name, record["feature_seconds"], record["scores"])
     return features, record
 
@@ -341,9 +346,13 @@ def score_candidate(model: ModelSpec, stage: str, where: tuple[float, float], ro
 def candidate_features(model: ModelSpec, rows: RankRows, layers: str | list[int] = "last"
                        ) -> tuple[np.ndarray, np.ndarray | None]:
     """A scored candidate's features and source probabilities again, for assembling the ranking in another process
-    than the one that scored it: from the feature cache (extracted again only if the cache lost them)."""
+    than the one that scored it: from the feature cache (extracted again only if the cache lost them), transformed
+    as when it was scored (rows.transform)."""
+    from workers.ranking.softdecay import apply_feature_transform
+
     result, _ = model_features(model, rows.examples, **rows.extraction)
-    return np.asarray(result.select(layers), dtype=np.float64), result.source_probs
+    features = np.asarray(result.select(layers), dtype=np.float64)
+    return apply_feature_transform(features, rows.transform), result.source_probs
 
 
 def assemble_ranking(dataset: DatasetSpec, models: list[ModelSpec], rows: RankRows,
@@ -384,11 +393,13 @@ def assemble_ranking(dataset: DatasetSpec, models: list[ModelSpec], rows: RankRo
 
 def _score_candidate(model: ModelSpec, stage: str, where: tuple[float, float], examples: Examples,
                      labels: np.ndarray, task: str, metrics: list[str], report: Progress,
-                     extraction: dict[str, Any], layers: str | list[int] = "last"
-                     ) -> tuple[np.ndarray | None, dict[str, Any]]:
+                     extraction: dict[str, Any], layers: str | list[int] = "last",
+                     transform: dict[str, Any] | None = None) -> tuple[np.ndarray | None, dict[str, Any]]:
     """One candidate's features (None if it failed) and its ranking record: scores, notes, timings, details.
     where: (start, span) of its extraction on the progress scale; layers: which hidden states it is read at
-    (FeatureResult.select)."""
+    (FeatureResult.select); transform: the job's feature_transform of the selected features."""
+    from workers.ranking.softdecay import apply_feature_transform
+
     start, span = where
     report(stage, start)
     began = time.perf_counter()
@@ -410,7 +421,7 @@ def _score_candidate(model: ModelSpec, stage: str, where: tuple[float, float], e
         # One unusable candidate (no tokenizer, not a text model, out of memory) must not sink the others.
         log.warning("model %s (%s) failed: %r", model.name, model.id, exc, extra={"model_id": model.id})
         return None, failed_model(metrics, exc, len(examples), time.perf_counter() - began)
-    features = np.asarray(selected, dtype=np.float64)
+    features = apply_feature_transform(np.asarray(selected, dtype=np.float64), transform)
     scores, scoring = score_model(metrics, features, labels, task, result.source_probs)
     return features, {
         "scores": scores, "notes": scoring["notes"], "score_seconds": scoring["score_seconds"],

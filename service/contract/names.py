@@ -19,6 +19,16 @@ DEFAULT_LAYERS = {"text": "last", "image": "last"}
 # come for and what the verdict's labels-only baseline reads.
 DEFAULT_METRICS = ("ridge_loo", "logme")
 STRATEGIES = ("finetune", "btuning")
+# What a rank job may do to the N x D features of its rows before the estimators read them (workers/ranking/
+# softdecay.py, docs/estimators.md): nothing, or SoftDecay's flattening of their singular value spectrum.
+FEATURE_TRANSFORMS = ("none", "softdecay")
+# SoftDecay's alpha lies in (low, high]: 0 is the identity, -1 and below leave ln(1 + |alpha| s - alpha^2) unbounded.
+SOFTDECAY_ALPHA_RANGE = (-1.0, 0.0)
+# The official code's values (github.com/hanqi-qi/tokenUni): -0.6 post-processes pooled sentence embeddings
+# (unsupervisedSTS pooling_utils.soft_expand), what a rank job transforms; -0.2 starts fine-tuning
+# (run_glue_no_trainer --decay_alpha), what `tune.softdecay` applies to the last layer's token states.
+SOFTDECAY_RANK_ALPHA = -0.6
+SOFTDECAY_TUNE_ALPHA = -0.2
 
 _ALL_TASKS = frozenset(TASKS)
 _CLASSIFICATION = frozenset({"classification"})

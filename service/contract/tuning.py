@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, ValidationInfo, field_validator
 
-from service.contract.names import STRATEGIES
+from service.contract.names import SOFTDECAY_ALPHA_RANGE, SOFTDECAY_TUNE_ALPHA, STRATEGIES
 from service.contract.text import ID_LENGTH, RequestModel
 
 # (low, high) of the settings a request and a run both take; a request cannot ask for what a run refuses.
@@ -273,12 +273,27 @@ def resolve_sngp(value: Any, head: str = "sngp", where: str = "sngp") -> dict[st
     return spec.model_dump()
 
 
+def resolve_softdecay(value: Any, where: str = "softdecay") -> dict[str, Any] | None:
+    """SoftDecay of the last layer's token states ({"alpha"}, SoftDecaySpec's default filled in), None: off.
+    ValueError names the bad field."""
+    if value is None:
+        return None
+    try:
+        spec = SoftDecaySpec.model_validate(value)
+    except Exception as exc:  # pydantic's ValidationError, re-raised naming the field
+        raise _peft_error(exc, where) from None
+    return spec.model_dump()
+
+
 def check_tune_for_dataset(tune: dict[str, Any], modality: str, where: str = "tune", task: str | None = None) -> None:
     """What a tune block cannot ask of a dataset of this modality (and task, when given); ValueError naming the
     field. The API calls it with the dataset's modality and task before queueing a job, the worker before
     training."""
     if tune.get("augment") is not None and modality != "text":
         raise ValueError(f"{where}.augment: text augmentation applies to text datasets; this dataset holds "
+                         f"{modality}s")
+    if tune.get("softdecay") is not None and modality != "text":
+        raise ValueError(f"{where}.softdecay: SoftDecay transforms a text model's token states; this dataset holds "
                          f"{modality}s")
     if tune.get("head", "linear") == "sngp" and task is not None and task not in SNGP_TASKS:
         raise ValueError(f"{where}.head: sngp applies to single-label classification; this dataset is {task}")
@@ -310,6 +325,8 @@ class TuneConfig:
         adapters and the head only; None: full fine-tuning.
     head: "linear" (a new nn.Linear output layer) or "sngp" (workers/tuning/sngp.py; classification only).
     sngp: the SNGP head's settings (resolve_sngp: SngpSpec's defaults for head "sngp"); None for "linear".
+    softdecay: {"alpha"} (resolve_softdecay): SoftDecay of each example's last-layer token states
+        (workers/tuning/softdecay.py), in training and in the checkpoint; None: off.
     """
 
     strategy: str = "finetune"
@@ -333,6 +350,7 @@ class TuneConfig:
     peft: dict[str, Any] | None = None
     head: str = "linear"
     sngp: dict[str, Any] | None = None
+    softdecay: dict[str, Any] | None = None
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], tradeoff: float = 1.0, device: str | None = None) -> TuneConfig:
@@ -343,7 +361,7 @@ class TuneConfig:
                    batch_size=spec["batch_size"], max_length=spec["max_length"], seed=spec["seed"],
                    tradeoff=tradeoff, temperature=spec["temperature"], device=device,
                    augment=spec.get("augment"), peft=spec.get("peft"), head=spec.get("head", "linear"),
-                   sngp=spec.get("sngp")).validate()
+                   sngp=spec.get("sngp"), softdecay=spec.get("softdecay")).validate()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TuneConfig:
@@ -408,6 +426,7 @@ class TuneConfig:
         self.augment = resolve_augment(self.augment)
         self.peft = resolve_peft(self.peft, self.regularizer)
         self.sngp = resolve_sngp(self.sngp, self.head)
+        self.softdecay = resolve_softdecay(self.softdecay)
         return self
 
     def resolved_regularizer_params(self) -> dict[str, Any]:
@@ -473,6 +492,15 @@ class SngpSpec(RequestModel):
                                      "sqrt(1 + lambda var); 0 reads the MAP logits")
 
 
+class SoftDecaySpec(RequestModel):
+    """SoftDecay (Yan et al., UAI 2022) of each example's last-layer token states: singular values s mapped to
+    ln(1 + |alpha| s - alpha^2) / |alpha|, the largest kept; alpha fixed (the paper learns it from this start)."""
+
+    alpha: float = Field(default=SOFTDECAY_TUNE_ALPHA, gt=SOFTDECAY_ALPHA_RANGE[0], le=SOFTDECAY_ALPHA_RANGE[1],
+                         description="the decay's strength: 0 is the identity, towards -1 flatter spectra "
+                         "(default -0.2: the official code's start)")
+
+
 def _limit(name: str) -> dict[str, float]:
     low, high = LIMITS[name]
     return {"ge": low, "le": high}
@@ -507,6 +535,9 @@ class TuneSpec(RequestModel):
                                  "calibrated probabilities; single-label classification only)")
     sngp: SngpSpec | None = Field(default=None, description="settings of the SNGP head (head \"sngp\"); null: "
                                   "its defaults")
+    softdecay: SoftDecaySpec | None = Field(default=None, description="SoftDecay of the last layer's token "
+                                            "states, per example (token uniformity): the singular value spectrum "
+                                            "flattened before the head reads them; null: off")
     ood_dataset_id: str | None = Field(default=None, max_length=ID_LENGTH, description="a dataset of yours of "
                                        "the same modality whose rows are out of distribution: each tuned model "
                                        "reports ood_auroc, how well 1 - max probability tells them from the "

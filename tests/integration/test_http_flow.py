@@ -100,7 +100,8 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
         assert 0.0 <= low <= entry["scores"]["ridge_loo"] <= high <= 1.0
     assert 0.0 <= ranking[0]["p_better_than_next"]["logme"] <= 1.0
     # Every finished job says what ordered it and what the data let it conclude.
-    assert job["ranked_by"] == {"estimator": "logme", "features": {"pooling": "mean", "layers": "last"}}
+    assert job["ranked_by"] == {"estimator": "logme", "features": {"pooling": "mean", "layers": "last",
+                                                                  "transform": "none"}}
     verdict = job["verdict"]
     assert verdict["top"] == ranking[0]["model_id"] and isinstance(verdict["confident"], bool)
     assert set(verdict["indistinguishable_from_top"]) <= set(model_ids) - {verdict["top"]}
@@ -154,11 +155,27 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
     layered = wait_for(alice, alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "layers": "all"}).json()["id"],
                        stack)
     assert layered["status"] == "succeeded", (layered, stack.log_text())
-    assert layered["ranked_by"] == {"estimator": "ridge_loo", "features": {"pooling": "mean", "layers": "all"}}
+    assert layered["ranked_by"] == {"estimator": "ridge_loo", "features": {"pooling": "mean", "layers": "all",
+                                                                           "transform": "none"}}
     assert layered["metrics"] == ["ridge_loo", "logme"] and "logme" in layered["ranking"][0]["scores"]
     assert all(r["features_cached"] for r in layered["ranking"])
     bad_layers = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "layers": "first"})
     assert bad_layers.status_code == 422 and bad_layers.json()["field"] == "layers"
+    # SoftDecay of the ranked rows' features: from the cache (no forward pass), other scores, named in ranked_by.
+    decayed = wait_for(alice, alice.post("/v1/jobs", json={"dataset_id": dataset["id"],
+                                                           "feature_transform": "softdecay"}).json()["id"], stack)
+    assert decayed["status"] == "succeeded", (decayed, stack.log_text())
+    assert decayed["ranked_by"]["features"]["transform"] == {"name": "softdecay", "alpha": -0.6}
+    assert decayed["options"]["feature_transform"] == "softdecay" and decayed["options"]["softdecay_alpha"] == -0.6
+    assert all(r["features_cached"] and r["feature_seconds"] == 0.0 for r in decayed["ranking"])
+    plain = {r["model_id"]: r["scores"] for r in again["ranking"]}
+    assert all(abs(r["scores"]["logme"] - plain[r["model_id"]]["logme"]) > 1e-6 for r in decayed["ranking"])
+    for bad, field in (({"feature_transform": "whiten"}, "feature_transform"),
+                       ({"feature_transform": "softdecay", "softdecay_alpha": -1.0}, "softdecay_alpha"),
+                       ({"softdecay_alpha": -0.3}, "softdecay_alpha"),
+                       ({"tune": {"softdecay": {"alpha": 0.5}}}, "tune.softdecay.alpha")):
+        refused = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], **bad})
+        assert refused.status_code == 422 and refused.json()["field"] == field, (bad, refused.text)
     # Successive halving: nested samples, one metric, the rounds recorded on the job.
     halving = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "metrics": ["logme"],
                                            "successive_halving": {"initial_rows": 30, "confidence": 0.9}})
@@ -170,6 +187,14 @@ def test_rank_flow_and_errors(stack: Stack, tiny_hub: dict[str, Path], tmp_path:
     assert summary["mode"] == "successive_halving" and summary["rounds"][0]["rows"] == 30
     assert summary["total_rows"] == 90
     assert halved["verdict"]["top"] == halved["ranking"][0]["model_id"] and halved["ranked_by"]["estimator"] == "logme"
+    halved_decayed = wait_for(alice, alice.post("/v1/jobs", json={
+        "dataset_id": dataset["id"], "metrics": ["logme"], "feature_transform": "softdecay", "softdecay_alpha": -0.3,
+        "successive_halving": {"initial_rows": 30, "confidence": 0.9}}).json()["id"], stack)
+    assert halved_decayed["status"] == "succeeded", (halved_decayed, stack.log_text())
+    assert halved_decayed["ranked_by"]["features"]["transform"] == {"name": "softdecay", "alpha": -0.3}
+    first_round = {m: v for m, v in summary["rounds"][0]["scores"].items() if v is not None}
+    assert any(abs(v - first_round[m]) > 1e-6 for m, v in halved_decayed["ranking_summary"]["rounds"][0]["scores"]
+               .items() if m in first_round and v is not None)
     two_metrics = alice.post("/v1/jobs", json={"dataset_id": dataset["id"], "metrics": ["logme", "hscore"],
                                                "successive_halving": {}})
     assert two_metrics.status_code == 422 and two_metrics.json()["field"] == "metrics"

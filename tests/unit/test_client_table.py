@@ -44,3 +44,19 @@ def test_tune_command_sets_the_head_and_the_ood_dataset() -> None:
                                       "--ood-dataset", "ds2"])
     assert _job_body(args)["tune"] == {"epochs": 2, "head": "sngp", "ood_dataset_id": "ds2"}
     assert "head" not in _job_body(build_parser().parse_args(["tune", "ds1"]))["tune"]
+
+
+def test_softdecay_flags_and_the_table_naming_the_transform() -> None:
+    from service.cli import _job_body, build_parser
+
+    bare = _job_body(build_parser().parse_args(["rank", "ds1", "--softdecay"]))
+    assert bare == {"dataset_id": "ds1", "feature_transform": "softdecay"}  # the server fills in its alpha
+    given = _job_body(build_parser().parse_args(["tune", "ds1", "--softdecay", "-0.3", "--tune-softdecay", "-0.1"]))
+    assert given["softdecay_alpha"] == -0.3 and given["tune"]["softdecay"] == {"alpha": -0.1}
+    assert "feature_transform" not in _job_body(build_parser().parse_args(["rank", "ds1"]))
+    job = {"metrics": ["ridge_loo"], "ranking": [{"rank": 1, "model": "m", "scores": {"ridge_loo": 0.5},
+                                                  "feature_seconds": 0.0}],
+           "ranked_by": {"features": {"transform": {"name": "softdecay", "alpha": -0.6}}}}
+    assert "Features transformed: softdecay (alpha -0.6)" in ranking_table(job)
+    job["ranked_by"]["features"]["transform"] = "none"
+    assert "transformed" not in ranking_table(job)

@@ -33,7 +33,8 @@ def run_rank(job: RankInput, progress: pipeline.Progress, prefetch: Prefetch | N
     prefetch: successive halving's rounds' features extracted by other workers first (workers.halving)."""
     options = job.options
     common: dict[str, Any] = dict(_extraction(job), layers=options.get("layers", "last"),
-                                  bootstrap_samples=job.bootstrap_samples, progress=progress)
+                                  feature_transform=feature_transform(job), bootstrap_samples=job.bootstrap_samples,
+                                  progress=progress)
     halving = options.get("successive_halving")
     if not halving:
         full = pipeline.rank_in_full(job.dataset, job.models, job.metrics, sample_size=options.get("sample_size"),
@@ -47,15 +48,24 @@ def run_rank(job: RankInput, progress: pipeline.Progress, prefetch: Prefetch | N
     return RankOutcome(ranking=result.ranking, summary=summary)
 
 
+def feature_transform(job: RankInput) -> dict[str, Any] | None:
+    """The job's feature_transform as workers.ranking.softdecay.apply_feature_transform takes it; None: none."""
+    if job.options.get("feature_transform", "none") == "none":
+        return None
+    return {"name": job.options["feature_transform"], "alpha": job.options["softdecay_alpha"]}
+
+
 def ranked_by(job: RankInput) -> dict[str, Any]:
     """What ordered the ranking: the estimator and the features it read."""
     return {"estimator": job.metrics[0], "features": {"pooling": job.options.get("pooling", "mean"),
-                                                      "layers": job.options.get("layers", "last")}}
+                                                      "layers": job.options.get("layers", "last"),
+                                                      "transform": feature_transform(job) or "none"}}
 
 
 def job_rows(job: RankInput) -> pipeline.RankRows:
     """The rows every candidate of `job` is scored on (the same in every worker: the sample is seeded)."""
-    return pipeline.prepare_rows(job.dataset, sample_size=job.options.get("sample_size"), **_extraction(job))
+    return pipeline.prepare_rows(job.dataset, sample_size=job.options.get("sample_size"),
+                                 feature_transform=feature_transform(job), **_extraction(job))
 
 
 def score_one(job: RankInput, rows: pipeline.RankRows, model: pipeline.ModelSpec, stage: str,

@@ -83,6 +83,11 @@ def model_card(card: dict[str, Any]) -> str:
     else:
         lines += [f"Fine-tuned by HubTune. Loads offline with `{loaders[0]}.from_pretrained(folder)` "
                   f"and `{loaders[1]}.from_pretrained(folder)`.", ""]
+    if card.get("softdecay"):
+        lines += [f"Tuned with SoftDecay (alpha {card['softdecay'].get('alpha')}) on the last Transformer layer's "
+                  "token states, part of the model (`softdecay.json`): after loading, "
+                  "`workers.tuning.softdecay.install_softdecay(model, read_softdecay_config(folder))` (HubTune's "
+                  "package) puts it back; without it the model reads untransformed states.", ""]
     pair = (card.get("dataset_columns") or {}).get("text_pair")
     if pair:
         lines += [f"Trained on text pairs: encode each example as `tokenizer(text, text_pair)` (the dataset's "
@@ -104,6 +109,7 @@ def model_card(card: dict[str, Any]) -> str:
         ("strategy", card.get("strategy")),
         ("regularizer", card.get("regularizer")),
         ("head", "sngp" if card.get("sngp") else None),
+        ("softdecay", card.get("softdecay")),
         ("seed", card.get("seed")),
         ("steps", card.get("steps")),
         ("wall seconds", card.get("wall_seconds")),

@@ -125,6 +125,8 @@ def _fingerprint(config: TuneConfig, model_dir: Path, train: ExampleDataset, val
     if settings.get("head") == "linear":  # a linear head's runs keep the fingerprint they had before heads existed
         settings.pop("head")
         settings.pop("sngp")
+    if settings.get("softdecay") is None:  # so do runs without SoftDecay
+        settings.pop("softdecay", None)
     h = hashlib.sha256()
     h.update(json.dumps({"config": settings, "model": str(Path(model_dir).resolve()), "task": task,
                          "labels": label_names}, sort_keys=True, default=str).encode())
@@ -292,7 +294,7 @@ def _load_model(config: TuneConfig, model_dir: Path, train: ExampleDataset, val:
                 ignore_mismatched_sizes=True, dtype=torch.float32)  # transformers 5 defaults to the file's dtype
     with _quiet_transformers():
         if holds_images(train):
-            check_tune_for_dataset({"augment": config.augment}, "image")
+            check_tune_for_dataset({"augment": config.augment, "softdecay": config.softdecay}, "image")
             # a source head of another size (ImageNet's 1000 classes) is replaced by a new one
             preprocessor = AutoImageProcessor.from_pretrained(model_dir)
             model = image_classifier(model_dir, head)
@@ -319,6 +321,10 @@ def _load_model(config: TuneConfig, model_dir: Path, train: ExampleDataset, val:
 
         check_tune_for_dataset({"head": config.head}, loaded.modality, task=task)
         loaded.sngp = install_sngp_head(model, config.sngp, targets.num_labels)  # drawn after the HF head's init
+    if config.softdecay is not None:  # on the last block before peft wraps it; part of the model from now on
+        from workers.tuning.softdecay import install_softdecay
+
+        install_softdecay(model, config.softdecay)
     if config.peft is not None:
         from workers.tuning.adapters import attach_lora
 
@@ -643,6 +649,7 @@ def _save_run(result: TuneResult, loaded: _Loaded, names: list[str], config: Tun
         **({"sam": details["sam"]} if "sam" in details else {}),
         **({"peft": details["peft"]} if "peft" in details else {}),
         **({"sngp": {**loaded.sngp, **details["sngp"]}} if loaded.sngp is not None else {}),
+        **({"softdecay": config.softdecay} if config.softdecay is not None else {}),
         **({"target_scaling": details["target_scaling"]} if "target_scaling" in details else {}),
     })
     loaded.model.eval()
@@ -667,9 +674,29 @@ def _save_run(result: TuneResult, loaded: _Loaded, names: list[str], config: Tun
         def save(folder: Path) -> None:
             loaded.model.save_pretrained(folder, safe_serialization=True)
             write_sngp_config(folder, loaded.sngp, loaded.modality)
+    if config.softdecay is not None:
+        save = _with_softdecay(save, loaded, config)
     with _quiet_transformers():
         write_checkpoint(loaded.model, loaded.preprocessor, checkpoint_dir, record, save=save)
     write_json_atomic(state_dir / RESULT_FILE, {"fingerprint": fingerprint, "result": result.to_dict()})
     state_path = state_dir / STATE_FILE
     if state_path.exists():
         state_path.unlink()
+
+
+def _with_softdecay(save: Callable[[Path], None] | None, loaded: _Loaded, config: TuneConfig
+                    ) -> Callable[[Path], None]:
+    """`save` (or save_pretrained) and softdecay.json beside the weights (and the merged folder's), which
+    `workers.tuning.softdecay.install_softdecay` reads back."""
+    from workers.tuning.softdecay import write_softdecay_config
+
+    def save_with(folder: Path) -> None:
+        if save is not None:
+            save(folder)
+        else:
+            loaded.model.save_pretrained(folder, safe_serialization=True)
+        write_softdecay_config(folder, config.softdecay)
+        if config.peft is not None and config.peft["merge"]:
+            write_softdecay_config(folder / "merged", config.softdecay)
+
+    return save_with

@@ -36,6 +36,7 @@ from service.contract import (
     DEFAULT_LAYERS,
     DEFAULT_METRICS,
     ESTIMATORS,
+    SOFTDECAY_RANK_ALPHA,
     TERMINAL,
     JobPhase,
     check_tune_for_dataset,
@@ -126,6 +127,18 @@ def job_layers(body: JobCreate, dataset: Dataset) -> str | list[int]:
     return body.layers
 
 
+def job_feature_transform(body: JobCreate) -> dict[str, Any]:
+    """The options naming the job's feature transform: feature_transform, and softdecay_alpha (its default filled
+    in) for softdecay."""
+    if body.feature_transform == "none":
+        if body.softdecay_alpha is not None:
+            raise Problem(422, "softdecay_alpha needs feature_transform softdecay",
+                          'set feature_transform to "softdecay", or leave softdecay_alpha out', field="softdecay_alpha")
+        return {"feature_transform": "none", "softdecay_alpha": None}
+    alpha = SOFTDECAY_RANK_ALPHA if body.softdecay_alpha is None else body.softdecay_alpha
+    return {"feature_transform": body.feature_transform, "softdecay_alpha": alpha}
+
+
 def job_metrics(body: JobCreate) -> list[str]:
     """The estimators the job scores: the request's (duplicates dropped), else DEFAULT_METRICS (successive halving
     ranks by one: the default's first)."""
@@ -201,7 +214,7 @@ def create_job(body: JobCreate, sessions: SessionsDep, send: SendDep, who: Owner
         check_stored_bytes(sessions, who, settings)
     job = Job(owner=who, dataset_id=dataset.id, candidates=candidates, metrics=job_metrics(body),
               options={"sample_size": body.sample_size, "seed": body.seed, "pooling": body.pooling,
-                       "layers": layers,
+                       "layers": layers, **job_feature_transform(body),
                        "successive_halving": body.successive_halving.model_dump()
                        if body.successive_halving else None},
               tune=body.tune.model_dump() if body.tune else None)
