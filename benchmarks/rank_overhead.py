@@ -89,13 +89,14 @@ def main() -> None:
                 forward = sum(r["forward_seconds"] for r in job["ranking"])
                 extraction = sum(r["feature_seconds"] for r in job["ranking"])
                 rows.append((attempt, wall, forward, extraction, len(job["ranking"])))
+                metrics = job["metrics"]  # the default ranking's, as a user who names none gets
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
     lines = [f"Command: `python -m benchmarks.rank_overhead {' '.join(sys.argv[1:])}`  ",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared); "
              f"{f'data={args.data.name}' if args.data else f'rows={args.rows}'}; "
-             f"models={[f.name for f in folders]}; metrics=[logme]; wall {time.perf_counter() - began:.0f}s "
+             f"models={[f.name for f in folders]}; metrics={metrics}; wall {time.perf_counter() - began:.0f}s "
              "for the whole script (service start, uploads, both jobs)", "",
              "| job | wall s | feature extraction s (load+tokenise+forward) | forward s | wall / forward | "
              "wall s per model |", "|---|---|---|---|---|---|"]

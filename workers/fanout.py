@@ -18,9 +18,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLTimeoutError
 from sqlalchemy.orm import sessionmaker
 
@@ -37,6 +37,25 @@ Progress = Callable[[str, float], None]
 # coordinator keeps in memory, or None; the record to store, JSON; whether it failed).
 Work = Callable[[str, str, Progress, tuple[float, float]], tuple[Any, dict[str, Any], bool]]
 CANDIDATE_TASKS = {"rank": "hubtune.rank_candidate", "tune": "hubtune.tune_candidate"}  # workers/tasks.py
+# A database that is down, frozen (a statement timeout) or restarting (a dropped connection).
+TRANSIENT = (OperationalError, SQLTimeoutError, InterfaceError)
+T = TypeVar("T")
+
+
+def patiently(call: Callable[[], T], settings: Settings, what: str) -> T:
+    """call(), tried again while the database is unavailable, for at most a lease (after that the job or the
+    candidate is someone else's anyway). The coordinator's bookkeeping between candidates must not fail a job
+    that an outage only paused."""
+    deadline, delay = time.monotonic() + settings.lease_seconds, 0.5
+    while True:
+        try:
+            return call()
+        except TRANSIENT as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("%s: database unavailable (%s); trying again", what, str(exc).splitlines()[0][:200])
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
 
 
 def worker_name() -> str:
@@ -125,9 +144,14 @@ class Step:
                 self._release(model_id, token)
                 raise
             record.setdefault("details", {})["worker"] = worker_name()
-            candidate_states.finish_candidate(self.sessions, self.job_id, model_id, token,
-                                              CandidateStatus.FAILED if failed else CandidateStatus.SCORED, record)
+            status = CandidateStatus.FAILED if failed else CandidateStatus.SCORED
+            patiently(lambda: candidate_states.finish_candidate(self.sessions, self.job_id, model_id, token, status,
+                                                                record), settings, f"job {self.job_id}: recording")
         return kept
+
+    def _states(self) -> list[candidate_states.CandidateState]:
+        return patiently(lambda: candidate_states.candidate_states(self.sessions, self.job_id, self.name),
+                         self.settings, f"job {self.job_id} ({self.name})")
 
     def _release(self, model_id: str, token: str) -> None:
         try:
@@ -141,21 +165,23 @@ class Step:
         """Run the step over `model_ids` with every free worker: ({model id: its record, with its `attempts`},
         {model id: what `work` kept, for the candidates done here}). `progress` raises on cancel or a lost job
         lease; span: the step's (start, width) on progress's scale."""
-        settings = self.settings
-        candidate_states.open_candidates(self.sessions, self.job_id, self.name, model_ids)
-        pending = sum(not c.done for c in candidate_states.candidate_states(self.sessions, self.job_id, self.name))
+        settings, what = self.settings, f"job {self.job_id} ({self.name})"
+        patiently(lambda: candidate_states.open_candidates(self.sessions, self.job_id, self.name, model_ids),
+                  settings, what)
+        pending = sum(not c.done for c in self._states())
         send_candidate_messages(self.job_id, candidate_states.step_phase(self.name), pending - 1, settings)
         start, width = span
         kept: dict[str, Any] = {}
         while True:
-            states = candidate_states.candidate_states(self.sessions, self.job_id, self.name)
+            states = self._states()
             done, count = sum(c.done for c in states), len(states)
             if done == count:
                 break
             progress(f"{label}: {done}/{count} done", start + width * done / count)
             token = uuid.uuid4().hex
-            claimed = candidate_states.claim_candidate(self.sessions, self.job_id, token, worker_name(),
-                                                       settings.lease_seconds, settings.max_attempts, step=self.name)
+            claimed = patiently(lambda token=token: candidate_states.claim_candidate(
+                self.sessions, self.job_id, token, worker_name(), settings.lease_seconds, settings.max_attempts,
+                step=self.name), settings, what)
             if claimed is None:  # the rest are being done elsewhere
                 time.sleep(settings.candidate_poll_seconds)
                 continue

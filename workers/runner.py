@@ -36,7 +36,7 @@ from service.db import (
 )
 from service.logs import log_context
 from service.settings import Settings, get_settings
-from workers.fanout import CandidateProgress, Heartbeat, Progress, Step, Work, worker_name
+from workers.fanout import CandidateProgress, Heartbeat, Progress, Step, Work, patiently, worker_name
 from workers.phases import rank as rank_phase
 from workers.phases.inputs import FeatureSettings, RankedCandidate, RankInput, TuneDataset, TuneInput
 from workers.pipeline import DatasetSpec, ModelSpec
@@ -157,8 +157,9 @@ def run_candidate(job_id: str, phase: str, settings: Settings | None = None) -> 
         settings = settings or get_settings()
         sessions = session_factory(settings.sqlalchemy_url, DatabaseTimeouts.from_settings(settings))
         token = uuid.uuid4().hex
-        claimed = candidate_states.claim_candidate(sessions, job_id, token, worker_name(), settings.lease_seconds,
-                                                   settings.max_attempts, phase=phase)
+        claimed = patiently(lambda: candidate_states.claim_candidate(
+            sessions, job_id, token, worker_name(), settings.lease_seconds, settings.max_attempts, phase=phase),
+            settings, f"job {job_id}: claiming a candidate")
         if claimed is None:
             return "skipped"
         step = Step(sessions, job_id, claimed.step, settings)

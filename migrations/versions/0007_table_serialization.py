@@ -21,6 +21,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # the sentences stay the datasets' text: the old schema ranks and tunes them as text datasets
-    with op.batch_alter_table("datasets", schema=None) as batch_op:
-        batch_op.drop_column("serialization")
+    # the sentences stay the datasets' text: the old schema ranks and tunes them as text datasets. A plain DROP
+    # COLUMN (SQLite 3.35+): batch mode would rebuild the table, which the jobs' foreign keys forbid.
+    op.drop_column("datasets", "serialization")

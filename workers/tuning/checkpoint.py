@@ -43,19 +43,9 @@ def _yaml_value(value: Any) -> str:
     return json.dumps(value)  # JSON scalars and lists are valid YAML
 
 
-def model_card(card: dict[str, Any]) -> str:
-    """README.md text for a checkpoint from the run's record."""
-    scores = card.get("scores") or {}
-    regularizer = card.get("regularizer")
-    reg_name = regularizer.get("name", "none") if isinstance(regularizer, dict) else str(regularizer or "none")
-    front = {
-        "library_name": "transformers",
-        "pipeline_tag": "image-classification" if card.get("modality") == "image" else "text-classification",
-        "base_model": card.get("base_model"),
-        "tags": ["hubtune", str(card.get("strategy", "finetune")), reg_name],
-    }
-    lines = ["---"] + [f"{k}: {_yaml_value(v)}" for k, v in front.items() if v is not None] + ["---", ""]
-    lines += [f"# {card.get('name') or 'HubTune checkpoint'}", ""]
+def _how_to_load(card: dict[str, Any]) -> list[str]:
+    """The model card's paragraphs on loading the checkpoint offline: plain, LoRA, SNGP head, SoftDecay."""
+    lines: list[str] = []
     loaders = (("AutoModelForImageClassification", "AutoImageProcessor") if card.get("modality") == "image"
                else ("AutoModelForSequenceClassification", "AutoTokenizer"))
     peft = card.get("peft")
@@ -88,6 +78,12 @@ def model_card(card: dict[str, Any]) -> str:
                   "token states, part of the model (`softdecay.json`): after loading, "
                   "`workers.tuning.softdecay.install_softdecay(model, read_softdecay_config(folder))` (HubTune's "
                   "package) puts it back; without it the model reads untransformed states.", ""]
+    return lines
+
+
+def _data_notes(card: dict[str, Any]) -> list[str]:
+    """How to present new examples as the training rows were: text pairs, LIFT table rows."""
+    lines: list[str] = []
     pair = (card.get("dataset_columns") or {}).get("text_pair")
     if pair:
         lines += [f"Trained on text pairs: encode each example as `tokenizer(text, text_pair)` (the dataset's "
@@ -99,6 +95,23 @@ def model_card(card: dict[str, Any]) -> str:
         lines += [f"Trained on table rows written as sentences (LIFT) from the columns `{features}`: predict on "
                   "`service.lift.row_sentence(columns, [service.lift.cell_text(v) for v in row])`, e.g. `age is 39, "
                   "workclass is State-gov`.", ""]
+    return lines
+
+
+def model_card(card: dict[str, Any]) -> str:
+    """README.md text for a checkpoint from the run's record."""
+    scores = card.get("scores") or {}
+    regularizer = card.get("regularizer")
+    reg_name = regularizer.get("name", "none") if isinstance(regularizer, dict) else str(regularizer or "none")
+    front = {
+        "library_name": "transformers",
+        "pipeline_tag": "image-classification" if card.get("modality") == "image" else "text-classification",
+        "base_model": card.get("base_model"),
+        "tags": ["hubtune", str(card.get("strategy", "finetune")), reg_name],
+    }
+    lines = ["---"] + [f"{k}: {_yaml_value(v)}" for k, v in front.items() if v is not None] + ["---", ""]
+    lines += [f"# {card.get('name') or 'HubTune checkpoint'}", ""]
+    lines += _how_to_load(card) + _data_notes(card)
     rows = [
         ("base model", card.get("base_model")),
         ("base revision", card.get("base_revision") or card.get("base_model_revision") or card.get("revision")),
