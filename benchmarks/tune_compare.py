@@ -19,10 +19,24 @@ ood_auroc: how well 1 - max probability tells those rows (as many as the validat
 validation rows. Results go to a JSON file as they finish, and runs already there are skipped, so the
 benchmark can be run in pieces (--max-minutes) and then reported with --report-only.
 
+Images (--data fashion_mnist): Fashion-MNIST from Debian's dataset-fashion-mnist (benchmarks/data/fashion_mnist.py
+reads it; --fashion-package names the extracted package, by default `apt-get download` + `dpkg -x` into the cache),
+--train images class-stratified from its train split and --val from its test split, as the PNG bytes an upload
+stores. Model: MobileNetV2 with torchvision's ImageNet weights (demo.prepare_hub's mobilenet_v2-imagenet, built into
+the cache) or --model FOLDER; a copy of its folder whose preprocessor_config.json resizes to --resolution (crop; the
+shortest edge to 256/224 of it, ImageNet's ratio) keeps the runs CPU-sized. The methods that apply to images run
+through the same TuneConfig and loop; the text-only ones (the augmentations, softdecay) are refused, as the tune
+stage refuses them. LoRA adapts the modules --lora-targets names (MobileNetV2: its dense convolutions; peft refuses
+the depthwise ones at a rank their groups do not divide). --ood digits: scikit-learn's 8x8 handwritten digits
+scaled to 28x28, as many as the validation images. Image runs' keys add the data set, model and resolution, so the
+text runs' keys are unchanged.
+
     .venv/bin/python benchmarks/tune_compare.py                      # defaults below, all methods, 3 seeds
     .venv/bin/python benchmarks/tune_compare.py --methods none,l2sp --seeds 0 --max-minutes 4
     .venv/bin/python benchmarks/tune_compare.py --methods none,sam,asam,lora,eda --lr 1e-4   # second wave
     .venv/bin/python benchmarks/tune_compare.py --methods none,sngp --lr 1e-4 --ood /tmp/austen/austen.csv
+    .venv/bin/python benchmarks/tune_compare.py --data fashion_mnist --train 200 --val 200 --lr 5e-4 \
+        --lora-lr 2.5e-3 --methods none,sam,asam,lora,sngp --ood digits     # images
     .venv/bin/python benchmarks/tune_compare.py --report-only        # table from what has run
 """
 
@@ -93,8 +107,93 @@ def load_bbc(n_train: int, n_val: int, seed: int = 0):
 def data_sha256(train, val) -> str:
     h = hashlib.sha256()
     for data in (train, val):
-        h.update(json.dumps([data.examples, data.labels.tolist()]).encode())
+        if data.examples and isinstance(data.examples[0], bytes):  # images: each file's digest, then the labels
+            h.update(b"".join(hashlib.sha256(e).digest() for e in data.examples))
+            h.update(json.dumps(data.labels.tolist()).encode())
+        else:
+            h.update(json.dumps([data.examples, data.labels.tolist()]).encode())
     return h.hexdigest()
+
+
+IMAGE_DATA = "fashion_mnist"
+IMAGE_MODEL = "mobilenet_v2-imagenet"
+# MobileNetV2's dense convolutions (the stem's 3x3, every pointwise 1x1); peft's LoRA refuses its depthwise 3x3
+# ones at a rank their groups (32 to 960 channels) do not divide
+MOBILENET_V2_LORA_TARGETS = "first_conv.convolution,expand_1x1.convolution,reduce_1x1.convolution," \
+                            "conv_1x1.convolution"
+TEXT_ONLY = ("eda", "swap", "delete", "insert", "softdecay")  # the tune stage refuses them on image datasets
+
+
+def fashion_package(args, cache: Path) -> Path:
+    """The extracted dataset-fashion-mnist package: --fashion-package, or apt-get download + dpkg -x into the
+    cache (no system install)."""
+    import subprocess
+
+    if args.fashion_package:
+        return Path(args.fashion_package)
+    root = cache / "pkgs"
+    target = root / "dataset-fashion-mnist"
+    if not target.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=root, check=True, capture_output=True)
+        deb = next(root.glob("dataset-fashion-mnist_*.deb"))
+        subprocess.run(["dpkg", "-x", str(deb), str(target)], check=True)
+    return target
+
+
+def load_fashion(package: Path, n_train: int, n_val: int, seed: int = 0):
+    """`n_train` images of the train split and `n_val` of the test split, each class-stratified, as PNG bytes:
+    (train, val, class names)."""
+    from benchmarks.data.fashion_mnist import CLASSES, load_split, png_bytes, stratified
+    from workers.tuning.data import ExampleDataset
+
+    out = []
+    for split, rows in (("train", n_train), ("t10k", n_val)):
+        images, labels = load_split(package, split)
+        picked = stratified(labels, rows, seed)
+        out.append(ExampleDataset([png_bytes(images[i]) for i in picked], labels[picked].astype(np.int64)))
+    return out[0], out[1], list(CLASSES)
+
+
+def load_digits_ood(rows: int, seed: int = 0) -> list[bytes]:
+    """`rows` of scikit-learn's 8x8 handwritten digits (0-16 ink, white on black as Fashion-MNIST's items) scaled
+    to 28x28 grayscale PNGs: the out-of-distribution images."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from benchmarks.data.fashion_mnist import png_bytes
+
+    digits = load_digits().images
+    keep = sorted(np.random.default_rng(seed).permutation(len(digits))[:rows])
+    return [png_bytes(np.asarray(Image.fromarray((digits[i] * 255 / 16).astype(np.uint8)).resize(
+        (28, 28), Image.Resampling.BILINEAR))) for i in keep]
+
+
+def image_model_dir(args, cache: Path) -> Path:
+    """A folder of the image model (--model, or demo.prepare_hub's MobileNetV2 built into the cache) whose image
+    processor resizes to --resolution: links to its files, preprocessor_config.json rewritten."""
+    source = Path(args.model) if args.model else None
+    if source is None:
+        from demo.prepare_hub import build_model
+
+        (cache / "hub").mkdir(parents=True, exist_ok=True)
+        build_model(IMAGE_MODEL, cache / "hub")
+        source = cache / "hub" / IMAGE_MODEL
+    processor = json.loads((source / "preprocessor_config.json").read_text())
+    if "crop_size" in processor:  # resize the shortest edge, then center-crop (MobileNetV2's, ImageNet's ratio)
+        processor["crop_size"] = {"height": args.resolution, "width": args.resolution}
+        processor["size"] = {"shortest_edge": round(args.resolution * 256 / 224)}
+    else:
+        processor["size"] = {"height": args.resolution, "width": args.resolution}
+    out = cache / "image-models" / f"{source.name}-{args.resolution}px"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.name != "preprocessor_config.json":
+            os.symlink(path.absolute(), out / path.name)
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -331,6 +430,8 @@ def run_one(method: str, seed: int, args, train, val, names, teacher, sha: str, 
     strategy = "btuning" if method == "btuning" else "finetune"
     regularizer, params, peft, augment = VARIANTS.get(method, ("none" if method == "btuning" else method, {}, None,
                                                                None))
+    if peft and getattr(args, "lora_targets", ""):  # image models: the named modules instead of "auto"
+        peft = {**peft, "target_modules": args.lora_targets.split(",")}
     config = TuneConfig(strategy=strategy, regularizer=regularizer, regularizer_params=params, peft=peft,
                         augment=augment, epochs=args.epochs, lr=args.lora_lr if peft else args.lr,
                         batch_size=args.batch_size, max_length=args.max_length, seed=seed, tradeoff=args.tradeoff,
@@ -341,7 +442,8 @@ def run_one(method: str, seed: int, args, train, val, names, teacher, sha: str, 
         with PeakMemory(args.device) as memory:
             result = tune(config, model_dir, train, val, "classification", names, work / "ckpt", work / "state",
                           teacher=teacher if strategy == "btuning" else None,
-                          card={"base_model": "sentence-transformers/all-MiniLM-L6-v2", "dataset_sha256": sha},
+                          card={"base_model": getattr(args, "base_model", "sentence-transformers/all-MiniLM-L6-v2"),
+                                "dataset_sha256": sha},
                           ood=ood)
         checkpoint_bytes = sum(f["size"] for f in list_files(work / "ckpt"))
     finally:
@@ -395,6 +497,8 @@ def method_params(method: str, settings: dict, teachers: list) -> str:
         lora = resolve_peft(peft)
         parts = [f"LoRA r={lora['r']}, alpha={lora['alpha']:g}, dropout={lora['dropout']:g}, "
                  f"lr={settings.get('lora_lr', settings['lr']):g}"] + parts
+        if settings.get("lora_targets"):
+            parts.insert(1, "on " + ", ".join(f"*.{t}" for t in settings["lora_targets"].split(",")))
     if augment:
         parts.append(f"{augment['name']} p={augment['p']:g}")
     if METHOD_HEADS.get(method) == "sngp":
@@ -416,13 +520,22 @@ def _mean_or_dash(rows: list[dict], key: str, scale: float = 1.0, digits: int = 
     return mean_std(values, digits) if values else "-"
 
 
+def section_settings(settings: dict, meta: dict) -> str:
+    """The settings sentence under a section's title."""
+    if settings.get("data") == IMAGE_DATA:
+        sizes = (f"{settings['train']} train / {settings['val']} validation images (Fashion-MNIST, train / test "
+                 f"split), {settings['model']} at {settings['resolution']}x{settings['resolution']} px")
+    else:
+        sizes = f"{settings['train']} train / {settings['val']} validation texts"
+    return (f"{sizes}, epochs {settings['epochs']}, lr {settings['lr']:g}, batch {settings['batch_size']}"
+            f"{', max_length ' + str(settings['max_length']) if 'max_length' in settings else ''}, "
+            f"device {settings['device']}{', ' + meta['machine'] if meta.get('machine') else ''}"
+            f"{'; OOD rows: ' + settings['ood'] if settings.get('ood') else ''}.")
+
+
 def section(tag: str, runs: list[dict], settings: dict, meta: dict) -> list[str]:
     order = [m for m in ALL_METHODS.split(",") if any(r["method"] == m for r in runs)]
-    lines = [f"## {tag}", "",
-             f"{settings['train']} train / {settings['val']} validation texts, epochs {settings['epochs']}, "
-             f"lr {settings['lr']:g}, batch {settings['batch_size']}, max_length {settings['max_length']}, "
-             f"device {settings['device']}{', ' + meta['machine'] if meta.get('machine') else ''}"
-             f"{'; OOD rows: ' + settings['ood'] if settings.get('ood') else ''}.", ""]
+    lines = [f"## {tag}", "", section_settings(settings, meta), ""]
     if meta.get("note"):
         lines += [meta["note"], ""]
     measured = any(r.get("peak_memory_bytes") is not None for r in runs)
@@ -445,6 +558,10 @@ def section(tag: str, runs: list[dict], settings: dict, meta: dict) -> list[str]
                      f"{_mean_or_dash(rows, 'checkpoint_bytes', 2**20)} | "
                      f"{_mean_or_dash(rows, 'peak_memory_bytes', 2**20, 0)} |")
         lines.append(line)
+    if settings.get("data") == IMAGE_DATA:  # the text-only methods, named so that their absence reads as such
+        cells = 5 + (1 if with_ood else 0) + (3 if measured else 0)
+        lines += [f"| {m} | text only: the tune stage refuses it on an image dataset |" + " - |" * cells
+                  for m in TEXT_ONLY]
     if meta.get("teachers"):
         lines += ["", "B-Tuning teachers: LogME on the training features (mean pooling, max_length as above), "
                       "weights softmax(LogME / 0.1). Their features are computed once and cached; that time is not "
@@ -465,7 +582,8 @@ def write_markdown(path: Path, stored: dict) -> None:
         "initialisation, the data order, dropout and the regularizers' noise; the split is the same. Every "
         "regularizer runs at its documented default parameters (service/contract/tuning.py); the other settings are "
         "the library defaults unless a section says otherwise (AdamW, weight decay 0.01, 10% linear warmup). "
-        "Wall seconds are per run, model loading, an evaluation after each epoch and the checkpoint write included.",
+        "Wall seconds are per run, model loading, an evaluation after each epoch and the checkpoint write included. "
+        "Sections on Fashion-MNIST (--data fashion_mnist) tune an image model instead; they say which.",
         "",
     ]
     body: list[str] = []
@@ -481,6 +599,22 @@ def write_markdown(path: Path, stored: dict) -> None:
     path.write_text("\n".join(head + body) + ("\n" + notes if notes else ""))
 
 
+IMAGE_METHODS = "none,sam,asam,lora,sngp"
+
+
+def check_image_args(args, methods: list[str]) -> list[str]:
+    """The methods of an image run (the text-only ones refused)."""
+    text_only = [m for m in methods if m in TEXT_ONLY or m == "btuning"]
+    if text_only:
+        raise SystemExit(f"--data {IMAGE_DATA}: {', '.join(text_only)} apply to text only here (the augmentations "
+                         "and softdecay by the tune stage's rule, btuning by this benchmark's text teachers)")
+    if args.bundle or args.make_bundle:
+        raise SystemExit(f"--data {IMAGE_DATA}: bundles hold the text split only")
+    if args.ood and args.ood != "digits":
+        raise SystemExit(f"--data {IMAGE_DATA}: --ood takes 'digits' (scikit-learn's handwritten digits)")
+    return methods
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=int, default=96, help="training examples (stratified)")
@@ -493,13 +627,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--tradeoff", type=float, default=1.0, help="B-Tuning lambda")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, or 'all'; default "
-                                                                   f"{DEFAULT_METHODS}")
+    parser.add_argument("--methods", default="", help=f"comma-separated, or 'all'; default {DEFAULT_METHODS} "
+                        f"(--data {IMAGE_DATA}: {IMAGE_METHODS})")
+    parser.add_argument("--data", default="bbc_news", choices=("bbc_news", IMAGE_DATA))
+    parser.add_argument("--model", default="", help=f"--data {IMAGE_DATA}: an image model's HF folder (default "
+                        f"demo.prepare_hub's {IMAGE_MODEL}, built into the cache)")
+    parser.add_argument("--fashion-package", default="", help="the extracted dataset-fashion-mnist package "
+                        "(default: apt-get download + dpkg -x into the cache)")
+    parser.add_argument("--resolution", type=int, default=112, help=f"--data {IMAGE_DATA}: the image processor's "
+                        "crop size (the model's own folder says 224)")
+    parser.add_argument("--lora-targets", default="", help="comma-separated module names LoRA adapts (default: "
+                        f"\"auto\" for text; for images MobileNetV2's dense convolutions, {MOBILENET_V2_LORA_TARGETS})")
     parser.add_argument("--teachers", default="", help="comma-separated HF folders for B-Tuning (default: the "
                                                        "three packaged models)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--ood", default="", help="a text,label CSV of another data set: every run reports "
-                        "ood_auroc against as many of its rows as there are validation rows")
+    parser.add_argument("--ood", default="", help="a text,label CSV of another data set (images: 'digits', "
+                        "scikit-learn's): every run reports ood_auroc against as many of its rows as there are "
+                        "validation rows")
     parser.add_argument("--tag", default="", help="section name in the report (default from device and sizes)")
     parser.add_argument("--note", default="", help="a sentence printed under the section's settings")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -527,18 +671,32 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    methods = [m for m in (ALL_METHODS if args.methods == "all" else args.methods).split(",") if m]
+    images = args.data == IMAGE_DATA
+    asked = args.methods or (IMAGE_METHODS if images else DEFAULT_METHODS)
+    methods = [m for m in (ALL_METHODS if asked == "all" else asked).split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s != ""]
     results_path, cache = Path(args.results), Path(args.cache)
     stored = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}, "meta": {}}
 
     teacher, teacher_info = None, []
-    if args.bundle:
+    if images:
+        methods = check_image_args(args, methods)
+        train, val, names = load_fashion(fashion_package(args, cache), args.train, args.val)
+        sha, model_dir = data_sha256(train, val), image_model_dir(args, cache)
+        args.base_model = Path(args.model).name if args.model else IMAGE_MODEL
+        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+        if not args.lora_targets and model_type == "mobilenet_v2":  # "auto" finds no attention in a CNN
+            args.lora_targets = MOBILENET_V2_LORA_TARGETS
+        log(f"[data] Fashion-MNIST: {len(train.examples)} train / {len(val.examples)} val, model {model_dir}, "
+            f"sha256 {sha[:12]}")
+    elif args.bundle:
         train, val, names, sha, model_dir, teacher, teacher_info = load_bundle(Path(args.bundle))
     else:
         train, val, names = load_bbc(args.train, args.val)
         sha, model_dir = data_sha256(train, val), minilm_dir()
-    log(f"[data] BBC News: {len(train.examples)} train / {len(val.examples)} val, classes {names}, sha256 {sha[:12]}")
+    if not images:
+        log(f"[data] BBC News: {len(train.examples)} train / {len(val.examples)} val, classes {names}, "
+            f"sha256 {sha[:12]}")
     if args.make_bundle:
         teacher, teacher_info = build_teacher(args, train, cache, log)
         make_bundle(Path(args.make_bundle), args, train, val, names, sha, teacher, teacher_info)
@@ -548,12 +706,22 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"train": len(train.examples), "val": len(val.examples), "max_length": args.max_length,
                 "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "tradeoff": args.tradeoff,
                 "data_sha256": sha, "device": args.device}
-    ood = load_ood(args.ood, len(val.examples)) if args.ood else None
-    if ood is not None:
-        settings["ood"] = f"{Path(args.ood).name}: {len(ood)} rows"
+    if images:  # what identifies an image run; max_length and B-Tuning's tradeoff do not apply
+        del settings["max_length"], settings["tradeoff"]
+        settings.update(data=IMAGE_DATA, model=args.base_model, resolution=args.resolution)
+    if images and args.ood:
+        ood = load_digits_ood(len(val.examples))
+        settings["ood"] = f"scikit-learn digits scaled to 28x28: {len(ood)} images"
+    else:
+        ood = load_ood(args.ood, len(val.examples)) if args.ood else None
+        if ood is not None:
+            settings["ood"] = f"{Path(args.ood).name}: {len(ood)} rows"
     if any(VARIANTS.get(m, (None, None, None))[2] for m in methods):  # (in the run keys only where it applies)
         settings["lora_lr"] = args.lora_lr
-    tag = args.tag or f"{args.device}, {len(train.examples)} train, max_length {args.max_length}"
+        if args.lora_targets:
+            settings["lora_targets"] = args.lora_targets
+    tag = args.tag or (f"{args.device}, Fashion-MNIST {len(train.examples)} train, {args.resolution} px" if images
+                       else f"{args.device}, {len(train.examples)} train, max_length {args.max_length}")
     meta = stored.setdefault("meta", {}).setdefault(tag, {})
     meta["settings"] = settings
     if args.note:

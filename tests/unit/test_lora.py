@@ -4,6 +4,7 @@ reported, and the weight-space regularizers mean what docs/tuning.md says with a
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -183,6 +184,36 @@ def lora_bert(bert_dir: Path, seed: int = 0):
         for layer in (m for _, m in lora_layers(model)):
             layer.lora_B["default"].weight.normal_(0, 0.5)
     return model
+
+
+def test_a_cnn_tunes_lora_on_the_convolutions_named_by_dotted_suffixes(tmp_path, monkeypatch):
+    """MobileNetV2 has no attention and no linear layer in its backbone, and peft refuses its depthwise 3x3
+    convolutions at a rank their groups do not divide: names ending in ".expand_1x1.convolution" etc. pick the
+    pointwise ones (peft matches a module whose name ends with "." + the given name)."""
+    from transformers import AutoModelForImageClassification
+
+    from tests.tiny_models import make_tiny_mobilenet
+
+    seen = capture_saved(monkeypatch)
+    folder = make_tiny_mobilenet(tmp_path / "mnv2", seed=1)
+    # symmetric padding, as torchvision's ImageNet weights (demo.prepare_hub); TF-style padding reads the
+    # convolution's stride, which peft's LoRA wrapper does not expose
+    settings = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**settings, "tf_padding": False}))
+    pointwise = ["first_conv.convolution", "expand_1x1.convolution", "reduce_1x1.convolution",
+                 "conv_1x1.convolution"]
+    with pytest.raises(ValueError, match="no module named 'depthwise_1x1.convolution'"):
+        resolve_target_modules(AutoModelForImageClassification.from_pretrained(folder),
+                               [*pointwise, "depthwise_1x1.convolution"])
+    result = loop.train(config(epochs=1, lr=1e-2, peft={"r": 4, "target_modules": pointwise}), folder,
+                        colours(24, 0), colours(12, 1), "classification", ["red", "green", "blue"],
+                        tmp_path / "ck", tmp_path / "st")
+    base = AutoModelForImageClassification.from_pretrained(folder)
+    dense_convs = {name: m for name, m in base.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1}
+    assert result.details["peft"]["adapted_layers"] == len(dense_convs) > 10
+    for name, conv in dense_convs.items():  # the pretrained kernels are untouched
+        assert torch.equal(seen["state"][f"{name}.base_layer.weight"], conv.weight), name
+    assert not any("conv_3x3" in n for n in seen["trainable"])  # the depthwise convolutions stay frozen
 
 
 def test_l2sp_with_adapters_penalises_the_update_s_b_a(bert_dir):

@@ -45,8 +45,10 @@ def resolve_target_modules(model: nn.Module, asked: str | list[str]) -> list[str
     (ValueError when the model has none: a CNN needs its layers named)."""
     if asked != "auto":
         if isinstance(asked, list):
-            missing = sorted(set(asked) - _linear_names(model) - {n.rpartition(".")[2] for n, _ in
-                                                                   model.named_modules()})
+            # peft's rule: a name matches a module whose full name is it or ends with "." + it, so a dotted suffix
+            # ("expand_1x1.convolution") picks some of the layers a last component ("convolution") names
+            modules = [name for name, _ in model.named_modules()]
+            missing = [n for n in asked if not any(m == n or m.endswith("." + n) for m in modules)]
             if missing:
                 raise ValueError(f"peft.target_modules: the model has no module named {missing[0]!r}")
         return asked
