@@ -31,6 +31,7 @@ TASK_FOR_PHASE = {JobPhase.RANK: "hubtune.rank", JobPhase.TUNE: "hubtune.tune"}
 QUEUE_FOR_PHASE = {JobPhase.RANK: "rank", JobPhase.TUNE: "tune"}
 
 SendTask = Callable[[str, str, str], Any]  # (task name, job id, queue)
+STAGE_LENGTH = Job.__table__.c.stage.type.length
 
 
 class LeaseLost(Exception):
@@ -137,8 +138,9 @@ def renew_lease(sessions: sessionmaker, job_id: str, token: str, lease_seconds: 
 def report_progress(sessions: sessionmaker, job_id: str, token: str, stage: str, progress: float) -> None:
     """Write stage/progress; raise LeaseLost if another worker took over, JobCancelled if the user cancelled."""
     with sessions.begin() as session:
-        result = session.execute(
-            update(Job).where(_owned(token, job_id)).values(stage=stage, progress=max(0.0, min(1.0, progress)))
+        result = session.execute(  # the column holds 64 characters: a long model name is cut, not an error
+            update(Job).where(_owned(token, job_id)).values(stage=stage[:STAGE_LENGTH],
+                                                            progress=max(0.0, min(1.0, progress)))
         )
         if result.rowcount != 1:
             raise LeaseLost(job_id)

@@ -169,3 +169,22 @@ def test_json_columns_store_nan_and_infinity_as_null(kind: str, tmp_path: Path) 
             stored = session.get(Job, "j1").tuning
         assert stored == {"models": [{"metrics": {"val_loss": None, "accuracy": 0.5},
                                       "trials": [{"tradeoff": 10.0, "val_loss": None}, [1.0, None]]}]}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_stage_longer_than_its_column_is_cut_not_an_error(kind: str, tmp_path: Path) -> None:
+    """Successive halving's stages name the round, the row count and the model: with a long model name they
+    pass the column's 64 characters, which PostgreSQL refuses (the job failed on a progress report)."""
+    with scratch_database(kind, tmp_path) as url:
+        upgrade(url)
+        factory = session_factory(url)
+        with factory.begin() as session:
+            session.add(Dataset(id="d1", owner="o", filename="f.csv", format="csv", task="classification",
+                                text_column="text", label_column="label", rows=2, sha256="0" * 64, size_bytes=1,
+                                storage_path="/nowhere"))
+            session.add(Job(id="j1", owner="o", dataset_id="d1", candidates=["m"], metrics=["logme"]))
+        assert job_states.claim(factory, "j1", "rank", "w", 30)
+        stage = "round 3/4 (1024 rows), features 7/8: all-mpnet-base-v2-first-8-layers-distilled"
+        job_states.report_progress(factory, "j1", "w", stage, 0.5)
+        assert job(factory).stage == stage[:job_states.STAGE_LENGTH]
+        factory.kw["bind"].dispose()
