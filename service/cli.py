@@ -369,7 +369,43 @@ def _add_keys_commands(sub: Any) -> None:
     set_role.set_defaults(func=cmd_keys_set_role)
 
 
-# long: one argparse declaration per command, read top to bottom like the help it prints
+def with_client(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """A client command's --url and --key (default: HUBTUNE_URL, HUBTUNE_API_KEY)."""
+    p.add_argument("--url", default=os.environ.get("HUBTUNE_URL", "http://127.0.0.1:8000"))
+    p.add_argument("--key", default=os.environ.get("HUBTUNE_API_KEY"))
+    return p
+
+
+def _add_job_commands(sub: Any) -> None:
+    """`hubtune rank` and `hubtune tune`: submit a job and watch it."""
+    def job_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("dataset_id")
+        p.add_argument("--model", action="append", help="candidate model id (repeat); default all")
+        p.add_argument("--metric", action="append", help="metric name (repeat); default ridge_loo, logme")
+        p.add_argument("--sample-size", type=int)
+        p.add_argument("--pooling", choices=["mean", "head"], default="mean",
+                       help="features to rank: mean over tokens (default) or the token a classification head reads")
+        p.add_argument("--softdecay", nargs="?", const="default", metavar="ALPHA",
+                       help="feature_transform softdecay: flatten the ranked rows' feature spectrum first (alpha in "
+                       "(-1, 0]; bare: the server's default, -0.6)")
+        p.add_argument("--no-watch", action="store_true")
+
+    rank = with_client(sub.add_parser("rank", help="submit a rank job and watch it"))
+    job_args(rank)
+    rank.set_defaults(func=cmd_rank)
+    tune = with_client(sub.add_parser("tune", help="submit a rank+tune job and watch it"))
+    job_args(tune)
+    tune.add_argument("--tune", default='{"strategy": "finetune"}', help="the tune object as JSON")
+    tune.add_argument("--head", choices=["linear", "sngp"], help="tune.head: the output layer (sngp: calibrated "
+                      "Gaussian-process head, classification only)")
+    tune.add_argument("--tune-softdecay", nargs="?", const="default", metavar="ALPHA",
+                      help="tune.softdecay: SoftDecay of the last layer's token states while tuning and in the "
+                      "checkpoint (alpha in (-1, 0]; bare: -0.2)")
+    tune.add_argument("--ood-dataset", metavar="DATASET_ID", help="tune.ood_dataset_id: rows out of "
+                      "distribution; each tuned model reports ood_auroc")
+    tune.set_defaults(func=cmd_rank)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hubtune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -392,11 +428,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="upgrade the database to the latest schema").set_defaults(func=cmd_migrate)
 
     _add_keys_commands(sub)
-
-    def with_client(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--url", default=os.environ.get("HUBTUNE_URL", "http://127.0.0.1:8000"))
-        p.add_argument("--key", default=os.environ.get("HUBTUNE_API_KEY"))
-        return p
 
     datasets = sub.add_parser("datasets", help="upload and list datasets").add_subparsers(dest="action", required=True)
     up = with_client(datasets.add_parser("upload"))
@@ -432,32 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (add, remove, with_client(models.add_parser("list"))):
         p.set_defaults(func=cmd_models)
 
-    def job_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("dataset_id")
-        p.add_argument("--model", action="append", help="candidate model id (repeat); default all")
-        p.add_argument("--metric", action="append", help="metric name (repeat); default ridge_loo, logme")
-        p.add_argument("--sample-size", type=int)
-        p.add_argument("--pooling", choices=["mean", "head"], default="mean",
-                       help="features to rank: mean over tokens (default) or the token a classification head reads")
-        p.add_argument("--softdecay", nargs="?", const="default", metavar="ALPHA",
-                       help="feature_transform softdecay: flatten the ranked rows' feature spectrum first (alpha in "
-                       "(-1, 0]; bare: the server's default, -0.6)")
-        p.add_argument("--no-watch", action="store_true")
-
-    rank = with_client(sub.add_parser("rank", help="submit a rank job and watch it"))
-    job_args(rank)
-    rank.set_defaults(func=cmd_rank)
-    tune = with_client(sub.add_parser("tune", help="submit a rank+tune job and watch it"))
-    job_args(tune)
-    tune.add_argument("--tune", default='{"strategy": "finetune"}', help="the tune object as JSON")
-    tune.add_argument("--head", choices=["linear", "sngp"], help="tune.head: the output layer (sngp: calibrated "
-                      "Gaussian-process head, classification only)")
-    tune.add_argument("--tune-softdecay", nargs="?", const="default", metavar="ALPHA",
-                      help="tune.softdecay: SoftDecay of the last layer's token states while tuning and in the "
-                      "checkpoint (alpha in (-1, 0]; bare: -0.2)")
-    tune.add_argument("--ood-dataset", metavar="DATASET_ID", help="tune.ood_dataset_id: rows out of "
-                      "distribution; each tuned model reports ood_auroc")
-    tune.set_defaults(func=cmd_rank)
+    _add_job_commands(sub)
 
     jobs = sub.add_parser("jobs", help="list, show, watch, cancel, download").add_subparsers(dest="action",
                                                                                               required=True)

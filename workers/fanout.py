@@ -141,7 +141,7 @@ class Step:
             try:
                 kept, record, failed = work(model_id, stage[:64], checked, where)
             except BaseException:
-                self._release(model_id, token)
+                self.release(model_id, token)
                 raise
             record.setdefault("details", {})["worker"] = worker_name()
             status = CandidateStatus.FAILED if failed else CandidateStatus.SCORED
@@ -153,7 +153,8 @@ class Step:
         return patiently(lambda: candidate_states.candidate_states(self.sessions, self.job_id, self.name),
                          self.settings, f"job {self.job_id} ({self.name})")
 
-    def _release(self, model_id: str, token: str) -> None:
+    def release(self, model_id: str, token: str) -> None:
+        """Hand a claimed candidate back, unfinished (service.candidates.release_candidate)."""
         try:
             candidate_states.release_candidate(self.sessions, self.job_id, model_id, token)
         except Exception:  # the database is down: the candidate's lease runs out instead

@@ -167,7 +167,7 @@ def run_candidate(job_id: str, phase: str, settings: Settings | None = None) -> 
             work = _candidate_work(sessions, job_id, claimed.step, settings)
         except Exception:
             log.exception("job %s: candidate %s could not be prepared", job_id, claimed.model_id)
-            step._release(claimed.model_id, token)
+            step.release(claimed.model_id, token)
             return "released"
         try:
             kept = step.do(claimed.model_id, token, work, CandidateProgress(sessions, job_id, claimed.model_id, token),
@@ -184,14 +184,13 @@ def run_candidate(job_id: str, phase: str, settings: Settings | None = None) -> 
 
 def _candidate_work(sessions: sessionmaker, job_id: str, step: str, settings: Settings) -> Work:
     """What a candidate of this step is: its job's inputs read here, as the coordinator read them."""
-    job, dataset, models = _load(sessions, job_id)
-    if step == candidate_states.RANK_STEP:
-        inputs = _rank_input(job, dataset, models, settings)
-        return _rank_work(inputs, rank_phase.job_rows(inputs))
-    if (round_index := candidate_states.halving_round_of(step)) is not None:
-        inputs = _rank_input(job, dataset, models, settings)
+    round_index = candidate_states.halving_round_of(step)
+    if step == candidate_states.RANK_STEP or round_index is not None:
+        inputs = _rank_input(*_load(sessions, job_id), settings)
+        if round_index is None:
+            return _rank_work(inputs, rank_phase.job_rows(inputs))
         return _halving_work(inputs, *rank_phase.halving_round(inputs, round_index))
-    if step == candidate_states.TUNE_STEP:
+    if step == candidate_states.TUNE_STEP:  # _tune_input reads the job itself
         from workers.phases import tune as tune_phase
 
         tune_input = _tune_input(sessions, job_id, settings)

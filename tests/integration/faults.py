@@ -89,6 +89,15 @@ class _Server:
     _stop_signal = signal.SIGTERM
 
 
+def process_alive(pid: int) -> bool:
+    """Running (a zombie whose parent is gone counts as gone: it runs nothing and holds nothing)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def _descendants(root: int) -> list[int]:
     """The pids below `root` in the process tree, read from /proc."""
     children: dict[int, list[int]] = {}

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from tests.integration.conftest import REPO, free_port
-from tests.integration.faults import _descendants
+from tests.integration.faults import _descendants, process_alive
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
@@ -45,13 +45,6 @@ def _serve(tmp_path: Path, *args: str, **extra_env: str) -> tuple[subprocess.Pop
     raise AssertionError("serve did not start:\n" + log.read_text())
 
 
-def _alive(pid: int) -> bool:
-    """Running (a zombie whose parent is gone counts as gone: it runs nothing and holds nothing)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _wait_until(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
@@ -75,8 +68,8 @@ def test_a_sigkilled_serve_leaves_no_worker_process_behind(tmp_path: Path) -> No
         serve.send_signal(signal.SIGKILL)
         serve.wait(timeout=10)
         killed_at = time.monotonic()
-        assert _wait_until(lambda: not any(_alive(pid) for pid in family), 5), \
-            [pid for pid in family if _alive(pid)]
+        assert _wait_until(lambda: not any(process_alive(pid) for pid in family), 5), \
+            [pid for pid in family if process_alive(pid)]
         assert time.monotonic() - killed_at < 5
     finally:
         for pid in [serve.pid, *_descendants(serve.pid)]:

@@ -13,9 +13,9 @@ from sqlalchemy import update
 from service import candidates as cs
 from service import jobs as job_states
 from service.contract import CANDIDATE_TRANSITIONS, CandidateStatus
-from service.db import Dataset, Job, session_factory
+from service.db import Job, session_factory
 from service.migrate import upgrade
-from tests.unit.test_job_states import scratch_database
+from tests.unit.test_job_states import scratch_database, seed_job
 
 MODELS = ["m0", "m1", "m2", "m3", "m4"]
 
@@ -25,11 +25,7 @@ def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator:
     with scratch_database(request.param, tmp_path) as url:
         upgrade(url)
         factory = session_factory(url)
-        with factory.begin() as session:
-            session.add(Dataset(id="d1", owner="o", filename="f.csv", format="csv", task="classification",
-                                text_column="text", label_column="label", rows=2, sha256="0" * 64, size_bytes=1,
-                                storage_path="/nowhere"))
-            session.add(Job(id="j1", owner="o", dataset_id="d1", candidates=MODELS, metrics=["logme"]))
+        seed_job(factory, MODELS)
         assert job_states.claim(factory, "j1", "rank", "coordinator", 60)
         cs.open_candidates(factory, "j1", cs.RANK_STEP, MODELS)
         yield factory

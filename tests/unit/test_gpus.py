@@ -13,6 +13,7 @@ import pytest
 
 from service.gpus import GpuSpecError, choose_gpus, list_gpus
 from tests.integration.conftest import REPO
+from tests.integration.faults import process_alive
 
 
 def test_visible_devices_decide_which_gpus_a_worker_may_use(tmp_path: Path) -> None:
@@ -65,12 +66,6 @@ def _wait_for_children(tmp_path: Path) -> dict[str, list[str]]:
     return {p.name: p.read_text().split() for p in tmp_path.glob("child-*")}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_one_process_per_gpu_each_seeing_its_own_and_stopped_together(tmp_path: Path) -> None:
@@ -79,7 +74,7 @@ def test_one_process_per_gpu_each_seeing_its_own_and_stopped_together(tmp_path: 
     assert {name: seen[0] for name, seen in children.items()} == {"child-0": "0", "child-1": "1"}
     supervisor.send_signal(signal.SIGTERM)
     assert supervisor.wait(timeout=20) == 128 + signal.SIGTERM
-    assert not any(_alive(int(seen[1])) for seen in children.values())
+    assert not any(process_alive(int(seen[1])) for seen in children.values())
 
 
 def test_one_worker_ending_stops_the_set_with_its_exit_code(tmp_path: Path) -> None:
@@ -87,4 +82,4 @@ def test_one_worker_ending_stops_the_set_with_its_exit_code(tmp_path: Path) -> N
     supervisor = _supervisor(tmp_path, CHILD)
     children = _wait_for_children(tmp_path)
     assert supervisor.wait(timeout=20) == 3
-    assert not _alive(int(children["child-0"][1]))
+    assert not process_alive(int(children["child-0"][1]))

@@ -18,16 +18,22 @@ from service.db import Dataset, Job, session_factory, utcnow
 from service.migrate import upgrade
 
 
+def seed_job(factory, candidates: list[str] | None = None, **job: object) -> None:  # type: ignore[no-untyped-def]
+    """Dataset d1 and its queued job j1."""
+    with factory.begin() as session:
+        session.add(Dataset(id="d1", owner="o", filename="f.csv", format="csv", task="classification",
+                            text_column="text", label_column="label", rows=2, sha256="0" * 64, size_bytes=1,
+                            storage_path="/nowhere"))
+        session.add(Job(id="j1", owner="o", dataset_id="d1", candidates=candidates or ["m"], metrics=["logme"],
+                        **job))
+
+
 @pytest.fixture
 def sessions(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
     upgrade(url)
     factory = session_factory(url)
-    with factory.begin() as session:
-        session.add(Dataset(id="d1", owner="o", filename="f.csv", format="csv", task="classification",
-                            text_column="text", label_column="label", rows=2, sha256="0" * 64, size_bytes=1,
-                            storage_path="/nowhere"))
-        session.add(Job(id="j1", owner="o", dataset_id="d1", candidates=["m"], metrics=["logme"]))
+    seed_job(factory)
     return factory
 
 
@@ -160,11 +166,7 @@ def test_json_columns_store_nan_and_infinity_as_null(kind: str, tmp_path: Path) 
         factory = session_factory(url)
         tuning = {"models": [{"metrics": {"val_loss": math.nan, "accuracy": 0.5},
                               "trials": [{"tradeoff": 10.0, "val_loss": math.inf}, (1.0, -math.inf)]}]}
-        with factory.begin() as session:
-            session.add(Dataset(id="d1", owner="o", filename="f.csv", format="csv", task="classification",
-                                text_column="text", label_column="label", rows=2, sha256="0" * 64, size_bytes=1,
-                                storage_path="/nowhere"))
-            session.add(Job(id="j1", owner="o", dataset_id="d1", candidates=["m"], metrics=["logme"], tuning=tuning))
+        seed_job(factory, tuning=tuning)
         with factory() as session:
             stored = session.get(Job, "j1").tuning
         assert stored == {"models": [{"metrics": {"val_loss": None, "accuracy": 0.5},
@@ -178,11 +180,7 @@ def test_a_stage_longer_than_its_column_is_cut_not_an_error(kind: str, tmp_path:
     with scratch_database(kind, tmp_path) as url:
         upgrade(url)
         factory = session_factory(url)
-        with factory.begin() as session:
-            session.add(Dataset(id="d1", owner="o", filename="f.csv", format="csv", task="classification",
-                                text_column="text", label_column="label", rows=2, sha256="0" * 64, size_bytes=1,
-                                storage_path="/nowhere"))
-            session.add(Job(id="j1", owner="o", dataset_id="d1", candidates=["m"], metrics=["logme"]))
+        seed_job(factory)
         assert job_states.claim(factory, "j1", "rank", "w", 30)
         stage = "round 3/4 (1024 rows), features 7/8: all-mpnet-base-v2-first-8-layers-distilled"
         job_states.report_progress(factory, "j1", "w", stage, 0.5)
